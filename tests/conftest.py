@@ -1,0 +1,5 @@
+"""Shared fixtures: real mosquitto brokers, swtpm, and agents started as threads or subprocesses."""
+
+pytest_plugins = [
+    "tests.fixtures.brokers",
+]
