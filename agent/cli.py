@@ -1,0 +1,147 @@
+"""Command line: ``edge-agent run | check-config | call | demo | mcp-stdio``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.config import LocalBroker, Settings, load_settings
+from agent.errors import AgentError, ConfigError
+
+log = logging.getLogger("agent")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.app import Agent
+
+    settings = load_settings(args.config)
+    _setup_logging(settings.log_level)
+    agent = Agent(settings)
+    agent.start()
+    agent.run_until_signalled()
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    print(f"{args.config or 'built-in defaults'}: valid", file=sys.stderr)
+    return 0
+
+
+def _parse_assignment(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise AgentError(f"expected name=value, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _broker_and_device(args: argparse.Namespace) -> tuple[LocalBroker, str]:
+    settings = load_settings(args.config) if args.config else None
+    broker = settings.local if settings else LocalBroker()
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    device = args.device or (settings.device_id if settings else Settings().device_id)
+    return broker.model_copy(update=overrides), device
+
+
+def _cmd_call(args: argparse.Namespace) -> int:
+    from agent.client import DeviceClient
+
+    if args.json:
+        source = sys.stdin if args.json == "-" else open(args.json, encoding="utf-8")
+        request = json.load(source)
+        method, params = request.get("method", "infer"), request.get("params")
+    elif args.model:
+        method = "infer"
+        params = {"model": args.model, "inputs": dict(_parse_assignment(item) for item in args.inputs)}
+    else:
+        raise AgentError("give a MODEL with name=value inputs, or --json FILE")
+    broker, device = _broker_and_device(args)
+    with DeviceClient(broker, device) as client:
+        reply = client.call(method, params, timeout=args.timeout)
+    if args.json_out:
+        print(json.dumps(reply))
+    else:
+        print(format_reply(reply))
+    return 1 if "error" in reply else 0
+
+
+def format_reply(reply: dict[str, Any]) -> str:
+    """A human-readable rendering of one JSON-RPC reply."""
+    if "error" in reply:
+        error = reply["error"]
+        return f"error {error.get('code')}: {error.get('message')}"
+    result = reply.get("result", {})
+    lines = []
+    if "model" in result:
+        lines.append(f"model {result['model']} {result.get('model_version', '')} (served by {result.get('served_by')})")
+    for item in result.get("top", []):
+        lines.append(f"  {item['label']:<16} {item['score']:.3f}")
+    if "top" not in result:
+        for name, value in result.get("outputs", {}).items():
+            lines.append(f"  {name}: {json.dumps(value)[:200]}")
+    if "timing_ms" in result:
+        timing = result["timing_ms"]
+        lines.append(f"  timing: queue {timing['queue']:.2f} ms, inference {timing['inference']:.2f} ms, total {timing['total']:.2f} ms")
+    return "\n".join(lines) if lines else json.dumps(result, indent=2)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    _setup_logging("WARNING")
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="TFLite inference over MQTT")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, help="TOML config file (defaults serve without one)")
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser("check-config", help="validate a config file and print the effective values")
+    check.add_argument("--config", type=Path)
+    check.set_defaults(handler=_cmd_check_config)
+
+    call = commands.add_parser("call", help="send one request to a device and print the answer")
+    call.add_argument("model", nargs="?", help="model id")
+    call.add_argument("inputs", nargs="*", help="input=JSON value, e.g. features='[[0.1, 0.2]]'")
+    call.add_argument("--json", help="a JSON-RPC request (or its method/params) from FILE, or - for stdin")
+    call.add_argument("--json-out", action="store_true", help="print the raw JSON reply")
+    call.add_argument("--device", help="device id (default: from --config, else this host's)")
+    call.add_argument("--config", type=Path, help="take broker and device from this config")
+    call.add_argument("--host")
+    call.add_argument("--port", type=int)
+    call.add_argument("--timeout", type=float, default=30.0)
+    call.set_defaults(handler=_cmd_call)
+
+    demo = commands.add_parser("demo", help="start a private broker and an agent, send example requests")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,357 @@
+"""The running agent: wires config, models, the request service and the local MQTT link; owns start and stop.
+
+Threads: paho's network thread only sorts incoming messages (topic checks, size check, expiry stamp,
+hand-off to the bounded intake queue, or an immediate "overloaded" reply); ``workers`` threads parse,
+run and reply. A request's PUBACK goes out only after the broker acknowledged its reply, and in the
+order the requests arrived (:class:`~agent.transport.AckSequencer`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent import __version__, topics
+from agent.config import Settings
+from agent.errors import AgentError, InternalError, InvalidRequest, Overloaded, RequestError, ResponseTopicRefused
+from agent.inference import RUNTIME
+from agent.model_manager import ModelManager
+from agent.protocol import RequestId, encode, error_reply, parse_request, result_reply
+from agent.service import RequestService, Timing
+from agent.transport import AckSequencer, configure_broker_access, connect_properties, new_client, publish_properties
+
+log = logging.getLogger(__name__)
+_ID_PROBE_MAX_BYTES = 65_536
+
+
+@dataclass
+class InboundRequest:
+    """A request as it arrived, before parsing."""
+
+    client_id: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+    received: float
+    expires: float | None
+    response_topic: str | None
+    correlation_data: bytes | None
+
+
+@dataclass
+class _PendingReply:
+    mid: int
+    qos: int
+    generation: int
+
+
+class Agent:
+    """One agent process's worth of state; ``start()``, then ``stop()`` (or ``run_until_signalled()``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        self.models = ModelManager(settings.models_dir, num_threads=settings.limits.num_threads)
+        self.service = RequestService(self.models, settings.limits, device_id=self.device_id, profile=settings.profile)
+        self.counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+        self._intake: queue.Queue[InboundRequest | None] = queue.Queue(maxsize=settings.limits.intake_queue)
+        self._workers: list[threading.Thread] = []
+        self._accepting = threading.Event()
+        self._subscribed = threading.Event()
+        self._stopped = threading.Event()
+        self._publish_lock = threading.Lock()
+        self._awaiting_puback: dict[int, _PendingReply | None] = {}
+        self._early_pubacks: set[int] = set()
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self.started_at = time.time()
+        self.client = new_client(f"edge-agent-{self.device_id}", manual_ack=True)
+        self._acks = AckSequencer(self.client)
+        self._configure_client()
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[name] += amount
+
+    def _configure_client(self) -> None:
+        client = self.client
+        configure_broker_access(client, self.settings.local)
+        client.max_inflight_messages_set(max(20, self.settings.limits.receive_maximum))
+        client.max_queued_messages_set(0)
+        client.will_set(topics.status_topic(self.device_id), json.dumps({"status": "offline"}), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, ready_timeout: float = 30.0) -> None:
+        """Verify models, start workers, connect and subscribe; returns once requests are being served."""
+        refused = self.models.verify_all()
+        for model_id, reason in refused.items():
+            log.error("model %s will answer with errors: %s", model_id, reason)
+        for index in range(self.settings.limits.workers):
+            worker = threading.Thread(target=self._work, name=f"inference-worker-{index}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self._accepting.set()
+        local = self.settings.local
+        self.client.connect_async(
+            local.host,
+            local.port,
+            keepalive=local.keepalive,
+            clean_start=False,
+            properties=connect_properties(local.session_expiry, self.settings.limits.receive_maximum),
+        )
+        self.client.loop_start()
+        if not self._subscribed.wait(ready_timeout):
+            self.stop()
+            raise AgentError(f"could not subscribe on the local broker {local.host}:{local.port} within {ready_timeout:.0f} s")
+        log.info(
+            "serving device %s on %s:%d with %d workers, models: %s",
+            self.device_id, local.host, local.port, len(self._workers), ", ".join(self.models.servable_ids) or "none",
+        )
+
+    def stop(self) -> None:
+        """Graceful stop: stop taking requests, finish those in flight, publish offline, disconnect."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.client.is_connected():
+            self.client.unsubscribe(topics.request_filter(self.device_id))
+        deadline = time.monotonic() + self.settings.limits.drain_timeout_s
+        with self._idle:
+            while (self._in_flight or not self._intake.empty() or self._awaiting_puback) and time.monotonic() < deadline:
+                self._idle.wait(0.05)
+        self._accepting.clear()
+        for _ in self._workers:
+            self._intake.put(None)
+        for worker in self._workers:
+            worker.join(timeout=5)
+        if self.client.is_connected():
+            info = self.client.publish(topics.status_topic(self.device_id), json.dumps({"status": "offline"}), qos=1, retain=True)
+            info.wait_for_publish(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("stopped; counters: %s", dict(self.counters))
+
+    def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        stop_requested = threading.Event()
+
+        def request_stop(signum: int, frame: Any) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            stop_requested.set()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        while not stop_requested.wait(1.0):
+            pass
+        self.stop()
+
+    def status_document(self) -> dict[str, Any]:
+        return {
+            "status": "online",
+            "device_id": self.device_id,
+            "version": __version__,
+            "runtime": RUNTIME,
+            "profile": self.settings.profile,
+            "models": self.models.servable_ids,
+            "started_at": round(self.started_at, 3),
+        }
+
+    # ---- paho callbacks (network thread) --------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("local broker refused the connection: %s", reason)
+            return
+        log.info("connected to local broker (session present: %s)", flags.session_present)
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        client.subscribe(topics.request_filter(self.device_id), options=options)
+        self._publish_tracked(topics.status_topic(self.device_id), json.dumps(self.status_document()), None, retain=True)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if any(reason.is_failure for reason in reasons):
+            log.error("subscription refused by the local broker: %s", reasons)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._acks.reset()
+        if not self._stopped.is_set():
+            log.warning("disconnected from local broker (%s); reconnecting", reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        # paho calls this holding its outgoing-message lock, so nothing here may wait on a thread that is
+        # inside client.publish(); _publish_lock is therefore never held across a paho call.
+        with self._publish_lock:
+            if mid in self._awaiting_puback:
+                pending = self._awaiting_puback.pop(mid)
+            else:
+                self._early_pubacks.add(mid)
+                pending = None
+        if pending is not None:
+            self._finish(pending.mid, pending.qos, pending.generation)
+        with self._idle:
+            self._idle.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        generation = self._acks.generation
+        if message.qos > 0:
+            self._acks.received(message.mid)
+        client_id = topics.client_id_from_request_topic(message.topic, self.device_id)
+        if client_id is None:
+            self.count("ignored_topic")
+            self._finish(message.mid, message.qos, generation)
+            return
+        props = message.properties
+        now = time.monotonic()
+        expiry = getattr(props, "MessageExpiryInterval", None)
+        inbound = InboundRequest(
+            client_id=client_id,
+            payload=message.payload,
+            mid=message.mid,
+            qos=message.qos,
+            generation=generation,
+            received=now,
+            expires=now + expiry if expiry is not None else None,
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+        )
+        if len(message.payload) > self.settings.limits.max_payload_bytes:
+            self.count("oversized")
+            error = InvalidRequest(
+                f"payload of {len(message.payload)} bytes exceeds the limit of {self.settings.limits.max_payload_bytes}"
+            )
+            self._reply(inbound, error_reply(None, error), to_default_topic=True)
+            return
+        if not self._accepting.is_set():
+            # Not acknowledged: the broker keeps it in our session and redelivers it after a restart.
+            return
+        try:
+            self._intake.put_nowait(inbound)
+        except queue.Full:
+            self.count("overloaded")
+            error = Overloaded(f"intake queue full ({self._intake.maxsize} waiting); retry later")
+            self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
+
+    # ---- workers ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            inbound = self._intake.get()
+            if inbound is None:
+                return
+            with self._idle:
+                self._in_flight += 1
+            try:
+                self._serve(inbound)
+            except Exception:  # a bug must cost one reply, never the worker
+                log.exception("unexpected error serving a request from %s", inbound.client_id)
+                self._reply(inbound, error_reply(None, InternalError("internal error; see the agent log")))
+            finally:
+                with self._idle:
+                    self._in_flight -= 1
+                    self._idle.notify_all()
+
+    def _serve(self, inbound: InboundRequest) -> None:
+        timing = Timing(received=inbound.received, started=time.monotonic())
+        if inbound.expires is not None and timing.started > inbound.expires:
+            self.count("expired")
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return
+        request_id: RequestId = None
+        try:
+            request = parse_request(inbound.payload, max_depth=self.settings.limits.max_nesting_depth)
+            request_id = request.id
+            self._check_response_topic(inbound)
+            result = self.service.handle(request, timing)
+        except RequestError as error:
+            self.count(f"error_{error.name}")
+            to_default = isinstance(error, ResponseTopicRefused)
+            self._reply(inbound, error_reply(request_id, error), to_default_topic=to_default)
+            return
+        if request.is_notification:
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return
+        self.count("ok")
+        self._reply(inbound, result_reply(request_id, result))
+
+    def _check_response_topic(self, inbound: InboundRequest) -> None:
+        limits = self.settings.limits
+        if inbound.response_topic is not None and not topics.response_topic_allowed(
+            inbound.response_topic, self.device_id, inbound.client_id, limits.max_response_topic_bytes
+        ):
+            self.count("response_topic_refused")
+            raise ResponseTopicRefused(
+                f"response topic must be {topics.reply_topic(self.device_id, inbound.client_id)} or below it, "
+                f"without wildcards, at most {limits.max_response_topic_bytes} bytes"
+            )
+        if inbound.correlation_data is not None and len(inbound.correlation_data) > limits.max_correlation_data_bytes:
+            self.count("response_topic_refused")
+            raise ResponseTopicRefused(
+                f"correlation data of {len(inbound.correlation_data)} bytes exceeds {limits.max_correlation_data_bytes}"
+            )
+
+    # ---- replies and acknowledgements -----------------------------------------------------------
+
+    def _reply(self, inbound: InboundRequest, reply: dict[str, Any], *, to_default_topic: bool = False) -> None:
+        use_response_topic = inbound.response_topic is not None and not to_default_topic
+        topic = inbound.response_topic if use_response_topic else topics.reply_topic(self.device_id, inbound.client_id)
+        props = publish_properties(correlation_data=inbound.correlation_data if use_response_topic else None)
+        pending = _PendingReply(inbound.mid, inbound.qos, inbound.generation) if inbound.qos > 0 else None
+        if not self._publish_tracked(topic, encode(reply), pending, properties=props):
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+
+    def _publish_tracked(
+        self, topic: str, payload: bytes | str, pending: _PendingReply | None, *, retain: bool = False, properties: Any = None
+    ) -> bool:
+        """Publish at QoS 1; ``pending`` (a request to acknowledge) is finished when the broker's PUBACK arrives.
+
+        Every QoS 1 publish goes through here so that each PUBACK finds its message id registered, even when
+        it arrives before ``publish()`` has returned.
+        """
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("could not publish to %s: %s", topic, mqtt.error_string(info.rc))
+            return False
+        with self._publish_lock:
+            acknowledged_already = info.mid in self._early_pubacks
+            if acknowledged_already:
+                self._early_pubacks.discard(info.mid)
+            else:
+                self._awaiting_puback[info.mid] = pending
+        if acknowledged_already and pending is not None:
+            self._finish(pending.mid, pending.qos, pending.generation)
+        return True
+
+    def _finish(self, mid: int, qos: int, generation: int) -> None:
+        if qos > 0:
+            self._acks.done(mid, generation)
+
+
+def _probe_request_id(payload: bytes) -> RequestId:
+    """Best-effort id of a request that will not be parsed further, so the overload reply correlates."""
+    if len(payload) > _ID_PROBE_MAX_BYTES:
+        return None
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return None
+    request_id = document.get("id") if isinstance(document, dict) else None
+    return request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None

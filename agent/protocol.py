@@ -1,0 +1,140 @@
+"""The JSON-RPC 2.0 wire format: parsing request bytes into models, and building reply dicts.
+
+Parsing is defensive in a fixed order — size (done by the caller on the raw payload), UTF-8, nesting
+depth, JSON (NaN/Infinity refused), envelope — so that nothing a client sends costs more than its size
+allows or raises anything but a :class:`~agent.errors.RequestError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import InvalidParams, InvalidRequest, ParseError, RequestError
+
+JSONRPC = "2.0"
+RequestId = str | int | None
+_STRING_LITERAL = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_DEPTH_STEP = np.zeros(256, dtype=np.int8)
+_DEPTH_STEP[list(b"[{")] = 1
+_DEPTH_STEP[list(b"]}")] = -1
+
+
+class Request(BaseModel):
+    """A parsed JSON-RPC request; ``is_notification`` when it carried no ``id`` member."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jsonrpc: Literal["2.0"]
+    method: str
+    params: dict[str, Any] | list[Any] | None = None
+    id: str | int | None = None
+    is_notification: bool = Field(default=False, exclude=True)
+
+
+class InferParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    task: str | None = None
+    inputs: dict[str, Any]
+    raw: bool = False
+    top_k: int = Field(3, ge=0, le=1000)
+    prefer: Literal["local", "cloud"] = "local"
+    timeout_ms: int = Field(30_000, ge=1, le=3_600_000)
+
+
+class ToolCallParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+def nesting_depth(payload: bytes) -> int:
+    """Deepest ``[``/``{`` nesting in a JSON text, computed without parsing it (strings skipped)."""
+    brackets = _STRING_LITERAL.sub(b"", payload).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    return int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max())
+
+
+def _refuse_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def parse_request(payload: bytes, *, max_depth: int) -> Request:
+    """Parse one request; raise ParseError (-32700) or InvalidRequest (-32600) with a one-line reason."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParseError(f"payload is not UTF-8 (byte {exc.start})") from None
+    depth = nesting_depth(payload)
+    if depth > max_depth:
+        raise InvalidRequest(f"JSON nesting depth {depth} exceeds the limit of {max_depth}")
+    try:
+        document = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ParseError(f"payload is not valid JSON: {exc}") from None
+    if isinstance(document, list):
+        raise InvalidRequest("batch requests are not accepted; send one request per message")
+    if not isinstance(document, dict):
+        raise InvalidRequest("a request must be a JSON object")
+    has_id = "id" in document
+    if has_id and (isinstance(document["id"], (bool, float)) or not isinstance(document["id"], (str, int, type(None)))):
+        raise InvalidRequest("id must be a string, an integer or null")
+    try:
+        request = Request.model_validate({key: value for key, value in document.items()})
+    except ValidationError as exc:
+        raise InvalidRequest(f"not a JSON-RPC 2.0 request: {_first_error(exc)}") from None
+    request.is_notification = not has_id
+    return request
+
+
+def validate_params(model: type[BaseModel], params: Any) -> Any:
+    """Validate a method's params object, turning the first problem into InvalidParams (-32602)."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidParams("params must be an object")
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        raise InvalidParams(f"invalid params: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "request"
+    if error["type"] == "extra_forbidden":
+        return f"unknown member {where!r}"
+    if error["type"] == "missing":
+        return f"missing member {where!r}"
+    return f"{where}: {error['msg']}"
+
+
+def result_reply(request_id: RequestId, result: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": JSONRPC, "id": request_id, "result": result}
+
+
+def error_reply(request_id: RequestId, error: RequestError) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    body["data"] = {"reason": error.name, **error.data}
+    return {"jsonrpc": JSONRPC, "id": request_id, "error": body}
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; non-finite floats were already replaced, so strict mode cannot fail."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def tensor_to_json(array: np.ndarray) -> Any:
+    """A nested list for JSON; non-finite floats (which JSON cannot carry) become null."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return np.where(np.isfinite(array), array, None).astype(object).tolist()
+    return array.tolist()

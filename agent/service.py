@@ -1,0 +1,209 @@
+"""The request use case: a parsed JSON-RPC request in, a reply dict out (no MQTT in here).
+
+Methods: ``infer``, ``models/list``, ``ping`` and the Model Context Protocol methods (``initialize``,
+``notifications/initialized``, ``tools/list``, ``tools/call``) so an MCP host can use each model as a tool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+from agent.catalog import ModelEntry, TensorSpec
+from agent.config import Limits
+from agent.errors import InvalidParams, MethodNotFound, RequestError
+from agent.inference import decode_output, prepare_input
+from agent.model_manager import ModelManager
+from agent.protocol import InferParams, Request, ToolCallParams, tensor_to_json, validate_params
+
+MCP_PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+SERVER_INFO = {"name": "edge-agent", "version": __version__}
+
+
+@dataclass
+class Timing:
+    """Monotonic timestamps of one request's life, for ``timing_ms`` and metrics."""
+
+    received: float
+    started: float = 0.0
+    inference_ms: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_result(self) -> dict[str, float]:
+        now = time.monotonic()
+        return {
+            "queue": round((self.started - self.received) * 1000, 3),
+            "inference": round(self.inference_ms, 3),
+            "total": round((now - self.received) * 1000, 3),
+        }
+
+
+class RequestService:
+    """Runs requests against the model manager; every method returns a JSON-RPC ``result`` dict."""
+
+    def __init__(self, models: ModelManager, limits: Limits, *, device_id: str, profile: str) -> None:
+        self.models = models
+        self.limits = limits
+        self.device_id = device_id
+        self.profile = profile
+        self._methods: dict[str, Callable[[Any, Timing], dict[str, Any]]] = {
+            "infer": self._infer,
+            "models/list": self._models_list,
+            "ping": lambda params, timing: {},
+            "initialize": self._initialize,
+            "notifications/initialized": lambda params, timing: {},
+            "tools/list": self._tools_list,
+            "tools/call": self._tools_call,
+        }
+
+    def handle(self, request: Request, timing: Timing) -> dict[str, Any]:
+        """The ``result`` of a request; raises a RequestError subclass for an error reply."""
+        method = self._methods.get(request.method)
+        if method is None:
+            raise MethodNotFound(f"unknown method {request.method!r}")
+        return method(request.params, timing)
+
+    def run_inference(self, params: InferParams, timing: Timing) -> dict[str, Any]:
+        """Validate inputs against the model, run it, and shape the ``infer`` result."""
+        if params.model is None:
+            raise InvalidParams("params.model is required (the model id, see models/list)")
+        loaded = self.models.get(params.model)
+        missing = [info.name for info in loaded.inputs if info.name not in params.inputs]
+        if missing:
+            raise InvalidParams(f"model {params.model!r} needs input(s) {missing}")
+        for name in params.inputs:
+            loaded.input_info(name)
+        feeds = {
+            info.name: prepare_input(
+                info, params.inputs[info.name], raw=params.raw, max_elements=self.limits.max_input_elements
+            )
+            for info in loaded.inputs
+        }
+        started = time.monotonic()
+        raw_outputs = loaded.run(feeds)
+        timing.inference_ms = (time.monotonic() - started) * 1000
+        outputs = {info.name: decode_output(info, raw_outputs[info.name], raw=params.raw) for info in loaded.outputs}
+        result: dict[str, Any] = {
+            "model": loaded.entry.id,
+            "model_version": loaded.entry.version,
+            "served_by": "local",
+            "outputs": {name: tensor_to_json(array) for name, array in outputs.items()},
+        }
+        top = _top_labels(loaded.entry, outputs, params.top_k)
+        if top is not None:
+            result["top"] = top
+        result["timing_ms"] = timing.as_result()
+        return result
+
+    def _infer(self, params: Any, timing: Timing) -> dict[str, Any]:
+        return self.run_inference(validate_params(InferParams, params), timing)
+
+    def _models_list(self, params: Any, timing: Timing) -> dict[str, Any]:
+        return {"models": [_describe_model(entry) for entry in self.models.entries.values()]}
+
+    def _initialize(self, params: Any, timing: Timing) -> dict[str, Any]:
+        requested = params.get("protocolVersion") if isinstance(params, dict) else None
+        version = requested if requested in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[0]
+        return {
+            "protocolVersion": version,
+            "capabilities": {"tools": {"listChanged": False}},
+            "serverInfo": SERVER_INFO,
+            "instructions": (
+                f"Each tool runs one TensorFlow Lite model on device {self.device_id!r}. "
+                "Pass every input as a nested list of numbers with the shape its schema gives."
+            ),
+        }
+
+    def _tools_list(self, params: Any, timing: Timing) -> dict[str, Any]:
+        return {"tools": [_tool_for(entry) for entry in self.models.entries.values()]}
+
+    def _tools_call(self, params: Any, timing: Timing) -> dict[str, Any]:
+        call = validate_params(ToolCallParams, params)
+        if call.name not in self.models.entries:
+            raise InvalidParams(f"unknown tool {call.name!r}")
+        arguments = dict(call.arguments)
+        options = {key: arguments.pop(key) for key in ("raw", "top_k") if key in arguments}
+        try:
+            infer = validate_params(InferParams, {"model": call.name, "inputs": arguments, **options})
+            result = self.run_inference(infer, timing)
+        except RequestError as exc:
+            if isinstance(exc, InvalidParams):
+                return {"content": [{"type": "text", "text": exc.message}], "isError": True}
+            raise
+        structured = {key: result[key] for key in ("model", "model_version", "outputs", "top", "timing_ms") if key in result}
+        return {
+            "content": [{"type": "text", "text": _summary(result)}],
+            "structuredContent": structured,
+            "isError": False,
+        }
+
+
+def _top_labels(entry: ModelEntry, outputs: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]] | None:
+    if not entry.labels or top_k == 0 or not outputs:
+        return None
+    scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
+    if scores.size != len(entry.labels):
+        return None
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    return [{"label": entry.labels[int(index)], "score": round(float(scores[index]), 6)} for index in order]
+
+
+def _summary(result: dict[str, Any]) -> str:
+    if "top" in result:
+        ranked = ", ".join(f"{item['label']} {item['score']:.3f}" for item in result["top"])
+        return f"{result['model']} {result['model_version']}: {ranked}"
+    shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in result["outputs"].items())
+    return f"{result['model']} {result['model_version']}: outputs {shapes}"
+
+
+def _describe_tensor(spec: TensorSpec) -> dict[str, Any]:
+    return spec.model_dump(exclude_none=True)
+
+
+def _describe_model(entry: ModelEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "version": entry.version,
+        "task": entry.task,
+        "description": entry.description,
+        "labels": entry.labels,
+        "inputs": [_describe_tensor(spec) for spec in entry.inputs],
+        "outputs": [_describe_tensor(spec) for spec in entry.outputs],
+    }
+
+
+def _array_schema(shape: list[int], description: str) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "number"}
+    for dim in reversed(shape):
+        schema = {"type": "array", "items": schema}
+        if dim > 0:
+            schema.update(minItems=dim, maxItems=dim)
+    schema["description"] = description
+    return schema
+
+
+def _tool_for(entry: ModelEntry) -> dict[str, Any]:
+    properties = {
+        spec.name: _array_schema(spec.shape or [], spec.description or f"input tensor {spec.name}")
+        for spec in entry.inputs
+    }
+    properties["top_k"] = {"type": "integer", "minimum": 0, "description": "how many labels to rank"}
+    description = entry.description or f"Run model {entry.id}"
+    if entry.labels:
+        description += f" Labels: {', '.join(entry.labels)}."
+    return {
+        "name": entry.id,
+        "title": f"{entry.id} {entry.version}",
+        "description": description,
+        "inputSchema": {
+            "type": "object",
+            "properties": properties,
+            "required": [spec.name for spec in entry.inputs],
+            "additionalProperties": False,
+        },
+    }
