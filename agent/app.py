@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import signal
 import threading
 import time
@@ -32,6 +33,9 @@ from agent.transport import AckSequencer, configure_broker_access, connect_prope
 
 log = logging.getLogger(__name__)
 _ID_PROBE_MAX_BYTES = 65_536
+_ID_PROBE_HEAD_BYTES = 512
+# The "id" member among the leading simple members of the top-level object (before any nested value).
+_LEADING_ID = re.compile(rb'\s*\{(?:\s*"[^"\\]*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-\w.]+)\s*,)*?\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
 
 
 @dataclass
@@ -346,12 +350,23 @@ class Agent:
 
 
 def _probe_request_id(payload: bytes) -> RequestId:
-    """Best-effort id of a request that will not be parsed further, so the overload reply correlates."""
-    if len(payload) > _ID_PROBE_MAX_BYTES:
+    """Best-effort id of a request that will not be parsed further, so the overload reply correlates.
+
+    Runs on the network thread under overload, so it must stay cheap: an ``"id"`` member near the start
+    (where clients put it) is read directly; otherwise only a small payload is parsed whole.
+    """
+    head = _LEADING_ID.match(payload[:_ID_PROBE_HEAD_BYTES])
+    if head is not None:
+        try:
+            request_id = json.loads(head.group(1))
+        except ValueError:
+            return None
+    elif len(payload) <= _ID_PROBE_MAX_BYTES:
+        try:
+            document = json.loads(payload)
+        except ValueError:
+            return None
+        request_id = document.get("id") if isinstance(document, dict) else None
+    else:
         return None
-    try:
-        document = json.loads(payload)
-    except ValueError:
-        return None
-    request_id = document.get("id") if isinstance(document, dict) else None
     return request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None

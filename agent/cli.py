@@ -99,6 +99,18 @@ def format_reply(reply: dict[str, Any]) -> str:
     return "\n".join(lines) if lines else json.dumps(result, indent=2)
 
 
+def _cmd_mcp_stdio(args: argparse.Namespace) -> int:
+    # stdout is the MCP channel: everything else, logs included, goes to stderr.
+    _setup_logging("INFO")
+    try:
+        from agent.mcp_bridge import run_stdio_bridge
+    except ImportError as exc:
+        raise AgentError(f"mcp-stdio needs the MCP SDK ({exc}): pip install 'edge-agent[mcp]'") from None
+    broker, device = _broker_and_device(args)
+    run_stdio_bridge(broker, device, timeout=args.timeout)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -132,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start a private broker and an agent, send example requests")
     demo.set_defaults(handler=_cmd_demo)
+
+    bridge = commands.add_parser("mcp-stdio", help="serve a device's models as MCP tools on stdin/stdout")
+    bridge.add_argument("--device", help="device id (default: from --config, else this host's)")
+    bridge.add_argument("--config", type=Path, help="take broker and device from this config")
+    bridge.add_argument("--host")
+    bridge.add_argument("--port", type=int)
+    bridge.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each device reply")
+    bridge.set_defaults(handler=_cmd_mcp_stdio)
     return parser
 
 

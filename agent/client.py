@@ -7,6 +7,7 @@ requests by JSON-RPC id on the client's own reply topic ``mcp/res/{device}/{clie
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import json
 import threading
 import uuid
@@ -29,25 +30,47 @@ class DeviceClient:
     """A connected requester; thread-safe, with any number of requests in flight."""
 
     def __init__(
-        self, broker: LocalBroker, device_id: str, client_id: str | None = None, *, connect_timeout: float = 10.0
+        self,
+        broker: LocalBroker,
+        device_id: str,
+        client_id: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        session_expiry: int = 0,
     ) -> None:
+        """Connect and subscribe to the reply topic.
+
+        With ``session_expiry`` > 0 the broker keeps this client's subscription and queues its replies
+        across disconnections (and broker restarts, with persistence), so no reply is missed.
+        """
         self.device_id = device_id
         self.client_id = client_id or f"cli-{uuid.uuid4().hex[:12]}"
         self._ids = itertools.count(1)
         self._waiting: dict[Any, Future[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
-        self.unmatched: list[dict[str, Any]] = []
+        self.unmatched: deque[dict[str, Any]] = deque(maxlen=1000)
         self._mqtt = new_client(self.client_id)
         configure_broker_access(self._mqtt, broker)
         self._mqtt.on_connect = self._on_connect
-        self._mqtt.on_subscribe = lambda *args: self._ready.set()
+        self._mqtt.on_subscribe = self._on_subscribe
         self._mqtt.on_message = self._on_message
-        self._mqtt.connect(broker.host, broker.port, keepalive=30, clean_start=True, properties=connect_properties(60))
+        self._subscribe_refused: str | None = None
+        try:
+            self._mqtt.connect(
+                broker.host,
+                broker.port,
+                keepalive=30,
+                clean_start=session_expiry == 0,
+                properties=connect_properties(session_expiry),
+            )
+        except OSError as exc:
+            raise AgentError(f"cannot connect to {broker.host}:{broker.port}: {exc}") from None
         self._mqtt.loop_start()
-        if not self._ready.wait(connect_timeout):
+        if not self._ready.wait(connect_timeout) or self._subscribe_refused:
             self.close()
-            raise AgentError(f"could not connect and subscribe to {broker.host}:{broker.port}")
+            reason = self._subscribe_refused or "no answer"
+            raise AgentError(f"could not subscribe to {self.reply_topic} on {broker.host}:{broker.port}: {reason}")
 
     @property
     def reply_topic(self) -> str:
@@ -56,6 +79,11 @@ class DeviceClient:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if not reason.is_failure:
             client.subscribe(self.reply_topic, qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if reasons and reasons[0].is_failure:
+            self._subscribe_refused = str(reasons[0])
+        self._ready.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -88,10 +116,13 @@ class DeviceClient:
 
     def call(self, method: str, params: dict[str, Any] | None = None, *, timeout: float = 30.0) -> dict[str, Any]:
         """Send a request and block for its reply."""
-        future = self.send(method, params)
+        request_id = f"{self.client_id}-{next(self._ids)}"
+        future = self.send(method, params, request_id=request_id)
         try:
             return future.result(timeout)
         except TimeoutError:
+            with self._lock:
+                self._waiting.pop(request_id, None)
             raise ReplyTimeout(f"no reply to {method} from device {self.device_id!r} within {timeout:.0f} s") from None
 
     def close(self) -> None:

@@ -8,21 +8,32 @@ Unknown keys are errors that name the key and the file they came from.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from agent.errors import ConfigError
+from agent.profiles import BUILTIN_PROFILE, Profile, resolve_profile
 
 ENV_PREFIX = "EDGE_AGENT_"
 REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+BUILTIN_SOURCE = "built-in default"
+SECRET_KEYS = frozenset({"password", "owner_auth"})
+_ENVIRONMENT = "environment"
 
 
 class Section(BaseModel):
@@ -66,6 +77,7 @@ class CloudBroker(Section):
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(120.0, gt=0)
     fallback_models: list[str] = Field(default_factory=list)
+    inflight_window: int = Field(32, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
 
     @model_validator(mode="after")
     def _tls_required_off_loopback(self) -> "CloudBroker":
@@ -80,27 +92,98 @@ class CloudBroker(Section):
 
 
 class Limits(Section):
+    """Request bounds, threads and the memory budget; hardware profiles set most of these."""
+
     max_payload_bytes: int = Field(1_048_576, ge=256)
     max_nesting_depth: int = Field(32, ge=2, le=512)
     max_input_elements: int = Field(1_000_000, ge=1)
     intake_queue: int = Field(64, ge=1)
     workers: int = Field(2, ge=1, le=64)
     num_threads: int = Field(1, ge=1, le=64)
+    max_concurrent_inferences: int = Field(2, ge=1, le=64, description="unset: one per worker")
+    model_memory_mb: int = Field(
+        256, ge=1, description="measured memory all resident models may use; unset: half of process_memory_mb"
+    )
+    process_memory_mb: int = Field(512, ge=32, description="the agent's whole-process RSS ceiling")
+    process_soft_limit_mb: int = Field(
+        448, ge=16, description="RSS above which the agent sheds load; unset: 7/8 of process_memory_mb"
+    )
     max_response_topic_bytes: int = Field(256, ge=16, le=65535)
     max_correlation_data_bytes: int = Field(128, ge=1, le=65535)
     receive_maximum: int = Field(256, ge=1, le=65535)
     drain_timeout_s: float = Field(10.0, ge=0)
 
+    @model_validator(mode="after")
+    def _budgets_nest(self) -> "Limits":
+        # Unset dependent bounds follow the ones they depend on, so lowering process_memory_mb or workers
+        # alone is enough; the defaults above are what these rules give for the default 512 MB and 2 workers.
+        if "max_concurrent_inferences" not in self.model_fields_set:
+            self.max_concurrent_inferences = self.workers
+        if "process_soft_limit_mb" not in self.model_fields_set:
+            self.process_soft_limit_mb = self.process_memory_mb * 7 // 8
+        if "model_memory_mb" not in self.model_fields_set:
+            self.model_memory_mb = self.process_memory_mb // 2
+        # Each bound must leave room under the next one, or the agent would shed load (or be over its
+        # ceiling) just by holding its models, and extra concurrency beyond the workers could never be used.
+        if self.process_soft_limit_mb >= self.process_memory_mb:
+            raise ValueError(
+                f"process_soft_limit_mb ({self.process_soft_limit_mb}) must be below "
+                f"process_memory_mb ({self.process_memory_mb})"
+            )
+        if self.model_memory_mb >= self.process_soft_limit_mb:
+            raise ValueError(
+                f"model_memory_mb ({self.model_memory_mb}) must be below "
+                f"process_soft_limit_mb ({self.process_soft_limit_mb})"
+            )
+        if self.max_concurrent_inferences > self.workers:
+            raise ValueError(
+                f"max_concurrent_inferences ({self.max_concurrent_inferences}) cannot exceed "
+                f"workers ({self.workers}): each inference runs on a worker"
+            )
+        return self
+
+
+class RateLimit(Section):
+    """Token buckets on incoming requests: one per client, one shared by all clients."""
+
+    enabled: bool = True
+    requests_per_s: float = Field(20.0, gt=0, description="sustained rate allowed to one client")
+    burst: int = Field(40, ge=1, description="requests one client may send at once after being idle")
+    global_requests_per_s: float = Field(100.0, gt=0, description="sustained rate across all clients")
+
+
+MessageClass = Literal["res", "telemetry", "audit", "fallback"]
+MESSAGE_CLASSES: tuple[MessageClass, ...] = ("res", "telemetry", "audit", "fallback")
+
+
+class OutboxSettings(Section):
+    """Bounds and durability of the outbox (``data_dir/outbox.db``); policies are documented in agent/outbox.py."""
+
+    max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="body bytes kept before classes are dropped")
+    max_messages: int = Field(100_000, ge=1)
+    max_file_bytes: int | None = Field(None, ge=65536, description="hard ceiling on the database file itself")
+    ttl_s: dict[MessageClass, PositiveFloat] = Field(
+        default_factory=lambda: {"fallback": 30.0}, description="per class; a class without one never expires"
+    )
+    batch_max: int = Field(512, ge=1, le=100_000, description="writes folded into one transaction and fsync")
+    commit_interval_ms: float = Field(0.0, ge=0, le=1000, description="extra wait to fill a group commit")
+    dead_letter_retry_s: float = Field(60.0, gt=0, description="first retry delay of a refused message")
+    dead_letter_retry_max_s: float = Field(3600.0, gt=0)
+    dead_letter_max_attempts: int = Field(5, ge=1, description="refusals before a message waits for an operator")
+
 
 class Signing(Section):
     backend: Literal["tpm", "software", "none"] = "none"
     tcti: str = "device:/dev/tpmrm0"
-    handle: int = 0x81000010
+    handle: int = Field(0x81000010, ge=0x81000000, le=0x81FFFFFF, description="TPM persistent handle")
     owner_auth: str = ""
     key_file: Path | None = None
     mode: Literal["delegated", "strict"] = "delegated"
     rotate_minutes: float = Field(60.0, gt=0)
     tpm_timeout_s: float = Field(5.0, gt=0)
+    certificate_header: Literal["x5c", "x5t#S256"] = Field(
+        "x5c", description="embed the delegation certificate in each message, or only its SHA-256 thumbprint"
+    )
 
 
 class Settings(BaseSettings):
@@ -117,8 +200,10 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     local: LocalBroker = Field(default_factory=LocalBroker)
     limits: Limits = Field(default_factory=Limits)
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
     cloud: CloudBroker | None = None
     signing: Signing = Field(default_factory=Signing)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 
     @field_validator("device_id")
     @classmethod
@@ -140,6 +225,10 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file (passed as init values) must lose to the environment, the reverse of the library default.
         return (env_settings, init_settings)
+
+
+# The sections a hardware profile may set: the resources a board has, not where it connects or who it is.
+PROFILE_SECTIONS: dict[str, type[Section]] = {"limits": Limits, "rate_limit": RateLimit, "outbox": OutboxSettings}
 
 
 def default_device_id() -> str:
@@ -175,31 +264,167 @@ def _describe(error: dict[str, Any], origin: str) -> str:
     return f"{origin}: {key}: {error['msg']}"
 
 
-def _origin_of(loc: tuple[Any, ...], file_values: dict[str, Any], path: Path | None) -> str:
-    env_name = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
-    if env_name in os.environ:
-        return f"environment {env_name}"
-    node: Any = file_values
-    for part in loc:
-        if not isinstance(node, dict) or part not in node:
-            return "built-in defaults"
-        node = node[part]
-    return str(path) if path else "config"
+class EffectiveConfig(NamedTuple):
+    """The loaded settings, the source of every leaf value (dotted key -> source), and the profile applied."""
+
+    settings: Settings
+    sources: dict[str, str]
+    profile: Profile | None
 
 
-def load_settings(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Load the effective configuration from ``path`` (optional), the environment and ``overrides``.
+def load_settings(
+    path: Path | str | None = None, overrides: dict[str, Any] | None = None, *, system_root: Path = Path("/")
+) -> Settings:
+    """Load the effective configuration from ``path`` (optional), its profile, the environment and ``overrides``.
 
     ``overrides`` stand in for file values (tests and the demo use them); the environment still wins.
+    ``system_root`` is where ``profile = "auto"`` reads the board's ``/proc``, ``/sys`` and ``/etc``.
     """
+    return load_settings_with_sources(path, overrides, system_root=system_root).settings
+
+
+def load_settings_with_sources(
+    path: Path | str | None = None, overrides: dict[str, Any] | None = None, *, system_root: Path = Path("/")
+) -> EffectiveConfig:
+    """Like :func:`load_settings`, also saying where each value came from and which profile was applied."""
     file_path = Path(path) if path else None
-    file_values = read_toml(file_path) if file_path else {}
-    values = _deep_merge(file_values, overrides or {})
+    given: list[tuple[str, dict[str, Any]]] = []  # (source, values), lowest precedence first
+    if file_path:
+        given.append((str(file_path), read_toml(file_path)))
+    if overrides:
+        given.append(("overrides", overrides))
+    environment = _environment_layers()
+    profile = _requested_profile([*given, *environment], file_path, system_root)
+    if profile is not None:
+        given.insert(0, (profile.label, profile.values))
+    values: dict[str, Any] = {}
+    for _, layer in given:
+        values = _deep_merge(values, layer)
+    # Settings reads the environment itself, above these values; it is a layer here only for provenance.
+    layers = [*given, *environment]
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as exc:
-        lines = [_describe(err, _origin_of(tuple(err["loc"]), values, file_path)) for err in exc.errors()]
+        lines = [_describe(err, _origin_of(tuple(err["loc"]), layers)) for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    leaves = _leaves(settings.model_dump(mode="json"))
+    sources = {".".join(key): _winning_source(key, layers) or BUILTIN_SOURCE for key in leaves}
+    return EffectiveConfig(settings, sources, profile)
+
+
+def _environment_layers() -> list[tuple[str, dict[str, Any]]]:
+    """One layer per ``EDGE_AGENT_`` variable, as pydantic-settings reads it; nested names override JSON."""
+    try:
+        parsed = EnvSettingsSource(Settings)()
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration:\n  {_ENVIRONMENT}: {exc}") from None
+    found = []
+    for name in os.environ:
+        if name.upper().startswith(ENV_PREFIX):
+            key = tuple(name[len(ENV_PREFIX) :].lower().split("__"))
+            node = _lookup(parsed, key)
+            if node is not _MISSING:
+                layer: Any = node
+                for part in reversed(key):
+                    layer = {part: layer}
+                found.append((len(key), f"{_ENVIRONMENT} {name}", layer))
+    return [(source, layer) for _, source, layer in sorted(found, key=lambda item: item[:2])]
+
+
+def _requested_profile(layers: list[tuple[str, dict[str, Any]]], file_path: Path | None, root: Path) -> Profile | None:
+    source, requested = next(
+        ((source, layer["profile"]) for source, layer in reversed(layers) if "profile" in layer),
+        (BUILTIN_SOURCE, BUILTIN_PROFILE),
+    )
+    if not isinstance(requested, str):
+        raise ConfigError(
+            f"invalid configuration:\n  {source}: profile: must be a string: 'auto', 'default', "
+            "a profile name or a path to a TOML file"
+        )
+    # A relative path to the user's own profile is relative to the config file that names it.
+    base_dir = file_path.parent if file_path and source == str(file_path) else None
+    try:
+        return resolve_profile(requested, PROFILE_SECTIONS, root=root, base_dir=base_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"{source} sets profile = {requested!r}: {exc}") from None
+
+
+_MISSING = object()
+
+
+def _lookup(values: Any, key: tuple[Any, ...]) -> Any:
+    """The value at ``key``; a scalar or list met on the way covers everything below it."""
+    node = values
+    for part in key:
+        if not isinstance(node, dict):
+            return node
+        if part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _leaves(values: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    keys: list[tuple[str, ...]] = []
+    for name, value in values.items():
+        if isinstance(value, dict) and value:
+            keys.extend(_leaves(value, (*prefix, name)))
+        else:
+            keys.append((*prefix, name))
+    return keys
+
+
+def _winning_source(key: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> str | None:
+    return next((source for source, layer in reversed(layers) if _lookup(layer, key) is not _MISSING), None)
+
+
+def _origin_of(loc: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> str:
+    """Where the values behind a validation error came from, widening to the enclosing table if needed.
+
+    A cross-field error sits on a whole table and a union error has member names appended to the key, so
+    every source that set something under the failing key is named, highest precedence first.
+    """
+    for depth in range(len(loc), 0, -1):
+        prefix = loc[:depth]
+        keys: set[tuple[Any, ...]] = set()
+        for _, layer in layers:
+            node = _lookup(layer, prefix)
+            if isinstance(node, dict):
+                keys.update((*prefix, *leaf) for leaf in _leaves(node))
+            elif node is not _MISSING:
+                keys.add(prefix)
+        found = {_winning_source(key, layers) for key in keys}
+        named = [source for source, _ in reversed(layers) if source in found]
+        if named:
+            return ", ".join(named)
+    return BUILTIN_SOURCE
+
+
+def describe_effective_config(effective: EffectiveConfig) -> str:
+    """A readable table of every effective value and its source, headed by the profile and why it applies.
+
+    Passwords and TPM authorisation values are redacted.
+    """
+    settings, sources, profile = effective
+    asked_by = sources.get("profile", BUILTIN_SOURCE)
+    if profile is None:
+        head = [f"profile: {BUILTIN_PROFILE}, the built-in defaults without a profile file"]
+        if asked_by != BUILTIN_SOURCE:
+            head[0] += f", named by {asked_by}"
+    elif profile.reason is not None:
+        head = [f"profile: {profile.name} ({profile.path}), detected because {asked_by} asks for 'auto'"]
+        head += [f"  {profile.reason}", f"  {profile.description}"]
+    else:
+        head = [f"profile: {profile.name} ({profile.path}), named by {asked_by}", f"  {profile.description}"]
+    dumped = settings.model_dump(mode="json")
+    rows = [("key", "value", "source")]
+    for key in _leaves(dumped):
+        value = _lookup(dumped, key)
+        secret = key[-1] in SECRET_KEYS and value not in (None, "")
+        rows.append((".".join(key), "<redacted>" if secret else json.dumps(value), sources[".".join(key)]))
+    widths = [max(len(row[column]) for row in rows) for column in (0, 1)]
+    table = [f"{key:<{widths[0]}}  {value:<{widths[1]}}  {source}" for key, value, source in rows]
+    return "\n".join([*head, "", *table])
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,17 @@ class SigningError(AgentError):
     """The signer cannot sign: TPM absent, locked out, wrong key at the handle, key file unusable."""
 
 
+class SignatureInvalid(SigningError):
+    """A captured message fails verification; ``reason`` is a stable code for scripts and logs:
+    unsigned, malformed, bad_signature, certificate_invalid, certificate_expired, foreign_certificate,
+    request_mismatch, device_mismatch."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.detail = message
+
+
 class RequestError(AgentError):
     """An error reported to a client as a JSON-RPC error object."""
 

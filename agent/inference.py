@@ -192,7 +192,8 @@ def prepare_input(info: TensorInfo, value: Any, *, raw: bool, max_elements: int)
         return array.astype(info.dtype)
     if info.dtype.kind == "b":
         return array.astype(np.bool_)
-    converted = array.astype(info.dtype)
+    with np.errstate(over="ignore"):
+        converted = array.astype(info.dtype)
     if not np.isfinite(converted).all():
         raise InvalidParams(f"input {info.name!r}: values overflow {info.dtype.name}")
     return converted

@@ -6,6 +6,7 @@ foreground under Popen so that stopping it (gracefully or with SIGKILL) is under
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -68,7 +69,10 @@ class MosquittoProcess:
         return self.workdir / "mosquitto.conf"
 
     def _write_config(self) -> None:
-        lines = [
+        # Under root mosquitto drops to its own user, which cannot reach a private 0700 temporary directory
+        # to save its persistence file; this broker is a private one, so it keeps the caller's identity.
+        lines = ["user root"] if os.geteuid() == 0 else []
+        lines += [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
             # Without it every QoS 1 round trip on loopback stalls ~40 ms on delayed ACKs.

@@ -22,6 +22,8 @@ from agent.model_manager import ModelManager
 from agent.protocol import InferParams, Request, ToolCallParams, tensor_to_json, validate_params
 
 MCP_PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+# The newest version that still negotiates with an initialize handshake, for clients asking something unknown.
+MCP_HANDSHAKE_FALLBACK = "2025-11-25"
 SERVER_INFO = {"name": "edge-agent", "version": __version__}
 
 
@@ -108,7 +110,7 @@ class RequestService:
 
     def _initialize(self, params: Any, timing: Timing) -> dict[str, Any]:
         requested = params.get("protocolVersion") if isinstance(params, dict) else None
-        version = requested if requested in MCP_PROTOCOL_VERSIONS else MCP_PROTOCOL_VERSIONS[0]
+        version = requested if requested in MCP_PROTOCOL_VERSIONS else MCP_HANDSHAKE_FALLBACK
         return {
             "protocolVersion": version,
             "capabilities": {"tools": {"listChanged": False}},
@@ -192,7 +194,8 @@ def _tool_for(entry: ModelEntry) -> dict[str, Any]:
         spec.name: _array_schema(spec.shape or [], spec.description or f"input tensor {spec.name}")
         for spec in entry.inputs
     }
-    properties["top_k"] = {"type": "integer", "minimum": 0, "description": "how many labels to rank"}
+    properties["top_k"] = {"type": "integer", "minimum": 0, "maximum": 1000, "description": "how many labels to rank"}
+    properties["raw"] = {"type": "boolean", "description": "quantized models: pass and return raw integers"}
     description = entry.description or f"Run model {entry.id}"
     if entry.labels:
         description += f" Labels: {', '.join(entry.labels)}."

@@ -47,7 +47,7 @@ def configure_broker_access(client: mqtt.Client, broker: LocalBroker | CloudBrok
         )
         if tls.insecure_skip_verify:
             client.tls_insecure_set(True)
-    client.reconnect_delay_set(min_delay=max(1, int(broker.reconnect_min_s)), max_delay=int(broker.reconnect_max_s))
+    client.reconnect_delay_set(min_delay=broker.reconnect_min_s, max_delay=broker.reconnect_max_s)  # type: ignore[arg-type]
 
 
 def connect_properties(session_expiry: int, receive_maximum: int | None = None) -> Properties:

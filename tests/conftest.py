@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.fixtures.brokers",
+    "tests.fixtures.swtpm",
+    "tests.fixtures.agents",
 ]

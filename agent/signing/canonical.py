@@ -1,0 +1,122 @@
+"""The JSON form every signed message takes: RFC 8785 (JCS) canonical bytes of a JCS-safe value.
+
+JCS serialises numbers as IEEE 754 doubles the way ECMAScript does, so some Python values have no JCS form.
+Before signing (and before sending), the agent normalises each message with :func:`normalise`:
+
+============================  ============================================================================
+Python value                  Sent and signed as
+============================  ============================================================================
+``float('nan')``              the string ``"NaN"``
+``float('inf')`` / ``-inf``   the strings ``"Infinity"`` / ``"-Infinity"``
+int with ``|n| > 2**53 - 1``  its decimal string, e.g. ``"18446744073709551615"``
+``-0.0``                      ``0`` (JCS has no negative zero)
+str with lone surrogates      the string with each lone surrogate replaced by U+FFFD
+tuple                         array
+numbers.Integral / Real       int / float (numpy scalars included, without importing numpy)
+============================  ============================================================================
+
+These are the encodings of the proto3 JSON mapping for doubles and 64-bit integers, so generic consumers
+already know them. Anything else (bytes, sets, non-string keys, objects) is refused.
+
+A verifier parses received JSON with :func:`parse_json`, which reads numbers the way JCS defines them
+(every number is a double: integers beyond 2**53 become floats), so re-canonicalising the parsed message
+reproduces the signed bytes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import rfc8785
+
+from agent.errors import SigningError
+
+MAX_SAFE_INTEGER = 2**53 - 1
+NAN = "NaN"
+POSITIVE_INFINITY = "Infinity"
+NEGATIVE_INFINITY = "-Infinity"
+
+JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
+
+
+def normalise(value: Any) -> JsonValue:
+    """Return a copy of ``value`` that JCS can serialise, using the encodings in this module's docstring.
+
+    Idempotent: ``normalise(normalise(v)) == normalise(v)``. Raises :class:`SigningError` for values that
+    have no JSON form.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return _safe_str(value) if isinstance(value, str) else value
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+        return number if abs(number) <= MAX_SAFE_INTEGER else str(number)
+    if isinstance(value, numbers.Real):
+        return _normalise_float(float(value))
+    if isinstance(value, Mapping):
+        out: dict[str, JsonValue] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SigningError(f"object key {key!r} is not a string: no JSON form")
+            out[_safe_str(key)] = normalise(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [normalise(item) for item in value]
+    raise SigningError(f"a {type(value).__name__} has no JSON form")
+
+
+def canonical_bytes(value: JsonValue) -> bytes:
+    """RFC 8785 canonical UTF-8 bytes of an already normalised value."""
+    try:
+        return rfc8785.dumps(value)
+    except (rfc8785.CanonicalizationError, UnicodeError, TypeError) as exc:
+        raise SigningError(f"value is not JCS-safe (normalise it first): {exc}") from None
+
+
+def encode_message(message: Mapping[str, Any]) -> bytes:
+    """Compact JSON bytes to publish for a normalised message (what ``sign_reply``/``sign_record`` return).
+
+    The wire form need not be canonical: verifiers re-canonicalise what they parse, and every value of a
+    normalised message parses back to itself. So this uses the C JSON encoder, several times faster than
+    JCS. Refuses NaN/Infinity, which only an unnormalised message could contain.
+    """
+    try:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as exc:
+        raise SigningError(f"message is not normalised JSON: {exc}") from None
+
+
+def parse_json(data: bytes | str) -> Any:
+    """Parse JSON with JCS number semantics; refuse the non-standard NaN/Infinity literals."""
+    try:
+        return json.loads(data, parse_int=_parse_int, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SigningError(f"not valid JSON: {exc}") from None
+
+
+def _normalise_float(number: float) -> float | int | str:
+    if math.isnan(number):
+        return NAN
+    if math.isinf(number):
+        return POSITIVE_INFINITY if number > 0 else NEGATIVE_INFINITY
+    return 0 if number == 0 else number
+
+
+def _safe_str(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _parse_int(literal: str) -> int | float:
+    number = int(literal)
+    return number if abs(number) <= MAX_SAFE_INTEGER else float(number)
+
+
+def _refuse_constant(literal: str) -> None:
+    raise ValueError(f"{literal} is not JSON")

@@ -1,0 +1,118 @@
+"""Input conversion and real interpreters: float, int8 (quantized) and a third-party model."""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import numpy as np
+import pytest
+
+from agent.catalog import load_manifest, verified_model_bytes
+from agent.config import REPO_MODELS_DIR
+from agent.errors import InvalidParams, ModelError, ModelUnavailable
+from agent.inference import LoadedModel, TensorInfo, decode_output, prepare_input
+from agent.model_manager import ModelManager
+
+INT8 = TensorInfo("x", 0, (1, 4), np.dtype("int8"), scale=0.5, zero_point=-10)
+F32 = TensorInfo("f", 0, (1, 3), np.dtype("float32"), scale=0.0, zero_point=0)
+
+
+def test_real_values_are_quantized_and_outputs_dequantized() -> None:
+    quantized = prepare_input(INT8, [[0.0, 1.0, -100.0, 1000.0]], raw=False, max_elements=100)
+    assert quantized.dtype == np.int8
+    assert quantized.tolist() == [[-10, -8, -128, 127]]
+    assert decode_output(INT8, quantized, raw=False).tolist() == [[0.0, 1.0, -59.0, 68.5]]
+
+
+def test_raw_int8_input_must_be_in_range_integers() -> None:
+    assert prepare_input(INT8, [[1, 2, 3, 4]], raw=True, max_elements=100).tolist() == [[1, 2, 3, 4]]
+    with pytest.raises(InvalidParams, match="integers"):
+        prepare_input(INT8, [[1.5, 2, 3, 4]], raw=True, max_elements=100)
+    with pytest.raises(InvalidParams, match="range"):
+        prepare_input(INT8, [[300, 2, 3, 4]], raw=True, max_elements=100)
+
+
+def test_b64_tensor_and_its_errors() -> None:
+    values = np.array([[1.0, 2.0, 3.0]], dtype="<f4")
+    tensor = {"b64": base64.b64encode(values.tobytes()).decode(), "dtype": "float32", "shape": [1, 3]}
+    assert prepare_input(F32, tensor, raw=False, max_elements=100).tolist() == [[1.0, 2.0, 3.0]]
+    bad_nan = {**tensor, "b64": base64.b64encode(np.array([[1, np.nan, 3]], "<f4").tobytes()).decode()}
+    with pytest.raises(InvalidParams, match="NaN"):
+        prepare_input(F32, bad_nan, raw=False, max_elements=100)
+    with pytest.raises(InvalidParams, match="bytes"):
+        prepare_input(F32, {**tensor, "shape": [1, 4]}, raw=False, max_elements=100)
+    with pytest.raises(InvalidParams, match="base64"):
+        prepare_input(F32, {**tensor, "b64": "***"}, raw=False, max_elements=100)
+    with pytest.raises(InvalidParams, match="dtype"):
+        prepare_input(F32, {**tensor, "dtype": "complex64"}, raw=False, max_elements=100)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ([[1.0, 2.0]], "shape"),
+        ([[1.0, "a", 3.0]], "numbers"),
+        ([[1.0, [2.0], 3.0]], "rectangular|numbers"),
+        ([[1e300, 0.0, 0.0]], "overflow"),
+        ([[True, False, True]], "numbers"),
+    ],
+)
+def test_list_input_errors(value: object, match: str) -> None:
+    with pytest.raises(InvalidParams, match=match):
+        prepare_input(F32, value, raw=False, max_elements=100)
+
+
+def test_missing_batch_dimension_is_accepted_and_element_limit_enforced() -> None:
+    assert prepare_input(F32, [1, 2, 3], raw=False, max_elements=100).shape == (1, 3)
+    with pytest.raises(InvalidParams, match="exceed"):
+        prepare_input(F32, [1, 2, 3], raw=False, max_elements=2)
+
+
+def test_corrupt_model_refused_before_loading(tmp_path) -> None:
+    manifest = load_manifest(REPO_MODELS_DIR)
+    entry = manifest.models[0]
+    (tmp_path / "manifest.json").write_text((REPO_MODELS_DIR / "manifest.json").read_text())
+    for model in manifest.models:
+        (tmp_path / model.file).write_bytes((REPO_MODELS_DIR / model.file).read_bytes())
+    corrupt = bytearray((tmp_path / entry.file).read_bytes())
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    (tmp_path / entry.file).write_bytes(bytes(corrupt))
+    with pytest.raises(ModelError, match="sha256"):
+        verified_model_bytes(tmp_path, entry)
+    manager = ModelManager(tmp_path)
+    assert entry.id in manager.verify_all()
+    with pytest.raises(ModelUnavailable, match="sha256"):
+        manager.get(entry.id)
+    assert manager.get(manifest.models[1].id).entry.id == manifest.models[1].id
+
+
+def test_garbage_model_bytes_give_a_clean_error() -> None:
+    entry = load_manifest(REPO_MODELS_DIR).models[0]
+    with pytest.raises(ModelUnavailable, match="failed to load"):
+        LoadedModel(entry, b"\x00" * 64)
+
+
+def test_each_thread_gets_its_own_interpreter_and_same_answers(models_dir) -> None:
+    manager = ModelManager(models_dir)
+    loaded = manager.get("face-detector")
+    rng = np.random.default_rng(7)
+    images = [rng.random((1, 128, 128, 3), dtype=np.float32) for _ in range(4)]
+    expected = [loaded.run({"image": image})["classificators"].copy() for image in images]
+    mismatches: list[int] = []
+    interpreters: set[int] = set()
+
+    def work(offset: int) -> None:
+        interpreters.add(id(loaded._thread_interpreter()))
+        for step in range(20):
+            index = (offset + step) % len(images)
+            if not np.array_equal(loaded.run({"image": images[index]})["classificators"], expected[index]):
+                mismatches.append(index)
+
+    threads = [threading.Thread(target=work, args=(offset,)) for offset in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert mismatches == []
+    assert len(interpreters) == 3

@@ -1,0 +1,118 @@
+"""Parsing requests and topics: every input either parses or raises a RequestError with a stable code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import topics
+from agent.errors import InvalidRequest, ParseError, RequestError
+from agent.protocol import encode, nesting_depth, parse_request, tensor_to_json
+
+import numpy as np
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=30,
+)
+
+
+def test_valid_request_and_notification() -> None:
+    request = parse_request(b'{"jsonrpc":"2.0","id":"42","method":"ping"}', max_depth=32)
+    assert (request.id, request.method, request.is_notification) == ("42", "ping", False)
+    note = parse_request(b'{"jsonrpc":"2.0","method":"notifications/initialized"}', max_depth=32)
+    assert note.is_notification
+    null_id = parse_request(b'{"jsonrpc":"2.0","id":null,"method":"ping"}', max_depth=32)
+    assert null_id.id is None and not null_id.is_notification
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"{", ParseError),
+        (b'{"jsonrpc":"2.0","id":1,"method":"infer","params":{"x":NaN}}', ParseError),
+        (b'{"jsonrpc":"2.0","id":1,"method":"infer","params":{"x":-Infinity}}', ParseError),
+        (b"\xff\xfe", ParseError),
+        (b"[]", InvalidRequest),
+        (b'[{"jsonrpc":"2.0","id":1,"method":"ping"}]', InvalidRequest),
+        (b'"ping"', InvalidRequest),
+        (b'{"jsonrpc":"1.0","id":1,"method":"ping"}', InvalidRequest),
+        (b'{"jsonrpc":"2.0","id":1}', InvalidRequest),
+        (b'{"jsonrpc":"2.0","id":true,"method":"ping"}', InvalidRequest),
+        (b'{"jsonrpc":"2.0","id":1.5,"method":"ping"}', InvalidRequest),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","extra":1}', InvalidRequest),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":' + b"[" * 40 + b"]" * 40 + b"}", InvalidRequest),
+    ],
+)
+def test_malformed_requests_raise_their_code(payload: bytes, error: type[RequestError]) -> None:
+    with pytest.raises(error) as caught:
+        parse_request(payload, max_depth=32)
+    assert caught.value.message and "\n" not in caught.value.message
+
+
+def _true_depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((_true_depth(item) for item in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_true_depth(item) for item in value.values()), default=0)
+    return 0
+
+
+@given(json_values)
+def test_nesting_depth_matches_the_parsed_structure(value: object) -> None:
+    assert nesting_depth(json.dumps(value).encode()) == _true_depth(value)
+
+
+@given(st.text(alphabet='[]{}"\\', max_size=40).map(lambda s: '{"k":"' + s.replace("\\", "").replace('"', "") + '"}'))
+def test_brackets_inside_strings_do_not_count(text: str) -> None:
+    assert nesting_depth(text.encode()) == 1
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_garbage_only_ever_raises_request_errors(payload: bytes) -> None:
+    try:
+        parse_request(payload, max_depth=8)
+    except RequestError:
+        pass
+
+
+def test_tensor_to_json_replaces_non_finite_values_with_null() -> None:
+    array = np.array([[1.5, np.nan, np.inf]], dtype=np.float32)
+    encoded = json.loads(encode({"v": tensor_to_json(array)}))
+    assert encoded == {"v": [[1.5, None, None]]}
+
+
+@given(st.text(max_size=20))
+def test_request_topic_round_trip(client_id: str) -> None:
+    topic = topics.request_topic("dev1", client_id)
+    parsed = topics.client_id_from_request_topic(topic, "dev1")
+    if client_id and not any(ch in client_id for ch in "+#/\x00"):
+        assert parsed == client_id
+    else:
+        assert parsed is None
+
+
+@pytest.mark.parametrize(
+    ("topic", "allowed"),
+    [
+        ("mcp/res/dev1/alice", True),
+        ("mcp/res/dev1/alice/session-7", True),
+        ("mcp/res/dev1/alice/a/b", True),
+        ("mcp/res/dev1/bob", False),
+        ("mcp/res/dev1/alice2", False),
+        ("mcp/res/dev1/alice/+", False),
+        ("mcp/res/dev1/alice/#", False),
+        ("mcp/res/dev1/alice/\x00", False),
+        ("mcp/res/dev1/alice/", False),
+        ("mcp/status/dev1", False),
+        ("mcp/up/dev1/res", False),
+        ("mcp/res/dev1/alice/" + "x" * 300, False),
+    ],
+)
+def test_response_topic_steering(topic: str, allowed: bool) -> None:
+    assert topics.response_topic_allowed(topic, "dev1", "alice", max_bytes=256) is allowed
