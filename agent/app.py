@@ -135,13 +135,13 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self.client.is_connected():
-            self.client.unsubscribe(topics.request_filter(self.device_id))
+        # No UNSUBSCRIBE: that would delete the subscription from our persistent session, and requests sent
+        # while the agent is down would be lost. New arrivals are left unacknowledged instead (redelivered later).
+        self._accepting.clear()
         deadline = time.monotonic() + self.settings.limits.drain_timeout_s
         with self._idle:
             while (self._in_flight or not self._intake.empty() or self._awaiting_puback) and time.monotonic() < deadline:
                 self._idle.wait(0.05)
-        self._accepting.clear()
         for _ in self._workers:
             self._intake.put(None)
         for worker in self._workers:
