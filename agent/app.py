@@ -2,8 +2,12 @@
 
 Threads: paho's network thread only sorts incoming messages (topic checks, size check, expiry stamp,
 hand-off to the bounded intake queue, or an immediate "overloaded" reply); ``workers`` threads parse,
-run and reply. A request's PUBACK goes out only after the broker acknowledged its reply, and in the
+run, sign and reply. A request's PUBACK goes out only after the broker acknowledged its reply, and in the
 order the requests arrived (:class:`~agent.transport.AckSequencer`).
+
+Every message is signed when ``[signing]`` names a backend (docs/signing.md): replies as they are
+published, the status document at start (and, when messages reference the delegation certificate by
+thumbprint, again at each rotation), the Last Will by the device key at start.
 """
 
 from __future__ import annotations
@@ -20,20 +24,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import __version__, topics
 from agent.config import Settings
-from agent.errors import AgentError, InternalError, InvalidRequest, Overloaded, RequestError, ResponseTopicRefused
+from agent.errors import (
+    AgentError,
+    InternalError,
+    InvalidRequest,
+    Overloaded,
+    RequestError,
+    ResponseTopicRefused,
+    SigningError,
+)
 from agent.inference import RUNTIME
 from agent.model_manager import ModelManager
-from agent.protocol import RequestId, encode, error_reply, parse_request, result_reply
+from agent.outgoing import encode_record, encode_reply
+from agent.protocol import RequestId, error_reply, parse_request, result_reply
 from agent.service import RequestService, Timing
+from agent.signing import Signer, StrictSigner, create_signer
 from agent.transport import AckSequencer, configure_broker_access, connect_properties, new_client, publish_properties
 
 log = logging.getLogger(__name__)
 _ID_PROBE_MAX_BYTES = 65_536
 _ID_PROBE_HEAD_BYTES = 512
+OFFLINE: dict[str, Any] = {"status": "offline"}
 # The "id" member among the leading simple members of the top-level object (before any nested value).
 _LEADING_ID = re.compile(rb'\s*\{(?:\s*"[^"\\]*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-\w.]+)\s*,)*?\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
 
@@ -81,6 +98,10 @@ class Agent:
         self._in_flight = 0
         self._idle = threading.Condition()
         self.started_at = time.time()
+        self.signer: Signer | None = None
+        self._status_payload: bytes | None = None
+        self._will_payload: bytes | None = None
+        self._certificate_pem: bytes | None = None
         self.client = new_client(f"edge-agent-{self.device_id}", manual_ack=True)
         self._acks = AckSequencer(self.client)
         self._configure_client()
@@ -94,7 +115,6 @@ class Agent:
         configure_broker_access(client, self.settings.local)
         client.max_inflight_messages_set(max(20, self.settings.limits.receive_maximum))
         client.max_queued_messages_set(0)
-        client.will_set(topics.status_topic(self.device_id), json.dumps({"status": "offline"}), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -104,10 +124,22 @@ class Agent:
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def start(self, ready_timeout: float = 30.0) -> None:
-        """Verify models, start workers, connect and subscribe; returns once requests are being served."""
-        refused = self.models.verify_all()
-        for model_id, reason in refused.items():
-            log.error("model %s will answer with errors: %s", model_id, reason)
+        """Open the signing key, verify models, start workers, connect and subscribe; returns once serving.
+
+        An unusable signing key raises :class:`SigningError` before anything connects: the agent never
+        comes online with unsigned answers.
+        """
+        self.signer = self._open_signer()
+        try:
+            refused = self.models.verify_all()
+            for model_id, reason in refused.items():
+                log.error("model %s will answer with errors: %s", model_id, reason)
+            self._status_payload = encode_record(self.status_document(), self.signer)
+            self._set_will()
+        except BaseException:
+            if self.signer is not None:
+                self.signer.close()
+            raise
         for index in range(self.settings.limits.workers):
             worker = threading.Thread(target=self._work, name=f"inference-worker-{index}", daemon=True)
             worker.start()
@@ -147,10 +179,17 @@ class Agent:
         for worker in self._workers:
             worker.join(timeout=5)
         if self.client.is_connected():
-            info = self.client.publish(topics.status_topic(self.device_id), json.dumps({"status": "offline"}), qos=1, retain=True)
+            offline = self._will_payload
+            try:
+                offline = encode_record(OFFLINE, self.signer)
+            except SigningError as exc:
+                log.error("could not sign the offline status, publishing the will instead: %s", exc)
+            info = self.client.publish(topics.status_topic(self.device_id), offline, qos=1, retain=True)
             info.wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
+        if self.signer is not None:
+            self.signer.close()
         log.info("stopped; counters: %s", dict(self.counters))
 
     def run_until_signalled(self) -> None:
@@ -178,6 +217,50 @@ class Agent:
             "started_at": round(self.started_at, 3),
         }
 
+    # ---- signing ------------------------------------------------------------------------------
+
+    def _open_signer(self) -> Signer | None:
+        signing = self.settings.signing
+        by_reference = signing.mode == "delegated" and signing.certificate_header == "x5t#S256"
+        try:
+            return create_signer(
+                signing,
+                self.device_id,
+                self.settings.data_dir,
+                on_rotate=self._on_certificate_rotated if by_reference else None,
+            )
+        except SigningError as exc:
+            raise SigningError(f"signing backend {signing.backend!r} is unusable, not starting: {exc}") from None
+
+    def _set_will(self) -> None:
+        # The broker publishes the will at some later disconnect, perhaps after the delegation certificate
+        # it would carry has been replaced: signed by the device key itself, it verifies with that key alone.
+        signer = self.signer
+        if signer is not None and signer.mode != "strict":
+            signer = StrictSigner(signer.root, self.device_id)  # shares the root; closed with self.signer
+        self._will_payload = encode_record(OFFLINE, signer)
+        self.client.will_set(topics.status_topic(self.device_id), self._will_payload, qos=1, retain=True)
+
+    def _on_certificate_rotated(self, certificate: x509.Certificate) -> None:
+        """A new delegated key whose messages name their certificate by thumbprint: retain it, re-sign the status.
+
+        Runs on whichever thread rotated: the one creating the signer, the rotation thread, or a worker
+        whose message outlived the certificate. Until start() has signed the first status, only remember it.
+        """
+        self._certificate_pem = certificate.public_bytes(Encoding.PEM)
+        if self._status_payload is None or self._stopped.is_set():
+            return
+        self._status_payload = encode_record(self.status_document(), self.signer)
+        if self.client.is_connected():
+            self._publish_identity_and_status()
+
+    def _publish_identity_and_status(self) -> None:
+        # The certificate first, so that a verifier that sees the new status can already find it.
+        if self._certificate_pem is not None:
+            self._publish_tracked(topics.identity_topic(self.device_id), self._certificate_pem, None, retain=True)
+        assert self._status_payload is not None, "start() signs the status before connecting"
+        self._publish_tracked(topics.status_topic(self.device_id), self._status_payload, None, retain=True)
+
     # ---- paho callbacks (network thread) --------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -187,7 +270,7 @@ class Agent:
         log.info("connected to local broker (session present: %s)", flags.session_present)
         options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
         client.subscribe(topics.request_filter(self.device_id), options=options)
-        self._publish_tracked(topics.status_topic(self.device_id), json.dumps(self.status_document()), None, retain=True)
+        self._publish_identity_and_status()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         if any(reason.is_failure for reason in reasons):
@@ -319,7 +402,15 @@ class Agent:
         topic = inbound.response_topic if use_response_topic else topics.reply_topic(self.device_id, inbound.client_id)
         props = publish_properties(correlation_data=inbound.correlation_data if use_response_topic else None)
         pending = _PendingReply(inbound.mid, inbound.qos, inbound.generation) if inbound.qos > 0 else None
-        if not self._publish_tracked(topic, encode(reply), pending, properties=props):
+        try:
+            payload = encode_reply(reply, self.signer, client_id=inbound.client_id, request_payload=inbound.payload)
+        except SigningError as exc:
+            # An unsigned answer would break the promise that every answer is signed; the client times out.
+            log.error("could not sign the reply to %s, not answering: %s", inbound.client_id, exc)
+            self.count("signing_failed")
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return
+        if not self._publish_tracked(topic, payload, pending, properties=props):
             self._finish(inbound.mid, inbound.qos, inbound.generation)
 
     def _publish_tracked(

@@ -1,4 +1,4 @@
-"""Command line: ``edge-agent run | check-config | call | demo | mcp-stdio``."""
+"""Command line: ``edge-agent run | check-config | identity | verify | call | demo | mcp-stdio``."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.config import LocalBroker, Settings, load_settings
-from agent.errors import AgentError, ConfigError
+from agent.config import LocalBroker, Settings, describe_effective_config, load_settings, load_settings_with_sources
+from agent.errors import AgentError, ConfigError, SignatureInvalid
 
 log = logging.getLogger("agent")
 
@@ -33,9 +34,70 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
-    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    print(describe_effective_config(load_settings_with_sources(args.config)))
     print(f"{args.config or 'built-in defaults'}: valid", file=sys.stderr)
+    return 0
+
+
+def _cmd_identity(args: argparse.Namespace) -> int:
+    from agent.signing import init_identity, show_identity
+
+    settings = load_settings(args.config)
+    describe = init_identity if args.action == "init" else show_identity
+    identity = describe(settings.signing, settings.device_id, settings.data_dir)
+    state = "created" if identity.created else "existing"
+    print(
+        f"device {identity.device_id}: {state} {identity.backend} key in {identity.location}, "
+        f"public key sha256 {identity.public_key_sha256}",
+        file=sys.stderr,
+    )
+    print(identity.public_key_pem.rstrip("\n"))
+    print(identity.csr_pem.rstrip("\n"))
+    return 0
+
+
+def _read_input(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise AgentError(f"cannot read {name}: {exc.strerror}") from None
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from agent.signing import request_sha256, verify_message
+
+    try:
+        certificates = [x509.load_pem_x509_certificate(_read_input(str(path))) for path in args.certificate]
+    except ValueError as exc:
+        raise AgentError(f"--certificate is not a PEM certificate: {exc}") from None
+    expected_digest = request_sha256(_read_input(str(args.request))) if args.request else None
+    try:
+        verified = verify_message(
+            _read_input(args.message),
+            _read_input(str(args.pubkey)),
+            expected_request_sha256=expected_digest,
+            expected_device_id=args.device,
+            certificates=certificates,
+        )
+    except SignatureInvalid as exc:
+        print(f"edge-agent: invalid: {exc}", file=sys.stderr)
+        return 1
+    signed_at = datetime.fromtimestamp(verified.iat, UTC).isoformat().replace("+00:00", "Z")
+    key = "a delegated key" if verified.mode == "delegated" else "the device key"
+    if verified.binding is not None:
+        kind = "error reply" if "error" in verified.message else "reply"
+        what = (
+            f"{kind} to request {json.dumps(verified.binding.get('request_id'))} of client "
+            f"{verified.binding.get('client_id')} (request sha256 {verified.binding.get('request_sha256')})"
+        )
+    else:
+        what = "record"
+    source = f" from device {verified.device_id}" if verified.device_id else ""
+    print(f"valid: {what}{source}, signed {signed_at} by {key}")
     return 0
 
 
@@ -129,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and print the effective values")
     check.add_argument("--config", type=Path)
     check.set_defaults(handler=_cmd_check_config)
+
+    identity = commands.add_parser("identity", help="create or show the device signing key and its CSR")
+    identity.add_argument("action", choices=("init", "show"), help="init creates the key if there is none")
+    identity.add_argument("--config", type=Path, help="TOML config file with the [signing] section")
+    identity.set_defaults(handler=_cmd_identity)
+
+    verify = commands.add_parser("verify", help="check a captured message's signature; exit 0 only if valid")
+    verify.add_argument("message", help="the message as published (FILE, or - for stdin)")
+    verify.add_argument("--pubkey", type=Path, required=True, help="the device public key (PEM or DER)")
+    verify.add_argument(
+        "--certificate", type=Path, action="append", default=[],
+        help="a delegation certificate (PEM) for messages that name theirs by x5t#S256; repeatable",
+    )  # fmt: skip
+    verify.add_argument("--request", type=Path, help="the request as sent: a reply must answer exactly it")
+    verify.add_argument("--device", help="the device id the message must come from")
+    verify.set_defaults(handler=_cmd_verify)
 
     call = commands.add_parser("call", help="send one request to a device and print the answer")
     call.add_argument("model", nargs="?", help="model id")

@@ -41,6 +41,10 @@ class SignatureInvalid(SigningError):
         self.detail = message
 
 
+class ProvisioningError(AgentError):
+    """A fleet or device provisioning step cannot proceed: missing CA, bad CSR, unknown or revoked device."""
+
+
 class RequestError(AgentError):
     """An error reported to a client as a JSON-RPC error object."""
 

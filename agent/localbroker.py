@@ -51,8 +51,11 @@ class MosquittoProcess:
         port: int | None = None,
         persistence: bool = True,
         extra_config: str = "",
+        listener_config: str | None = None,
         binary: str | None = None,
     ) -> None:
+        """``listener_config`` replaces the default anonymous plaintext listener (with a TLS listener and ACLs,
+        say) and must open ``self.port``, which ``start()`` waits for; ``extra_config`` is appended at the end."""
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._owned_dir = workdir is None
@@ -60,6 +63,7 @@ class MosquittoProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.persistence = persistence
         self.extra_config = extra_config
+        self.listener_config = listener_config
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log_path = self.workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -72,9 +76,8 @@ class MosquittoProcess:
         # Under root mosquitto drops to its own user, which cannot reach a private 0700 temporary directory
         # to save its persistence file; this broker is a private one, so it keeps the caller's identity.
         lines = ["user root"] if os.geteuid() == 0 else []
+        lines.append(self.listener_config or f"listener {self.port} {self.host}\nallow_anonymous true")
         lines += [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
             # Without it every QoS 1 round trip on loopback stalls ~40 ms on delayed ACKs.
             "set_tcp_nodelay true",
             "max_queued_messages 100000",

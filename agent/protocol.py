@@ -126,15 +126,3 @@ def error_reply(request_id: RequestId, error: RequestError) -> dict[str, Any]:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
     body["data"] = {"reason": error.name, **error.data}
     return {"jsonrpc": JSONRPC, "id": request_id, "error": body}
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON; non-finite floats were already replaced, so strict mode cannot fail."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def tensor_to_json(array: np.ndarray) -> Any:
-    """A nested list for JSON; non-finite floats (which JSON cannot carry) become null."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        return np.where(np.isfinite(array), array, None).astype(object).tolist()
-    return array.tolist()

@@ -19,7 +19,7 @@ from agent.config import Limits
 from agent.errors import InvalidParams, MethodNotFound, RequestError
 from agent.inference import decode_output, prepare_input
 from agent.model_manager import ModelManager
-from agent.protocol import InferParams, Request, ToolCallParams, tensor_to_json, validate_params
+from agent.protocol import InferParams, Request, ToolCallParams, validate_params
 
 MCP_PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 # The newest version that still negotiates with an initialize handshake, for clients asking something unknown.
@@ -94,7 +94,8 @@ class RequestService:
             "model": loaded.entry.id,
             "model_version": loaded.entry.version,
             "served_by": "local",
-            "outputs": {name: tensor_to_json(array) for name, array in outputs.items()},
+            # Non-finite values stay floats here; the publisher encodes them (agent.outgoing).
+            "outputs": {name: array.tolist() for name, array in outputs.items()},
         }
         top = _top_labels(loaded.entry, outputs, params.top_k)
         if top is not None:

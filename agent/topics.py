@@ -6,6 +6,7 @@ REQUEST_PREFIX = "mcp/req"
 REPLY_PREFIX = "mcp/res"
 STATUS_PREFIX = "mcp/status"
 UPSTREAM_PREFIX = "mcp/up"
+IDENTITY_PREFIX = "mcp/identity"
 _FORBIDDEN_IN_SEGMENT = ("+", "#", "\x00", "/")
 
 
@@ -28,6 +29,11 @@ def status_topic(device_id: str) -> str:
 
 def upstream_topic(device_id: str, record_class: str) -> str:
     return f"{UPSTREAM_PREFIX}/{device_id}/{record_class}"
+
+
+def identity_topic(device_id: str) -> str:
+    """Where the current delegation certificate is retained (PEM) when messages reference it by thumbprint."""
+    return f"{IDENTITY_PREFIX}/{device_id}"
 
 
 def is_valid_segment(segment: str) -> bool:

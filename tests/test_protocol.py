@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from agent import topics
 from agent.errors import InvalidRequest, ParseError, RequestError
-from agent.protocol import encode, nesting_depth, parse_request, tensor_to_json
+from agent.outgoing import encode_unsigned
+from agent.protocol import nesting_depth, parse_request, result_reply
+from agent.signing import normalise
 
 import numpy as np
 
@@ -81,10 +83,21 @@ def test_garbage_only_ever_raises_request_errors(payload: bytes) -> None:
         pass
 
 
-def test_tensor_to_json_replaces_non_finite_values_with_null() -> None:
-    array = np.array([[1.5, np.nan, np.inf]], dtype=np.float32)
-    encoded = json.loads(encode({"v": tensor_to_json(array)}))
-    assert encoded == {"v": [[1.5, None, None]]}
+def test_non_finite_outputs_are_sent_as_the_strings_signed_messages_use() -> None:
+    array = np.array([[1.5, np.nan, np.inf, -np.inf]], dtype=np.float32)
+    reply = result_reply(1, {"outputs": {"v": array.tolist()}})
+    assert json.loads(encode_unsigned(reply))["result"]["outputs"]["v"] == [[1.5, "NaN", "Infinity", "-Infinity"]]
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.floats() | st.text(),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        max_leaves=30,
+    )
+)
+def test_unsigned_messages_carry_the_normalised_values(value: object) -> None:
+    assert json.loads(encode_unsigned({"v": value})) == normalise({"v": value})
 
 
 @given(st.text(max_size=20))
