@@ -173,7 +173,8 @@ class OutboxSettings(Section):
 
 
 class Signing(Section):
-    backend: Literal["tpm", "software", "none"] = "none"
+    # A device signs with its TPM by default; development setups choose "software" or "none" explicitly.
+    backend: Literal["tpm", "software", "none"] = "tpm"
     tcti: str = "device:/dev/tpmrm0"
     handle: int = Field(0x81000010, ge=0x81000000, le=0x81FFFFFF, description="TPM persistent handle")
     owner_auth: str = ""

@@ -25,6 +25,7 @@ def _config(tmp_path, broker, models_dir, **limits):
             "data_dir": str(tmp_path / "data"),
             "local": {"host": broker.host, "port": broker.port},
             "limits": {"workers": 1, "intake_queue": 256, **limits},
+            "signing": {"backend": "none"},
         },
     )
 

@@ -54,3 +54,7 @@ def test_invalid_values_are_refused_clearly(tmp_path: Path, body: str, needle: s
     config.write_text(body)
     with pytest.raises(ConfigError, match=needle):
         load_settings(config)
+
+
+def test_a_device_signs_with_its_tpm_by_default() -> None:
+    assert load_settings(None).signing.backend == "tpm"
