@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from sdnotify import SystemdNotifier
 
 from agent import __version__, topics
 from agent.config import Settings
@@ -202,9 +203,20 @@ class Agent:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+        systemd = SystemdNotifier()
+        systemd.notify(f"READY=1\nSTATUS=serving {len(self.models.servable_ids)} models")
         while not stop_requested.wait(1.0):
-            pass
+            # The watchdog is fed only while every thread that serves requests is alive, so systemd
+            # restarts an agent whose network loop or workers died instead of leaving it deaf.
+            if self.threads_alive():
+                systemd.notify("WATCHDOG=1")
+        systemd.notify("STOPPING=1")
         self.stop()
+
+    def threads_alive(self) -> bool:
+        """Whether the MQTT network thread and every inference worker are still running."""
+        network = getattr(self.client, "_thread", None)
+        return network is not None and network.is_alive() and all(worker.is_alive() for worker in self._workers)
 
     def status_document(self) -> dict[str, Any]:
         return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import time
 
 import numpy as np
@@ -89,4 +90,24 @@ def test_last_will_marks_a_killed_agent_offline(tmp_path, local_broker, models_d
         assert status.wait_for(lambda msgs: _statuses(status)[-1]["status"] == "offline", timeout=20)
     finally:
         status.close()
+        agent.stop()
+
+
+def test_systemd_notify_ready_and_watchdog(tmp_path, local_broker, models_dir, monkeypatch) -> None:
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.settimeout(20)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    agent = AgentProcess(_config(tmp_path, local_broker, models_dir), local_broker).start()
+    try:
+        received: list[str] = []
+        while not any("WATCHDOG=1" in message for message in received):
+            received.append(sock.recv(4096).decode())
+        assert received[0].startswith("READY=1")
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+        assert "STOPPING=1" in sock.recv(4096).decode()
+    finally:
+        sock.close()
         agent.stop()
