@@ -1,0 +1,445 @@
+"""The outbox's rows and what may happen to them: claim, deliver, dead-letter, evict, expire, with running
+totals kept in step. Every method runs on the outbox's writer thread inside the batch's transaction; the
+policies themselves are documented in :mod:`agent.outbox`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import peewee
+from pydantic import BaseModel, Field
+
+from agent import outbox_file as store
+from agent.config import MESSAGE_CLASSES, MessageClass, OutboxSettings
+
+log = logging.getLogger("agent.outbox")
+
+EVICTION_ORDER: tuple[MessageClass, ...] = ("telemetry", "fallback", "res", "audit")
+SEND_ORDER: tuple[MessageClass, ...] = ("fallback", "res", "audit", "telemetry")
+_HEARTBEAT_S = 1.0
+_SQL_CHUNK = 500
+_EVICTION_CHUNK = 256
+_INSERT = (
+    "INSERT INTO outbox (msg_id, cls, body, size, enqueued_wall, enqueued_clock, expires_clock, state) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')"
+)
+Row = tuple[int, str, int, str]  # id, cls, size, state
+
+
+class OutboxRecord(BaseModel):
+    """A claimed row, as the uplink publishes it."""
+
+    id: int
+    msg_id: str
+    cls: MessageClass
+    body: bytes
+    enqueued_wall: float
+    age_s: float
+    remaining_ttl_s: float | None
+    attempts: int
+
+
+class OutboxEntry(BaseModel):
+    """A row as ``peek`` shows it to an operator."""
+
+    id: int
+    msg_id: str
+    cls: MessageClass
+    state: str
+    size: int
+    attempts: int
+    failures: int
+    last_reason: int | None
+    age_s: float
+    expires_in_s: float | None
+    enqueued_at: datetime
+    preview: str
+
+
+class ClassStats(BaseModel):
+    queued: int = 0
+    claimed: int = 0
+    dead: int = 0
+    bytes: int = 0
+    oldest_age_s: float | None = None
+
+
+class CorruptionEvent(BaseModel):
+    at: datetime
+    moved_to: str
+    rows_salvaged: int
+    cause: str
+
+
+class OutboxStats(BaseModel):
+    path: str
+    schema_version: int
+    messages: int
+    bytes: int
+    max_messages: int
+    max_bytes: int
+    classes: dict[MessageClass, ClassStats]
+    oldest_age_s: float | None
+    dead: int
+    drops: dict[str, dict[str, int]] = Field(description="reason -> class -> messages dropped, ever")
+    dead_lettered: dict[str, int] = Field(description="class -> refusals by the cloud, ever")
+    delivered: int
+    last_delivery_at: datetime | None
+    corruption_events: int
+    last_corruption: CorruptionEvent | None
+    transactions: int = Field(description="write transactions (fsyncs) committed since this process opened it")
+    write_errors: int = Field(description="write transactions failed since this process opened the outbox")
+
+
+class Ledger:
+    """Operations on one open outbox file, plus the totals the bounds are enforced against."""
+
+    def __init__(
+        self,
+        db: peewee.SqliteDatabase,
+        settings: OutboxSettings,
+        clock: store.OutboxClock,
+        *,
+        path: Path,
+        schema_version: int,
+        read_only: bool,
+    ) -> None:
+        self.db = db
+        self.tables = store.bind_tables(db)
+        self.settings = settings
+        self.clock = clock
+        self.path = path
+        self.schema_version = schema_version
+        self.read_only = read_only
+        self.count = self.bytes = 0
+        self.in_flight = self.in_flight_bytes = 0
+        self.queued: Counter[str] = Counter()
+        self.next_retry: float | None = None
+        self.queued_grew = False
+        self._pending: Counter[str] = Counter()
+        self._dirty = False
+        self._last_heartbeat = float("-inf")
+        self._last_drop_log = float("-inf")
+
+    # -- transaction frame --------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._pending.clear()
+        self._dirty = self.queued_grew = False
+
+    def finish(self, *, force_heartbeat: bool) -> set[int]:
+        """Enforce the bounds and persist counters; returns the ids evicted in this transaction."""
+        evicted = self._enforce_bounds() if self._over_bounds() else set()
+        tables = self.tables
+        for name, delta in self._pending.items():
+            tables.counter.insert(name=name, value=delta).on_conflict(
+                conflict_target=[tables.counter.name], update={tables.counter.value: tables.counter.value + delta}
+            ).execute()
+        now = self.clock.now()
+        if force_heartbeat or (self._dirty and now - self._last_heartbeat >= _HEARTBEAT_S):
+            store.write_meta(tables, boot_clock=repr(now))
+            self._last_heartbeat = now
+        return evicted
+
+    def load_accounting(self) -> None:
+        """Recompute the running totals from the file (at open and after a failed transaction)."""
+        row = self.tables.row
+        self.count = self.bytes = self.in_flight = self.in_flight_bytes = 0
+        self.queued = Counter()
+        query = row.select(row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(row.size)).group_by(
+            row.cls, row.state
+        )
+        for cls, state, count, size in query.tuples():
+            self.count += count
+            self.bytes += size or 0
+            if state == store.QUEUED:
+                self.queued[cls] += count
+            elif state == store.CLAIMED:
+                self.in_flight += count
+                self.in_flight_bytes += size or 0
+        self.next_retry = self._earliest_retry()
+
+    def release_all_claims_at_open(self) -> None:
+        store.rebase_clock(self.tables, self.clock)
+        row = self.tables.row
+        row.update(state=store.QUEUED).where(row.state == store.CLAIMED).execute()
+
+    # -- operations ---------------------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        now = self.clock.now()
+        self._promote_due(now)
+        self._expire(now)
+
+    def enqueue(self, rows: list[tuple[str, bytes, float | None, str]]) -> list[int | None]:
+        now, wall = self.clock.now(), self.clock.wall()
+        ids: list[int | None] = []
+        for cls, body, ttl, msg_id in rows:
+            if len(body) > self.settings.max_bytes:
+                self._drop("too_large", cls, 1)
+                ids.append(None)
+                continue
+            expires = now + ttl if ttl else None
+            cursor = self.db.execute_sql(_INSERT, (msg_id, cls, body, len(body), wall, now, expires))
+            ids.append(cursor.lastrowid)
+            self.count += 1
+            self.bytes += len(body)
+            self.queued[cls] += 1
+        self._dirty = self.queued_grew = True
+        return ids
+
+    def claim(self, limit: int) -> list[OutboxRecord]:
+        now = self.clock.now()
+        self._promote_due(now)
+        if not any(self.queued.values()):
+            return []
+        self._expire(now)
+        row = self.tables.row
+        claimed: list[Any] = []
+        for cls in SEND_ORDER:
+            if len(claimed) >= limit:
+                break
+            if self.queued[cls] > 0:
+                query = row.select().where(row.state == store.QUEUED, row.cls == cls).order_by(row.id)
+                claimed += list(query.limit(limit - len(claimed)))
+        self._set_state([r.id for r in claimed], store.CLAIMED, attempts=row.attempts + 1)
+        self.queued.subtract(r.cls for r in claimed)
+        self.in_flight += len(claimed)
+        self.in_flight_bytes += sum(r.size for r in claimed)
+        return [
+            OutboxRecord(
+                id=r.id,
+                msg_id=r.msg_id,
+                cls=r.cls,
+                body=bytes(r.body),
+                enqueued_wall=r.enqueued_wall,
+                age_s=max(0.0, now - r.enqueued_clock),
+                remaining_ttl_s=None if r.expires_clock is None else r.expires_clock - now,
+                attempts=r.attempts + 1,
+            )
+            for r in claimed
+        ]
+
+    def delivered(self, ids: list[int]) -> int:
+        deleted = self._delete(self._by_ids(ids))
+        if deleted:
+            self._pending["delivered"] += len(deleted)
+            store.write_meta(self.tables, last_delivery_wall=repr(self.clock.wall()))
+        return len(deleted)
+
+    def failed(self, failures: list[tuple[int, int]]) -> None:
+        row, settings, now = self.tables.row, self.settings, self.clock.now()
+        for row_id, reason in failures:
+            current = row.get_or_none((row.id == row_id) & (row.state == store.CLAIMED))
+            if current is None:
+                continue
+            refusals = current.failures + 1
+            retry_at = None
+            if refusals < settings.dead_letter_max_attempts:
+                delay = min(settings.dead_letter_retry_s * 2 ** (refusals - 1), settings.dead_letter_retry_max_s)
+                retry_at = now + delay
+                self.next_retry = retry_at if self.next_retry is None else min(self.next_retry, retry_at)
+            self._set_state([row_id], store.DEAD, failures=refusals, last_reason=reason, retry_clock=retry_at)
+            self.in_flight -= 1
+            self.in_flight_bytes -= current.size
+            self._pending[f"dead_lettered:{current.cls}"] += 1
+            log.warning("outbox: cloud refused %s (%s) with reason 0x%02x", current.msg_id, current.cls, reason)
+
+    def release(self, ids: list[int] | None) -> int:
+        row = self.tables.row
+        claimed = row.state == store.CLAIMED
+        return self._requeue(self._select_rows(claimed) if ids is None else self._by_ids(ids, claimed))
+
+    def retry_dead(self, ids: list[int] | None) -> int:
+        row = self.tables.row
+        dead = row.state == store.DEAD
+        rows = self._select_rows(dead) if ids is None else self._by_ids(ids, dead)
+        return self._requeue(rows, failures=0, retry_clock=None)
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def stats(self, *, transactions: int, write_errors: int) -> OutboxStats:
+        tables, row = self.tables, self.tables.row
+        now = self.clock.now() - self._clock_shift()
+        classes = {cls: ClassStats() for cls in MESSAGE_CLASSES}
+        query = row.select(
+            row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(row.size), peewee.fn.MIN(row.enqueued_clock)
+        ).group_by(row.cls, row.state)
+        for cls, state, count, size, oldest in query.tuples():
+            entry = classes.setdefault(cls, ClassStats())
+            setattr(entry, state, count)
+            entry.bytes += size or 0
+            age = max(0.0, now - oldest)
+            entry.oldest_age_s = age if entry.oldest_age_s is None else max(entry.oldest_age_s, age)
+        counters = {c.name: c.value for c in tables.counter.select()}
+        meta = {m.key: m.value for m in tables.meta.select()}
+        drops: dict[str, dict[str, int]] = {}
+        for name, value in counters.items():
+            if name.startswith("drop:"):
+                _, reason, cls = name.split(":", 2)
+                drops.setdefault(reason, {})[cls] = value
+        ages = [c.oldest_age_s for c in classes.values() if c.oldest_age_s is not None]
+        last_delivery = meta.get("last_delivery_wall")
+        corruption = meta.get("last_corruption")
+        return OutboxStats(
+            path=str(self.path),
+            schema_version=self.schema_version,
+            messages=sum(c.queued + c.claimed + c.dead for c in classes.values()),
+            bytes=sum(c.bytes for c in classes.values()),
+            max_messages=self.settings.max_messages,
+            max_bytes=self.settings.max_bytes,
+            classes=classes,
+            oldest_age_s=max(ages) if ages else None,
+            dead=sum(c.dead for c in classes.values()),
+            drops=drops,
+            dead_lettered={n.split(":", 1)[1]: v for n, v in counters.items() if n.startswith("dead_lettered:")},
+            delivered=counters.get("delivered", 0),
+            last_delivery_at=datetime.fromtimestamp(float(last_delivery), UTC) if last_delivery else None,
+            corruption_events=counters.get("corruption_events", 0),
+            last_corruption=CorruptionEvent.model_validate_json(corruption) if corruption else None,
+            transactions=transactions,
+            write_errors=write_errors,
+        )
+
+    def peek(self, n: int, cls: str | None, state: str | None) -> list[OutboxEntry]:
+        row = self.tables.row
+        now = self.clock.now() - self._clock_shift()
+        query = row.select()
+        if cls is not None:
+            query = query.where(row.cls == cls)
+        if state is not None:
+            query = query.where(row.state == state)
+        return [
+            OutboxEntry(
+                id=r.id,
+                msg_id=r.msg_id,
+                cls=r.cls,
+                state=r.state,
+                size=r.size,
+                attempts=r.attempts,
+                failures=r.failures,
+                last_reason=r.last_reason,
+                age_s=max(0.0, now - r.enqueued_clock),
+                expires_in_s=None if r.expires_clock is None else r.expires_clock - now,
+                enqueued_at=datetime.fromtimestamp(r.enqueued_wall, UTC),
+                preview=bytes(r.body[:200]).decode("utf-8", "replace"),
+            )
+            for r in query.order_by(row.id).limit(max(0, n))
+        ]
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _clock_shift(self) -> float:
+        """0 for the writer (rebased at open); for a reader in a later boot, the shift the writer will apply."""
+        if not self.read_only:
+            return 0.0
+        meta = {m.key: m.value for m in self.tables.meta.select()}
+        if meta.get("boot_id") != self.clock.boot_id() and "boot_clock" in meta:
+            return self.clock.now() - float(meta["boot_clock"])
+        return 0.0
+
+    def _over_bounds(self) -> bool:
+        # Rows in flight do not count: they leave on their PUBACK, and must not push new messages out.
+        return (
+            self.count - self.in_flight > self.settings.max_messages
+            or self.bytes - self.in_flight_bytes > self.settings.max_bytes
+        )
+
+    def _drop(self, reason: str, cls: str, count: int) -> None:
+        if not count:
+            return
+        self._pending[f"drop:{reason}:{cls}"] += count
+        # Once a minute at most: a store that is full for days must not also fill the log.
+        now = time.monotonic()
+        if now - self._last_drop_log >= 60:
+            self._last_drop_log = now
+            log.warning("outbox dropping messages (%d %s: %s); totals are in `outbox status`", count, cls, reason)
+
+    def _enforce_bounds(self) -> set[int]:
+        evicted = self._expire(self.clock.now())
+        row = self.tables.row
+        for cls in EVICTION_ORDER:
+            while self._over_bounds():
+                candidates = sorted(
+                    self._select_rows(row.state == store.QUEUED, row.cls == cls, limit=_EVICTION_CHUNK)
+                    + self._select_rows(row.state == store.DEAD, row.cls == cls, limit=_EVICTION_CHUNK)
+                )[:_EVICTION_CHUNK]
+                count, size = self.count - self.in_flight, self.bytes - self.in_flight_bytes
+                victims = []
+                for candidate in candidates:
+                    if count <= self.settings.max_messages and size <= self.settings.max_bytes:
+                        break
+                    victims.append(candidate)
+                    count, size = count - 1, size - candidate[2]
+                if not victims:
+                    break
+                evicted |= self._delete(victims)
+                self._drop("capacity", cls, len(victims))
+        return evicted
+
+    def _expire(self, now: float) -> set[int]:
+        row = self.tables.row
+        expired = self._select_rows(row.expires_clock <= now, row.state != store.CLAIMED)
+        for cls, count in Counter(r[1] for r in expired).items():
+            self._drop("expired", cls, count)
+        return self._delete(expired)
+
+    def _promote_due(self, now: float) -> None:
+        if self.next_retry is None or now < self.next_retry:
+            return
+        row = self.tables.row
+        due = self._select_rows(row.state == store.DEAD, row.retry_clock <= now)
+        self._requeue(due)
+        self.next_retry = self._earliest_retry()
+
+    def _earliest_retry(self) -> float | None:
+        row = self.tables.row
+        return row.select(peewee.fn.MIN(row.retry_clock)).where(row.state == store.DEAD).scalar()
+
+    def _requeue(self, rows: list[Row], **extra: Any) -> int:
+        self._set_state([r[0] for r in rows], store.QUEUED, **extra)
+        self.queued.update(r[1] for r in rows)
+        for _, _, size, state in rows:
+            if state == store.CLAIMED:
+                self.in_flight -= 1
+                self.in_flight_bytes -= size
+        self.queued_grew = self.queued_grew or bool(rows)
+        return len(rows)
+
+    def _set_state(self, ids: Sequence[int], state: str, **extra: Any) -> None:
+        row = self.tables.row
+        for start in range(0, len(ids), _SQL_CHUNK):
+            row.update(state=state, **extra).where(row.id.in_(ids[start : start + _SQL_CHUNK])).execute()
+        self._dirty = self._dirty or bool(ids)
+
+    def _delete(self, rows: Sequence[Row]) -> set[int]:
+        ids = [r[0] for r in rows]
+        for start in range(0, len(ids), _SQL_CHUNK):
+            self.tables.row.delete().where(self.tables.row.id.in_(ids[start : start + _SQL_CHUNK])).execute()
+        for _, cls, size, state in rows:
+            self.count -= 1
+            self.bytes -= size
+            if state == store.QUEUED:
+                self.queued[cls] -= 1
+            elif state == store.CLAIMED:
+                self.in_flight -= 1
+                self.in_flight_bytes -= size
+        self._dirty = self._dirty or bool(rows)
+        return set(ids)
+
+    def _select_rows(self, *conditions: Any, limit: int | None = None) -> list[Row]:
+        row = self.tables.row
+        query = row.select(row.id, row.cls, row.size, row.state).where(*conditions).order_by(row.id)
+        return list((query.limit(limit) if limit else query).tuples())
+
+    def _by_ids(self, ids: Sequence[int], *conditions: Any) -> list[Row]:
+        found: list[Row] = []
+        for start in range(0, len(ids), _SQL_CHUNK):
+            found += self._select_rows(self.tables.row.id.in_(ids[start : start + _SQL_CHUNK]), *conditions)
+        return found
