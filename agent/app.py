@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,6 +35,7 @@ from agent.errors import (
     AgentError,
     InternalError,
     InvalidRequest,
+    ModelTooLarge,
     Overloaded,
     RequestError,
     ResponseTopicRefused,
@@ -42,10 +43,12 @@ from agent.errors import (
 )
 from agent.inference import RUNTIME
 from agent.model_manager import ModelManager
+from agent.fallback import CloudFallback
 from agent.outgoing import encode_record, encode_reply
-from agent.protocol import RequestId, error_reply, parse_request, result_reply
+from agent.protocol import InferParams, Request, RequestId, error_reply, parse_request, result_reply, validate_params
 from agent.service import RequestService, Timing
 from agent.signing import Signer, StrictSigner, create_signer
+from agent.upstream import Upstream
 from agent.transport import AckSequencer, configure_broker_access, connect_properties, new_client, publish_properties
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,8 @@ class Agent:
         self._counter_lock = threading.Lock()
         self._intake: queue.Queue[InboundRequest | None] = queue.Queue(maxsize=settings.limits.intake_queue)
         self._workers: list[threading.Thread] = []
+        self.upstream: Upstream | None = None
+        self.fallback: CloudFallback | None = None
         self._accepting = threading.Event()
         self._subscribed = threading.Event()
         self._stopped = threading.Event()
@@ -145,6 +150,7 @@ class Agent:
             worker = threading.Thread(target=self._work, name=f"inference-worker-{index}", daemon=True)
             worker.start()
             self._workers.append(worker)
+        self._start_upstream()
         self._accepting.set()
         local = self.settings.local
         self.client.connect_async(
@@ -179,6 +185,10 @@ class Agent:
             self._intake.put(None)
         for worker in self._workers:
             worker.join(timeout=5)
+        if self.fallback is not None:
+            self.fallback.stop()
+        if self.upstream is not None:
+            self.upstream.stop()
         if self.client.is_connected():
             offline = self._will_payload
             try:
@@ -192,6 +202,27 @@ class Agent:
         if self.signer is not None:
             self.signer.close()
         log.info("stopped; counters: %s", dict(self.counters))
+
+    def _start_upstream(self) -> None:
+        cloud = self.settings.cloud
+        if cloud is None:
+            log.warning("no [cloud] section: running local-only, nothing is recorded or sent upstream")
+            return
+        upstream = self.upstream = Upstream(self.settings, self.signer, self.count)
+        if cloud.fallback_models:
+            self.fallback = CloudFallback(
+                cloud.fallback_models,
+                enqueue=lambda body, ttl_s: upstream.enqueue("fallback", body, ttl_s=ttl_s),
+                relay=self._relay_cloud_answer,
+                count=self.count,
+            )
+            upstream.subscribe(topics.cloud_reply_topic(self.device_id), self.fallback.on_cloud_message)
+        upstream.start()
+        log.info("cloud link to %s:%d; outbox at %s", cloud.host, cloud.port, upstream.outbox.path)
+
+    def _relay_cloud_answer(self, inbound: InboundRequest, reply: dict[str, Any]) -> None:
+        # The request was acknowledged once it was durably forwarded; the relayed answer acknowledges nothing.
+        self._reply(replace(inbound, qos=0), reply)
 
     def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully."""
@@ -374,22 +405,43 @@ class Agent:
             self.count("expired")
             self._finish(inbound.mid, inbound.qos, inbound.generation)
             return
-        request_id: RequestId = None
+        request: Request | None = None
         try:
             request = parse_request(inbound.payload, max_depth=self.settings.limits.max_nesting_depth)
-            request_id = request.id
             self._check_response_topic(inbound)
-            result = self.service.handle(request, timing)
+            if self._forward_to_cloud(inbound, request, too_large=False):
+                return
+            reply = result_reply(request.id, self.service.handle(request, timing))
+        except ModelTooLarge as error:
+            if self._forward_to_cloud(inbound, request, too_large=True):
+                return
+            self.count(f"error_{error.name}")
+            reply = error_reply(request.id if request else None, error)
         except RequestError as error:
             self.count(f"error_{error.name}")
-            to_default = isinstance(error, ResponseTopicRefused)
-            self._reply(inbound, error_reply(request_id, error), to_default_topic=to_default)
-            return
+            reply = error_reply(request.id if request else None, error)
+            if isinstance(error, ResponseTopicRefused) or request is None:
+                self._reply(inbound, reply, to_default_topic=isinstance(error, ResponseTopicRefused))
+                return
         if request.is_notification:
             self._finish(inbound.mid, inbound.qos, inbound.generation)
             return
-        self.count("ok")
-        self._reply(inbound, result_reply(request_id, result))
+        if "result" in reply:
+            self.count("ok")
+        if self.upstream is not None:
+            self.upstream.record_response(inbound.client_id, request.method, reply)
+        self._reply(inbound, reply)
+
+    def _forward_to_cloud(self, inbound: InboundRequest, request: Request | None, *, too_large: bool) -> bool:
+        """Hand a request this device should not serve to the cloud; True once it is durably forwarded."""
+        if self.fallback is None or request is None:
+            return False
+        if not self.fallback.wants(request, set(self.models.servable_ids), too_large=too_large):
+            return False
+        params = validate_params(InferParams, request.params)
+        self.fallback.forward(inbound.client_id, request, params, inbound)
+        self._finish(inbound.mid, inbound.qos, inbound.generation)
+        return True
 
     def _check_response_topic(self, inbound: InboundRequest) -> None:
         limits = self.settings.limits

@@ -12,21 +12,20 @@ from typing import Any
 
 from agent.config import LocalBroker, Settings, describe_effective_config, load_settings, load_settings_with_sources
 from agent.errors import AgentError, ConfigError, SignatureInvalid
+from agent.logs import LogFormat, configure_logging
 
 log = logging.getLogger("agent")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _setup_logging(level: str, log_format: LogFormat = "text") -> None:
+    configure_logging(level, log_format, sys.stderr)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.app import Agent
 
     settings = load_settings(args.config)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     agent = Agent(settings)
     agent.start()
     agent.run_until_signalled()
@@ -173,6 +172,23 @@ def _cmd_mcp_stdio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    from agent.outbox import Outbox
+    from agent.upstream import OUTBOX_FILE
+
+    settings = load_settings(args.config)
+    path = settings.data_dir / OUTBOX_FILE
+    if not path.exists():
+        raise AgentError(f"no outbox at {path} (local-only, or the agent never ran with this data_dir)")
+    with Outbox(path, settings.outbox, read_only=True) as outbox:
+        if args.action == "status":
+            print(json.dumps(outbox.stats().model_dump(mode="json"), indent=2))
+        else:
+            for entry in outbox.peek(args.limit, cls=args.cls, state=args.state):
+                print(json.dumps(entry.model_dump(mode="json")))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -219,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--port", type=int)
     call.add_argument("--timeout", type=float, default=30.0)
     call.set_defaults(handler=_cmd_call)
+
+    outbox = commands.add_parser("outbox", help="inspect the durable outbox (safe while the agent runs)")
+    outbox.add_argument("action", choices=["status", "peek"], help="status: depth, bytes, ages, drops; peek: rows")
+    outbox.add_argument("--config", type=Path)
+    outbox.add_argument("--limit", type=int, default=20, help="peek: how many rows")
+    outbox.add_argument("--cls", choices=["res", "telemetry", "audit", "fallback"], help="peek: one class only")
+    outbox.add_argument("--state", choices=["queued", "claimed", "dead"], help="peek: one state only")
+    outbox.set_defaults(handler=_cmd_outbox)
 
     demo = commands.add_parser("demo", help="start a private broker and an agent, send example requests")
     demo.set_defaults(handler=_cmd_demo)

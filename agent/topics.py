@@ -6,6 +6,7 @@ REQUEST_PREFIX = "mcp/req"
 REPLY_PREFIX = "mcp/res"
 STATUS_PREFIX = "mcp/status"
 UPSTREAM_PREFIX = "mcp/up"
+CLOUD_PREFIX = "mcp/cloud"
 IDENTITY_PREFIX = "mcp/identity"
 _FORBIDDEN_IN_SEGMENT = ("+", "#", "\x00", "/")
 
@@ -28,7 +29,18 @@ def status_topic(device_id: str) -> str:
 
 
 def upstream_topic(device_id: str, record_class: str) -> str:
+    """Where the uplink publishes an outbox record of a class; cloud-fallback requests have their own topic."""
+    if record_class == "fallback":
+        return cloud_request_topic(device_id)
     return f"{UPSTREAM_PREFIX}/{device_id}/{record_class}"
+
+
+def cloud_request_topic(device_id: str) -> str:
+    return f"{CLOUD_PREFIX}/req/{device_id}"
+
+
+def cloud_reply_topic(device_id: str) -> str:
+    return f"{CLOUD_PREFIX}/res/{device_id}"
 
 
 def identity_topic(device_id: str) -> str:

@@ -1,0 +1,91 @@
+"""Everything the device owes the cloud: the outbox, the uplink that drains it, and the records put in it.
+
+A response's upstream copy is committed durably before the reply is published to the client, so whatever a
+client was answered, the cloud will get. With no ``[cloud]`` section the agent runs local-only: nothing is
+recorded, and it says so at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from uuid6 import uuid7
+
+from agent.config import MessageClass, Settings
+from agent.errors import OutboxError, SigningError
+from agent.outbox import Outbox
+from agent.outgoing import encode_record
+from agent.signing import Signer
+from agent.uplink import CloudMessage, Uplink
+
+log = logging.getLogger(__name__)
+OUTBOX_FILE = "outbox.db"
+_RECORDED_METHODS = frozenset({"infer", "tools/call"})
+
+
+class Upstream:
+    """The outbox and its uplink, and the one place that turns upstream records into signed outbox rows."""
+
+    def __init__(self, settings: Settings, signer: Signer | None, count: Callable[[str], None]) -> None:
+        assert settings.cloud is not None
+        self.device_id = settings.device_id
+        self.signer = signer
+        self._count = count
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(settings.data_dir / OUTBOX_FILE, settings.outbox)
+        self.uplink = Uplink(self.outbox, settings.cloud, self.device_id, client_id=f"edge-agent-{self.device_id}")
+        self._failure_logged_at = 0.0
+        self._failure_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.uplink.start()
+
+    def stop(self) -> None:
+        self.uplink.stop()
+        self.outbox.close()
+
+    def subscribe(self, topic_filter: str, handler: Callable[[CloudMessage], None]) -> None:
+        self.uplink.subscribe(topic_filter, handler)
+
+    def enqueue(self, cls: MessageClass, record: dict[str, Any], *, ttl_s: float | None = None) -> str | None:
+        """Sign and durably store one record; returns its msg-id, or None if it could not be stored.
+
+        A failure (disk full, outbox over its bounds with nothing older to drop, signer down) is counted and
+        logged — at most once a minute — and never stops the agent from answering local requests.
+        """
+        msg_id = str(uuid7())
+        body = {"msg_id": msg_id, "device_id": self.device_id, "class": cls, **record}
+        try:
+            self.outbox.enqueue(cls, encode_record(body, self.signer), ttl_s=ttl_s, msg_id=msg_id)
+        except (OutboxError, SigningError) as exc:
+            self._count(f"outbox_write_failed_{cls}")
+            self._log_failure(exc)
+            return None
+        return msg_id
+
+    def record_response(self, client_id: str, method: str, reply: dict[str, Any]) -> None:
+        """The upstream copy of an inference reply (result or error), stored before the client sees it."""
+        if method not in _RECORDED_METHODS:
+            return
+        result = reply.get("result")
+        record = {
+            "client_id": client_id,
+            "request_id": reply.get("id"),
+            "method": method,
+            "model": result.get("model") if isinstance(result, dict) else None,
+            "timing_ms": result.get("timing_ms") if isinstance(result, dict) else None,
+            "reply": reply,
+        }
+        self.enqueue("res", record)
+
+    def _log_failure(self, exc: Exception) -> None:
+        now = time.monotonic()
+        with self._failure_lock:
+            if now - self._failure_logged_at < 60:
+                return
+            self._failure_logged_at = now
+        log.error("cannot store upstream records (still answering local requests): %s", exc)
