@@ -78,6 +78,15 @@ class CloudBroker(Section):
     reconnect_max_s: float = Field(120.0, gt=0)
     fallback_models: list[str] = Field(default_factory=list)
     inflight_window: int = Field(32, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
+    batch: bool = Field(False, description="many records per cloud message, for metered links (docs/cloud.md)")
+    batch_max_records: int = Field(100, ge=1, le=10_000, description="records in one batch message")
+    batch_max_bytes: int = Field(
+        65_536, ge=1024, le=16 * 1024 * 1024, description="JSON bytes of one batch before compression"
+    )
+    batch_linger_ms: float = Field(
+        1000.0, ge=0, le=600_000, description="longest a record waits on the device for its batch to fill"
+    )
+    compression: Literal["zlib", "none"] = Field("zlib", description="of batch messages; single ones are plain")
 
     @model_validator(mode="after")
     def _tls_required_off_loopback(self) -> "CloudBroker":
@@ -97,6 +106,10 @@ class Limits(Section):
     max_payload_bytes: int = Field(1_048_576, ge=256)
     max_nesting_depth: int = Field(32, ge=2, le=512)
     max_input_elements: int = Field(1_000_000, ge=1)
+    max_json_values: int = Field(
+        2_004_096, ge=16, description="JSON values a request may hold, counted before parsing; "
+        "unset: twice max_input_elements plus 4096 (an input at its limit beside others, and the envelope)"
+    )
     intake_queue: int = Field(64, ge=1)
     workers: int = Field(2, ge=1, le=64)
     num_threads: int = Field(1, ge=1, le=64)
@@ -123,6 +136,8 @@ class Limits(Section):
             self.process_soft_limit_mb = self.process_memory_mb * 7 // 8
         if "model_memory_mb" not in self.model_fields_set:
             self.model_memory_mb = self.process_memory_mb // 2
+        if "max_json_values" not in self.model_fields_set:
+            self.max_json_values = self.max_input_elements * 2 + 4096
         # Each bound must leave room under the next one, or the agent would shed load (or be over its
         # ceiling) just by holding its models, and extra concurrency beyond the workers could never be used.
         if self.process_soft_limit_mb >= self.process_memory_mb:
@@ -150,6 +165,24 @@ class RateLimit(Section):
     requests_per_s: float = Field(20.0, gt=0, description="sustained rate allowed to one client")
     burst: int = Field(40, ge=1, description="requests one client may send at once after being idle")
     global_requests_per_s: float = Field(100.0, gt=0, description="sustained rate across all clients")
+    max_clients: int = Field(4096, ge=1, description="clients tracked at once; the longest idle is forgotten")
+
+
+class Replay(Section):
+    """Answers kept so that a repeated request (same client, id and payload) is answered without re-running."""
+
+    enabled: bool = True
+    window_s: float = Field(300.0, gt=0, description="how long an answer is kept for repeats")
+    max_bytes: int = Field(4 * 1024 * 1024, ge=0, description="reply bytes kept; the least recently used go first")
+
+
+class MetricsSettings(Section):
+    """What the agent reports about itself: the Prometheus endpoint and the health in its retained status."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535, description="0: any free port")
+    health_interval_s: float = Field(60.0, gt=0, description="how often the retained status is refreshed")
 
 
 MessageClass = Literal["res", "telemetry", "audit", "fallback"]
@@ -198,10 +231,18 @@ class Settings(BaseSettings):
     profile: str = "default"
     data_dir: Path = Path("var/edge-agent")
     models_dir: Path = REPO_MODELS_DIR
+    models_poll_s: float = Field(
+        2.0, ge=0, description="how often models_dir is checked for new model versions (hot updates); 0: never"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="auto: JSON lines unless stderr is a terminal (journald, containers, files)"
+    )
     local: LocalBroker = Field(default_factory=LocalBroker)
     limits: Limits = Field(default_factory=Limits)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
+    replay: Replay = Field(default_factory=Replay)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     cloud: CloudBroker | None = None
     signing: Signing = Field(default_factory=Signing)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)

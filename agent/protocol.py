@@ -64,6 +64,17 @@ def nesting_depth(payload: bytes) -> int:
     return int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max())
 
 
+def estimated_elements(payload: bytes) -> int:
+    """An upper bound on the JSON values (scalars and containers) in a text, counted without parsing it.
+
+    Every value but the outermost either follows a comma or is the first member of a container, so commas
+    plus opening brackets plus one bound them (exactly, for valid JSON without empty containers); strings
+    are skipped so that their commas and brackets do not count.
+    """
+    outside_strings = _STRING_LITERAL.sub(b"", payload)
+    return outside_strings.count(b",") + outside_strings.count(b"[") + outside_strings.count(b"{") + 1
+
+
 def _refuse_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
