@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import re
 import signal
@@ -30,6 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from sdnotify import SystemdNotifier
 
 from agent import __version__, topics
+from agent.audit import AuditEvent, AuditTrail
 from agent.config import Settings
 from agent.errors import (
     AgentError,
@@ -37,16 +39,21 @@ from agent.errors import (
     InvalidRequest,
     ModelTooLarge,
     Overloaded,
+    RateLimited,
     RequestError,
     ResponseTopicRefused,
     SigningError,
 )
+from agent.health import Probes, collect_health
 from agent.inference import RUNTIME
+from agent.metrics import AgentMetrics, MetricsServer, Rejection
 from agent.model_manager import ModelManager
 from agent.fallback import CloudFallback
 from agent.outgoing import encode_record, encode_reply
 from agent.protocol import InferParams, Request, RequestId, error_reply, parse_request, result_reply, validate_params
 from agent.service import RequestService, Timing
+from agent.ratelimit import RateLimiter, RateLimitRefusal
+from agent.replay import ReplayCache, payload_digest
 from agent.signing import Signer, StrictSigner, create_signer
 from agent.upstream import Upstream
 from agent.transport import AckSequencer, configure_broker_access, connect_properties, new_client, publish_properties
@@ -95,6 +102,13 @@ class Agent:
         self._workers: list[threading.Thread] = []
         self.upstream: Upstream | None = None
         self.fallback: CloudFallback | None = None
+        self.rate_limiter = RateLimiter(settings.rate_limit)
+        self.replies = ReplayCache(settings.replay)
+        self.audit = AuditTrail(self.device_id, self._send_audit_upstream)
+        self.probes: Probes | None = None
+        self.metrics: AgentMetrics | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._started_clock = time.monotonic()
         self._accepting = threading.Event()
         self._subscribed = threading.Event()
         self._stopped = threading.Event()
@@ -151,6 +165,7 @@ class Agent:
             worker.start()
             self._workers.append(worker)
         self._start_upstream()
+        self._start_observability()
         self._accepting.set()
         local = self.settings.local
         self.client.connect_async(
@@ -187,8 +202,11 @@ class Agent:
             worker.join(timeout=5)
         if self.fallback is not None:
             self.fallback.stop()
+        self.audit.close()  # its queued events reach the outbox before it closes
         if self.upstream is not None:
             self.upstream.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         if self.client.is_connected():
             offline = self._will_payload
             try:
@@ -220,6 +238,56 @@ class Agent:
         upstream.start()
         log.info("cloud link to %s:%d; outbox at %s", cloud.host, cloud.port, upstream.outbox.path)
 
+    def _start_observability(self) -> None:
+        """Health readings, the metrics registry and its HTTP server; then re-sign the status with health."""
+        upstream = self.upstream
+        self.probes = Probes(
+            started=self._started_clock,
+            intake_depth=self._intake.qsize,
+            outbox_stats=upstream.outbox.stats if upstream is not None else None,
+            cloud_state=(lambda: upstream.uplink.state) if upstream is not None else None,
+        )
+        self.metrics = AgentMetrics(
+            self.probes,
+            methods=self.service.methods,
+            models=lambda: self.models.servable_ids,
+            signing_backend=self.settings.signing.backend,
+            signing_mode=self.signer.mode if self.signer is not None else "none",
+            version=__version__,
+            runtime=RUNTIME,
+            profile=self.settings.profile,
+        )
+        self._status_payload = encode_record(self.status_document(), self.signer)
+        config = self.settings.metrics
+        if config.enabled:
+            server = MetricsServer(self.metrics.registry, config.host, config.port)
+            try:
+                server.start()
+            except AgentError as exc:
+                # Metrics are for watching the agent; failing to serve them must not stop it serving requests.
+                log.error("%s; running without /metrics", exc)
+            else:
+                self._metrics_server = server
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on, None when it is not served."""
+        return self._metrics_server.port if self._metrics_server is not None else None
+
+    def _send_audit_upstream(self, event: AuditEvent) -> None:
+        if self.upstream is not None:
+            self.upstream.enqueue("audit", event.model_dump(mode="json", exclude={"device_id"}))
+
+    def refresh_status(self) -> None:
+        """Re-sign the retained status with fresh health figures and publish it."""
+        try:
+            self._status_payload = encode_record(self.status_document(), self.signer)
+        except SigningError as exc:
+            log.error("could not sign the status, keeping the previous one: %s", exc)
+            return
+        if self.client.is_connected():
+            self._publish_tracked(topics.status_topic(self.device_id), self._status_payload, None, retain=True)
+
     def _relay_cloud_answer(self, inbound: InboundRequest, reply: dict[str, Any]) -> None:
         # The request was acknowledged once it was durably forwarded; the relayed answer acknowledges nothing.
         self._reply(replace(inbound, qos=0), reply)
@@ -236,11 +304,15 @@ class Agent:
         signal.signal(signal.SIGINT, request_stop)
         systemd = SystemdNotifier()
         systemd.notify(f"READY=1\nSTATUS=serving {len(self.models.servable_ids)} models")
+        health_due = time.monotonic() + self.settings.metrics.health_interval_s
         while not stop_requested.wait(1.0):
             # The watchdog is fed only while every thread that serves requests is alive, so systemd
             # restarts an agent whose network loop or workers died instead of leaving it deaf.
             if self.threads_alive():
                 systemd.notify("WATCHDOG=1")
+            if time.monotonic() >= health_due:
+                health_due = time.monotonic() + self.settings.metrics.health_interval_s
+                self.refresh_status()
         systemd.notify("STOPPING=1")
         self.stop()
 
@@ -250,7 +322,7 @@ class Agent:
         return network is not None and network.is_alive() and all(worker.is_alive() for worker in self._workers)
 
     def status_document(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "status": "online",
             "device_id": self.device_id,
             "version": __version__,
@@ -259,6 +331,9 @@ class Agent:
             "models": self.models.servable_ids,
             "started_at": round(self.started_at, 3),
         }
+        if self.probes is not None:
+            document["health"] = collect_health(self.probes).model_dump(mode="json")
+        return document
 
     # ---- signing ------------------------------------------------------------------------------
 
@@ -270,7 +345,7 @@ class Agent:
                 signing,
                 self.device_id,
                 self.settings.data_dir,
-                on_rotate=self._on_certificate_rotated if by_reference else None,
+                on_rotate=self._on_certificate_rotated if by_reference else self._audit_rotation,
             )
         except SigningError as exc:
             raise SigningError(f"signing backend {signing.backend!r} is unusable, not starting: {exc}") from None
@@ -290,12 +365,20 @@ class Agent:
         Runs on whichever thread rotated: the one creating the signer, the rotation thread, or a worker
         whose message outlived the certificate. Until start() has signed the first status, only remember it.
         """
+        self._audit_rotation(certificate)
         self._certificate_pem = certificate.public_bytes(Encoding.PEM)
         if self._status_payload is None or self._stopped.is_set():
             return
         self._status_payload = encode_record(self.status_document(), self.signer)
         if self.client.is_connected():
             self._publish_identity_and_status()
+
+    def _audit_rotation(self, certificate: x509.Certificate) -> None:
+        self.audit.record(
+            "signing_key_rotated",
+            serial=format(certificate.serial_number, "x"),
+            not_after=certificate.not_valid_after_utc.isoformat(),
+        )
 
     def _publish_identity_and_status(self) -> None:
         # The certificate first, so that a verifier that sees the new status can already find it.
@@ -365,6 +448,7 @@ class Agent:
         )
         if len(message.payload) > self.settings.limits.max_payload_bytes:
             self.count("oversized")
+            self._count_rejection("oversized")
             error = InvalidRequest(
                 f"payload of {len(message.payload)} bytes exceeds the limit of {self.settings.limits.max_payload_bytes}"
             )
@@ -373,12 +457,33 @@ class Agent:
         if not self._accepting.is_set():
             # Not acknowledged: the broker keeps it in our session and redelivers it after a restart.
             return
+        refusal = self.rate_limiter.check(client_id)
+        if refusal is not None:
+            self._refuse_rate_limited(inbound, refusal)
+            return
         try:
             self._intake.put_nowait(inbound)
         except queue.Full:
             self.count("overloaded")
+            self._count_rejection("overloaded")
             error = Overloaded(f"intake queue full ({self._intake.maxsize} waiting); retry later")
             self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
+
+    def _refuse_rate_limited(self, inbound: InboundRequest, refusal: RateLimitRefusal) -> None:
+        """Answer a request over its client's or the global rate at once, without queueing it."""
+        retry_after_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
+        self.count(f"rate_limited_{refusal.scope}")
+        self._count_rejection("rate_limited_client" if refusal.scope == "client" else "rate_limited_global")
+        self.audit.record("rate_limited", client_id=inbound.client_id, scope=refusal.scope, retry_after_ms=retry_after_ms)
+        error = RateLimited(
+            f"rate limit exceeded ({refusal.scope}); retry after {retry_after_ms} ms",
+            data={"retry_after_ms": retry_after_ms, "scope": refusal.scope},
+        )
+        self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
+
+    def _count_rejection(self, reason: Rejection) -> None:
+        if self.metrics is not None:
+            self.metrics.count_rejection(reason)
 
     # ---- workers ------------------------------------------------------------------------------
 
@@ -401,36 +506,77 @@ class Agent:
 
     def _serve(self, inbound: InboundRequest) -> None:
         timing = Timing(received=inbound.received, started=time.monotonic())
-        if inbound.expires is not None and timing.started > inbound.expires:
-            self.count("expired")
-            self._finish(inbound.mid, inbound.qos, inbound.generation)
-            return
         request: Request | None = None
+        outcome = "internal_error"  # what an unexpected exception leaves it at
         try:
-            request = parse_request(inbound.payload, max_depth=self.settings.limits.max_nesting_depth)
-            self._check_response_topic(inbound)
-            if self._forward_to_cloud(inbound, request, too_large=False):
+            if inbound.expires is not None and timing.started > inbound.expires:
+                outcome = "expired"
+                self.count("expired")
+                self._finish(inbound.mid, inbound.qos, inbound.generation)
                 return
-            reply = result_reply(request.id, self.service.handle(request, timing))
-        except ModelTooLarge as error:
-            if self._forward_to_cloud(inbound, request, too_large=True):
+            limits = self.settings.limits
+            digest = payload_digest(inbound.payload) if self.replies.enabled else b""
+            try:
+                request = parse_request(
+                    inbound.payload, max_depth=limits.max_nesting_depth, max_values=limits.max_json_values
+                )
+                self._check_response_topic(inbound)
+                cached = self.replies.lookup(inbound.client_id, request.id, digest)
+                if cached is not None:
+                    # The same signed bytes: they are bound to this very request, so they answer the repeat.
+                    outcome = "replayed"
+                    self.count("replayed")
+                    self._send(inbound, cached)
+                    return
+                if self._forward_to_cloud(inbound, request, too_large=False):
+                    outcome = "forwarded"
+                    return
+                reply = result_reply(request.id, self.service.handle(request, timing))
+                outcome = "ok"
+            except ModelTooLarge as error:
+                if self._forward_to_cloud(inbound, request, too_large=True):
+                    outcome = "forwarded"
+                    return
+                outcome = error.name
+                self.count(f"error_{error.name}")
+                reply = error_reply(request.id if request else None, error)
+            except RequestError as error:
+                outcome = error.name
+                self.count(f"error_{error.name}")
+                reply = error_reply(request.id if request else None, error)
+                refused_topic = isinstance(error, ResponseTopicRefused)
+                if refused_topic:
+                    self.audit.record(
+                        "response_topic_refused", client_id=inbound.client_id, topic=inbound.response_topic,
+                        reason=error.message,
+                    )  # fmt: skip
+                if refused_topic or request is None:
+                    self._reply(inbound, reply, to_default_topic=refused_topic)
+                    return
+            if request.is_notification:
+                self._finish(inbound.mid, inbound.qos, inbound.generation)
                 return
-            self.count(f"error_{error.name}")
-            reply = error_reply(request.id if request else None, error)
-        except RequestError as error:
-            self.count(f"error_{error.name}")
-            reply = error_reply(request.id if request else None, error)
-            if isinstance(error, ResponseTopicRefused) or request is None:
-                self._reply(inbound, reply, to_default_topic=isinstance(error, ResponseTopicRefused))
-                return
-        if request.is_notification:
-            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            if outcome == "ok":
+                self.count("ok")
+            if self.upstream is not None:
+                self.upstream.record_response(inbound.client_id, request.method, reply)
+            published = self._reply(inbound, reply)
+            if published is not None and outcome == "ok":
+                self.replies.store(inbound.client_id, request.id, digest, published)
+        finally:
+            self._observe(inbound, request, outcome, timing)
+
+    def _observe(self, inbound: InboundRequest, request: Request | None, outcome: str, timing: Timing) -> None:
+        if self.metrics is None:
             return
-        if "result" in reply:
-            self.count("ok")
-        if self.upstream is not None:
-            self.upstream.record_response(inbound.client_id, request.method, reply)
-        self._reply(inbound, reply)
+        self.metrics.observe_request(
+            method=request.method if request is not None else None,
+            model=_model_of(request),
+            outcome=outcome,
+            queue_s=timing.started - inbound.received,
+            inference_s=timing.inference_ms / 1000 if timing.inference_ms else None,
+            total_s=time.monotonic() - inbound.received,
+        )
 
     def _forward_to_cloud(self, inbound: InboundRequest, request: Request | None, *, too_large: bool) -> bool:
         """Hand a request this device should not serve to the cloud; True once it is durably forwarded."""
@@ -461,11 +607,8 @@ class Agent:
 
     # ---- replies and acknowledgements -----------------------------------------------------------
 
-    def _reply(self, inbound: InboundRequest, reply: dict[str, Any], *, to_default_topic: bool = False) -> None:
-        use_response_topic = inbound.response_topic is not None and not to_default_topic
-        topic = inbound.response_topic if use_response_topic else topics.reply_topic(self.device_id, inbound.client_id)
-        props = publish_properties(correlation_data=inbound.correlation_data if use_response_topic else None)
-        pending = _PendingReply(inbound.mid, inbound.qos, inbound.generation) if inbound.qos > 0 else None
+    def _reply(self, inbound: InboundRequest, reply: dict[str, Any], *, to_default_topic: bool = False) -> bytes | None:
+        """Sign and publish a reply; returns the bytes published, None if it could not be."""
         try:
             payload = encode_reply(reply, self.signer, client_id=inbound.client_id, request_payload=inbound.payload)
         except SigningError as exc:
@@ -473,9 +616,19 @@ class Agent:
             log.error("could not sign the reply to %s, not answering: %s", inbound.client_id, exc)
             self.count("signing_failed")
             self._finish(inbound.mid, inbound.qos, inbound.generation)
-            return
+            return None
+        return payload if self._send(inbound, payload, to_default_topic=to_default_topic) else None
+
+    def _send(self, inbound: InboundRequest, payload: bytes, *, to_default_topic: bool = False) -> bool:
+        """Publish an encoded reply where ``inbound`` asked for it; acknowledges the request on PUBACK."""
+        use_response_topic = inbound.response_topic is not None and not to_default_topic
+        topic = inbound.response_topic if use_response_topic else topics.reply_topic(self.device_id, inbound.client_id)
+        props = publish_properties(correlation_data=inbound.correlation_data if use_response_topic else None)
+        pending = _PendingReply(inbound.mid, inbound.qos, inbound.generation) if inbound.qos > 0 else None
         if not self._publish_tracked(topic, payload, pending, properties=props):
             self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return False
+        return True
 
     def _publish_tracked(
         self, topic: str, payload: bytes | str, pending: _PendingReply | None, *, retain: bool = False, properties: Any = None
@@ -502,6 +655,14 @@ class Agent:
     def _finish(self, mid: int, qos: int, generation: int) -> None:
         if qos > 0:
             self._acks.done(mid, generation)
+
+
+def _model_of(request: Request | None) -> str | None:
+    """The model a request names (``infer``: ``model``, ``tools/call``: ``name``), for metrics labels."""
+    if request is None or not isinstance(request.params, dict):
+        return None
+    model = request.params.get("name" if request.method == "tools/call" else "model")
+    return model if isinstance(model, str) else None
 
 
 def _probe_request_id(payload: bytes) -> RequestId:

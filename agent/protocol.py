@@ -79,7 +79,7 @@ def _refuse_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
-def parse_request(payload: bytes, *, max_depth: int) -> Request:
+def parse_request(payload: bytes, *, max_depth: int, max_values: int | None = None) -> Request:
     """Parse one request; raise ParseError (-32700) or InvalidRequest (-32600) with a one-line reason."""
     try:
         text = payload.decode("utf-8")
@@ -88,6 +88,10 @@ def parse_request(payload: bytes, *, max_depth: int) -> Request:
     depth = nesting_depth(payload)
     if depth > max_depth:
         raise InvalidRequest(f"JSON nesting depth {depth} exceeds the limit of {max_depth}")
+    if max_values is not None:
+        values = estimated_elements(payload)
+        if values > max_values:
+            raise InvalidRequest(f"request holds {values} JSON values, more than the limit of {max_values}")
     try:
         document = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:

@@ -217,10 +217,10 @@ def test_expired_request_is_dropped_unrun(start_agent, client_factory) -> None:
     for future in blockers:
         future.result(120)
     assert client.call("ping")["result"] == {}
-    assert not any(reply.get("id") == "stale" and "result" in reply for reply in client.unmatched)
     if agent.counters["expired"] == 0:
         pytest.skip("this machine served 400 inferences within the 1 s expiry; nothing expired")
     assert agent.counters["expired"] == 1
+    assert not any(reply.get("id") == "stale" for reply in client.unmatched)
 
 
 def test_flood_beyond_intake_gets_overloaded_replies_and_agent_stays_responsive(start_agent, client_factory) -> None:

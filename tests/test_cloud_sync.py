@@ -195,6 +195,7 @@ def test_agent_killed_at_random_moments_still_delivers_every_answered_response(
             "cloud": _cloud(cloud_broker),
             "signing": {"backend": "none"},
             "limits": {"intake_queue": 1000},
+            "rate_limit": {"enabled": False},
         },
     )
     client = client_factory("alice", session_expiry=600)

@@ -1,0 +1,115 @@
+"""The agent's health as the retained status carries it, and the live readings it and ``/metrics`` share.
+
+Readings are taken only when asked for (the status refresh, a scrape), from callables the app provides,
+so nothing here runs on the request path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from agent.errors import OutboxError
+from agent.memory import peak_rss_bytes, rss_bytes
+
+log = logging.getLogger(__name__)
+
+_PROC_SELF = Path("/proc/self")
+
+
+class OutboxFigures(Protocol):
+    """What health and metrics read from :meth:`agent.outbox.Outbox.stats` (an ``OutboxStats``)."""
+
+    @property
+    def messages(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def oldest_age_s(self) -> float | None: ...
+    @property
+    def dead(self) -> int: ...
+    @property
+    def delivered(self) -> int: ...
+    @property
+    def drops(self) -> Mapping[str, Mapping[str, int]]: ...
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Where live readings come from; each callable is cheap or runs off the request path.
+
+    ``outbox_stats`` and ``cloud_state`` are None when the agent runs without a cloud link.
+    """
+
+    started: float
+    intake_depth: Callable[[], int]
+    outbox_stats: Callable[[], OutboxFigures] | None = None
+    cloud_state: Callable[[], str] | None = None
+    clock: Callable[[], float] = time.monotonic
+
+    def read_outbox(self) -> OutboxFigures | None:
+        """The outbox's figures, or None without an outbox or when it cannot answer (closed, failing)."""
+        if self.outbox_stats is None:
+            return None
+        try:
+            return self.outbox_stats()
+        except OutboxError as exc:
+            log.warning("outbox figures unavailable: %s", exc)
+            return None
+
+
+class ProcessMemory(BaseModel):
+    """Resident memory now and at its peak (VmHWM)."""
+
+    rss_bytes: int
+    peak_rss_bytes: int
+
+
+class OutboxHealth(BaseModel):
+    messages: int
+    bytes: int
+    oldest_age_s: float | None
+    dead: int
+
+
+class Health(BaseModel):
+    """The periodic health part of the retained status document."""
+
+    uptime_s: float
+    load_average: tuple[float, float, float]
+    memory: ProcessMemory | None
+    intake_depth: int
+    outbox: OutboxHealth | None
+    cloud: str | None
+
+
+def read_process_memory(proc_self: Path = _PROC_SELF) -> ProcessMemory | None:
+    """This process's RSS and peak RSS; None where ``/proc`` does not have them."""
+    try:
+        return ProcessMemory(rss_bytes=rss_bytes(proc_self), peak_rss_bytes=peak_rss_bytes(proc_self))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def collect_health(probes: Probes) -> Health:
+    """Read every health figure now."""
+    outbox = probes.read_outbox()
+    return Health(
+        uptime_s=round(probes.clock() - probes.started, 3),
+        load_average=os.getloadavg(),
+        memory=read_process_memory(),
+        intake_depth=probes.intake_depth(),
+        outbox=None
+        if outbox is None
+        else OutboxHealth(
+            messages=outbox.messages, bytes=outbox.bytes, oldest_age_s=outbox.oldest_age_s, dead=outbox.dead
+        ),
+        cloud=probes.cloud_state() if probes.cloud_state is not None else None,
+    )

@@ -1,0 +1,254 @@
+"""The process's own memory: measuring it, giving freed memory back, and a watchdog over a soft limit.
+
+Model costs are measured, not guessed from file sizes: :func:`measured_growth` samples RSS and PSS around
+an allocation. glibc keeps freed memory in its arenas and hands it out again, so a plain before/after
+difference under-counts whatever reuses old free space; each measurement therefore starts with
+``malloc_trim(0)`` (free memory goes back to the kernel first, then every new page shows up as growth).
+Measurements are serialised process-wide so that two interpreters created at once are not counted twice.
+
+Raspberry Pi kernels ship with the memory cgroup disabled, which makes systemd's ``MemoryMax=`` a no-op;
+:func:`memory_cgroup_report` says whether the kernel will enforce any limit on this process at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# A cgroup v1 "no limit" is reported as the largest page-aligned 63-bit number.
+_UNLIMITED_V1 = 1 << 62
+_MEASURE_LOCK = threading.Lock()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to trim
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_TRIM = _malloc_trim()
+
+
+def rss_bytes(proc_self: Path = Path("/proc/self")) -> int:
+    """Resident set size now (from ``statm``, the cheapest source)."""
+    return int((proc_self / "statm").read_text().split()[1]) * _PAGE_SIZE
+
+
+def pss_bytes(proc_self: Path = Path("/proc/self")) -> int | None:
+    """Proportional set size (shared pages split between their users), or None before Linux 4.14."""
+    try:
+        text = (proc_self / "smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_rss_bytes(proc_self: Path = Path("/proc/self")) -> int:
+    """The high-water mark of the resident set (``VmHWM``) since the process started."""
+    for line in (proc_self / "status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{proc_self}/status has no VmHWM line")
+
+
+def trim_heap() -> None:
+    """Return the allocator's free memory to the kernel (glibc ``malloc_trim(0)``; a no-op elsewhere)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+def return_freed_memory() -> None:
+    """After dropping large objects: collect cycles, then hand the freed pages back to the kernel."""
+    gc.collect()
+    trim_heap()
+
+
+@dataclass
+class Growth:
+    """Memory a measured block added: the larger of the RSS and PSS increases, never negative."""
+
+    rss_bytes: int = 0
+    pss_bytes: int | None = None
+
+    @property
+    def bytes(self) -> int:
+        return max(0, self.rss_bytes, self.pss_bytes or 0)
+
+
+@contextmanager
+def measured_growth() -> Iterator[Growth]:
+    """Measure what the block allocates; blocks measuring at the same time wait for each other."""
+    with _MEASURE_LOCK:
+        trim_heap()
+        rss_before, pss_before = rss_bytes(), pss_bytes()
+        growth = Growth()
+        yield growth
+        growth.rss_bytes = rss_bytes() - rss_before
+        pss_after = pss_bytes()
+        if pss_before is not None and pss_after is not None:
+            growth.pss_bytes = pss_after - pss_before
+
+
+@dataclass(frozen=True)
+class CgroupReport:
+    """Whether the kernel's memory cgroup is on, and the limit it puts on this process, if any."""
+
+    controller_enabled: bool | None
+    limit_bytes: int | None
+    evidence: str
+
+    @property
+    def enforced(self) -> bool:
+        """True only when the kernel will actually stop this process at some memory limit."""
+        return bool(self.controller_enabled) and self.limit_bytes is not None
+
+    def describe(self) -> str:
+        if self.controller_enabled is None:
+            return f"cannot tell whether the kernel enforces memory limits ({self.evidence})"
+        if not self.controller_enabled:
+            return (
+                f"the kernel's memory cgroup is disabled ({self.evidence}): systemd MemoryMax= is ignored, "
+                "the agent's own limits are all that keeps it in budget"
+            )
+        if self.limit_bytes is None:
+            return f"memory cgroup enabled ({self.evidence}), but this process's cgroup sets no memory limit"
+        return f"memory cgroup enabled ({self.evidence}); the kernel limits this process to {self.limit_bytes / MB:.0f} MB"
+
+
+def memory_cgroup_report(root: Path = Path("/")) -> CgroupReport:
+    """Read ``/proc/cgroups``, ``/sys/fs/cgroup/cgroup.controllers`` and this process's cgroup under ``root``."""
+    evidence: list[str] = []
+    v1_enabled = _proc_cgroups_memory(root / "proc/cgroups")
+    if v1_enabled is not None:
+        evidence.append(f"/proc/cgroups: memory enabled={int(v1_enabled)}")
+    v2_controllers = _read(root / "sys/fs/cgroup/cgroup.controllers")
+    v2_enabled = None if v2_controllers is None else "memory" in v2_controllers.split()
+    if v2_enabled is not None:
+        evidence.append(f"cgroup v2 controllers {'include' if v2_enabled else 'lack'} memory")
+    if v1_enabled is None and v2_enabled is None:
+        return CgroupReport(None, None, "neither /proc/cgroups nor /sys/fs/cgroup/cgroup.controllers is readable")
+    # /proc/cgroups lists a controller with enabled=0 when the kernel command line disabled it; the v2 root
+    # lists only controllers that are on. Either positive sign means the controller works somewhere.
+    enabled = bool(v1_enabled) or bool(v2_enabled)
+    limit = _own_memory_limit(root) if enabled else None
+    return CgroupReport(enabled, limit, "; ".join(evidence))
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _proc_cgroups_memory(path: Path) -> bool | None:
+    text = _read(path)
+    if text is None:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] == "memory":
+            return fields[3] == "1"
+    # The file exists but does not list memory: the kernel was built without it.
+    return False
+
+
+def _own_memory_limit(root: Path) -> int | None:
+    """This process's memory limit from its cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``)."""
+    membership = _read(root / "proc/self/cgroup") or ""
+    for line in membership.splitlines():
+        _, controllers, path = line.split(":", 2)
+        relative = path.lstrip("/")
+        if controllers == "":
+            value = _read(root / "sys/fs/cgroup" / relative / "memory.max")
+        elif "memory" in controllers.split(","):
+            value = _read(root / "sys/fs/cgroup/memory" / relative / "memory.limit_in_bytes")
+        else:
+            continue
+        if value is not None and value.strip().isdigit() and int(value) < _UNLIMITED_V1:
+            return int(value)
+    return None
+
+
+class MemoryWatchdog:
+    """Samples the process RSS; above the soft limit it asks for load shedding and calls ``relieve``.
+
+    ``relieve`` (the model manager unloading idle models) runs on the watchdog thread each time a sample is
+    over the limit. Shedding stops once RSS is back below ``resume_fraction`` of the soft limit, so the
+    agent does not flap between shedding and serving around the limit.
+    """
+
+    def __init__(
+        self,
+        soft_limit_mb: int,
+        relieve: Callable[[], None],
+        *,
+        interval_s: float = 0.5,
+        resume_fraction: float = 0.95,
+        proc_self: Path = Path("/proc/self"),
+    ) -> None:
+        self.soft_limit_bytes = soft_limit_mb * MB
+        self.resume_bytes = int(self.soft_limit_bytes * resume_fraction)
+        self.interval_s = interval_s
+        self._relieve = relieve
+        self._proc_self = proc_self
+        self._shedding = False
+        self.last_rss_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def should_shed(self) -> bool:
+        """Whether new requests should be refused as overloaded (cheap: reads the last sample)."""
+        return self._shedding
+
+    def check(self) -> bool:
+        """Take one sample now (relieving memory if over the limit); returns whether load is being shed."""
+        rss = rss_bytes(self._proc_self)
+        if rss >= self.soft_limit_bytes:
+            self._relieve()
+            rss = rss_bytes(self._proc_self)
+        if not self._shedding and rss >= self.soft_limit_bytes:
+            log.warning(
+                "RSS %.0f MB is above the soft limit of %.0f MB after unloading idle models: shedding load",
+                rss / MB, self.soft_limit_bytes / MB,
+            )
+            self._shedding = True
+        elif self._shedding and rss < self.resume_bytes:
+            log.info("RSS back to %.0f MB: serving again", rss / MB)
+            self._shedding = False
+        self.last_rss_bytes = rss
+        return self._shedding
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="memory-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:  # the watchdog must outlive a bug in relieve(); it is what keeps the agent alive
+                log.exception("memory watchdog check failed")

@@ -1,0 +1,213 @@
+"""Prometheus metrics on ``[metrics] host:port`` (default 127.0.0.1:9108), served off the request path.
+
+The request path only increments counters and observes histograms (a lock and an add each). Everything
+else — intake depth, outbox figures, cloud link state, peak memory — is read by a collector when
+Prometheus scrapes, on the HTTP server's own thread. The registry is the agent's own, not the library's
+global one, so two agents in one process (tests) do not collide.
+
+Label values a client controls are bounded: a method or model the agent does not know is counted as
+``other``, so a client cannot create series at will.
+
+Series (all prefixed ``edge_agent_``):
+
+* ``requests_total{method,model,outcome}``: requests answered by a worker; ``outcome`` is ``ok``,
+  ``replayed`` or the JSON-RPC error name.
+* ``request_duration_seconds{stage}``: histograms of ``queue`` (arrival to a worker), ``inference`` and
+  ``total`` (arrival to the reply handed to the broker).
+* ``requests_rejected_total{reason}``: refused on arrival without being queued (``overloaded``,
+  ``rate_limited_client``, ``rate_limited_global``, ``oversized``).
+* ``intake_depth``; ``outbox_messages``, ``outbox_bytes``, ``outbox_oldest_age_seconds``,
+  ``outbox_dead_messages``, ``outbox_dropped_total{reason,cls}``, ``outbox_delivered_total``;
+  ``cloud_link_state{state}`` (1 for the current state).
+* ``model_loads_total{model}``, ``model_evictions_total{model}``.
+* ``process_peak_resident_memory_bytes`` (VmHWM) beside the standard ``process_*`` series (RSS, CPU,
+  file descriptors, start time); ``signing_info{backend,mode}``; ``build_info{version,runtime,profile}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Collection, Iterator
+from typing import Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from agent.errors import AgentError
+from agent.health import Probes, read_process_memory
+
+log = logging.getLogger(__name__)
+
+PREFIX = "edge_agent"
+# From a tenth of a millisecond (a cached replay, a tiny model) to ten seconds (a large model on a Pi).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+CLOUD_STATES = ("connected", "disconnected", "backoff")
+Rejection = Literal["overloaded", "rate_limited_client", "rate_limited_global", "oversized"]
+REJECTIONS: tuple[Rejection, ...] = ("overloaded", "rate_limited_client", "rate_limited_global", "oversized")
+OTHER = "other"
+NONE = "none"
+
+
+class AgentMetrics:
+    """The agent's metrics registry and the calls the request path makes to update it."""
+
+    def __init__(
+        self,
+        probes: Probes,
+        *,
+        methods: Collection[str],
+        models: Callable[[], Collection[str]],
+        signing_backend: str,
+        signing_mode: str,
+        version: str,
+        runtime: str,
+        profile: str,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._methods = frozenset(methods)
+        self._models = models
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Requests answered by a worker", ["method", "model", "outcome"], registry=self.registry
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Request latency by stage: queue, inference, total",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_requests_rejected", "Requests refused on arrival, never queued", ["reason"], registry=self.registry
+        )
+        for reason in REJECTIONS:
+            self.rejected.labels(reason)
+        self.model_loads = Counter(f"{PREFIX}_model_loads", "Models loaded", ["model"], registry=self.registry)
+        self.model_evictions = Counter(
+            f"{PREFIX}_model_evictions", "Models unloaded to make room", ["model"], registry=self.registry
+        )
+        Info(f"{PREFIX}_signing", "How published messages are signed", registry=self.registry).info(
+            {"backend": signing_backend, "mode": signing_mode}
+        )
+        Info(f"{PREFIX}_build", "Agent version, inference runtime and hardware profile", registry=self.registry).info(
+            {"version": version, "runtime": runtime, "profile": profile}
+        )
+        ProcessCollector(registry=self.registry)
+        self.registry.register(LiveCollector(probes))
+
+    def observe_request(
+        self,
+        *,
+        method: str | None,
+        model: str | None,
+        outcome: str,
+        queue_s: float | None = None,
+        inference_s: float | None = None,
+        total_s: float | None = None,
+    ) -> None:
+        """Count one answered request and its latencies (None for a stage it did not reach)."""
+        self.requests.labels(self._method_label(method), self._model_label(model), outcome).inc()
+        for stage, seconds in (("queue", queue_s), ("inference", inference_s), ("total", total_s)):
+            if seconds is not None:
+                self.duration.labels(stage).observe(seconds)
+
+    def count_rejection(self, reason: Rejection) -> None:
+        """Count one request refused on arrival (network thread)."""
+        self.rejected.labels(reason).inc()
+
+    def model_loaded(self, model_id: str) -> None:
+        self.model_loads.labels(self._model_label(model_id)).inc()
+
+    def model_evicted(self, model_id: str) -> None:
+        self.model_evictions.labels(self._model_label(model_id)).inc()
+
+    def _method_label(self, method: str | None) -> str:
+        if method is None:
+            return NONE
+        return method if method in self._methods else OTHER
+
+    def _model_label(self, model: str | None) -> str:
+        if model is None:
+            return NONE
+        return model if model in self._models() else OTHER
+
+
+class LiveCollector:
+    """Readings taken at scrape time from the agent's :class:`~agent.health.Probes`."""
+
+    def __init__(self, probes: Probes) -> None:
+        self.probes = probes
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(f"{PREFIX}_intake_depth", "Requests waiting for a worker", value=self.probes.intake_depth())
+        memory = read_process_memory()
+        if memory is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_process_peak_resident_memory_bytes", "Peak resident memory (VmHWM)", value=memory.peak_rss_bytes
+            )
+        outbox = self.probes.read_outbox()
+        if outbox is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_outbox_messages", "Messages waiting in the outbox", value=outbox.messages)
+            yield GaugeMetricFamily(f"{PREFIX}_outbox_bytes", "Body bytes waiting in the outbox", value=outbox.bytes)
+            yield GaugeMetricFamily(
+                f"{PREFIX}_outbox_dead_messages", "Outbox messages refused by the cloud", value=outbox.dead
+            )
+            if outbox.oldest_age_s is not None:
+                yield GaugeMetricFamily(
+                    f"{PREFIX}_outbox_oldest_age_seconds", "Age of the oldest waiting message", value=outbox.oldest_age_s
+                )
+            dropped = CounterMetricFamily(
+                f"{PREFIX}_outbox_dropped", "Outbox messages dropped, by reason and class", labels=["reason", "cls"]
+            )
+            for reason, by_class in outbox.drops.items():
+                for cls, count in by_class.items():
+                    dropped.add_metric([reason, cls], count)
+            yield dropped
+            yield CounterMetricFamily(
+                f"{PREFIX}_outbox_delivered", "Outbox messages acknowledged by the cloud", value=outbox.delivered
+            )
+        if self.probes.cloud_state is not None:
+            current = self.probes.cloud_state()
+            state = GaugeMetricFamily(f"{PREFIX}_cloud_link_state", "Cloud link state (1: current)", labels=["state"])
+            for name in dict.fromkeys((*CLOUD_STATES, current)):
+                state.add_metric([name], 1.0 if name == current else 0.0)
+            yield state
+
+
+class MetricsServer:
+    """Serves a registry at ``/metrics`` over HTTP from a daemon thread; ``start()``, then ``stop()``."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        self.host = host
+        self._requested_port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port being served (the one chosen by the system when configured as 0)."""
+        if self._server is None:
+            raise AgentError("the metrics server is not running")
+        return int(self._server.server_port)
+
+    def start(self) -> None:
+        """Bind and serve; raises :class:`AgentError` if the address cannot be bound."""
+        try:
+            self._server, self._thread = start_http_server(self._requested_port, addr=self.host, registry=self.registry)
+        except OSError as exc:
+            raise AgentError(f"cannot serve metrics on {self.host}:{self._requested_port}: {exc.strerror or exc}") from None
+        log.info("serving metrics on http://%s:%d/metrics", self.host, self.port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; scrapes in progress finish on their own threads."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = self._thread = None
