@@ -63,6 +63,11 @@ class RequestService:
             "tools/call": self._tools_call,
         }
 
+    @property
+    def methods(self) -> frozenset[str]:
+        """The JSON-RPC methods this service answers."""
+        return frozenset(self._methods)
+
     def handle(self, request: Request, timing: Timing) -> dict[str, Any]:
         """The ``result`` of a request; raises a RequestError subclass for an error reply."""
         method = self._methods.get(request.method)
