@@ -117,6 +117,7 @@ class Agent:
         self._early_pubacks: set[int] = set()
         self._in_flight = 0
         self._idle = threading.Condition()
+        self._awaiting_commit = 0
         self.started_at = time.time()
         self.signer: Signer | None = None
         self._status_payload: bytes | None = None
@@ -194,7 +195,9 @@ class Agent:
         self._accepting.clear()
         deadline = time.monotonic() + self.settings.limits.drain_timeout_s
         with self._idle:
-            while (self._in_flight or not self._intake.empty() or self._awaiting_puback) and time.monotonic() < deadline:
+            while (
+                self._in_flight or self._awaiting_commit or not self._intake.empty() or self._awaiting_puback
+            ) and time.monotonic() < deadline:
                 self._idle.wait(0.05)
         for _ in self._workers:
             self._intake.put(None)
@@ -558,11 +561,19 @@ class Agent:
                 return
             if outcome == "ok":
                 self.count("ok")
-            if self.upstream is not None:
-                self.upstream.record_response(inbound.client_id, request.method, reply)
-            published = self._reply(inbound, reply)
-            if published is not None and outcome == "ok":
-                self.replies.store(inbound.client_id, request.id, digest, published)
+            payload = self._encode(inbound, reply)
+            if payload is None:
+                return
+            cache_key = (inbound.client_id, request.id, digest) if outcome == "ok" else None
+            if self.upstream is None or not self.upstream.records(request.method):
+                self._deliver(inbound, payload, cache_key)
+                return
+            # The client is answered only once the upstream copy is on disk; the worker does not wait for
+            # that commit, so many replies share one fsync (group commit).
+            with self._idle:
+                self._awaiting_commit += 1
+            stored = self.upstream.record_response(inbound.client_id, request.method, payload)
+            stored.add_done_callback(lambda _: self._deliver(inbound, payload, cache_key, committed=True))
         finally:
             self._observe(inbound, request, outcome, timing)
 
@@ -607,17 +618,33 @@ class Agent:
 
     # ---- replies and acknowledgements -----------------------------------------------------------
 
-    def _reply(self, inbound: InboundRequest, reply: dict[str, Any], *, to_default_topic: bool = False) -> bytes | None:
-        """Sign and publish a reply; returns the bytes published, None if it could not be."""
+    def _reply(self, inbound: InboundRequest, reply: dict[str, Any], *, to_default_topic: bool = False) -> None:
+        """Sign and publish a reply (one that gets no upstream copy)."""
+        payload = self._encode(inbound, reply)
+        if payload is not None:
+            self._send(inbound, payload, to_default_topic=to_default_topic)
+
+    def _encode(self, inbound: InboundRequest, reply: dict[str, Any]) -> bytes | None:
+        """The signed reply bytes; None (request acknowledged, nothing sent) if signing failed."""
         try:
-            payload = encode_reply(reply, self.signer, client_id=inbound.client_id, request_payload=inbound.payload)
+            return encode_reply(reply, self.signer, client_id=inbound.client_id, request_payload=inbound.payload)
         except SigningError as exc:
             # An unsigned answer would break the promise that every answer is signed; the client times out.
             log.error("could not sign the reply to %s, not answering: %s", inbound.client_id, exc)
             self.count("signing_failed")
             self._finish(inbound.mid, inbound.qos, inbound.generation)
             return None
-        return payload if self._send(inbound, payload, to_default_topic=to_default_topic) else None
+
+    def _deliver(
+        self, inbound: InboundRequest, payload: bytes, cache_key: tuple[str, RequestId, bytes] | None, *, committed: bool = False
+    ) -> None:
+        """Publish a served request's reply and remember it for repeats (runs on the outbox writer after a commit)."""
+        if self._send(inbound, payload) and cache_key is not None:
+            self.replies.store(*cache_key, payload)
+        if committed:
+            with self._idle:
+                self._awaiting_commit -= 1
+                self._idle.notify_all()
 
     def _send(self, inbound: InboundRequest, payload: bytes, *, to_default_topic: bool = False) -> bool:
         """Publish an encoded reply where ``inbound`` asked for it; acknowledges the request on PUBACK."""

@@ -160,19 +160,42 @@ class Outbox:
 
         Raises :class:`OutboxError` if any could not be stored; the others stay stored.
         """
+        return self.enqueue_async(items).result()
+
+    def enqueue_async(self, items: Sequence[OutboxItem]) -> Future[list[str]]:
+        """Like :meth:`enqueue_many` without waiting: the future resolves once the messages are durable.
+
+        Lets a caller hand its row to the group commit and go on working; the future's callbacks run on the
+        writer thread right after the commit (keep them short), or at once if it already completed.
+        """
         rows = []
         for item in items:
             ttl = item.ttl_s if item.ttl_s is not None else self.settings.ttl_s.get(item.cls)
             rows.append((item.cls, item.body, ttl, item.msg_id or str(uuid6.uuid7())))
-        outcome: list[int | None] = self._submit("enqueue", rows)
-        refused = [row[3] for row, stored in zip(rows, outcome) if stored is None]
-        if refused:
-            raise OutboxError(
-                f"outbox {self.path}: {len(refused)} of {len(rows)} message(s) not stored, no room under "
-                f"max_bytes={self.settings.max_bytes}/max_messages={self.settings.max_messages} "
-                f"for their class: {', '.join(refused[:5])}"
-            )
-        return [row[3] for row in rows]
+        stored: Future[list[str]] = Future()
+
+        def settle(outcome: Future[list[int | None]]) -> None:
+            error = outcome.exception()
+            if error is not None:
+                stored.set_exception(error)
+                return
+            refused = [row[3] for row, row_id in zip(rows, outcome.result()) if row_id is None]
+            if refused:
+                stored.set_exception(
+                    OutboxError(
+                        f"outbox {self.path}: {len(refused)} of {len(rows)} message(s) not stored, no room under "
+                        f"max_bytes={self.settings.max_bytes}/max_messages={self.settings.max_messages} "
+                        f"for their class: {', '.join(refused[:5])}"
+                    )
+                )
+            else:
+                stored.set_result([row[3] for row in rows])
+
+        try:
+            self._submit_nowait("enqueue", rows).add_done_callback(settle)
+        except OutboxError as exc:
+            stored.set_exception(exc)
+        return stored
 
     def claim_batch(self, limit: int) -> list[OutboxRecord]:
         """Mark up to ``limit`` queued rows claimed and return them, oldest first per class (see above)."""
@@ -226,6 +249,9 @@ class Outbox:
     # -- writer thread ------------------------------------------------------------------------------
 
     def _submit(self, op: str, *args: Any) -> Any:
+        return self._submit_nowait(op, *args).result()
+
+    def _submit_nowait(self, op: str, *args: Any) -> Future[Any]:
         command = _Command(op, args)
         if self.read_only and not command.read:
             raise OutboxError(f"outbox {self.path} is open read-only")
@@ -233,7 +259,7 @@ class Outbox:
             if self._closed:
                 raise OutboxError(f"outbox {self.path} is closed")
             self._queue.put(command)
-        return command.future.result()
+        return command.future
 
     def _run(self, ready: Future[None]) -> None:
         try:

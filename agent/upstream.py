@@ -7,17 +7,19 @@ recorded, and it says so at start.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from uuid6 import uuid7
 
 from agent.config import MessageClass, Settings
 from agent.errors import OutboxError, SigningError
-from agent.outbox import Outbox
+from agent.outbox import Outbox, OutboxItem
 from agent.outgoing import encode_record
 from agent.signing import Signer
 from agent.uplink import CloudMessage, Uplink
@@ -67,20 +69,29 @@ class Upstream:
             return None
         return msg_id
 
-    def record_response(self, client_id: str, method: str, reply: dict[str, Any]) -> None:
-        """The upstream copy of an inference reply (result or error), stored before the client sees it."""
-        if method not in _RECORDED_METHODS:
-            return
-        result = reply.get("result")
-        record = {
-            "client_id": client_id,
-            "request_id": reply.get("id"),
-            "method": method,
-            "model": result.get("model") if isinstance(result, dict) else None,
-            "timing_ms": result.get("timing_ms") if isinstance(result, dict) else None,
-            "reply": reply,
-        }
-        self.enqueue("res", record)
+    @staticmethod
+    def records(method: str) -> bool:
+        """Whether replies to ``method`` get an upstream copy (inference replies do, results and errors)."""
+        return method in _RECORDED_METHODS
+
+    def record_response(self, client_id: str, method: str, reply: bytes) -> Future[list[str]]:
+        """Store the upstream copy of a reply, exactly the (signed) bytes the client will get.
+
+        The reply's own signature covers it, bound to device, client, request and request digest, so the
+        copy is not signed again; the few fields around it only index it. Returns at once: the future
+        resolves when the row is durable (or fails with OutboxError, already counted and logged).
+        """
+        prefix = json.dumps({"client_id": client_id, "method": method}, separators=(",", ":"))[:-1]
+        body = f'{prefix},"reply":'.encode() + reply + b"}"
+        future = self.outbox.enqueue_async([OutboxItem(cls="res", body=body)])
+        future.add_done_callback(self._count_failure)
+        return future
+
+    def _count_failure(self, stored: Future[list[str]]) -> None:
+        error = stored.exception()
+        if error is not None:
+            self._count("outbox_write_failed_res")
+            self._log_failure(error)
 
     def _log_failure(self, exc: Exception) -> None:
         now = time.monotonic()

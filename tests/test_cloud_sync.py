@@ -83,13 +83,14 @@ def test_cloud_down_for_the_whole_run_then_everything_arrives_in_order(start_age
     assert cloud_side.wait_for(lambda records: len(_responses(records)) >= 31)
     delivered = _responses(cloud_side.records)
     bodies = [json.loads(json.dumps(record["body"])) if isinstance(record["body"], dict) else json.loads(record["body"]) for record in delivered]
-    assert [body["request_id"] for body in bodies] == [reply["id"] for reply in answered]
-    assert {record["msg_id"] for record in delivered} == {body["msg_id"] for body in bodies}
+    assert [body["reply"]["id"] for body in bodies] == [reply["id"] for reply in answered]
+    assert all(body["client_id"] == "alice" and body["method"] == "infer" for body in bodies)
+    assert len({record["msg_id"] for record in delivered}) == len(delivered)
     assert [record["seq"] for record in delivered] == sorted(record["seq"] for record in delivered)
     assert cloud_side.user_msg_ids[: len(delivered)] == [record["msg_id"] for record in delivered]
     public_key = agent.signer.public_key
     for body in bodies:
-        verify_message(body, public_key)
+        verify_message(body["reply"], public_key)  # the copy is exactly the signed reply the client got
     assert bodies[-1]["reply"]["error"]["code"] == -32602
 
 
@@ -100,10 +101,10 @@ def test_cloud_restart_mid_drain_loses_nothing(start_agent, client_factory, clou
     cloud_broker.restart()
     replies = [future.result(30) for future in futures]
     assert all("result" in reply for reply in replies)
-    assert cloud_side.wait_for(lambda records: {r["body"]["request_id"] for r in _responses(records)} >= {reply["id"] for reply in replies})
+    assert cloud_side.wait_for(lambda records: {r["body"]["reply"]["id"] for r in _responses(records)} >= {reply["id"] for reply in replies})
     per_msg = {}
     for record in _responses(cloud_side.records):
-        per_msg.setdefault(record["msg_id"], record["body"]["request_id"])
+        per_msg.setdefault(record["msg_id"], record["body"]["reply"]["id"])
     assert sorted(per_msg.values()) == sorted(reply["id"] for reply in replies)
 
 
@@ -213,7 +214,7 @@ def test_agent_killed_at_random_moments_still_delivers_every_answered_response(
     agent = AgentProcess(config, local_broker).start()
     try:
         cloud_broker.start()
-        delivered = lambda records: {r["body"]["request_id"] for r in _responses(records)}  # noqa: E731
+        delivered = lambda records: {r["body"]["reply"]["id"] for r in _responses(records)}  # noqa: E731
         assert cloud_side.wait_for(lambda records: delivered(records) >= answered, timeout=60)
     finally:
         agent.stop()
