@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,13 @@ import rfc8785
 from agent.errors import SigningError
 
 MAX_SAFE_INTEGER = 2**53 - 1
+_STRING_LITERAL = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# Outside strings, Python and ECMAScript agree on a number's digits (both shortest round-trip); they differ
+# on exponents, on integral floats ("2.0" against "2"), and beyond 2**53 (16+ integer digits go the exact
+# path, to be safe). Outside strings, "e"/"E" only occur in exponents and in true/false.
+_INTEGRAL_FLOAT = re.compile(r"\.0[,\]}]")
+_LONG_INTEGER = re.compile(r"[-:,\[]\d{16}")
+_BEYOND_D7FF = re.compile("[\ud800-\U0010ffff]")
 NAN = "NaN"
 POSITIVE_INFINITY = "Infinity"
 NEGATIVE_INFINITY = "-Infinity"
@@ -69,11 +77,45 @@ def normalise(value: Any) -> JsonValue:
 
 
 def canonical_bytes(value: JsonValue) -> bytes:
-    """RFC 8785 canonical UTF-8 bytes of an already normalised value."""
+    """RFC 8785 canonical UTF-8 bytes of an already normalised value.
+
+    The C JSON encoder with sorted keys produces exactly the JCS bytes unless a number is written
+    differently (an exponent, an integral float such as ``2.0``, an integer beyond 2**53) or a key could
+    sort differently in UTF-16 (characters above U+D7FF); only then does the pure-Python ``rfc8785`` run.
+    That keeps signing a typical reply about five times cheaper (tests compare both on arbitrary values).
+    """
+    fast = _plain_json(value, sort_keys=True)
+    if fast is not None:
+        return fast
     try:
         return rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, UnicodeError, TypeError) as exc:
         raise SigningError(f"value is not JCS-safe (normalise it first): {exc}") from None
+
+
+def _numbers_differ(outside_strings: str) -> bool:
+    words_removed = outside_strings.replace("true", "").replace("false", "")
+    return (
+        "e" in words_removed
+        or "E" in words_removed
+        or _INTEGRAL_FLOAT.search(outside_strings) is not None
+        or _LONG_INTEGER.search(outside_strings) is not None
+    )
+
+
+def _plain_json(value: Any, *, sort_keys: bool) -> bytes | None:
+    """Compact JSON of ``value`` when every number and key is written alike by Python and by JCS, else None."""
+    try:
+        text = json.dumps(value, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    # The commas around make a bare top-level number look like one inside an array.
+    if _BEYOND_D7FF.search(text) or _numbers_differ("," + _STRING_LITERAL.sub('""', text) + ","):
+        return None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
 
 
 def encode_message(message: Mapping[str, Any]) -> bytes:

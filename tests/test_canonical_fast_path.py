@@ -1,0 +1,35 @@
+"""The fast canonical form (C encoder, sorted keys) must equal RFC 8785 byte for byte whenever it is used."""
+
+from __future__ import annotations
+
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.signing.canonical import canonical_bytes, normalise
+
+json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=6), children, max_size=5),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=500)
+@given(json_values)
+def test_canonical_bytes_equal_rfc8785_for_any_normalised_value(value: object) -> None:
+    normalised = normalise(value)
+    assert canonical_bytes(normalised) == rfc8785.dumps(normalised)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False, width=32) | st.floats(min_value=-1e22, max_value=1e22))
+def test_model_output_floats_take_the_exact_form(number: float) -> None:
+    value = normalise({"outputs": [[number, number / 3]], "score": round(number, 6)})
+    assert canonical_bytes(value) == rfc8785.dumps(value)
