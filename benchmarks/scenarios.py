@@ -1,0 +1,289 @@
+"""The benchmark scenarios, all in one run over one private mosquitto so their ratios hold on a noisy machine.
+
+Every responder and agent under test is started at once and stays idle while another is measured, so
+the comparisons at 32 in flight can be interleaved round by round (ceiling, baseline, agent, agent without
+signing) instead of being minutes apart. Numbers are medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.client import DeviceClient
+from agent.config import REPO_MODELS_DIR, LocalBroker
+from agent.devmodels import FACE_INPUT_SHAPE, FACE_MODEL_FILE, add_face_detector, copy_bundled_models
+from agent.localbroker import MosquittoProcess
+from agent.signing.swtpm import SwtpmProcess
+from benchmarks.harness import (
+    AgentUnderTest,
+    Responder,
+    context_switches,
+    TopicWatcher,
+    load_result,
+    process_cpu_s,
+    raw_invoke_rate,
+    run_load,
+    start_load,
+)
+
+TINY_MODEL = "vibration-anomaly"
+FACE_MODEL = "face-detector"
+TINY_REQUEST = {
+    "method": "infer",
+    "params": {"model": TINY_MODEL, "inputs": {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]}},
+}
+SWEEP = (1, 8, 32, 128)
+COMPARE_INFLIGHT = 32
+FACE_INFLIGHT = 4
+FAIR_RATE = 15.0  # under the shipped per-client rate limit, so a limiter never refuses the normal client
+FLOOD_INFLIGHT = 64
+
+
+@dataclass
+class Timings:
+    """How long each measurement runs; the defaults keep ``make bench`` under 5 minutes on 2 cores."""
+
+    duration_s: float = 4.0
+    warmup_s: float = 1.0
+    rounds: int = 3
+    raw_invoke_s: float = 4.0
+    fairness_s: float = 8.0
+    extra_startups: int = 2
+
+
+@dataclass
+class Bench:
+    """One run's brokers, working directory, payload files and the processes started so far."""
+
+    timings: Timings
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edge-agent-bench-")))
+    broker: MosquittoProcess = field(init=False)
+    cloud: MosquittoProcess = field(init=False)
+    tpm: SwtpmProcess | None = field(init=False, default=None)
+    responders: list[Responder] = field(init=False, default_factory=list)
+    models_dir: Path = field(init=False)
+    tiny_payload: Path = field(init=False)
+    face_payload: Path = field(init=False)
+    agents: list[AgentUnderTest] = field(init=False, default_factory=list)
+    server_pids: dict[str, int] = field(init=False, default_factory=dict)  # device id -> responding process
+    notes: list[str] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.broker = MosquittoProcess(self.workdir / "broker", persistence=False)
+        self.cloud = MosquittoProcess(self.workdir / "cloud", persistence=False)
+        try:
+            self._prepare()
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self) -> None:
+        self.broker.start()
+        self.cloud.start()
+        self.models_dir = copy_bundled_models(self.workdir / "models")
+        add_face_detector(self.models_dir, FACE_MODEL)
+        self.tiny_payload = self.workdir / "tiny.json"
+        self.tiny_payload.write_text(json.dumps(TINY_REQUEST))
+        image = np.random.default_rng(7).uniform(-1, 1, FACE_INPUT_SHAPE).astype("<f4")
+        image_b64 = base64.b64encode(image.tobytes()).decode()
+        face_input = {"b64": image_b64, "dtype": "float32", "shape": list(FACE_INPUT_SHAPE)}
+        face_request = {"method": "infer", "params": {"model": FACE_MODEL, "inputs": {"image": face_input}}}
+        self.face_payload = self.workdir / "face.json"
+        self.face_payload.write_text(json.dumps(face_request))
+        if shutil.which("swtpm") is not None:
+            self.tpm = SwtpmProcess(self.workdir / "swtpm").start()
+        else:
+            self.notes.append("swtpm not installed: the full configuration signs with a software key")
+
+    def close(self) -> None:
+        """Stop every process this run started and remove its working directory."""
+        for responder in self.responders:
+            responder.stop()
+        for agent in self.agents:
+            agent.stop()
+        if self.tpm is not None:
+            self.tpm.close()
+        self.broker.close()
+        self.cloud.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- configurations ---------------------------------------------------------------------------
+
+    def full_settings(self, name: str, *, rate_limited: bool = False) -> dict[str, str]:
+        """Shipped defaults plus what a deployed device has: a TPM-rooted signer and a cloud broker.
+
+        The shipped per-client rate limit (20 requests/s) would make every throughput figure that limit,
+        so it is off unless ``rate_limited`` (the fairness scenario measures with it as shipped).
+        """
+        settings = {**self.signed_settings(name), "cloud__host": self.cloud.host, "cloud__port": str(self.cloud.port)}
+        if rate_limited:
+            del settings["rate_limit__enabled"]
+        return settings
+
+    def signed_settings(self, name: str) -> dict[str, str]:
+        """Shipped defaults with the TPM-rooted signer but no cloud broker: signing's cost without the outbox."""
+        settings = {
+            "models_dir": str(self.models_dir),
+            "data_dir": str(self.workdir / name),
+            "rate_limit__enabled": "false",
+            "metrics__port": "0",
+        }
+        if self.tpm is not None:
+            settings.update({"signing__backend": "tpm", "signing__tcti": self.tpm.tcti})
+        else:
+            settings.update({"signing__backend": "software"})
+        return settings
+
+    def bare_settings(self, name: str) -> dict[str, str]:
+        """Shipped defaults without signing and without a cloud broker (so nothing to keep in an outbox)."""
+        return {
+            "models_dir": str(self.models_dir),
+            "data_dir": str(self.workdir / name),
+            "signing__backend": "none",
+            "rate_limit__enabled": "false",
+            "metrics__port": "0",
+        }
+
+    def start_agent(self, device_id: str, settings: dict[str, str]) -> AgentUnderTest:
+        agent = AgentUnderTest(self.broker, device_id, settings, self.workdir / f"{device_id}.log")
+        self.agents.append(agent)
+        agent.start()
+        self.server_pids[device_id] = agent.pid
+        return agent
+
+    def describe_agent(self, agent: AgentUnderTest) -> dict[str, Any]:
+        """The effective configuration measured and what a reply really carries (signature, size)."""
+        config = agent.effective_config()
+        with DeviceClient(LocalBroker(host=self.broker.host, port=self.broker.port), agent.device_id) as client:
+            reply = client.call("infer", TINY_REQUEST["params"], timeout=30)
+        meta = reply.get("result", {}).get("_meta", {})
+        signing = config["signing"]
+        signs = signing["backend"] != "none"
+        return {
+            "device_id": agent.device_id,
+            "startup_s": round(agent.startup_s or 0.0, 3),
+            "workers": config["limits"]["workers"],
+            "num_threads": config["limits"]["num_threads"],
+            "intake_queue": config["limits"]["intake_queue"],
+            "receive_maximum": config["limits"]["receive_maximum"],
+            "rate_limit_enabled": config["rate_limit"]["enabled"],
+            "signing_backend": signing["backend"],
+            "signing_mode": signing["mode"] if signs else None,
+            "certificate_header": signing["certificate_header"] if signs else None,
+            "cloud": f"{config['cloud']['host']}:{config['cloud']['port']}" if config.get("cloud") else None,
+            "replies_signed": "sig" in meta,
+            "reply_ok": "result" in reply,
+            "reply_bytes": len(json.dumps(reply, separators=(",", ":"))),
+        }
+
+    # ---- measurements -----------------------------------------------------------------------------
+
+    def load(self, device_id: str, payload: Path, inflight: int) -> dict[str, Any]:
+        """One load run against ``device_id``, with the CPU its responding process spent per reply."""
+        pid = self.server_pids[device_id]
+        cpu_before, switches_before = process_cpu_s(pid), context_switches(pid)
+        timings = self.timings
+        result = run_load(
+            self.broker, device_id, payload, inflight=inflight, duration=timings.duration_s, warmup=timings.warmup_s
+        )
+        cpu_us = (process_cpu_s(pid) - cpu_before) * 1e6
+        replies = max(1, result["replies_total"])
+        result["server_cpu_us_per_reply"] = round(cpu_us / replies, 1)
+        result["server_context_switches_per_reply"] = round((context_switches(pid) - switches_before) / replies, 2)
+        return result
+
+    def interleaved(self, targets: dict[str, str], inflight: int) -> dict[str, dict[str, Any]]:
+        """Each target measured once per round, rounds back to back; the median of every figure is kept."""
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for _ in range(self.timings.rounds):
+            for name, device_id in targets.items():
+                runs[name].append(self.load(device_id, self.tiny_payload, inflight))
+        return {name: median_of(results) for name, results in runs.items()}
+
+    def sweep(self, device_id: str, levels: tuple[int, ...], payload: Path | None = None) -> dict[str, dict[str, Any]]:
+        return {str(level): self.load(device_id, payload or self.tiny_payload, level) for level in levels}
+
+    def face(self, device_id: str) -> dict[str, Any]:
+        return self.load(device_id, self.face_payload, FACE_INFLIGHT)
+
+    def raw_face(self, threads: int, num_threads: int) -> dict[str, Any]:
+        model = self.models_dir / FACE_MODEL_FILE
+        return raw_invoke_rate(model, threads=threads, num_threads=num_threads, duration=self.timings.raw_invoke_s)
+
+    def fairness(self, device_id: str) -> dict[str, Any]:
+        """A well-behaved client's latency alone, then beside a client flooding the same agent."""
+        seconds = self.timings.fairness_s
+        normal = {"inflight": 4, "rate": FAIR_RATE, "duration": seconds, "warmup": 0.5}
+        alone = run_load(self.broker, device_id, self.tiny_payload, **normal)
+        flood = start_load(
+            self.broker, device_id, self.tiny_payload, inflight=FLOOD_INFLIGHT, duration=seconds + 1.0, warmup=0.5
+        )
+        time.sleep(1.0)  # the flood is running (and past its warm-up) before the normal client's window opens
+        beside = run_load(self.broker, device_id, self.tiny_payload, **normal)
+        flooder = load_result(flood)
+        return {"normal_alone": alone, "normal_beside_flood": beside, "flooder": flooder}
+
+    def startups(self, settings: dict[str, str], count: int) -> list[float]:
+        """Seconds from spawning the agent to its live ``online`` status, for ``count`` fresh processes."""
+        samples = []
+        for index in range(count):
+            agent = AgentUnderTest(self.broker, f"startup-{index}", settings, self.workdir / "startup.log")
+            try:
+                samples.append(round(agent.start(), 3))
+            finally:
+                agent.stop()
+        return samples
+
+    def cloud_watcher(self) -> TopicWatcher:
+        return TopicWatcher(self.cloud, "#")
+
+
+def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-figure medians of repeated load runs; errors are summed, every run is kept under ``runs``."""
+    merged: dict[str, Any] = {"inflight": results[0]["inflight"], "rounds": len(results)}
+    medians = ("req_per_s", "p50_ms", "p99_ms", "p999_ms", "mean_ms", "signed_fraction", "mean_reply_bytes",
+               "server_cpu_us_per_reply", "server_context_switches_per_reply", "client_cpu_us_per_reply")
+    for key in medians:
+        values = [result[key] for result in results if result[key] is not None]
+        merged[key] = round(statistics.median(values), 3) if values else None
+    for key in ("completed", "errors", "lost"):
+        merged[key] = sum(result[key] for result in results)
+    reasons: dict[str, int] = {}
+    for result in results:
+        for reason, count in result["error_reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    merged["error_reasons"] = reasons
+    merged["runs"] = [{key: result[key] for key in ("req_per_s", "p50_ms", "p99_ms", "errors")} for result in results]
+    return merged
+
+
+def _tiny_model_entry() -> dict[str, Any]:
+    manifest = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+    return next(model for model in manifest["models"] if model["id"] == TINY_MODEL)
+
+
+def bundled_model_labels() -> str:
+    """The tiny model's labels, comma-separated, for the baseline responder."""
+    return ",".join(_tiny_model_entry()["labels"])
+
+
+def start_reference_responders(bench: Bench) -> tuple[Responder, Responder]:
+    """The ceiling (echo) and the baseline (plain paho + LiteRT) responders, both idle until measured."""
+    echo = Responder(bench.broker, "echo", "ceiling")
+    model_file = REPO_MODELS_DIR / _tiny_model_entry()["file"]
+    baseline = Responder(
+        bench.broker, "baseline", "baseline", "--model", str(model_file), "--labels", bundled_model_labels()
+    )
+    bench.responders += [echo, baseline]
+    bench.server_pids.update({"ceiling": echo.pid, "baseline": baseline.pid})
+    return echo, baseline

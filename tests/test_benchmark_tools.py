@@ -1,0 +1,92 @@
+"""The benchmark tooling measures what it claims: real requests answered over a real broker, correctly counted.
+
+No timing is asserted here; figures belong to ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.catalog import load_manifest, verified_model_bytes
+from agent.devmodels import FACE_MODEL_FILE, add_face_detector, copy_bundled_models
+from agent.inference import LoadedModel
+from agent.localbroker import MosquittoProcess
+from benchmarks.harness import AgentUnderTest, Responder, run_load
+from benchmarks.load import request_template
+from benchmarks.profile import classify
+from benchmarks.scenarios import TINY_REQUEST, bundled_model_labels
+
+MODEL_FILE = Path(__file__).resolve().parents[1] / "models" / "vibration_anomaly.tflite"
+
+
+def test_face_detector_directory_is_a_servable_catalogue(tmp_path: Path) -> None:
+    models = copy_bundled_models(tmp_path / "models")
+    entry = add_face_detector(models, "faces")
+    manifest = load_manifest(models)
+    face = next(model for model in manifest.models if model.id == "faces")
+    loaded = LoadedModel(face, verified_model_bytes(models, face))
+    assert entry["file"] == FACE_MODEL_FILE
+    assert [info.shape for info in loaded.inputs] == [(1, 128, 128, 3)]
+    assert {model.id for model in manifest.models} >= {"vibration-anomaly", "faces"}
+
+
+def test_request_template_splices_integer_ids_into_valid_json() -> None:
+    before, after = request_template(TINY_REQUEST)
+    document = json.loads(before + b"4711" + after)
+    assert document == {"jsonrpc": "2.0", "id": 4711, **TINY_REQUEST}
+
+
+def _payload(tmp_path: Path) -> Path:
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(TINY_REQUEST))
+    return path
+
+
+def test_load_generator_counts_every_echoed_request(local_broker: MosquittoProcess, tmp_path: Path) -> None:
+    with Responder(local_broker, "echo", "echo-device"):
+        stats = run_load(local_broker, "echo-device", _payload(tmp_path), inflight=4, duration=0.5, warmup=0.2)
+    assert stats["completed"] > 0
+    assert (stats["errors"], stats["lost"], stats["error_reasons"]) == (0, 0, {})
+    assert stats["replies_total"] >= stats["completed"]
+
+
+def test_load_generator_counts_agent_replies_and_overload_errors(
+    local_broker: MosquittoProcess, tmp_path: Path
+) -> None:
+    models = copy_bundled_models(tmp_path / "models")
+    settings = {
+        "models_dir": str(models),
+        "data_dir": str(tmp_path / "data"),
+        "limits__intake_queue": "1",
+        "signing__backend": "none",
+        "rate_limit__enabled": "false",
+        "metrics__port": "0",
+    }
+    agent = AgentUnderTest(local_broker, "bench-dev", settings, tmp_path / "agent.log")
+    agent.start()
+    try:
+        stats = run_load(local_broker, "bench-dev", _payload(tmp_path), inflight=64, duration=0.5, warmup=0.2)
+        memory = agent.memory_mb()
+    finally:
+        agent.stop()
+    assert stats["completed"] > 0
+    assert stats["lost"] == 0
+    assert set(stats["error_reasons"]) == {"overloaded"}
+    assert memory["VmHWM"] >= memory["VmRSS"] > 0
+
+
+def test_baseline_responder_answers_with_the_models_label(local_broker: MosquittoProcess, tmp_path: Path) -> None:
+    labels = bundled_model_labels()
+    with Responder(local_broker, "baseline", "base-dev", "--model", str(MODEL_FILE), "--labels", labels):
+        stats = run_load(local_broker, "base-dev", _payload(tmp_path), inflight=2, duration=0.3, warmup=0.1)
+    assert stats["completed"] > 0 and stats["errors"] == 0
+
+
+def test_profile_stages_attribute_a_sample_to_the_first_matching_stage() -> None:
+    signing = ["Agent._work (agent/app.py:1)", "Agent._reply (agent/app.py:2)", "encode_reply (agent/outgoing.py:3)",
+               "sign_reply (agent/signing/message.py:4)", "_serialize_float (rfc8785/_impl.py:5)"]
+    network = ["Client.loop_forever (paho/mqtt/client.py:1)", "Client._packet_read (paho/mqtt/client.py:2)"]
+    assert classify(signing) == "normalise + JCS + sign"
+    assert classify(network) == "MQTT network I/O (paho loop)"
+    assert classify(["Thread.run (threading.py:1)"]) == "other"
