@@ -21,6 +21,8 @@ RequestId = str | int | None
 # Unrolled ("normal* (special normal*)*"): about 9x faster than an alternation on a 262 KB request.
 _STRING_LITERAL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_SMALL_BRACKET_COUNT = 64
+_OPENING = frozenset(b"[{")
 _DEPTH_STEP = np.zeros(256, dtype=np.int8)
 _DEPTH_STEP[list(b"[{")] = 1
 _DEPTH_STEP[list(b"]}")] = -1
@@ -60,8 +62,13 @@ class ToolCallParams(BaseModel):
 def nesting_depth(payload: bytes) -> int:
     """Deepest ``[``/``{`` nesting in a JSON text, computed without parsing it (strings skipped)."""
     brackets = _STRING_LITERAL.sub(b"", payload).translate(None, _NOT_BRACKETS)
-    if not brackets:
-        return 0
+    if len(brackets) <= _SMALL_BRACKET_COUNT:
+        # A typical request has a dozen brackets: a plain loop beats setting up numpy arrays.
+        depth = deepest = 0
+        for byte in brackets:
+            depth += 1 if byte in _OPENING else -1
+            deepest = max(deepest, depth)
+        return deepest
     return int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max())
 
 
