@@ -47,7 +47,9 @@ from agent.errors import (
 from agent.health import Probes, collect_health
 from agent.inference import RUNTIME
 from agent.metrics import AgentMetrics, MetricsServer, Rejection
+from agent.memory import MB, MemoryWatchdog, memory_cgroup_report
 from agent.model_manager import ModelManager
+from agent.model_watch import ModelWatcher
 from agent.fallback import CloudFallback
 from agent.outgoing import encode_record, encode_reply
 from agent.protocol import InferParams, Request, RequestId, error_reply, parse_request, result_reply, validate_params
@@ -94,7 +96,9 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device_id = settings.device_id
-        self.models = ModelManager(settings.models_dir, num_threads=settings.limits.num_threads)
+        self.models = ModelManager.for_limits(settings.models_dir, settings.limits)
+        self.memory_watchdog = MemoryWatchdog(settings.limits.process_soft_limit_mb, relieve=self.models.unload_idle)
+        self.model_watcher = ModelWatcher(self.models, settings.models_poll_s) if settings.models_poll_s > 0 else None
         self.service = RequestService(self.models, settings.limits, device_id=self.device_id, profile=settings.profile)
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
@@ -155,12 +159,18 @@ class Agent:
             refused = self.models.verify_all()
             for model_id, reason in refused.items():
                 log.error("model %s will answer with errors: %s", model_id, reason)
+            self.models.load_pinned()
             self._status_payload = encode_record(self.status_document(), self.signer)
             self._set_will()
         except BaseException:
             if self.signer is not None:
                 self.signer.close()
             raise
+        cgroup = memory_cgroup_report()
+        log.log(logging.WARNING if cgroup.controller_enabled is False else logging.INFO, "memory: %s", cgroup.describe())
+        self.memory_watchdog.start()
+        if self.model_watcher is not None:
+            self.model_watcher.start()
         for index in range(self.settings.limits.workers):
             worker = threading.Thread(target=self._work, name=f"inference-worker-{index}", daemon=True)
             worker.start()
@@ -203,6 +213,9 @@ class Agent:
             self._intake.put(None)
         for worker in self._workers:
             worker.join(timeout=5)
+        if self.model_watcher is not None:
+            self.model_watcher.stop()
+        self.memory_watchdog.stop()
         if self.fallback is not None:
             self.fallback.stop()
         self.audit.close()  # its queued events reach the outbox before it closes
@@ -463,6 +476,15 @@ class Agent:
         refusal = self.rate_limiter.check(client_id)
         if refusal is not None:
             self._refuse_rate_limited(inbound, refusal)
+            return
+        if self.memory_watchdog.should_shed():
+            self.count("overloaded_memory")
+            self._count_rejection("overloaded")
+            error = Overloaded(
+                f"agent memory {self.memory_watchdog.last_rss_bytes / MB:.0f} MB is above its soft limit of "
+                f"{self.settings.limits.process_soft_limit_mb} MB; retry later"
+            )
+            self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
             return
         try:
             self._intake.put_nowait(inbound)

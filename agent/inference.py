@@ -1,8 +1,7 @@
 """TFLite inference: the only module that imports LiteRT (or its fallback, tflite-runtime).
 
-A :class:`LoadedModel` holds a verified model file and its tensor signature. Interpreters are never shared
-between threads (that raises or silently returns wrong results): each worker thread gets its own
-interpreter per model, created on first use. ``invoke()`` releases the GIL, so workers run in parallel.
+A :class:`LoadedModel` holds a verified model file, its tensor signature and a small pool of interpreters
+whose memory is measured as each is created (:mod:`agent.memory`).
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from agent.catalog import ModelEntry
 from agent.errors import InferenceFailed, InvalidParams, ModelUnavailable
+from agent.memory import measured_growth
 
 try:
     from ai_edge_litert.interpreter import Interpreter
@@ -80,37 +82,128 @@ def _tensor_infos(details: list[dict[str, Any]], names: list[str]) -> list[Tenso
 
 
 class LoadedModel:
-    """A model ready to run: verified bytes, tensor signature, one interpreter per calling thread."""
+    """A model ready to run: verified bytes, tensor signature and a pool of interpreters.
 
-    def __init__(self, entry: ModelEntry, content: bytes, num_threads: int = 1) -> None:
+    An interpreter must never be used by two threads at once (that raises or silently returns wrong
+    results), but it may pass from thread to thread: each run checks one out of the pool and returns it.
+    Each interpreter has its own tensor arena (and, with XNNPACK, its own packed copy of float weights),
+    so the pool grows only up to ``max_interpreters`` concurrent runs of this model, and only while
+    ``admit_growth(estimated_bytes)`` agrees. Every interpreter's memory is measured as it is created:
+    ``memory_bytes`` is what the model really holds. ``invoke()`` releases the GIL, so runs on different
+    interpreters proceed in parallel; ``gate`` (shared by all models) bounds concurrent runs process-wide.
+    """
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        content: bytes,
+        num_threads: int = 1,
+        *,
+        max_interpreters: int = 1,
+        admit_growth: Callable[[int], bool] | None = None,
+        gate: AbstractContextManager[Any] | None = None,
+    ) -> None:
         self.entry = entry
         self.num_threads = num_threads
+        self.max_interpreters = max_interpreters
         self._content = content
-        self._local = threading.local()
+        self._admit_growth = admit_growth
+        self._gate = gate if gate is not None else nullcontext()
+        self._cond = threading.Condition()
+        self._idle: list[Any] = []
+        self._costs: dict[int, int] = {}  # id(interpreter) -> bytes measured when it was created
+        self._growing = False
+        self._closed = False
         try:
-            probe = self._new_interpreter()
+            probe = self._create_interpreter(admit=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}") from None
+        assert probe is not None, "the first interpreter needs no admission"
+        self.interpreter_bytes = self._costs[id(probe)]
         self.inputs = _tensor_infos(probe.get_input_details(), [spec.name for spec in entry.inputs])
         self.outputs = _tensor_infos(probe.get_output_details(), [spec.name for spec in entry.outputs])
-        self._local.interpreter = probe
         self._inputs_by_name = {info.name: info for info in self.inputs}
+        self._idle.append(probe)
 
     @property
     def size_bytes(self) -> int:
         return len(self._content)
 
-    def _new_interpreter(self) -> Any:
-        interpreter = Interpreter(model_content=self._content, num_threads=self.num_threads)
-        interpreter.allocate_tensors()
+    @property
+    def memory_bytes(self) -> int:
+        """The model file held in memory plus every live interpreter's measured cost."""
+        with self._cond:
+            return len(self._content) + sum(self._costs.values())
+
+    @property
+    def interpreter_count(self) -> int:
+        with self._cond:
+            return len(self._costs)
+
+    def _create_interpreter(self, *, admit: bool) -> Any | None:
+        with measured_growth() as growth:
+            # Asked inside the measurement lock: no other interpreter is being created meanwhile, so the
+            # budget the answer is based on cannot change under it.
+            if admit and self._admit_growth is not None and not self._admit_growth(self.interpreter_bytes):
+                return None
+            interpreter = Interpreter(model_content=self._content, num_threads=self.num_threads)
+            interpreter.allocate_tensors()
+        with self._cond:
+            self._costs[id(interpreter)] = growth.bytes
         return interpreter
 
-    def _thread_interpreter(self) -> Any:
-        interpreter = getattr(self._local, "interpreter", None)
-        if interpreter is None:
-            interpreter = self._new_interpreter()
-            self._local.interpreter = interpreter
-        return interpreter
+    def _checkout(self) -> Any:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise ModelUnavailable(f"model {self.entry.id!r} was unloaded")
+                if self._idle:
+                    return self._idle.pop()
+                if not self._growing and len(self._costs) < self.max_interpreters:
+                    self._growing = True
+                    break
+                self._cond.wait()
+        interpreter = None
+        try:
+            interpreter = self._create_interpreter(admit=True)
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceFailed(f"model {self.entry.id!r}: could not create another interpreter: {exc}") from None
+        finally:
+            with self._cond:
+                self._growing = False
+                self._cond.notify_all()
+        if interpreter is not None:
+            return interpreter
+        with self._cond:  # no memory for another interpreter: wait for one of the existing ones
+            while not self._idle:
+                if self._closed:
+                    raise ModelUnavailable(f"model {self.entry.id!r} was unloaded")
+                self._cond.wait()
+            return self._idle.pop()
+
+    def _checkin(self, interpreter: Any) -> None:
+        with self._cond:
+            if self._closed:
+                del self._costs[id(interpreter)]
+            else:
+                self._idle.append(interpreter)
+            self._cond.notify()
+
+    def shrink(self, keep: int = 1) -> None:
+        """Drop idle interpreters beyond ``keep`` (the memory returns once the caller trims the heap)."""
+        with self._cond:
+            while self._idle and len(self._costs) > keep:
+                del self._costs[id(self._idle.pop())]
+
+    def close(self) -> None:
+        """Drop every interpreter and the model bytes; runs still in flight finish on what they hold."""
+        with self._cond:
+            self._closed = True
+            for interpreter in self._idle:
+                del self._costs[id(interpreter)]
+            self._idle.clear()
+            self._content = b""
+            self._cond.notify_all()
 
     def input_info(self, name: str) -> TensorInfo:
         try:
@@ -120,15 +213,19 @@ class LoadedModel:
             raise InvalidParams(f"model {self.entry.id!r} has no input {name!r}; its inputs: {expected}") from None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one inference on this thread's interpreter; ``feeds`` must already match the input tensors."""
-        interpreter = self._thread_interpreter()
-        try:
-            for info in self.inputs:
-                interpreter.set_tensor(info.index, feeds[info.name])
-            interpreter.invoke()
-            return {info.name: interpreter.get_tensor(info.index) for info in self.outputs}
-        except (ValueError, RuntimeError) as exc:
-            raise InferenceFailed(f"model {self.entry.id!r} failed while running: {exc}") from None
+        """Run one inference on an interpreter from the pool; ``feeds`` must already match the input tensors."""
+        with self._gate:
+            interpreter = self._checkout()
+            try:
+                for info in self.inputs:
+                    interpreter.set_tensor(info.index, feeds[info.name])
+                interpreter.invoke()
+                # get_tensor copies, so the interpreter can go back to the pool before the caller reads.
+                return {info.name: interpreter.get_tensor(info.index) for info in self.outputs}
+            except (ValueError, RuntimeError) as exc:
+                raise InferenceFailed(f"model {self.entry.id!r} failed while running: {exc}") from None
+            finally:
+                self._checkin(interpreter)
 
 
 def _decode_b64_tensor(name: str, value: dict[str, Any]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The request use case: a parsed JSON-RPC request in, a reply dict out (no MQTT in here).
 
 Methods: ``infer``, ``models/list``, ``ping`` and the Model Context Protocol methods (``initialize``,
-``notifications/initialized``, ``tools/list``, ``tools/call``) so an MCP host can use each model as a tool.
+``notifications/initialized``, ``tools/list``, ``tools/call``) so an MCP host can use each model, and each
+ensemble, as a tool. Which model serves an ``infer`` is decided by :mod:`agent.routing`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.catalog import ModelEntry, TensorSpec
+from agent.catalog import Catalog, EnsembleEntry, ModelEntry, TensorSpec
 from agent.config import Limits
 from agent.errors import InvalidParams, MethodNotFound, RequestError
-from agent.inference import decode_output, prepare_input
+from agent.memory import MB
 from agent.model_manager import ModelManager
+from agent.model_stats import ModelStats
 from agent.protocol import InferParams, Request, ToolCallParams, validate_params
+from agent.routing import VOTE_OUTPUT, Router
 
 MCP_PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 # The newest version that still negotiates with an initialize handshake, for clients asking something unknown.
@@ -50,6 +53,7 @@ class RequestService:
 
     def __init__(self, models: ModelManager, limits: Limits, *, device_id: str, profile: str) -> None:
         self.models = models
+        self.router = Router(models, max_input_elements=limits.max_input_elements)
         self.limits = limits
         self.device_id = device_id
         self.profile = profile
@@ -76,33 +80,33 @@ class RequestService:
         return method(request.params, timing)
 
     def run_inference(self, params: InferParams, timing: Timing) -> dict[str, Any]:
-        """Validate inputs against the model, run it, and shape the ``infer`` result."""
-        if params.model is None:
-            raise InvalidParams("params.model is required (the model id, see models/list)")
-        loaded = self.models.get(params.model)
-        missing = [info.name for info in loaded.inputs if info.name not in params.inputs]
-        if missing:
-            raise InvalidParams(f"model {params.model!r} needs input(s) {missing}")
-        for name in params.inputs:
-            loaded.input_info(name)
-        feeds = {
-            info.name: prepare_input(
-                info, params.inputs[info.name], raw=params.raw, max_elements=self.limits.max_input_elements
-            )
-            for info in loaded.inputs
-        }
-        started = time.monotonic()
-        raw_outputs = loaded.run(feeds)
-        timing.inference_ms = (time.monotonic() - started) * 1000
-        outputs = {info.name: decode_output(info, raw_outputs[info.name], raw=params.raw) for info in loaded.outputs}
+        """Run the model (or ensemble) named, or the best one for the task named, and shape the ``infer`` result."""
+        target = self.router.resolve(params.model, params.task)
+        served = self.router.serve(target, params.inputs, raw=params.raw)
+        timing.inference_ms = served.inference_ms
         result: dict[str, Any] = {
-            "model": loaded.entry.id,
-            "model_version": loaded.entry.version,
+            "model": served.id,
+            "model_version": served.version,
             "served_by": "local",
             # Non-finite values stay floats here; the publisher encodes them (agent.outgoing).
-            "outputs": {name: array.tolist() for name, array in outputs.items()},
+            "outputs": {name: np.asarray(array).tolist() for name, array in served.outputs.items()},
         }
-        top = _top_labels(loaded.entry, outputs, params.top_k)
+        if params.model is None:
+            result["task"] = params.task
+        if served.strategy is not None:
+            result["ensemble"] = {
+                "strategy": served.strategy,
+                "members": [
+                    {
+                        "model": run.entry.id,
+                        "model_version": run.entry.version,
+                        "weight": weight,
+                        "inference_ms": round(run.inference_ms, 3),
+                    }
+                    for run, weight in served.members
+                ],
+            }
+        top = _top_labels(served.labels, served.outputs, params.top_k)
         if top is not None:
             result["top"] = top
         result["timing_ms"] = timing.as_result()
@@ -112,7 +116,10 @@ class RequestService:
         return self.run_inference(validate_params(InferParams, params), timing)
 
     def _models_list(self, params: Any, timing: Timing) -> dict[str, Any]:
-        return {"models": [_describe_model(entry) for entry in self.models.entries.values()]}
+        catalog = self.models.catalog
+        models = [_describe_model(entry, self.models.stats(entry)) for entry in catalog.models.values()]
+        ensembles = [_describe_ensemble(ensemble, catalog) for ensemble in catalog.ensembles.values()]
+        return {"models": models + ensembles}
 
     def _initialize(self, params: Any, timing: Timing) -> dict[str, Any]:
         requested = params.get("protocolVersion") if isinstance(params, dict) else None
@@ -128,11 +135,15 @@ class RequestService:
         }
 
     def _tools_list(self, params: Any, timing: Timing) -> dict[str, Any]:
-        return {"tools": [_tool_for(entry) for entry in self.models.entries.values()]}
+        catalog = self.models.catalog
+        tools = [_tool_for(entry) for entry in catalog.models.values()]
+        tools += [_tool_for_ensemble(ensemble, catalog) for ensemble in catalog.ensembles.values()]
+        return {"tools": tools}
 
     def _tools_call(self, params: Any, timing: Timing) -> dict[str, Any]:
         call = validate_params(ToolCallParams, params)
-        if call.name not in self.models.entries:
+        catalog = self.models.catalog
+        if call.name not in catalog.models and call.name not in catalog.ensembles:
             raise InvalidParams(f"unknown tool {call.name!r}")
         arguments = dict(call.arguments)
         options = {key: arguments.pop(key) for key in ("raw", "top_k") if key in arguments}
@@ -143,7 +154,7 @@ class RequestService:
             if isinstance(exc, InvalidParams):
                 return {"content": [{"type": "text", "text": exc.message}], "isError": True}
             raise
-        structured = {key: result[key] for key in ("model", "model_version", "outputs", "top", "timing_ms") if key in result}
+        structured = {key: result[key] for key in ("model", "model_version", "ensemble", "outputs", "top", "timing_ms") if key in result}
         return {
             "content": [{"type": "text", "text": _summary(result)}],
             "structuredContent": structured,
@@ -151,14 +162,14 @@ class RequestService:
         }
 
 
-def _top_labels(entry: ModelEntry, outputs: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]] | None:
-    if not entry.labels or top_k == 0 or not outputs:
+def _top_labels(labels: list[str], outputs: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]] | None:
+    if not labels or top_k == 0 or not outputs:
         return None
     scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
-    if scores.size != len(entry.labels):
+    if scores.size != len(labels):
         return None
     order = np.argsort(-scores, kind="stable")[:top_k]
-    return [{"label": entry.labels[int(index)], "score": round(float(scores[index]), 6)} for index in order]
+    return [{"label": labels[int(index)], "score": round(float(scores[index]), 6)} for index in order]
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -173,15 +184,45 @@ def _describe_tensor(spec: TensorSpec) -> dict[str, Any]:
     return spec.model_dump(exclude_none=True)
 
 
-def _describe_model(entry: ModelEntry) -> dict[str, Any]:
+def _describe_model(entry: ModelEntry, stats: ModelStats) -> dict[str, Any]:
     return {
         "id": entry.id,
+        "kind": "model",
         "version": entry.version,
         "task": entry.task,
         "description": entry.description,
         "labels": entry.labels,
         "inputs": [_describe_tensor(spec) for spec in entry.inputs],
         "outputs": [_describe_tensor(spec) for spec in entry.outputs],
+        "pinned": entry.pinned,
+        "loaded": stats.loaded,
+        "memory_mb": None if stats.memory_bytes is None else round(stats.memory_bytes / MB, 1),
+        "latency_ms": None if stats.latency_ms is None else round(stats.latency_ms, 3),
+        "load_ms": None if stats.load_ms is None else round(stats.load_ms, 1),
+    }
+
+
+def _ensemble_outputs(ensemble: EnsembleEntry, first: ModelEntry) -> list[TensorSpec]:
+    if ensemble.strategy == "fastest":
+        return first.outputs
+    description = f"weighted mean of the members' probabilities in label order: {', '.join(first.labels)}"
+    return [TensorSpec(name=VOTE_OUTPUT, description=description, shape=[1, len(first.labels)], dtype="float32")]
+
+
+def _describe_ensemble(ensemble: EnsembleEntry, catalog: Catalog) -> dict[str, Any]:
+    """An ensemble as ``models/list`` shows it: the fields of a model, plus its strategy and members."""
+    first = catalog.models[ensemble.members[0].model]
+    return {
+        "id": ensemble.id,
+        "kind": "ensemble",
+        "version": ensemble.version,
+        "task": ensemble.task,
+        "description": ensemble.description,
+        "labels": first.labels,
+        "inputs": [_describe_tensor(spec) for spec in first.inputs],
+        "outputs": [_describe_tensor(spec) for spec in _ensemble_outputs(ensemble, first)],
+        "strategy": ensemble.strategy,
+        "members": [member.model_dump() for member in ensemble.members],
     }
 
 
@@ -195,24 +236,35 @@ def _array_schema(shape: list[int], description: str) -> dict[str, Any]:
     return schema
 
 
-def _tool_for(entry: ModelEntry) -> dict[str, Any]:
+def _tool(name: str, version: str, description: str, labels: list[str], inputs: list[TensorSpec]) -> dict[str, Any]:
     properties = {
-        spec.name: _array_schema(spec.shape or [], spec.description or f"input tensor {spec.name}")
-        for spec in entry.inputs
+        spec.name: _array_schema(spec.shape or [], spec.description or f"input tensor {spec.name}") for spec in inputs
     }
     properties["top_k"] = {"type": "integer", "minimum": 0, "maximum": 1000, "description": "how many labels to rank"}
     properties["raw"] = {"type": "boolean", "description": "quantized models: pass and return raw integers"}
-    description = entry.description or f"Run model {entry.id}"
-    if entry.labels:
-        description += f" Labels: {', '.join(entry.labels)}."
+    if labels:
+        description += f" Labels: {', '.join(labels)}."
     return {
-        "name": entry.id,
-        "title": f"{entry.id} {entry.version}",
+        "name": name,
+        "title": f"{name} {version}",
         "description": description,
         "inputSchema": {
             "type": "object",
             "properties": properties,
-            "required": [spec.name for spec in entry.inputs],
+            "required": [spec.name for spec in inputs],
             "additionalProperties": False,
         },
     }
+
+
+def _tool_for(entry: ModelEntry) -> dict[str, Any]:
+    description = entry.description or f"Run model {entry.id}"
+    return _tool(entry.id, entry.version, description, entry.labels, entry.inputs)
+
+
+def _tool_for_ensemble(ensemble: EnsembleEntry, catalog: Catalog) -> dict[str, Any]:
+    first = catalog.models[ensemble.members[0].model]
+    members = ", ".join(member.model for member in ensemble.members)
+    how = "the fastest of" if ensemble.strategy == "fastest" else "a weighted vote of"
+    description = ensemble.description or f"Run {how} {members}."
+    return _tool(ensemble.id, ensemble.version, description, first.labels, first.inputs)

@@ -82,9 +82,10 @@ def test_corrupt_model_refused_before_loading(tmp_path) -> None:
         verified_model_bytes(tmp_path, entry)
     manager = ModelManager(tmp_path)
     assert entry.id in manager.verify_all()
-    with pytest.raises(ModelUnavailable, match="sha256"):
-        manager.get(entry.id)
-    assert manager.get(manifest.models[1].id).entry.id == manifest.models[1].id
+    with pytest.raises(ModelUnavailable, match="sha256"), manager.lease(entry.id):
+        pass
+    with manager.lease(manifest.models[1].id) as loaded:
+        assert loaded.entry.id == manifest.models[1].id
 
 
 def test_garbage_model_bytes_give_a_clean_error() -> None:
@@ -93,26 +94,24 @@ def test_garbage_model_bytes_give_a_clean_error() -> None:
         LoadedModel(entry, b"\x00" * 64)
 
 
-def test_each_thread_gets_its_own_interpreter_and_same_answers(models_dir) -> None:
-    manager = ModelManager(models_dir)
-    loaded = manager.get("face-detector")
+def test_concurrent_runs_share_a_bounded_interpreter_pool_and_agree(models_dir) -> None:
+    manager = ModelManager(models_dir, max_concurrent_inferences=2)
     rng = np.random.default_rng(7)
     images = [rng.random((1, 128, 128, 3), dtype=np.float32) for _ in range(4)]
-    expected = [loaded.run({"image": image})["classificators"].copy() for image in images]
     mismatches: list[int] = []
-    interpreters: set[int] = set()
+    with manager.lease("face-detector") as loaded:
+        expected = [loaded.run({"image": image})["classificators"].copy() for image in images]
 
-    def work(offset: int) -> None:
-        interpreters.add(id(loaded._thread_interpreter()))
-        for step in range(20):
-            index = (offset + step) % len(images)
-            if not np.array_equal(loaded.run({"image": images[index]})["classificators"], expected[index]):
-                mismatches.append(index)
+        def work(offset: int) -> None:
+            for step in range(20):
+                index = (offset + step) % len(images)
+                if not np.array_equal(loaded.run({"image": images[index]})["classificators"], expected[index]):
+                    mismatches.append(index)
 
-    threads = [threading.Thread(target=work, args=(offset,)) for offset in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert mismatches == []
-    assert len(interpreters) == 3
+        threads = [threading.Thread(target=work, args=(offset,)) for offset in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert mismatches == []
+        assert 1 <= loaded.interpreter_count <= 2

@@ -1,0 +1,61 @@
+"""What this device has measured about its models: memory, load time and latency.
+
+Figures are kept per model version (id and sha256) so that a new version starts afresh, and they outlive
+unloading: the budget and the router keep using a model's measured memory after it was evicted.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+LATENCY_EWMA_ALPHA = 0.2
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """What the model manager knows about one model for routing and ``models/list``."""
+
+    loaded: bool
+    memory_bytes: int | None
+    latency_ms: float | None
+    load_ms: float | None
+    fits: bool
+
+
+class Measurements:
+    """Measured figures, safe to record and read from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._memory: dict[tuple[str, str], int] = {}
+        self._load_ms: dict[tuple[str, str], float] = {}
+        self._latency: dict[str, tuple[str, float]] = {}  # servable id -> (version, average ms)
+
+    def record_load(self, model_id: str, version: str, memory_bytes: int, load_ms: float) -> None:
+        with self._lock:
+            self._memory[(model_id, version)] = memory_bytes
+            self._load_ms[(model_id, version)] = load_ms
+
+    def memory_bytes(self, model_id: str, version: str) -> int | None:
+        """The memory the model held after its last load (its file plus one interpreter)."""
+        with self._lock:
+            return self._memory.get((model_id, version))
+
+    def load_ms(self, model_id: str, version: str) -> float | None:
+        with self._lock:
+            return self._load_ms.get((model_id, version))
+
+    def record_latency(self, servable_id: str, version: str, milliseconds: float) -> None:
+        """Fold one run's duration into an exponentially weighted average (restarted for a new version)."""
+        with self._lock:
+            previous = self._latency.get(servable_id)
+            if previous is None or previous[0] != version:
+                self._latency[servable_id] = (version, milliseconds)
+            else:
+                self._latency[servable_id] = (version, previous[1] + LATENCY_EWMA_ALPHA * (milliseconds - previous[1]))
+
+    def latency_ms(self, servable_id: str, version: str) -> float | None:
+        with self._lock:
+            recorded = self._latency.get(servable_id)
+        return recorded[1] if recorded is not None and recorded[0] == version else None
