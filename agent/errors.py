@@ -26,6 +26,10 @@ class OutboxError(AgentError):
     """The durable outbox cannot store or deliver (disk full, database unusable)."""
 
 
+class UpstreamFormatError(AgentError):
+    """An upstream message (single or batch envelope, docs/cloud.md) cannot be decoded."""
+
+
 class SigningError(AgentError):
     """The signer cannot sign: TPM absent, locked out, wrong key at the handle, key file unusable."""
 

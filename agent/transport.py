@@ -6,10 +6,14 @@ paho does not set TCP_NODELAY; without it each QoS 1 round trip on a quiet link 
 
 from __future__ import annotations
 
+import contextlib
+import random
+import select
 import socket
 import ssl
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -48,6 +52,94 @@ def configure_broker_access(client: mqtt.Client, broker: LocalBroker | CloudBrok
         if tls.insecure_skip_verify:
             client.tls_insecure_set(True)
     client.reconnect_delay_set(min_delay=broker.reconnect_min_s, max_delay=broker.reconnect_max_s)  # type: ignore[arg-type]
+
+
+def backoff_delay(attempt: int, low: float, high: float, rand: Callable[[], float] = random.random) -> float:
+    """Delay before connection attempt ``attempt`` (0-based): half the exponential step plus jitter, so a
+    fleet does not reconnect in lockstep."""
+    step = min(high, low * 2 ** min(attempt, 32))
+    return step / 2 + rand() * step / 2
+
+
+class WakeSocket:
+    """A socket pair that wakes a thread blocked in ``select`` from any other thread."""
+
+    def __init__(self) -> None:
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full buffer means a wake-up is already pending
+            self._writer.send(b"\0")
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self.reader.recv(4096):
+                pass
+
+
+def serve_connection(
+    client: mqtt.Client,
+    waker: WakeSocket,
+    stopping: threading.Event,
+    between_rounds: Callable[[], None],
+    select_timeout_s: float = 1.0,
+) -> None:
+    """Run paho's network loop for one connection on the calling thread until it ends.
+
+    Uses paho's public external-loop API plus ``waker``, so the thread that owns the client can be woken
+    to publish at once. ``between_rounds`` runs before every round until ``stopping`` is set (then the
+    client disconnects cleanly); it is the place for this thread's paho calls.
+    """
+    disconnecting = False
+    while True:
+        if stopping.is_set() and not disconnecting:
+            client.disconnect()
+            disconnecting = True
+        if not disconnecting:
+            between_rounds()
+        sock = client.socket()
+        if sock is None:
+            return
+        pending = bool(getattr(sock, "pending", lambda: 0)())  # TLS bytes select cannot see
+        readable, writable, _ = select.select(
+            [sock, waker.reader], [sock] if client.want_write() else [], [], 0 if pending else select_timeout_s
+        )
+        if waker.reader in readable:
+            waker.clear()
+        if (pending or sock in readable) and client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+            return
+        if sock in writable and client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+            return
+        if client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
+            return
+
+
+class Subscriptions:
+    """Topic filters a client keeps subscribed on every connection, even to a broker that lost its session.
+
+    ``add`` may be called from any thread; ``send_pending`` only from the thread that owns the client.
+    """
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self._client = client
+        self._filters: dict[str, int] = {}
+        self._unsent: set[str] = set()
+
+    def add(self, topic_filter: str, qos: int, on_message: Callable[[mqtt.MQTTMessage], None]) -> None:
+        self._client.message_callback_add(topic_filter, lambda client, userdata, message: on_message(message))
+        self._filters[topic_filter] = qos
+        self._unsent.add(topic_filter)
+
+    def renew(self) -> None:
+        """Subscribe everything again (call on every CONNACK)."""
+        self._unsent.update(self._filters)  # updated in place, never replaced: add() may run meanwhile
+
+    def send_pending(self) -> None:
+        while self._unsent:
+            topic_filter = self._unsent.pop()
+            self._client.subscribe(topic_filter, self._filters[topic_filter])
 
 
 def connect_properties(session_expiry: int, receive_maximum: int | None = None) -> Properties:

@@ -22,65 +22,51 @@ The backoff resets only after a connection stayed up for a while, so a broker th
 us is not hammered. While not connected the drain does no work at all (open circuit): requests only ever
 touch the outbox, never the uplink, so a dead cloud costs the request path nothing.
 
-Upstream envelope (UTF-8 JSON): ``{"msg_id", "class", "seq", "device_id", "enqueued_at", "age_ms", "body"}``
-where ``enqueued_at`` is the device's wall clock at enqueue (unreliable before NTP sync on boards without an
-RTC) and ``age_ms`` the time the message has spent on the device, measured on its boot clock (reliable);
-``body`` is the stored JSON document. MQTT 5 Message Expiry is the remaining TTL.
+Batching (``[cloud] batch``, for metered links): the records of a class travel many per message, zlib
+compressed, on ``mcp/up/{device_id}/{class}/batch`` (:mod:`agent.uplink_batch` decides what leaves when).
+A batch is one QoS 1 publish and settles all its rows together: a success PUBACK deletes every one, a
+refusal dead-letters every one. Each record inside keeps its own ``msg_id``, so the cloud still drops
+repeats per record, and batches of a class leave in order, so the guarantees above hold record by record.
+
+Envelopes (single and batch) are defined in :mod:`agent.uplink_wire`; docs/cloud.md is the cloud side's
+contract. MQTT 5 Message Expiry is the remaining TTL (of a batch: the shortest among its records).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
 import logging
-import math
-import random
-import select
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from agent.config import CloudBroker, TlsSettings
+from agent.config import CloudBroker
 from agent.errors import OutboxError
-from agent.topics import upstream_topic
+from agent.transport import (
+    Subscriptions,
+    WakeSocket,
+    backoff_delay,
+    configure_broker_access,
+    connect_properties,
+    new_client,
+    serve_connection,
+)
+from agent.uplink_batch import Batcher, Publication
+from agent.uplink_wire import ClaimedRecord, UpstreamRecord
+
+__all__ = ["ClaimedRecord", "CloudMessage", "OutboxPort", "Uplink", "UplinkStats", "UpstreamRecord", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
 UplinkState = Literal["connected", "disconnected", "backoff"]
 _STABLE_CONNECTION_S = 10.0
-_LOOP_TIMEOUT_S = 1.0
 _IDLE_WAKE_S = 1.0
-_PACKET_OVERHEAD = 256
 _REASON_PACKET_TOO_LARGE = 0x95
-
-
-class ClaimedRecord(Protocol):
-    """What the uplink needs of a claimed outbox row (``agent.outbox.OutboxRecord`` has it)."""
-
-    @property
-    def id(self) -> int: ...
-    @property
-    def msg_id(self) -> str: ...
-    @property
-    def cls(self) -> str: ...
-    @property
-    def body(self) -> bytes: ...
-    @property
-    def enqueued_wall(self) -> float: ...
-    @property
-    def age_s(self) -> float: ...
-    @property
-    def remaining_ttl_s(self) -> float | None: ...
 
 
 class OutboxPort(Protocol):
@@ -91,20 +77,6 @@ class OutboxPort(Protocol):
     def mark_failed_many(self, failures: Sequence[tuple[int, int]]) -> None: ...
     def release_claims(self, ids: Iterable[int] | None = None) -> int: ...
     def add_queued_listener(self, callback: Callable[[], None]) -> None: ...
-
-
-class UpstreamRecord(BaseModel):
-    """The upstream envelope, as the cloud side parses it."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    msg_id: str
-    cls: str = Field(alias="class")
-    seq: int
-    device_id: str
-    enqueued_at: float
-    age_ms: int
-    body: Any
 
 
 class CloudMessage(BaseModel):
@@ -121,53 +93,13 @@ class UplinkStats(BaseModel):
     inflight: int
     window: int
     published: int
+    batches: int
+    buffered: int
     delivered: int
     refused: int
     connects: int
     connect_failures: int
     last_error: str | None
-
-
-def encode_envelope(record: ClaimedRecord, device_id: str) -> bytes:
-    """The upstream payload; the stored body (already JSON) is spliced in without re-encoding."""
-    head = {
-        "msg_id": record.msg_id,
-        "class": record.cls,
-        "seq": record.id,
-        "device_id": device_id,
-        "enqueued_at": record.enqueued_wall,
-        "age_ms": int(record.age_s * 1000),
-    }
-    return json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"body":' + record.body + b"}"
-
-
-def backoff_delay(attempt: int, low: float, high: float, rand: Callable[[], float] = random.random) -> float:
-    """Delay before connection attempt ``attempt`` (0-based): half the exponential step plus jitter."""
-    step = min(high, low * 2 ** min(attempt, 32))
-    return step / 2 + rand() * step / 2
-
-
-def _enable_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    # QoS 1 round trips otherwise stall on delayed ACKs (Nagle), capping a window's throughput.
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        log.debug("TCP_NODELAY not available on %r", sock)
-
-
-def _tls_context(tls: bool | TlsSettings | None) -> ssl.SSLContext | None:
-    if not tls:
-        return None
-    if tls is True:
-        return ssl.create_default_context()
-    assert isinstance(tls, TlsSettings)
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    if tls.cert_file:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class Uplink:
@@ -183,34 +115,24 @@ class Uplink:
         self._outbox = outbox
         self._cloud = cloud
         self._device_id = device_id
-        self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or device_id, protocol=mqtt.MQTTv5
-        )
-        self._client.on_socket_open = _enable_tcp_nodelay
+        self._client = new_client(client_id or device_id)
+        configure_broker_access(self._client, cloud)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.max_inflight_messages_set(cloud.inflight_window)
-        if cloud.username is not None:
-            self._client.username_pw_set(cloud.username, cloud.password)
-        context = _tls_context(cloud.tls)
-        if context is not None:
-            self._client.tls_set_context(context)
-        connect_properties = Properties(PacketTypes.CONNECT)
-        connect_properties.SessionExpiryInterval = cloud.session_expiry
-        self._client.connect_async(
-            cloud.host, cloud.port, cloud.keepalive, clean_start=False, properties=connect_properties
-        )
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
+        properties = connect_properties(cloud.session_expiry)
+        self._client.connect_async(cloud.host, cloud.port, cloud.keepalive, clean_start=False, properties=properties)
+        self._waker = WakeSocket()
         # _handoff guards the connection generation and the rows between the two threads; the connection
         # thread never calls paho while holding it.
         self._handoff = threading.Lock()
         self._gen = 0
         self._connected_gen = -1
-        self._to_publish: collections.deque[ClaimedRecord] = collections.deque()
-        self._inflight: dict[int, ClaimedRecord] = {}  # paho mid -> row, connection thread only
+        self._to_publish: collections.deque[Publication] = collections.deque()
+        self._inflight: dict[int, Publication] = {}  # paho mid -> publication, connection thread only
+        self._batcher = Batcher(cloud, device_id)  # drain thread only
+        self._batcher_gen = 0  # the connection generation the held rows were claimed in
         self._acks: collections.deque[tuple[int, int]] = collections.deque()  # (row id, PUBACK reason)
         self._lost: collections.deque[int] = collections.deque()  # row ids to release
         self._unsettled_ok: list[int] = []
@@ -218,11 +140,11 @@ class Uplink:
         self._unreleased: list[int] = []
         self._drain_cond = threading.Condition()
         self._drain_woken = False
+        self._settled = False  # set by the drain: nothing held, handed over or awaiting a PUBACK
         self._has_work = True
         self._window = cloud.inflight_window
         self._max_packet: int | None = None
-        self._subscriptions: dict[str, int] = {}
-        self._unsent_subscriptions: set[str] = set()
+        self._subscriptions = Subscriptions(self._client)
         self._state: UplinkState = "disconnected"
         self._connected_since: float | None = None
         self._accepting = True
@@ -255,13 +177,15 @@ class Uplink:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop claiming, give in-flight publishes up to ``timeout`` s for their PUBACKs, then disconnect.
 
-        Rows still unacknowledged are released back to the queue (sent again next time).
+        Records held for a batch are sent at once. Rows still unacknowledged are released back to the queue
+        (sent again next time).
         """
         if not self._threads:
             return
-        self._accepting = False
         with self._drain_cond:
-            self._drain_cond.wait_for(lambda: not (self._inflight or self._to_publish), timeout=timeout)
+            self._accepting, self._settled, self._drain_woken = False, False, True
+            self._drain_cond.notify_all()
+            self._drain_cond.wait_for(lambda: self._settled, timeout=timeout)
         self._stopping.set()
         self._wake_connection()
         self._threads[0].join()
@@ -276,6 +200,8 @@ class Uplink:
             inflight=len(self._inflight) + len(self._to_publish),
             window=self._window,
             published=self._counts["published"],
+            batches=self._counts["batches"],
+            buffered=self._batcher.buffered,
             delivered=self._counts["delivered"],
             refused=self._counts["refused"],
             connects=self._counts["connects"],
@@ -290,7 +216,7 @@ class Uplink:
         must not block; its exceptions are logged, never propagated.
         """
 
-        def deliver(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        def deliver(message: mqtt.MQTTMessage) -> None:
             properties = getattr(message, "properties", None)
             try:
                 handler(
@@ -304,9 +230,7 @@ class Uplink:
             except Exception:
                 log.exception("cloud message handler for %s failed", topic_filter)
 
-        self._client.message_callback_add(topic_filter, deliver)
-        self._subscriptions[topic_filter] = qos
-        self._unsent_subscriptions.add(topic_filter)
+        self._subscriptions.add(topic_filter, qos, deliver)
         self._wake_connection()
 
     # -- paho callbacks (connection thread) ---------------------------------------------------------
@@ -319,7 +243,7 @@ class Uplink:
         receive_maximum = getattr(props, "ReceiveMaximum", None)
         self._window = min(self._cloud.inflight_window, receive_maximum or self._cloud.inflight_window)
         self._max_packet = getattr(props, "MaximumPacketSize", None)
-        self._unsent_subscriptions.update(self._subscriptions)  # the same set: subscribe() may add to it now
+        self._subscriptions.renew()
         self._connected_since = time.monotonic()
         self._counts["connects"] += 1
         self._connected_gen = self._gen
@@ -332,9 +256,9 @@ class Uplink:
             self._last_error = f"disconnected: {reason}"
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
-        record = self._inflight.pop(mid, None)
-        if record is not None:
-            self._acks.append((record.id, int(reason.value)))
+        publication = self._inflight.pop(mid, None)
+        if publication is not None:
+            self._acks.extend((row_id, int(reason.value)) for row_id in publication.row_ids)
             self._wake_drain()
 
     def _on_rows_queued(self) -> None:
@@ -347,8 +271,7 @@ class Uplink:
             self._drain_cond.notify_all()
 
     def _wake_connection(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # a full buffer means a wake-up is already pending
-            self._wake_writer.send(b"\0")
+        self._waker.wake()
 
     # -- connection thread --------------------------------------------------------------------------
 
@@ -358,7 +281,7 @@ class Uplink:
             self._state = "disconnected"
             try:
                 self._client.reconnect()
-                self._serve()
+                serve_connection(self._client, self._waker, self._stopping, self._between_rounds)
             except Exception as exc:  # any failure to connect means: back off and try again
                 self._last_error = f"cannot connect to {self._cloud.host}:{self._cloud.port}: {exc}"
                 self._counts["connect_failures"] += 1
@@ -375,58 +298,29 @@ class Uplink:
             self._stopping.wait(delay)
         self._state = "disconnected"
 
-    def _serve(self) -> None:
-        """paho's network loop, on its public external-loop API plus our own wake-up socket."""
-        client, disconnecting = self._client, False
-        while True:
-            if self._stopping.is_set() and not disconnecting:
-                client.disconnect()
-                disconnecting = True
-            if self._state == "connected" and not disconnecting:
-                self._send_subscriptions()
-                self._publish_handed_over()
-            sock = client.socket()
-            if sock is None:
-                return
-            pending = bool(getattr(sock, "pending", lambda: 0)())  # TLS bytes select cannot see
-            readable, writable, _ = select.select(
-                [sock, self._wake_reader], [sock] if client.want_write() else [], [], 0 if pending else _LOOP_TIMEOUT_S
-            )
-            if self._wake_reader in readable:
-                with contextlib.suppress(BlockingIOError):
-                    while self._wake_reader.recv(4096):
-                        pass
-            if (pending or sock in readable) and client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                return
-            if sock in writable and client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
-                return
-            if client.loop_misc() != mqtt.MQTT_ERR_SUCCESS:
-                return
-
-    def _send_subscriptions(self) -> None:
-        while self._unsent_subscriptions:
-            topic = self._unsent_subscriptions.pop()
-            self._client.subscribe(topic, self._subscriptions[topic])
+    def _between_rounds(self) -> None:
+        if self._state == "connected":
+            self._subscriptions.send_pending()
+            self._publish_handed_over()
 
     def _publish_handed_over(self) -> None:
         while self._to_publish:
-            record = self._to_publish.popleft()
-            payload = encode_envelope(record, self._device_id)
-            topic = upstream_topic(self._device_id, record.cls)
-            if self._max_packet and len(payload) + len(topic) + _PACKET_OVERHEAD > self._max_packet:
-                self._acks.append((record.id, _REASON_PACKET_TOO_LARGE))
-                self._wake_drain()
-                continue
-            info = self._client.publish(topic, payload, qos=1, properties=self._properties(record))
-            self._inflight[info.mid] = record
-            self._counts["published"] += 1
+            # Removed only once in _inflight, so stop() never sees it in neither.
+            publication = self._to_publish[0]
+            info = self._client.publish(
+                publication.topic, publication.payload, qos=1, properties=publication.properties
+            )
+            self._inflight[info.mid] = publication
+            self._to_publish.popleft()
+            self._counts["published"] += len(publication.row_ids)
+            self._counts["batches"] += publication.batch
 
     def _connection_lost(self) -> None:
         with self._handoff:
             self._gen += 1
             self._state = "disconnected"
-            self._lost.extend(record.id for record in self._inflight.values())
-            self._lost.extend(record.id for record in self._to_publish)
+            for publication in (*self._inflight.values(), *self._to_publish):
+                self._lost.extend(publication.row_ids)
             self._inflight.clear()
             self._to_publish.clear()
         # Never let paho resend its copies: the outbox decides what goes out again, and in which order.
@@ -434,43 +328,54 @@ class Uplink:
         self._connected_since = None
         self._wake_drain()
 
-    @staticmethod
-    def _properties(record: ClaimedRecord) -> Properties:
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.UserProperty = [("msg-id", record.msg_id)]
-        properties.ContentType = "application/json"
-        properties.PayloadFormatIndicator = 1
-        if record.remaining_ttl_s is not None:
-            properties.MessageExpiryInterval = max(1, math.ceil(record.remaining_ttl_s))
-        return properties
-
     # -- drain thread -------------------------------------------------------------------------------
 
     def _run_drain(self) -> None:
         while True:
             with self._drain_cond:
-                self._drain_cond.wait_for(lambda: self._drain_woken, timeout=_IDLE_WAKE_S)
+                self._drain_cond.wait_for(lambda: self._drain_woken, timeout=self._drain_wait())
                 self._drain_woken = False
             # Read first: _drain_done is set only after the connection thread has moved every
             # unacknowledged row to _lost, so a finishing pass releases them all.
             finishing = self._drain_done
             try:
-                self._release_lost()
+                self._release_lost(finishing)
                 if not finishing:
                     # Refill the window before recording acknowledgements: a claim needs no fsync, so the
                     # network is busy while the acknowledgements wait for theirs.
                     self._claim_more()
+                    self._hand_over_ready()
                 self._record_acks()
             except OutboxError as exc:
                 self._has_work = True
                 log.error("uplink cannot update the outbox, will retry: %s", exc)
             with self._drain_cond:
+                self._settled = not (self._inflight or self._to_publish or self._batcher.buffered)
                 self._drain_cond.notify_all()  # stop() may be waiting for the window to empty
             if finishing:
                 return
 
-    def _release_lost(self) -> None:
-        """Give back rows whose connection ended unacknowledged, before anything newer is claimed."""
+    def _drain_wait(self) -> float:
+        """Seconds until the drain must look again without being woken: when a held batch falls due.
+
+        With the window full (or no connection) a due batch cannot leave; a PUBACK or CONNACK wakes the
+        drain then, so waiting for the due time would only spin.
+        """
+        due = self._batcher.next_due()
+        if due is None or self._free_slots() <= 0 or self._state != "connected":
+            return _IDLE_WAKE_S
+        return min(_IDLE_WAKE_S, max(0.0, due - time.monotonic()))
+
+    def _release_lost(self, finishing: bool) -> None:
+        """Give back rows whose connection ended unacknowledged, before anything newer is claimed.
+
+        Rows held for a batch go back too: they are newer than the lost ones of their class, and sending
+        them first would break the class's order.
+        """
+        with self._handoff:
+            stale = self._batcher_gen != self._gen
+        if stale or finishing:
+            self._unreleased.extend(self._batcher.take_all())
         while self._lost:
             self._unreleased.append(self._lost.popleft())
         if self._unreleased:
@@ -494,28 +399,44 @@ class Uplink:
             self._counts["refused"] += len(self._unsettled_refused)
             self._unsettled_refused = []
 
+    def _free_slots(self) -> int:
+        return self._window - len(self._inflight) - len(self._to_publish)
+
     def _claim_more(self) -> None:
         if not (self._accepting and self._has_work and self._state == "connected"):
             return
-        room = self._window - len(self._inflight) - len(self._to_publish)
+        room = self._batcher.claim_limit(self._free_slots())
         with self._handoff:
             # Rows of an ended connection not yet back in the queue are older than anything a claim
             # would return now: claiming past them would break per-class order.
             if room <= 0 or self._lost or self._unreleased or self._connected_gen != self._gen:
                 return
             generation = self._gen
+            if self._batcher.buffered and self._batcher_gen != generation:
+                return
         self._has_work = False  # before claiming, so a listener call during the claim is not lost
         records = self._outbox.claim_batch(room)
         if len(records) == room:
             self._has_work = True
-        if not records:
+        self._batcher.add(records)
+        self._batcher_gen = generation
+
+    def _hand_over_ready(self) -> None:
+        """Pass the publications that are due to the connection thread, as far as the window allows."""
+        slots = self._free_slots()
+        if not self._batcher.buffered or slots <= 0 or self._state != "connected":
+            return
+        publications, too_large = self._batcher.take(slots, max_packet=self._max_packet, flush=not self._accepting)
+        self._acks.extend((row_id, _REASON_PACKET_TOO_LARGE) for row_id in too_large)
+        if not publications:
             return
         with self._handoff:
-            handed_over = self._gen == generation and self._connected_gen == generation
+            handed_over = self._gen == self._batcher_gen and self._connected_gen == self._batcher_gen
             if handed_over:
-                self._to_publish.extend(records)
+                self._to_publish.extend(publications)
             else:
-                self._lost.extend(record.id for record in records)
+                for publication in publications:
+                    self._lost.extend(publication.row_ids)
         if handed_over:
             self._wake_connection()
         else:
