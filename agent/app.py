@@ -109,6 +109,7 @@ class Agent:
         self.rate_limiter = RateLimiter(settings.rate_limit)
         self.replies = ReplayCache(settings.replay)
         self.audit = AuditTrail(self.device_id, self._send_audit_upstream)
+        self.models.on_event = self._on_model_event
         self.probes: Probes | None = None
         self.metrics: AgentMetrics | None = None
         self._metrics_server: MetricsServer | None = None
@@ -294,10 +295,21 @@ class Agent:
         if self.upstream is not None:
             self.upstream.enqueue("audit", event.model_dump(mode="json", exclude={"device_id"}))
 
+    def _on_model_event(self, kind: str, **detail: Any) -> None:
+        if self.metrics is not None and kind == "model_loaded":
+            self.metrics.model_loaded(detail["model"])
+        elif self.metrics is not None and kind == "model_unloaded":
+            self.metrics.model_evicted(detail["model"])
+        elif kind in ("model_swapped", "model_removed", "model_refused"):
+            self.audit.record(kind, **detail)
+
     def refresh_status(self) -> None:
-        """Re-sign the retained status with fresh health figures and publish it."""
+        """Re-sign the retained status with fresh health figures and publish it; send the same upstream."""
+        document = self.status_document()
+        if self.upstream is not None:
+            self.upstream.enqueue("telemetry", {"health": document.get("health"), "counters": dict(self.counters)})
         try:
-            self._status_payload = encode_record(self.status_document(), self.signer)
+            self._status_payload = encode_record(document, self.signer)
         except SigningError as exc:
             log.error("could not sign the status, keeping the previous one: %s", exc)
             return

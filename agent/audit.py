@@ -28,7 +28,7 @@ from agent.errors import AgentError
 log = logging.getLogger(__name__)
 
 AuditKind = Literal[
-    "response_topic_refused", "rate_limited", "signing_key_rotated", "model_swapped", "model_refused"
+    "response_topic_refused", "rate_limited", "signing_key_rotated", "model_swapped", "model_removed", "model_refused"
 ]
 # What a client can trigger as often as it likes: throttled per client.
 CLIENT_CAUSED: frozenset[AuditKind] = frozenset({"response_topic_refused", "rate_limited"})
@@ -37,6 +37,7 @@ _LOG_LEVEL: dict[AuditKind, int] = {
     "rate_limited": logging.WARNING,
     "signing_key_rotated": logging.INFO,
     "model_swapped": logging.INFO,
+    "model_removed": logging.INFO,
     "model_refused": logging.ERROR,
 }
 

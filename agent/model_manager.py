@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -106,6 +106,9 @@ class ModelManager:
         self._slots: dict[str, _Slot] = {}
         self._draining: set[_Slot] = set()
         self._load_failures: dict[tuple[str, str], str] = {}
+        # Told of every load, unload, refusal and version swap, e.g. for metrics and the audit trail; it is
+        # called with the manager's lock held at times, so it must only hand the event on.
+        self.on_event: Callable[..., None] = lambda kind, **detail: None
         self.measurements = Measurements()
 
     @classmethod
@@ -155,7 +158,14 @@ class ModelManager:
             except ModelError as exc:
                 log.error("manifest change refused, still serving the previous catalogue: %s", exc)
                 return False
+            previous = self._catalog.models
             self._install(build_catalog(self.models_dir, manifest, self._catalog))
+        for model_id, entry in previous.items():
+            current = self._catalog.models.get(model_id)
+            if current is None:
+                self.on_event("model_removed", model=model_id, version=entry.version)
+            elif current.version != entry.version or current.sha256 != entry.sha256:
+                self.on_event("model_swapped", model=model_id, old=entry.version, new=current.version)
         for model_id in self._pinned_ids():
             try:
                 with self.lease(model_id):
@@ -251,6 +261,7 @@ class ModelManager:
         except (ModelError, ModelUnavailable) as exc:
             message = exc.message if isinstance(exc, RequestError) else str(exc)
             log.error("model refused: %s", message)
+            self.on_event("model_refused", model=entry.id, version=entry.version, reason=message)
             with self._cond:
                 self._load_failures[(entry.id, entry.sha256)] = message
                 self._drop(slot)
@@ -277,6 +288,7 @@ class ModelManager:
             "model %s %s loaded in %.0f ms: %.1f MB measured (file %.1f MB, interpreter %.1f MB)",
             entry.id, entry.version, load_ms, measured / MB, loaded.size_bytes / MB, loaded.interpreter_bytes / MB,
         )
+        self.on_event("model_loaded", model=entry.id, version=entry.version, memory_mb=round(measured / MB, 1))
         return slot
 
     def _drop(self, slot: _Slot) -> None:
@@ -412,6 +424,7 @@ class ModelManager:
             del self._slots[slot.entry.id]
         slot.retired = True
         log.info("unloading model %s %s (%.1f MB) %s", slot.entry.id, slot.entry.version, slot.memory_bytes / MB, why)
+        self.on_event("model_unloaded", model=slot.entry.id, version=slot.entry.version, reason=why)
         if slot.leases or slot.loaded is None:
             self._draining.add(slot)
             return False

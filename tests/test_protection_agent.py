@@ -172,3 +172,32 @@ def test_metrics_report_requests_by_method_and_outcome(
     assert samples[("edge_agent_requests_total", (("method", "ping"), ("model", "none"), ("outcome", "ok")))] == 1
     assert samples[("edge_agent_intake_depth", ())] == 0
     assert samples[("edge_agent_signing_info", (("backend", "none"), ("mode", "none")))] == 1
+
+
+def test_model_swaps_are_audited_and_health_goes_upstream_as_telemetry(
+    start_agent: Callable[..., Agent],
+    client_factory: Callable[..., DeviceClient],
+    cloud_broker: MosquittoProcess,
+    models_dir: Path,
+    tmp_path: Path,
+) -> None:
+    agent = start_agent(cloud={"host": cloud_broker.host, "port": cloud_broker.port}, models_poll_s=0)
+    cloud_broker.stop()  # nothing drains: the records stay in the outbox to be read
+    client = client_factory("alice")
+    assert "result" in client.call("infer", {"model": "vibration-anomaly", "inputs": {"features": [[0] * 8]}})
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    entry = next(model for model in manifest["models"] if model["id"] == "vibration-anomaly")
+    entry["version"] = "1.0.1"
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert agent.models.reload()
+    agent.refresh_status()
+    samples = _scrape(agent)
+    agent.stop()
+    with Outbox(tmp_path / "data" / "outbox.db") as outbox:
+        records = [(record.cls, json.loads(record.body)) for record in outbox.claim_batch(1000)]
+    audits = [body for cls, body in records if cls == "audit"]
+    swaps = [body for body in audits if body["kind"] == "model_swapped"]
+    assert [swap["detail"] for swap in swaps] == [{"model": "vibration-anomaly", "old": "1.0.0", "new": "1.0.1"}]
+    telemetry = [body for cls, body in records if cls == "telemetry"]
+    assert telemetry and telemetry[0]["health"]["memory"]["rss_bytes"] > 0 and telemetry[0]["counters"]["ok"] == 1
+    assert samples[("edge_agent_model_loads_total", (("model", "vibration-anomaly"),))] == 1
