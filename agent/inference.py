@@ -228,6 +228,19 @@ class LoadedModel:
                 self._checkin(interpreter)
 
 
+def encode_b64_tensor(array: np.ndarray) -> dict[str, Any]:
+    """The b64 tensor form (as accepted for inputs) of an output: little-endian bytes, dtype and shape.
+
+    Large outputs (a face detector's 15k floats) cost ~50x less this way than as nested JSON lists.
+    """
+    little_endian = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return {
+        "b64": base64.b64encode(np.ascontiguousarray(little_endian).tobytes()).decode("ascii"),
+        "dtype": array.dtype.name,
+        "shape": list(array.shape),
+    }
+
+
 def _decode_b64_tensor(name: str, value: dict[str, Any]) -> np.ndarray:
     unknown = set(value) - {"b64", "dtype", "shape"}
     if unknown:

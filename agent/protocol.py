@@ -50,6 +50,7 @@ class InferParams(BaseModel):
     top_k: int = Field(3, ge=0, le=1000)
     prefer: Literal["local", "cloud"] = "local"
     timeout_ms: int = Field(30_000, ge=1, le=3_600_000)
+    output_encoding: Literal["list", "b64"] = "list"
 
 
 class ToolCallParams(BaseModel):

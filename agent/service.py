@@ -18,6 +18,7 @@ from agent import __version__
 from agent.catalog import Catalog, EnsembleEntry, ModelEntry, TensorSpec
 from agent.config import Limits
 from agent.errors import InvalidParams, MethodNotFound, RequestError
+from agent.inference import encode_b64_tensor
 from agent.memory import MB
 from agent.model_manager import ModelManager
 from agent.model_stats import ModelStats
@@ -89,7 +90,10 @@ class RequestService:
             "model_version": served.version,
             "served_by": "local",
             # Non-finite values stay floats here; the publisher encodes them (agent.outgoing).
-            "outputs": {name: np.asarray(array).tolist() for name, array in served.outputs.items()},
+            "outputs": {
+                name: encode_b64_tensor(np.asarray(array)) if params.output_encoding == "b64" else np.asarray(array).tolist()
+                for name, array in served.outputs.items()
+            },
         }
         if params.model is None:
             result["task"] = params.task
@@ -165,11 +169,12 @@ class RequestService:
 def _top_labels(labels: list[str], outputs: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]] | None:
     if not labels or top_k == 0 or not outputs:
         return None
-    scores = np.asarray(next(iter(outputs.values())), dtype=np.float64).reshape(-1)
-    if scores.size != len(labels):
+    scores = np.asarray(next(iter(outputs.values()))).reshape(-1).tolist()
+    if len(scores) != len(labels):
         return None
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    return [{"label": labels[int(index)], "score": round(float(scores[index]), 6)} for index in order]
+    # Plain Python: for a handful of labels this is several times cheaper than numpy's argsort.
+    order = sorted(range(len(scores)), key=lambda index: -scores[index])[:top_k]
+    return [{"label": labels[index], "score": round(float(scores[index]), 6)} for index in order]
 
 
 def _summary(result: dict[str, Any]) -> str:

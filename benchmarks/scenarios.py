@@ -97,7 +97,12 @@ class Bench:
         image = np.random.default_rng(7).uniform(-1, 1, FACE_INPUT_SHAPE).astype("<f4")
         image_b64 = base64.b64encode(image.tobytes()).decode()
         face_input = {"b64": image_b64, "dtype": "float32", "shape": list(FACE_INPUT_SHAPE)}
-        face_request = {"method": "infer", "params": {"model": FACE_MODEL, "inputs": {"image": face_input}}}
+        # Raw tensors both ways (b64), as a vision client would send them; nested JSON lists of 15k output
+        # floats would measure the JSON encoder, not the agent.
+        face_request = {
+            "method": "infer",
+            "params": {"model": FACE_MODEL, "inputs": {"image": face_input}, "output_encoding": "b64"},
+        }
         self.face_payload = self.workdir / "face.json"
         self.face_payload.write_text(json.dumps(face_request))
         if shutil.which("swtpm") is not None:

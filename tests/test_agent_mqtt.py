@@ -255,3 +255,15 @@ def test_garbage_never_crashes_the_agent(shared_agent, payload: bytes) -> None:
     client.publish_raw(payload)
     assert client.call("ping", timeout=10)["result"] == {}
     assert all(worker.is_alive() for worker in agent._workers)
+
+
+def test_b64_outputs_carry_the_same_tensors_as_lists(start_agent, client_factory) -> None:
+    start_agent()
+    client = client_factory("alice")
+    image = _face_b64(3)
+    as_lists = client.call("infer", {"model": "face-detector", "inputs": {"image": image}})["result"]["outputs"]
+    as_b64 = client.call("infer", {"model": "face-detector", "inputs": {"image": image}, "output_encoding": "b64"})
+    for name, tensor in as_b64["result"]["outputs"].items():
+        decoded = np.frombuffer(base64.b64decode(tensor["b64"]), dtype="<" + np.dtype(tensor["dtype"]).str[1:])
+        assert tensor["shape"] == list(np.shape(as_lists[name]))
+        assert decoded.reshape(tensor["shape"]).tolist() == as_lists[name]
