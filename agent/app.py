@@ -107,6 +107,9 @@ class Agent:
         self.upstream: Upstream | None = None
         self.fallback: CloudFallback | None = None
         self.rate_limiter = RateLimiter(settings.rate_limit)
+        # Each refusal is a signed reply: a flood's refusals are answered at the client's own admitted rate
+        # (the rest are acknowledged unanswered and counted), so a flooder cannot buy the network thread.
+        self._refusal_replies = RateLimiter(settings.rate_limit)
         self.replies = ReplayCache(settings.replay)
         self.audit = AuditTrail(self.device_id, self._send_audit_upstream)
         self.models.on_event = self._on_model_event
@@ -512,6 +515,10 @@ class Agent:
         self.count(f"rate_limited_{refusal.scope}")
         self._count_rejection("rate_limited_client" if refusal.scope == "client" else "rate_limited_global")
         self.audit.record("rate_limited", client_id=inbound.client_id, scope=refusal.scope, retry_after_ms=retry_after_ms)
+        if self._refusal_replies.check(inbound.client_id) is not None:
+            self.count("rate_limited_unanswered")
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return
         error = RateLimited(
             f"rate limit exceeded ({refusal.scope}); retry after {retry_after_ms} ms",
             data={"retry_after_ms": retry_after_ms, "scope": refusal.scope},

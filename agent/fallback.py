@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config import RateLimit
 from agent.errors import RateLimited, RequestError, UpstreamTimeout
+from agent.ratelimit import RateLimiter
 from agent.protocol import InferParams, Request, error_reply
 from agent.uplink import CloudMessage
 
@@ -33,28 +35,6 @@ class _Pending:
     msg_id: str = field(compare=False)
     request_id: Any = field(compare=False)
     context: Any = field(compare=False)
-
-
-class _ClientBudget:
-    """A token bucket per client for forwarded requests (a few per second, with a small burst)."""
-
-    def __init__(self, rate_per_s: float, burst: int, max_clients: int = 4096) -> None:
-        self.rate = rate_per_s
-        self.burst = burst
-        self.max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, client_id: str, now: float) -> float | None:
-        """None if allowed, else seconds until a token is available."""
-        tokens, last = self._buckets.pop(client_id, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if len(self._buckets) >= self.max_clients:
-            self._buckets.pop(next(iter(self._buckets)))
-        if tokens < 1.0:
-            self._buckets[client_id] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self._buckets[client_id] = (tokens - 1.0, now)
-        return None
 
 
 class CloudFallback:
@@ -76,7 +56,10 @@ class CloudFallback:
         self._relay = relay
         self._count = count
         self._clock = clock
-        self._budget = _ClientBudget(rate_per_s, burst)
+        self._rate_per_s = rate_per_s
+        self._budget = RateLimiter(
+            RateLimit(requests_per_s=rate_per_s, burst=burst, global_requests_per_s=rate_per_s * 64), clock=clock
+        )
         self._pending: dict[str, _Pending] = {}
         self._deadlines: list[_Pending] = []
         self._lock = threading.Lock()
@@ -100,12 +83,12 @@ class CloudFallback:
     def forward(self, client_id: str, request: Request, params: InferParams, context: Any) -> None:
         """Store the request for the cloud; raises RequestError if it is refused here."""
         now = self._clock()
-        wait_s = self._budget.take(client_id, now)
-        if wait_s is not None:
+        refusal = self._budget.check(client_id)
+        if refusal is not None:
             self._count("fallback_rate_limited")
             raise RateLimited(
-                f"cloud fallback limited to {self._budget.rate:g} requests/s per client; retry later",
-                {"retry_after_ms": int(wait_s * 1000) + 1},
+                f"cloud fallback limited to {self._rate_per_s:g} requests/s per client; retry later",
+                {"retry_after_ms": int(refusal.retry_after_s * 1000) + 1, "scope": refusal.scope},
             )
         timeout_s = params.timeout_ms / 1000
         body = {"client_id": client_id, "request": request.model_dump(exclude={"is_notification"})}
