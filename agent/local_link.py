@@ -1,0 +1,277 @@
+"""The local MQTT link's request side: what paho's network thread does with an incoming request, and how
+replies are published and requests acknowledged.
+
+The network thread only sorts: topic and size checks, rate limits, memory shedding, an expiry stamp, and
+the hand-off to the bounded intake queue, or an immediate signed refusal. A request's PUBACK goes out only
+after the broker acknowledged its reply, in the order the requests arrived
+(:class:`~agent.transport.AckSequencer`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent import topics
+from agent.errors import (
+    InvalidRequest,
+    Overloaded,
+    RateLimited,
+    SigningError,
+)
+from agent.memory import MB
+from agent.metrics import Rejection
+from agent.outgoing import encode_reply
+from agent.protocol import (
+    RequestId,
+    error_reply,
+)
+from agent.ratelimit import RateLimitRefusal
+from agent.transport import (
+    publish_properties,
+)
+
+log = logging.getLogger(__name__)
+_ID_PROBE_MAX_BYTES = 65_536
+_ID_PROBE_HEAD_BYTES = 512
+OFFLINE: dict[str, Any] = {"status": "offline"}
+# The "id" member among the leading simple members of the top-level object (before any nested value).
+_LEADING_ID = re.compile(rb'\s*\{(?:\s*"[^"\\]*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-\w.]+)\s*,)*?\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
+
+
+
+@dataclass
+class InboundRequest:
+    """A request as it arrived, before parsing."""
+
+    client_id: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+    received: float
+    expires: float | None
+    response_topic: str | None
+    correlation_data: bytes | None
+
+
+@dataclass
+class PendingReply:
+    mid: int
+    qos: int
+    generation: int
+
+
+class LocalLinkMixin:
+    """Network-thread intake, reply publishing and ordered acknowledgements of :class:`agent.app.Agent`."""
+
+    # ---- paho callbacks (network thread) --------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("local broker refused the connection: %s", reason)
+            return
+        log.info("connected to local broker (session present: %s)", flags.session_present)
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        client.subscribe(topics.request_filter(self.device_id), options=options)
+        self._publish_identity_and_status()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if any(reason.is_failure for reason in reasons):
+            log.error("subscription refused by the local broker: %s", reasons)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._acks.reset()
+        if not self._stopped.is_set():
+            log.warning("disconnected from local broker (%s); reconnecting", reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        # paho calls this holding its outgoing-message lock, so nothing here may wait on a thread that is
+        # inside client.publish(); _publish_lock is therefore never held across a paho call.
+        with self._publish_lock:
+            if mid in self._awaiting_puback:
+                pending = self._awaiting_puback.pop(mid)
+            else:
+                self._early_pubacks.add(mid)
+                pending = None
+        if pending is not None:
+            self._finish(pending.mid, pending.qos, pending.generation)
+        with self._idle:
+            self._idle.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        generation = self._acks.generation
+        if message.qos > 0:
+            self._acks.received(message.mid)
+        client_id = topics.client_id_from_request_topic(message.topic, self.device_id)
+        if client_id is None:
+            self.count("ignored_topic")
+            self._finish(message.mid, message.qos, generation)
+            return
+        props = message.properties
+        now = time.monotonic()
+        expiry = getattr(props, "MessageExpiryInterval", None)
+        inbound = InboundRequest(
+            client_id=client_id,
+            payload=message.payload,
+            mid=message.mid,
+            qos=message.qos,
+            generation=generation,
+            received=now,
+            expires=now + expiry if expiry is not None else None,
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+        )
+        if len(message.payload) > self.settings.limits.max_payload_bytes:
+            self.count("oversized")
+            self._count_rejection("oversized")
+            error = InvalidRequest(
+                f"payload of {len(message.payload)} bytes exceeds the limit of {self.settings.limits.max_payload_bytes}"
+            )
+            self._reply(inbound, error_reply(None, error), to_default_topic=True)
+            return
+        if not self._accepting.is_set():
+            # Not acknowledged: the broker keeps it in our session and redelivers it after a restart.
+            return
+        refusal = self.rate_limiter.check(client_id)
+        if refusal is not None:
+            self._refuse_rate_limited(inbound, refusal)
+            return
+        if self.memory_watchdog.should_shed():
+            self.count("overloaded_memory")
+            self._count_rejection("overloaded")
+            error = Overloaded(
+                f"agent memory {self.memory_watchdog.last_rss_bytes / MB:.0f} MB is above its soft limit of "
+                f"{self.settings.limits.process_soft_limit_mb} MB; retry later"
+            )
+            self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
+            return
+        try:
+            self._intake.put_nowait(inbound)
+        except queue.Full:
+            self.count("overloaded")
+            self._count_rejection("overloaded")
+            error = Overloaded(f"intake queue full ({self._intake.maxsize} waiting); retry later")
+            self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
+
+    def _refuse_rate_limited(self, inbound: InboundRequest, refusal: RateLimitRefusal) -> None:
+        """Answer a request over its client's or the global rate at once, without queueing it."""
+        retry_after_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
+        self.count(f"rate_limited_{refusal.scope}")
+        self._count_rejection("rate_limited_client" if refusal.scope == "client" else "rate_limited_global")
+        self.audit.record("rate_limited", client_id=inbound.client_id, scope=refusal.scope, retry_after_ms=retry_after_ms)
+        if self._refusal_replies.check(inbound.client_id) is not None:
+            self.count("rate_limited_unanswered")
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return
+        error = RateLimited(
+            f"rate limit exceeded ({refusal.scope}); retry after {retry_after_ms} ms",
+            data={"retry_after_ms": retry_after_ms, "scope": refusal.scope},
+        )
+        self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
+
+    def _count_rejection(self, reason: Rejection) -> None:
+        if self.metrics is not None:
+            self.metrics.count_rejection(reason)
+
+    # ---- replies and acknowledgements -----------------------------------------------------------
+
+    def _reply(self, inbound: InboundRequest, reply: dict[str, Any], *, to_default_topic: bool = False) -> None:
+        """Sign and publish a reply (one that gets no upstream copy)."""
+        payload = self._encode(inbound, reply)
+        if payload is not None:
+            self._send(inbound, payload, to_default_topic=to_default_topic)
+
+    def _encode(self, inbound: InboundRequest, reply: dict[str, Any]) -> bytes | None:
+        """The signed reply bytes; None (request acknowledged, nothing sent) if signing failed."""
+        try:
+            return encode_reply(reply, self.signer, client_id=inbound.client_id, request_payload=inbound.payload)
+        except SigningError as exc:
+            # An unsigned answer would break the promise that every answer is signed; the client times out.
+            log.error("could not sign the reply to %s, not answering: %s", inbound.client_id, exc)
+            self.count("signing_failed")
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return None
+
+    def _deliver(
+        self, inbound: InboundRequest, payload: bytes, cache_key: tuple[str, RequestId, bytes] | None, *, committed: bool = False
+    ) -> None:
+        """Publish a served request's reply and remember it for repeats (runs on the outbox writer after a commit)."""
+        if self._send(inbound, payload) and cache_key is not None:
+            self.replies.store(*cache_key, payload)
+        if committed:
+            with self._idle:
+                self._awaiting_commit -= 1
+                self._idle.notify_all()
+
+    def _send(self, inbound: InboundRequest, payload: bytes, *, to_default_topic: bool = False) -> bool:
+        """Publish an encoded reply where ``inbound`` asked for it; acknowledges the request on PUBACK."""
+        use_response_topic = inbound.response_topic is not None and not to_default_topic
+        topic = inbound.response_topic if use_response_topic else topics.reply_topic(self.device_id, inbound.client_id)
+        props = publish_properties(correlation_data=inbound.correlation_data if use_response_topic else None)
+        pending = PendingReply(inbound.mid, inbound.qos, inbound.generation) if inbound.qos > 0 else None
+        if not self._publish_tracked(topic, payload, pending, properties=props):
+            self._finish(inbound.mid, inbound.qos, inbound.generation)
+            return False
+        return True
+
+    def _publish_tracked(
+        self, topic: str, payload: bytes | str, pending: PendingReply | None, *, retain: bool = False, properties: Any = None
+    ) -> bool:
+        """Publish at QoS 1; ``pending`` (a request to acknowledge) is finished when the broker's PUBACK arrives.
+
+        Every QoS 1 publish goes through here so that each PUBACK finds its message id registered, even when
+        it arrives before ``publish()`` has returned.
+        """
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("could not publish to %s: %s", topic, mqtt.error_string(info.rc))
+            return False
+        with self._publish_lock:
+            acknowledged_already = info.mid in self._early_pubacks
+            if acknowledged_already:
+                self._early_pubacks.discard(info.mid)
+            else:
+                self._awaiting_puback[info.mid] = pending
+        if acknowledged_already and pending is not None:
+            self._finish(pending.mid, pending.qos, pending.generation)
+        return True
+
+    def _finish(self, mid: int, qos: int, generation: int) -> None:
+        if qos > 0:
+            self._acks.done(mid, generation)
+
+
+def _probe_request_id(payload: bytes) -> RequestId:
+    """Best-effort id of a request that will not be parsed further, so the overload reply correlates.
+
+    Runs on the network thread under overload, so it must stay cheap: an ``"id"`` member near the start
+    (where clients put it) is read directly; otherwise only a small payload is parsed whole.
+    """
+    head = _LEADING_ID.match(payload[:_ID_PROBE_HEAD_BYTES])
+    if head is not None:
+        try:
+            request_id = json.loads(head.group(1))
+        except ValueError:
+            return None
+    elif len(payload) <= _ID_PROBE_MAX_BYTES:
+        try:
+            document = json.loads(payload)
+        except ValueError:
+            return None
+        request_id = document.get("id") if isinstance(document, dict) else None
+    else:
+        return None
+    return request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None
+
