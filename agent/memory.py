@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.periodic import PeriodicTask
+
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
@@ -212,8 +214,8 @@ class MemoryWatchdog:
         self._proc_self = proc_self
         self._shedding = False
         self.last_rss_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Outlives a bug in relieve(): it is what keeps the agent inside its memory.
+        self._task = PeriodicTask("memory-watchdog", interval_s, self.check)
 
     def should_shed(self) -> bool:
         """Whether new requests should be refused as overloaded (cheap: reads the last sample)."""
@@ -238,17 +240,7 @@ class MemoryWatchdog:
         return self._shedding
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="memory-watchdog", daemon=True)
-        self._thread.start()
+        self._task.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception:  # the watchdog must outlive a bug in relieve(); it is what keeps the agent alive
-                log.exception("memory watchdog check failed")
+        self._task.stop()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
 from agent.catalog import FileStamp, file_stamp
 from agent.model_manager import ModelManager
+from agent.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class ModelWatcher:
         self.models = models
         self.interval_s = interval_s
         self._fingerprint = directory_fingerprint(models.models_dir)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # A bug in one reload must not end hot updates for the life of the process.
+        self._task = PeriodicTask("model-watcher", interval_s, self.poll)
 
     def poll(self) -> bool:
         """Check once; reloads (and returns True) if anything in ``models_dir`` changed since the last poll."""
@@ -50,17 +50,7 @@ class ModelWatcher:
         return True
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
-        self._thread.start()
+        self._task.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.poll()
-            except Exception:  # a bug in one reload must not end hot updates for the life of the process
-                log.exception("model catalogue reload failed")
+        self._task.stop()

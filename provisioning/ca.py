@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import ProvisioningError
+from agent.signing.delegation import key_usage
 
 # Tools compare validity against their own clocks; a little backdating absorbs skew between machines.
 BACKDATE = timedelta(minutes=5)
@@ -123,7 +124,7 @@ def create_ca(common_name: str, *, path_length: int, days: int) -> tuple[ec.Elli
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -160,11 +161,11 @@ def issue_certificate(
     )
     if kind == "device":
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        builder = builder.add_extension(_key_usage(digital_signature=True, key_cert_sign=True), critical=True)
+        builder = builder.add_extension(key_usage(digital_signature=True, key_cert_sign=True), critical=True)
     else:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        builder = builder.add_extension(_key_usage(digital_signature=True), critical=True)
+        builder = builder.add_extension(key_usage(digital_signature=True), critical=True)
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     names = [_general_name(name) for name in dict.fromkeys(dns_names)]
     if names:
@@ -207,19 +208,3 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
-
-
-def _key_usage(
-    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
-) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=key_cert_sign,
-        crl_sign=crl_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )

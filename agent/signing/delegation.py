@@ -89,7 +89,7 @@ def issue_delegation(root: RootKey, device_id: str, *, now: datetime, lifetime: 
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(key_usage(digital_signature=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root.public_key), critical=False)
     )
@@ -121,7 +121,7 @@ def build_csr(root: RootKey, device_id: str) -> x509.CertificateSigningRequest:
         x509.CertificateSigningRequestBuilder()
         .subject_name(device_name(device_id))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True), critical=True)
+        .add_extension(key_usage(digital_signature=True, key_cert_sign=True), critical=True)
         .sign(throwaway, hashes.SHA256())
     )
     # CertificationRequestInfo = SEQUENCE { version, subject, subjectPKInfo, attributes }: swap in the root key.
@@ -193,7 +193,8 @@ def _require_issued_by(certificate: x509.Certificate, issuer_key: ec.EllipticCur
         raise SigningError("the certificate's signature does not verify with the issuer key") from None
 
 
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False) -> x509.KeyUsage:
+def key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+    """A KeyUsage extension with only the named bits set (device, delegation and fleet CA certificates)."""
     return x509.KeyUsage(
         digital_signature=digital_signature,
         content_commitment=False,
@@ -201,7 +202,7 @@ def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False) 
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=key_cert_sign,
-        crl_sign=False,
+        crl_sign=crl_sign,
         encipher_only=False,
         decipher_only=False,
     )
