@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_outbox, bench_signing
+from benchmarks import bench_models, bench_outbox, bench_signing, bench_uplink_bytes
 from benchmarks.report import format_report, machine, ratios_and_targets
 from benchmarks.scenarios import COMPARE_INFLIGHT, SWEEP, Bench, Timings, start_reference_responders
 
@@ -31,7 +31,12 @@ COMPARED = {
 }
 SWEPT = {"ceiling": (1,), "baseline": SWEEP, "agent_full": SWEEP, "agent_signed": (), "agent_bare": (1, 128)}
 # In-process micro-benchmarks of single components, each with run() -> dict and print_table(dict).
-COMPONENT_BENCHES = {"signing": bench_signing, "outbox": bench_outbox}
+COMPONENT_BENCHES = {
+    "signing": bench_signing,
+    "outbox": bench_outbox,
+    "models": bench_models,
+    "uplink_bytes": bench_uplink_bytes,
+}
 
 
 def run_scenarios(bench: Bench) -> dict[str, Any]:
