@@ -22,6 +22,7 @@ from agent.localbroker import MosquittoProcess
 from agent.signing import verify_message
 from agent.transport import connect_properties, new_client
 from tests.fixtures.agents import AgentProcess, write_config
+from tests.fixtures.generated_models import add_model, sized_model
 
 EXAMPLE = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 
@@ -123,9 +124,12 @@ def test_a_full_outbox_disk_does_not_stop_local_answers(start_agent, client_fact
 class CloudService:
     """A stand-in for the cloud's inference service: answers fallback requests on the cloud broker."""
 
-    def __init__(self, broker: MosquittoProcess, device_id: str = "dev1", *, answer: bool = True) -> None:
+    def __init__(
+        self, broker: MosquittoProcess, device_id: str = "dev1", *, answer: bool = True, delay_s: float = 0.0
+    ) -> None:
         self.requests: list[dict[str, Any]] = []
         self._answer = answer
+        self._delay_s = delay_s
         self._client = new_client("cloud-service")
         self._client.on_connect = lambda c, u, f, r, p: c.subscribe(topics.cloud_request_topic(device_id), qos=1)
         self._client.on_message = self._on_message
@@ -146,6 +150,7 @@ class CloudService:
         props.UserProperty = [("msg-id", envelope["msg_id"])]
         result = {"model": request["params"]["model"], "model_version": "cloud-7", "outputs": {"score": [[0.5]]}}
         reply = {"jsonrpc": "2.0", "id": request["id"], "result": result}
+        time.sleep(self._delay_s)  # on paho's thread: a slow cloud, answering in order
         client.publish(topics.cloud_reply_topic(self._device_id), json.dumps(reply), qos=1, properties=props)
 
     def close(self) -> None:
@@ -254,3 +259,28 @@ def test_outbox_cli_status_and_peek_while_the_agent_runs(tmp_path: Path, local_b
         assert peek.returncode == 0 and len(rows) == 2 and rows[0]["cls"] == "res"
     finally:
         agent.stop()
+
+
+def test_a_late_cloud_answer_is_dropped_and_a_model_too_large_here_is_forwarded(
+    start_agent, client_factory, cloud_broker, models_dir
+) -> None:
+    add_model(models_dir, "too-big-here", sized_model(4.0), labels=[])
+    agent = start_agent(
+        cloud=_cloud(cloud_broker, fallback_models=["too-big-here", "big-vision-model"]),
+        signing={"backend": "none"},
+        limits={"model_memory_mb": 2, "process_soft_limit_mb": 4000},
+    )
+    client = client_factory("alice")
+    service = CloudService(cloud_broker, delay_s=1.0)
+    try:
+        forwarded = client.call("infer", {"model": "too-big-here", "inputs": {"x": [[0.0] * 256]}})
+        assert forwarded["result"]["served_by"] == "cloud"
+        late = client.call("infer", {"model": "big-vision-model", "inputs": {"image": [[1]]}, "timeout_ms": 300})
+        assert late["error"]["code"] == -32007
+        deadline = time.monotonic() + 10
+        while agent.counters["fallback_late_or_unknown"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.counters["fallback_late_or_unknown"] == 1
+        assert not [reply for reply in client.unmatched if reply.get("id") == late["id"]]
+    finally:
+        service.close()
