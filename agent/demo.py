@@ -122,7 +122,7 @@ def _run_requests(client: DeviceClient) -> int:
         elif method == "tools/list":
             outcome = f"{len(reply['result']['tools'])} MCP tools: " + ", ".join(t["name"] for t in reply["result"]["tools"])
         else:
-            outcome = json.dumps(reply["result"])
+            outcome = json.dumps({key: value for key, value in reply["result"].items() if key != "_meta"})
         signed = "yes" if "sig" in json.dumps(reply) else "no"
         method_rows.append([method, json.dumps(params)[:50] if params else "", outcome[:110], signed])
     _print_table(["method", "params", "outcome", "signed"], method_rows)
