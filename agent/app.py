@@ -74,8 +74,7 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         self.upstream: Upstream | None = None
         self.fallback: CloudFallback | None = None
         self.rate_limiter = RateLimiter(settings.rate_limit)
-        # Each refusal is a signed reply: a flood's refusals are answered at the client's own admitted rate
-        # (the rest are acknowledged unanswered and counted), so a flooder cannot buy the network thread.
+        # How many refusals each client is answered (LocalLinkMixin._refuse_rate_limited says why).
         self._refusal_replies = RateLimiter(settings.rate_limit)
         self.replies = ReplayCache(settings.replay)
         self.audit = AuditTrail(self.device_id, self._send_audit_upstream)

@@ -119,6 +119,16 @@ class LocalLinkMixin:
             self.count("ignored_topic")
             self._finish(message.mid, message.qos, generation)
             return
+        if not self._accepting.is_set():
+            # Not acknowledged: the broker keeps it in our session and redelivers it after a restart.
+            return
+        refusal = self.rate_limiter.check(client_id)
+        if refusal is not None and self._refusal_replies.check(client_id) is not None:
+            # The cheapest path, first: a flood's excess beyond the refusals it is answered (see below).
+            self._count_refusal(refusal)
+            self.count("rate_limited_unanswered")
+            self._finish(message.mid, message.qos, generation)
+            return
         props = message.properties
         now = time.monotonic()
         expiry = getattr(props, "MessageExpiryInterval", None)
@@ -141,10 +151,6 @@ class LocalLinkMixin:
             )
             self._reply(inbound, error_reply(None, error), to_default_topic=True)
             return
-        if not self._accepting.is_set():
-            # Not acknowledged: the broker keeps it in our session and redelivers it after a restart.
-            return
-        refusal = self.rate_limiter.check(client_id)
         if refusal is not None:
             self._refuse_rate_limited(inbound, refusal)
             return
@@ -165,16 +171,20 @@ class LocalLinkMixin:
             error = Overloaded(f"intake queue full ({self._intake.maxsize} waiting); retry later")
             self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
 
-    def _refuse_rate_limited(self, inbound: InboundRequest, refusal: RateLimitRefusal) -> None:
-        """Answer a request over its client's or the global rate at once, without queueing it."""
-        retry_after_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
+    def _count_refusal(self, refusal: RateLimitRefusal) -> None:
         self.count(f"rate_limited_{refusal.scope}")
         self._count_rejection("rate_limited_client" if refusal.scope == "client" else "rate_limited_global")
+
+    def _refuse_rate_limited(self, inbound: InboundRequest, refusal: RateLimitRefusal) -> None:
+        """Answer a request over its client's or the global rate at once, without queueing it.
+
+        Each refusal is a signed reply, so refusals are answered only at the client's own admitted rate;
+        beyond that a flood's requests are acknowledged unanswered (in ``_on_message``, before any other
+        work), so a flooder cannot buy the network thread.
+        """
+        retry_after_ms = max(1, math.ceil(refusal.retry_after_s * 1000))
+        self._count_refusal(refusal)
         self.audit.record("rate_limited", client_id=inbound.client_id, scope=refusal.scope, retry_after_ms=retry_after_ms)
-        if self._refusal_replies.check(inbound.client_id) is not None:
-            self.count("rate_limited_unanswered")
-            self._finish(inbound.mid, inbound.qos, inbound.generation)
-            return
         error = RateLimited(
             f"rate limit exceeded ({refusal.scope}); retry after {retry_after_ms} ms",
             data={"retry_after_ms": retry_after_ms, "scope": refusal.scope},

@@ -199,7 +199,7 @@ class Responder:
 
 def start_load(
     broker: MosquittoProcess, device_id: str, payload: Path, *, inflight: int, duration: float,
-    warmup: float = 1.0, rate: float | None = None,
+    warmup: float = 1.0, rate: float | None = None, abandon_after: float | None = None,
 ) -> subprocess.Popen[bytes]:
     """Spawn one load generator process (``benchmarks.load``); collect it with :func:`load_result`."""
     command = [
@@ -209,6 +209,8 @@ def start_load(
     ]
     if rate is not None:
         command += ["--rate", str(rate)]
+    if abandon_after is not None:
+        command += ["--abandon-after", str(abandon_after)]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=_clean_environment({}), stdout=subprocess.PIPE)
 
 

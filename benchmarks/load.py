@@ -49,11 +49,15 @@ class LoadGenerator:
     """One connected requester; ``run()`` returns the statistics of one measured window."""
 
     def __init__(
-        self, host: str, port: int, device: str, request: dict[str, Any], *, inflight: int, rate: float | None
+        self, host: str, port: int, device: str, request: dict[str, Any], *, inflight: int, rate: float | None,
+        abandon_after: float | None = None
     ) -> None:
         self.client_id = f"load-{uuid.uuid4().hex[:10]}"
         self.inflight = inflight
         self.rate = rate
+        # An open-loop flooder gives up on unanswered requests, so an agent that leaves some unanswered
+        # cannot slow the flood down by filling its in-flight window.
+        self.abandon_after = abandon_after
         self._before, self._after = request_template(request)
         self._request_topic = topics.request_topic(device, self.client_id)
         self._ids = itertools.count(1)
@@ -148,6 +152,12 @@ class LoadGenerator:
                 return
             time.sleep(max(0.0, due - time.perf_counter()))
             with self._lock:
+                if self.abandon_after is not None:
+                    cutoff = time.perf_counter() - self.abandon_after
+                    stale = [request_id for request_id, sent in self._sent.items() if sent < cutoff]
+                    for request_id in stale:
+                        del self._sent[request_id]
+                    self._reasons["abandoned_unanswered"] += len(stale)
                 busy = len(self._sent) >= self.inflight
             if busy:
                 self._reasons["skipped_send_at_inflight_cap"] += 1
@@ -194,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--rate", type=float, help="send on a fixed schedule of this many requests/s, not in a closed loop")
+    parser.add_argument("--abandon-after", type=float, help="with --rate: give up on a request unanswered after S seconds")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds to wait for outstanding replies at the end")
     args = parser.parse_args(argv)
     request = json.loads(args.payload.read_text())
-    generator = LoadGenerator(args.host, args.port, args.device, request, inflight=args.inflight, rate=args.rate)
+    generator = LoadGenerator(
+        args.host, args.port, args.device, request, inflight=args.inflight, rate=args.rate, abandon_after=args.abandon_after
+    )
     json.dump(generator.run(args.duration, args.warmup, args.grace), sys.stdout)
     print()
     return 0

@@ -46,7 +46,8 @@ SWEEP = (1, 8, 32, 128)
 COMPARE_INFLIGHT = 32
 FACE_INFLIGHT = 4
 FAIR_RATE = 15.0  # under the shipped per-client rate limit, so a limiter never refuses the normal client
-FLOOD_INFLIGHT = 64
+FLOOD_RATE = 2000.0  # requests/s, about the agent's full throughput: all of it must be refused
+FLOOD_INFLIGHT = 1024  # open loop: the cap only bounds the generator, abandon_after frees it
 
 
 @dataclass
@@ -230,8 +231,11 @@ class Bench:
         seconds = self.timings.fairness_s
         normal = {"inflight": 4, "rate": FAIR_RATE, "duration": seconds, "warmup": 0.5}
         alone = run_load(self.broker, device_id, self.tiny_payload, **normal)
+        # An open-loop flood at a fixed rate: a closed loop would slow itself down whenever the agent leaves
+        # its excess unanswered, and flatter the agent.
         flood = start_load(
-            self.broker, device_id, self.tiny_payload, inflight=FLOOD_INFLIGHT, duration=seconds + 1.0, warmup=0.5
+            self.broker, device_id, self.tiny_payload, inflight=FLOOD_INFLIGHT, duration=seconds + 1.0, warmup=0.5,
+            rate=FLOOD_RATE, abandon_after=0.5,
         )
         time.sleep(1.0)  # the flood is running (and past its warm-up) before the normal client's window opens
         beside = run_load(self.broker, device_id, self.tiny_payload, **normal)
