@@ -5,6 +5,9 @@ set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v swtpm >/dev/null 2>&1 || need+=(swtpm swtpm-tools)
+# tpm2-tools inspects the simulated TPM in tests (transient handles, lockout); openssl checks certificate chains.
+command -v tpm2_getcap >/dev/null 2>&1 || need+=(tpm2-tools)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -e /usr/include/tss2/tss2_esys.h ] || need+=(libtss2-dev)
 pkg-config --exists tss2-tcti-swtpm 2>/dev/null || need+=(libtss2-tcti-swtpm0)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
