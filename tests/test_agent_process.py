@@ -12,23 +12,14 @@ import numpy as np
 
 from agent import topics
 from agent.config import REPO_MODELS_DIR
-from tests.fixtures.agents import AgentProcess, Listener, write_config
+from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, write_config
 
 VIBRATION = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 
 
 def _config(tmp_path, broker, models_dir, **limits):
-    return write_config(
-        tmp_path / "agent.toml",
-        {
-            "device_id": "dev1",
-            "models_dir": str(models_dir),
-            "data_dir": str(tmp_path / "data"),
-            "local": {"host": broker.host, "port": broker.port},
-            "limits": {"workers": 1, "intake_queue": 256, **limits},
-            "signing": {"backend": "none"},
-        },
-    )
+    values = agent_overrides(broker, models_dir, tmp_path / "data", limits={"workers": 1, "intake_queue": 256, **limits})
+    return write_config(tmp_path / "agent.toml", values)
 
 
 def _statuses(listener: Listener) -> list[dict]:

@@ -21,7 +21,7 @@ from agent.config import REPO_MODELS_DIR
 from agent.localbroker import MosquittoProcess
 from agent.signing import verify_message
 from agent.transport import connect_properties, new_client
-from tests.fixtures.agents import AgentProcess, write_config
+from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
 from tests.fixtures.generated_models import add_model, sized_model
 
 EXAMPLE = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
@@ -67,6 +67,12 @@ def cloud_side(cloud_broker: MosquittoProcess) -> Iterator[CloudSide]:
 
 def _cloud(broker: MosquittoProcess, **extra: Any) -> dict[str, Any]:
     return {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, **extra}
+
+
+def _process_config(tmp_path: Path, local: MosquittoProcess, cloud: MosquittoProcess, **extra: Any) -> Path:
+    """A config file for an agent subprocess on the local broker, draining to ``cloud``."""
+    values = agent_overrides(local, REPO_MODELS_DIR, tmp_path / "data", cloud=_cloud(cloud), **extra)
+    return write_config(tmp_path / "agent.toml", values)
 
 
 def _responses(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -192,18 +198,7 @@ def test_agent_killed_at_random_moments_still_delivers_every_answered_response(
     tmp_path: Path, local_broker, cloud_broker, cloud_side, client_factory
 ) -> None:
     cloud_broker.stop()
-    config = write_config(
-        tmp_path / "agent.toml",
-        {
-            "device_id": "dev1",
-            "data_dir": str(tmp_path / "data"),
-            "local": {"host": local_broker.host, "port": local_broker.port},
-            "cloud": _cloud(cloud_broker),
-            "signing": {"backend": "none"},
-            "limits": {"intake_queue": 1000},
-            "rate_limit": {"enabled": False},
-        },
-    )
+    config = _process_config(tmp_path, local_broker, cloud_broker, limits={"intake_queue": 1000})
     client = client_factory("alice", session_expiry=600)
     answered: set[str] = set()
     rng = random.Random(7)
@@ -231,16 +226,7 @@ def test_outbox_cli_status_and_peek_while_the_agent_runs(tmp_path: Path, local_b
     import sys
 
     cloud_broker.stop()
-    config = write_config(
-        tmp_path / "agent.toml",
-        {
-            "device_id": "dev1",
-            "data_dir": str(tmp_path / "data"),
-            "local": {"host": local_broker.host, "port": local_broker.port},
-            "cloud": _cloud(cloud_broker),
-            "signing": {"backend": "none"},
-        },
-    )
+    config = _process_config(tmp_path, local_broker, cloud_broker)
     agent = AgentProcess(config, local_broker).start()
     try:
         client = client_factory("alice")

@@ -29,7 +29,13 @@ from agent.errors import SignatureInvalid
 from agent.localbroker import MosquittoProcess
 from agent.signing import public_key_pem, verify_message
 from agent.signing.swtpm import SwtpmProcess, free_port_pair
-from tests.fixtures.agents import REPO_ROOT, AgentProcess, Listener, write_config
+from tests.fixtures.agents import (
+    REPO_ROOT,
+    AgentProcess,
+    Listener,
+    agent_overrides,
+    write_config,
+)
 
 VIBRATION = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----\n.*?\n-----END \1-----", re.DOTALL)
@@ -77,16 +83,7 @@ def _device_pem(agent: Agent, tmp_path: Path) -> str:
 
 
 def _config(tmp_path: Path, broker: MosquittoProcess, models_dir: Path, **signing: Any) -> Path:
-    return write_config(
-        tmp_path / "agent.toml",
-        {
-            "device_id": "dev1",
-            "models_dir": str(models_dir),
-            "data_dir": str(tmp_path / "data"),
-            "local": {"host": broker.host, "port": broker.port},
-            "signing": signing,
-        },
-    )
+    return write_config(tmp_path / "agent.toml", agent_overrides(broker, models_dir, tmp_path / "data", signing=signing))
 
 
 def test_replies_errors_and_status_verify_with_the_device_key(
