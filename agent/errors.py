@@ -131,9 +131,3 @@ class UpstreamTimeout(RequestError):
 
     code = -32007
     name = "upstream_timeout"
-
-
-class ShuttingDown(RequestError):
-    code = -32008
-    name = "shutting_down"
-

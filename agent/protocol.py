@@ -113,7 +113,7 @@ def parse_request(payload: bytes, *, max_depth: int, max_values: int | None = No
     if has_id and (isinstance(document["id"], (bool, float)) or not isinstance(document["id"], (str, int, type(None)))):
         raise InvalidRequest("id must be a string, an integer or null")
     try:
-        request = Request.model_validate({key: value for key, value in document.items()})
+        request = Request.model_validate(document)
     except ValidationError as exc:
         raise InvalidRequest(f"not a JSON-RPC 2.0 request: {_first_error(exc)}") from None
     request.is_notification = not has_id
