@@ -16,6 +16,7 @@ import queue
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -36,6 +37,7 @@ from agent.protocol import (
     error_reply,
 )
 from agent.ratelimit import RateLimitRefusal
+from agent.replay import payload_digest
 from agent.transport import (
     publish_properties,
 )
@@ -62,6 +64,11 @@ class InboundRequest:
     expires: float | None
     response_topic: str | None
     correlation_data: bytes | None
+
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of the payload as received: the replay-cache key and the signed reply's request binding."""
+        return payload_digest(self.payload)
 
 
 @dataclass
@@ -206,7 +213,7 @@ class LocalLinkMixin:
     def _encode(self, inbound: InboundRequest, reply: dict[str, Any]) -> bytes | None:
         """The signed reply bytes; None (request acknowledged, nothing sent) if signing failed."""
         try:
-            return encode_reply(reply, self.signer, client_id=inbound.client_id, request_payload=inbound.payload)
+            return encode_reply(reply, self.signer, client_id=inbound.client_id, request_sha256=inbound.digest.hex())
         except SigningError as exc:
             # An unsigned answer would break the promise that every answer is signed; the client times out.
             log.error("could not sign the reply to %s, not answering: %s", inbound.client_id, exc)

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from agent.errors import SigningError
-from agent.signing import ReplyBinding, Signer, encode_message, normalise, sign_record, sign_reply
+from agent.signing import (
+    ReplyBinding,
+    Signer,
+    encode_message,
+    normalise,
+    sign_record,
+    sign_reply,
+)
 
 
 def encode_unsigned(message: Mapping[str, Any]) -> bytes:
@@ -25,16 +32,14 @@ def encode_unsigned(message: Mapping[str, Any]) -> bytes:
         return encode_message(cast(dict[str, Any], normalise(message)))  # a Mapping normalises to a dict
 
 
-def encode_reply(
-    reply: Mapping[str, Any], signer: Signer | None, *, client_id: str, request_payload: bytes
-) -> bytes:
-    """A JSON-RPC reply to publish; signed and bound to the request (its raw payload bytes) if ``signer``.
+def encode_reply(reply: Mapping[str, Any], signer: Signer | None, *, client_id: str, request_sha256: str) -> bytes:
+    """A JSON-RPC reply to publish; signed and bound to the request (the hex SHA-256 of its raw payload) if ``signer``.
 
     Raises :class:`SigningError` if the signer fails; the reply must then not be published unsigned.
     """
     if signer is None:
         return encode_unsigned(reply)
-    binding = ReplyBinding.for_request(client_id, reply.get("id"), request_payload)
+    binding = ReplyBinding(client_id=client_id, request_id=reply.get("id"), request_sha256=request_sha256)
     return encode_message(sign_reply(reply, signer, binding))
 
 

@@ -22,7 +22,6 @@ from agent.protocol import (
     result_reply,
     validate_params,
 )
-from agent.replay import payload_digest
 from agent.service import Timing
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class RequestServingMixin:
                 self._finish(inbound.mid, inbound.qos, inbound.generation)
                 return
             limits = self.settings.limits
-            digest = payload_digest(inbound.payload) if self.replies.enabled else b""
+            digest = inbound.digest if self.replies.enabled else b""
             try:
                 request = parse_request(
                     inbound.payload, max_depth=limits.max_nesting_depth, max_values=limits.max_json_values
