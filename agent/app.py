@@ -1,9 +1,9 @@
 """The running agent: wires config, models, the request service and the local MQTT link; owns start and stop.
 
-Threads: paho's network thread only sorts incoming messages (topic checks, size check, expiry stamp,
-hand-off to the bounded intake queue, or an immediate "overloaded" reply); ``workers`` threads parse,
-run, sign and reply. A request's PUBACK goes out only after the broker acknowledged its reply, and in the
-order the requests arrived (:class:`~agent.transport.AckSequencer`).
+Threads: paho's network thread sorts incoming messages (:mod:`agent.local_link`); ``workers`` threads
+parse, run, sign and reply (:mod:`agent.serving`); the outbox writer publishes replies once their upstream
+copy is committed; watchdogs, the uplink and the metrics server run beside them. This module builds them
+all and owns start, stop and the retained status.
 
 Every message is signed when ``[signing]`` names a backend (docs/signing.md): replies as they are
 published, the status document at start (and, when messages reference the delegation certificate by
