@@ -7,13 +7,13 @@ form of ``{"alg": "ES256", "kid": ..., "iat": ..., "x5c" | "x5t#S256": ...}``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
 from collections.abc import Callable
 from typing import Any
 
+import pybase64
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,7 +29,7 @@ COORDINATE_BYTES = 32
 
 def b64url_encode(data: bytes) -> str:
     """Unpadded base64url, as JOSE uses everywhere."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return pybase64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def b64url_decode(text: str) -> bytes:
@@ -37,7 +37,7 @@ def b64url_decode(text: str) -> bytes:
     if not _BASE64URL.fullmatch(text):
         raise SignatureInvalid("malformed", "not base64url")
     try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = pybase64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except ValueError as exc:
         raise SignatureInvalid("malformed", f"not base64url: {exc}") from None
     if b64url_encode(data) != text:
