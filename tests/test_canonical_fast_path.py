@@ -33,3 +33,18 @@ def test_canonical_bytes_equal_rfc8785_for_any_normalised_value(value: object) -
 def test_model_output_floats_take_the_exact_form(number: float) -> None:
     value = normalise({"outputs": [[number, number / 3]], "score": round(number, 6)})
     assert canonical_bytes(value) == rfc8785.dumps(value)
+
+
+number_like_text = st.text(alphabet="0123456789.eE+-,:[]{} ", max_size=12)
+
+
+@given(st.recursive(
+    number_like_text | st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53) + 1, 2**53 - 1),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(number_like_text, children, max_size=4),
+    max_leaves=20,
+))
+def test_strings_that_look_like_numbers_never_hide_a_number_jcs_writes_differently(value: object) -> None:
+    # Without backslashes the fast path separates string literals by splitting on quotes; a misplaced
+    # split would let an exponent or integral float outside strings through the C encoder's form.
+    normalised = normalise(value)
+    assert canonical_bytes(normalised) == rfc8785.dumps(normalised)

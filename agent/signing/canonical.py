@@ -93,6 +93,17 @@ def canonical_bytes(value: JsonValue) -> bytes:
         raise SigningError(f"value is not JCS-safe (normalise it first): {exc}") from None
 
 
+def _outside_strings(text: str) -> str:
+    """``text`` with each string literal emptied to ``""``.
+
+    Without a backslash no quote is escaped, so splitting on quotes separates literals at C speed; the
+    regex costs ~4 us per KB, 0.3 ms for a reply carrying base64 tensors.
+    """
+    if "\\" in text:
+        return _STRING_LITERAL.sub('""', text)
+    return '""'.join(text.split('"')[::2])
+
+
 def _numbers_differ(outside_strings: str) -> bool:
     words_removed = outside_strings.replace("true", "").replace("false", "")
     return (
@@ -110,7 +121,7 @@ def _plain_json(value: Any, *, sort_keys: bool) -> bytes | None:
     except (TypeError, ValueError):
         return None
     # The commas around make a bare top-level number look like one inside an array.
-    if _BEYOND_D7FF.search(text) or _numbers_differ("," + _STRING_LITERAL.sub('""', text) + ","):
+    if (not text.isascii() and _BEYOND_D7FF.search(text)) or _numbers_differ("," + _outside_strings(text) + ","):
         return None
     try:
         return text.encode("utf-8")
