@@ -81,7 +81,7 @@ def stage_breakdown(raw_profile: Path, requests: int, seconds: float) -> dict[st
     }
 
 
-def profile(config: str, model: str, inflight: int, seconds: float) -> dict[str, Any]:
+def profile(config: str, model: str, inflight: int, seconds: float, keep_raw: Path | None = None) -> dict[str, Any]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
@@ -104,6 +104,8 @@ def profile(config: str, model: str, inflight: int, seconds: float) -> dict[str,
             measured = load_result(load)
             requests = int(measured["req_per_s"] * int(seconds))
             breakdown = stage_breakdown(raw_profile, requests, int(seconds))
+            if keep_raw is not None:
+                shutil.copyfile(raw_profile, keep_raw)
     finally:
         bench.close()
     return {"config": described, "model": model, "inflight": inflight, "load": measured, **breakdown}
@@ -132,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    parser.add_argument("--raw-output", type=Path, help="also keep py-spy's collapsed stacks in this file")
     args = parser.parse_args(argv)
-    result = profile(args.config, args.model, args.inflight, args.seconds)
+    result = profile(args.config, args.model, args.inflight, args.seconds, args.raw_output)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -57,6 +57,23 @@ def normalise(value: Any) -> JsonValue:
     Idempotent: ``normalise(normalise(v)) == normalise(v)``. Raises :class:`SigningError` for values that
     have no JSON form.
     """
+    # Exact built-in types first: the numbers ABCs' isinstance checks cost ~1 us each, several per value.
+    kind = type(value)
+    if kind is str:
+        return value if value.isascii() else _safe_str(value)
+    if kind is float:
+        return _normalise_float(value)
+    if kind is int:
+        return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else str(value)
+    if kind is dict:
+        out: dict[str, JsonValue] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SigningError(f"object key {key!r} is not a string: no JSON form")
+            out[key if key.isascii() else _safe_str(key)] = normalise(item)
+        return out
+    if kind is list:
+        return [normalise(item) for item in value]
     if value is None or isinstance(value, (bool, str)):
         return _safe_str(value) if isinstance(value, str) else value
     if isinstance(value, numbers.Integral):
@@ -65,12 +82,7 @@ def normalise(value: Any) -> JsonValue:
     if isinstance(value, numbers.Real):
         return _normalise_float(float(value))
     if isinstance(value, Mapping):
-        out: dict[str, JsonValue] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise SigningError(f"object key {key!r} is not a string: no JSON form")
-            out[_safe_str(key)] = normalise(item)
-        return out
+        return normalise(dict(value))
     if isinstance(value, (list, tuple)):
         return [normalise(item) for item in value]
     raise SigningError(f"a {type(value).__name__} has no JSON form")

@@ -28,6 +28,7 @@ from agent.signing.roots import RootKey, public_key_der
 # Verifiers and X.509 tools compare validity against their own clocks; a little backdating absorbs skew.
 BACKDATE = timedelta(minutes=1)
 DELEGATED_UNIT = "edge-agent delegated signing key"
+_PREHASHED_ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Delegation:
 
     def sign_digest(self, digest: bytes) -> bytes:
         """Raw R || S ECDSA signature over a SHA-256 digest, with the delegated key."""
-        return raw_from_der(self.private_key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
+        return raw_from_der(self.private_key.sign(digest, _PREHASHED_ECDSA))
 
     @property
     def x5c(self) -> list[str]:

@@ -81,9 +81,17 @@ def signing_input(encoded_header: str, payload: bytes) -> bytes:
     return f"{encoded_header}.{b64url_encode(payload)}".encode("ascii")
 
 
-def sign_detached(header: dict[str, Any], payload: bytes, sign_digest: Callable[[bytes], bytes]) -> str:
-    """Build a detached compact JWS; ``sign_digest`` turns a SHA-256 digest into a raw R || S signature."""
-    encoded_header = b64url_encode(canonical_bytes({**header, "alg": ALGORITHM}))
+def protected_header(header: dict[str, Any]) -> str:
+    """``BASE64URL`` of the JCS form of ``header`` with ``alg`` set: the first part of a compact JWS."""
+    return b64url_encode(canonical_bytes({**header, "alg": ALGORITHM}))
+
+
+def sign_detached(header: dict[str, Any] | str, payload: bytes, sign_digest: Callable[[bytes], bytes]) -> str:
+    """Build a detached compact JWS; ``sign_digest`` turns a SHA-256 digest into a raw R || S signature.
+
+    ``header`` is the header object, or its :func:`protected_header` form when the caller reuses one.
+    """
+    encoded_header = header if isinstance(header, str) else protected_header(header)
     digest = hashlib.sha256(signing_input(encoded_header, payload)).digest()
     return f"{encoded_header}..{b64url_encode(sign_digest(digest))}"
 
