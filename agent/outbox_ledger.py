@@ -30,6 +30,17 @@ _INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, 'queued')"
 )
 Row = tuple[int, str, int, str]  # id, cls, size, state
+# The hot statements (claim, deliver) are plain SQL: building them through Peewee's query builder cost
+# more CPU than SQLite spent running them.
+_CLAIM_SELECT = (
+    "SELECT id, msg_id, cls, body, enqueued_wall, enqueued_clock, expires_clock, attempts FROM outbox "
+    "WHERE state = 'queued' AND cls = ? ORDER BY id LIMIT ?"
+)
+_EARLIEST_EXPIRY = "SELECT MIN(expires_clock) FROM outbox WHERE state != 'claimed'"
+_ADD_TO_COUNTER = (
+    "INSERT INTO counter (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
+)
+_WRITE_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
 
 class OutboxRecord(BaseModel):
@@ -121,6 +132,9 @@ class Ledger:
         self.in_flight = self.in_flight_bytes = 0
         self.queued: Counter[str] = Counter()
         self.next_retry: float | None = None
+        # No unclaimed row expires before this boot-clock time (-inf: unknown, scan at the next chance),
+        # so a claim runs the expiry scan only when something may really have expired.
+        self.next_expiry = float("-inf")
         self.queued_grew = False
         self._pending: Counter[str] = Counter()
         self._dirty = False
@@ -136,14 +150,11 @@ class Ledger:
     def finish(self, *, force_heartbeat: bool) -> set[int]:
         """Enforce the bounds and persist counters; returns the ids evicted in this transaction."""
         evicted = self._enforce_bounds() if self._over_bounds() else set()
-        tables = self.tables
         for name, delta in self._pending.items():
-            tables.counter.insert(name=name, value=delta).on_conflict(
-                conflict_target=[tables.counter.name], update={tables.counter.value: tables.counter.value + delta}
-            ).execute()
+            self.db.execute_sql(_ADD_TO_COUNTER, (name, delta))
         now = self.clock.now()
         if force_heartbeat or (self._dirty and now - self._last_heartbeat >= _HEARTBEAT_S):
-            store.write_meta(tables, boot_clock=repr(now))
+            self.db.execute_sql(_WRITE_META, ("boot_clock", repr(now)))
             self._last_heartbeat = now
         return evicted
 
@@ -164,6 +175,7 @@ class Ledger:
                 self.in_flight += count
                 self.in_flight_bytes += size or 0
         self.next_retry = self._earliest_retry()
+        self.next_expiry = float("-inf")
 
     def release_all_claims_at_open(self) -> None:
         store.rebase_clock(self.tables, self.clock)
@@ -186,6 +198,8 @@ class Ledger:
                 ids.append(None)
                 continue
             expires = now + ttl if ttl else None
+            if expires is not None and expires < self.next_expiry:
+                self.next_expiry = expires
             cursor = self.db.execute_sql(_INSERT, (msg_id, cls, body, len(body), wall, now, expires))
             ids.append(cursor.lastrowid)
             self.count += 1
@@ -199,38 +213,46 @@ class Ledger:
         self._promote_due(now)
         if not any(self.queued.values()):
             return []
-        self._expire(now)
-        row = self.tables.row
-        claimed: list[Any] = []
+        if now >= self.next_expiry:
+            self._expire(now)
+        found: list[tuple[Any, ...]] = []
         for cls in SEND_ORDER:
-            if len(claimed) >= limit:
+            if len(found) >= limit:
                 break
             if self.queued[cls] > 0:
-                query = row.select().where(row.state == store.QUEUED, row.cls == cls).order_by(row.id)
-                claimed += list(query.limit(limit - len(claimed)))
-        self._set_state([r.id for r in claimed], store.CLAIMED, attempts=row.attempts + 1)
-        self.queued.subtract(r.cls for r in claimed)
-        self.in_flight += len(claimed)
-        self.in_flight_bytes += sum(r.size for r in claimed)
-        return [
-            OutboxRecord(
-                id=r.id,
-                msg_id=r.msg_id,
-                cls=r.cls,
-                body=bytes(r.body),
-                enqueued_wall=r.enqueued_wall,
-                age_s=max(0.0, now - r.enqueued_clock),
-                remaining_ttl_s=None if r.expires_clock is None else r.expires_clock - now,
-                attempts=r.attempts + 1,
+                found += self.db.execute_sql(_CLAIM_SELECT, (cls, limit - len(found))).fetchall()
+        ids = [r[0] for r in found]
+        for start in range(0, len(ids), _SQL_CHUNK):
+            chunk = ids[start : start + _SQL_CHUNK]
+            self.db.execute_sql(
+                f"UPDATE outbox SET state = 'claimed', attempts = attempts + 1 WHERE id IN ({_placeholders(chunk)})",
+                chunk,
             )
-            for r in claimed
-        ]
+        self._dirty = self._dirty or bool(ids)
+        claimed: list[OutboxRecord] = []
+        for row_id, msg_id, cls, body, enqueued_wall, enqueued_clock, expires_clock, attempts in found:
+            self.queued[cls] -= 1
+            self.in_flight += 1
+            self.in_flight_bytes += len(body)
+            claimed.append(
+                OutboxRecord(
+                    id=row_id,
+                    msg_id=msg_id,
+                    cls=cls,
+                    body=bytes(body),
+                    enqueued_wall=enqueued_wall,
+                    age_s=max(0.0, now - enqueued_clock),
+                    remaining_ttl_s=None if expires_clock is None else expires_clock - now,
+                    attempts=attempts + 1,
+                )
+            )
+        return claimed
 
     def delivered(self, ids: list[int]) -> int:
         deleted = self._delete(self._by_ids(ids))
         if deleted:
             self._pending["delivered"] += len(deleted)
-            store.write_meta(self.tables, last_delivery_wall=repr(self.clock.wall()))
+            self.db.execute_sql(_WRITE_META, ("last_delivery_wall", repr(self.clock.wall())))
         return len(deleted)
 
     def failed(self, failures: list[tuple[int, int]]) -> None:
@@ -388,7 +410,10 @@ class Ledger:
         expired = self._select_rows(row.expires_clock <= now, row.state != store.CLAIMED)
         for cls, count in Counter(r[1] for r in expired).items():
             self._drop("expired", cls, count)
-        return self._delete(expired)
+        deleted = self._delete(expired)
+        earliest = self.db.execute_sql(_EARLIEST_EXPIRY).fetchone()[0]
+        self.next_expiry = float("inf") if earliest is None else earliest
+        return deleted
 
     def _promote_due(self, now: float) -> None:
         if self.next_retry is None or now < self.next_retry:
@@ -404,6 +429,8 @@ class Ledger:
 
     def _requeue(self, rows: list[Row], **extra: Any) -> int:
         self._set_state([r[0] for r in rows], store.QUEUED, **extra)
+        if rows:
+            self.next_expiry = float("-inf")  # requeued rows may expire before any other unclaimed row
         self.queued.update(r[1] for r in rows)
         for _, _, size, state in rows:
             if state == store.CLAIMED:
@@ -421,7 +448,8 @@ class Ledger:
     def _delete(self, rows: Sequence[Row]) -> set[int]:
         ids = [r[0] for r in rows]
         for start in range(0, len(ids), _SQL_CHUNK):
-            self.tables.row.delete().where(self.tables.row.id.in_(ids[start : start + _SQL_CHUNK])).execute()
+            chunk = ids[start : start + _SQL_CHUNK]
+            self.db.execute_sql(f"DELETE FROM outbox WHERE id IN ({_placeholders(chunk)})", chunk)
         for _, cls, size, state in rows:
             self.count -= 1
             self.bytes -= size
@@ -441,5 +469,15 @@ class Ledger:
     def _by_ids(self, ids: Sequence[int], *conditions: Any) -> list[Row]:
         found: list[Row] = []
         for start in range(0, len(ids), _SQL_CHUNK):
-            found += self._select_rows(self.tables.row.id.in_(ids[start : start + _SQL_CHUNK]), *conditions)
+            chunk = list(ids[start : start + _SQL_CHUNK])
+            if conditions:
+                found += self._select_rows(self.tables.row.id.in_(chunk), *conditions)
+            else:
+                found += self.db.execute_sql(
+                    f"SELECT id, cls, size, state FROM outbox WHERE id IN ({_placeholders(chunk)}) ORDER BY id", chunk
+                ).fetchall()
         return found
+
+
+def _placeholders(values: Sequence[Any]) -> str:
+    return ", ".join("?" * len(values))
