@@ -89,7 +89,12 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         self._publish_lock = threading.Lock()
         self._awaiting_puback: dict[int, PendingReply | None] = {}
         self._early_pubacks: set[int] = set()
-        self._in_flight = 0
+        self._in_flight = 0  # requests queued for a worker or being served
+        signing = settings.signing
+        # Strict TPM signing costs a TPM operation per reply: too slow for the network thread.
+        self._inline_allowed = settings.limits.inline_max_ms > 0 and not (
+            signing.backend == "tpm" and signing.mode == "strict"
+        )
         self._idle = threading.Condition()
         self._awaiting_commit = 0
         self.started_at = time.time()

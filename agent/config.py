@@ -87,6 +87,10 @@ class CloudBroker(Section):
         1000.0, ge=0, le=600_000, description="longest a record waits on the device for its batch to fill"
     )
     compression: Literal["zlib", "none"] = Field("zlib", description="of batch messages; single ones are plain")
+    drain_linger_ms: float = Field(
+        10.0, ge=0, le=1000, description="after a wake-up the drain waits this long for more rows and PUBACKs, "
+        "so one outbox transaction claims or settles many records; never while a backlog drains (0: off)"
+    )
 
     @model_validator(mode="after")
     def _tls_required_off_loopback(self) -> "CloudBroker":
@@ -112,6 +116,10 @@ class Limits(Section):
     )
     intake_queue: int = Field(64, ge=1)
     workers: int = Field(2, ge=1, le=64)
+    inline_max_ms: float = Field(
+        2.0, ge=0, le=1000, description="a small request for a loaded model whose runs average at most this "
+        "long is served on the network thread while no worker is busy, saving the hand-off; 0: never"
+    )
     num_threads: int = Field(1, ge=1, le=64)
     max_concurrent_inferences: int = Field(2, ge=1, le=64, description="unset: one per worker")
     model_memory_mb: int = Field(

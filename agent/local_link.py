@@ -47,6 +47,15 @@ _ID_PROBE_MAX_BYTES = 65_536
 _ID_PROBE_HEAD_BYTES = 512
 OFFLINE: dict[str, Any] = {"status": "offline"}
 # The "id" member among the leading simple members of the top-level object (before any nested value).
+# Serving inline (LocalLinkMixin._serves_inline): small requests only, recognised from their head.
+_INLINE_MAX_BYTES = 16_384
+_INLINE_PROBE_BYTES = 1024
+_METHOD = re.compile(rb'"method"\s*:\s*"([^"\\]{1,64})"')
+_MODEL_NAME = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+_TOOL_NAME = re.compile(rb'"name"\s*:\s*"([^"\\]{1,256})"')
+_PREFERS_CLOUD = re.compile(rb'"prefer"\s*:\s*"cloud"')
+_CHEAP_METHODS = frozenset({b"ping", b"models/list", b"initialize", b"tools/list"})
+_MODEL_METHODS = frozenset({b"infer", b"tools/call"})
 _LEADING_ID = re.compile(rb'\s*\{(?:\s*"[^"\\]*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-\w.]+)\s*,)*?\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
 
 
@@ -170,13 +179,50 @@ class LocalLinkMixin:
             )
             self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
             return
+        inline = self._in_flight == 0 and self._serves_inline(inbound)
+        with self._idle:
+            # Counted before the hand-off: a worker that has taken a request off the queue but not yet
+            # started on it still counts as busy, so the network thread never serves inline beside it.
+            inline = inline and self._in_flight == 0
+            self._in_flight += 1
+        if inline:
+            self.count("served_inline")
+            self._serve_counted(inbound)
+            return
         try:
             self._intake.put_nowait(inbound)
         except queue.Full:
+            with self._idle:
+                self._in_flight -= 1
             self.count("overloaded")
             self._count_rejection("overloaded")
             error = Overloaded(f"intake queue full ({self._intake.maxsize} waiting); retry later")
             self._reply(inbound, error_reply(_probe_request_id(inbound.payload), error))
+
+    def _serves_inline(self, inbound: InboundRequest) -> bool:
+        """Whether to serve a request on the network thread itself, skipping the worker hand-off.
+
+        Only while no request is queued or being served (so it overtakes nothing and never waits for an
+        inference slot a worker holds), only for small payloads, and only for methods that are cheap or name
+        a loaded model whose runs average under ``limits.inline_max_ms``: the network thread must never
+        stall on a slow model, a model load or a cloud round trip. For a small model this saves most of
+        the agent's per-request cost: two thread wake-ups and the GIL hand-offs between them. The method
+        and model are read from the request's head without parsing it; a wrong guess costs only speed.
+        """
+        if not self._inline_allowed or len(inbound.payload) > _INLINE_MAX_BYTES:
+            return False
+        head = inbound.payload[:_INLINE_PROBE_BYTES]
+        method = _METHOD.search(head)
+        if method is None:
+            return False
+        if method.group(1) in _CHEAP_METHODS:
+            return True
+        if method.group(1) not in _MODEL_METHODS or _PREFERS_CLOUD.search(head) is not None:
+            return False
+        model = (_TOOL_NAME if method.group(1) == b"tools/call" else _MODEL_NAME).search(head)
+        return model is not None and self.models.runs_within(
+            model.group(1).decode("utf-8", "replace"), self.settings.limits.inline_max_ms
+        )
 
     def _count_refusal(self, refusal: RateLimitRefusal) -> None:
         self.count(f"rate_limited_{refusal.scope}")

@@ -460,6 +460,16 @@ class ModelManager:
         with self._cond:
             return self._used_bytes()
 
+    def runs_within(self, model_id: str, max_ms: float) -> bool:
+        """Whether ``model_id`` is a loaded model (not an ensemble) whose runs average at most ``max_ms``."""
+        with self._cond:
+            slot = self._slots.get(model_id)
+            if slot is None or slot.loaded is None:
+                return False
+            entry = slot.entry
+        latency = self.measurements.latency_ms(model_id, entry.sha256)
+        return latency is not None and latency <= max_ms
+
     @property
     def loaded_ids(self) -> list[str]:
         with self._cond:

@@ -37,17 +37,19 @@ class RequestServingMixin:
             inbound = self._intake.get()
             if inbound is None:
                 return
+            self._serve_counted(inbound)
+
+    def _serve_counted(self, inbound: InboundRequest) -> None:
+        """Serve one request counted in ``_in_flight`` (by whoever queued it, or the network thread inline)."""
+        try:
+            self._serve(inbound)
+        except Exception:  # a bug must cost one reply, never the worker
+            log.exception("unexpected error serving a request from %s", inbound.client_id)
+            self._reply(inbound, error_reply(None, InternalError("internal error; see the agent log")))
+        finally:
             with self._idle:
-                self._in_flight += 1
-            try:
-                self._serve(inbound)
-            except Exception:  # a bug must cost one reply, never the worker
-                log.exception("unexpected error serving a request from %s", inbound.client_id)
-                self._reply(inbound, error_reply(None, InternalError("internal error; see the agent log")))
-            finally:
-                with self._idle:
-                    self._in_flight -= 1
-                    self._idle.notify_all()
+                self._in_flight -= 1
+                self._idle.notify_all()
 
     def _serve(self, inbound: InboundRequest) -> None:
         timing = Timing(received=inbound.received, started=time.monotonic())

@@ -143,6 +143,8 @@ class Uplink:
         self._settled = False  # set by the drain: nothing held, handed over or awaiting a PUBACK
         self._has_work = True
         self._window = cloud.inflight_window
+        self._linger_s = cloud.drain_linger_ms / 1000
+        self._backlog = False  # the last claim filled all the room it had: rows are waiting
         self._max_packet: int | None = None
         self._subscriptions = Subscriptions(self._client)
         self._state: UplinkState = "disconnected"
@@ -335,6 +337,11 @@ class Uplink:
             with self._drain_cond:
                 self._drain_cond.wait_for(lambda: self._drain_woken, timeout=self._drain_wait())
                 self._drain_woken = False
+            if self._linger_s and self._accepting and not self._backlog:
+                # Under request load every PUBACK and every commit wakes the drain; acting on each one costs
+                # two outbox transactions and four thread hand-offs per record. A backlog is not held back:
+                # there the window, not the wake-ups, sets the pace.
+                self._stopping.wait(self._linger_s)
             # Read first: _drain_done is set only after the connection thread has moved every
             # unacknowledged row to _lost, so a finishing pass releases them all.
             finishing = self._drain_done
@@ -416,7 +423,8 @@ class Uplink:
                 return
         self._has_work = False  # before claiming, so a listener call during the claim is not lost
         records = self._outbox.claim_batch(room)
-        if len(records) == room:
+        self._backlog = len(records) == room
+        if self._backlog:
             self._has_work = True
         self._batcher.add(records)
         self._batcher_gen = generation

@@ -19,7 +19,7 @@ from uuid6 import uuid7
 
 from agent.config import MessageClass, Settings
 from agent.errors import OutboxError, SigningError
-from agent.outbox import Outbox, OutboxItem
+from agent.outbox import ENCODED_BY_AGENT, Outbox, OutboxItem
 from agent.outgoing import encode_record
 from agent.signing import Signer
 from agent.uplink import CloudMessage, Uplink
@@ -83,7 +83,8 @@ class Upstream:
         """
         prefix = json.dumps({"client_id": client_id, "method": method}, separators=(",", ":"))[:-1]
         body = f'{prefix},"reply":'.encode() + reply + b"}"
-        future = self.outbox.enqueue_async([OutboxItem(cls="res", body=body)])
+        item = OutboxItem.model_validate({"cls": "res", "body": body}, context={ENCODED_BY_AGENT: True})
+        future = self.outbox.enqueue_async([item])
         future.add_done_callback(self._count_failure)
         return future
 

@@ -380,3 +380,43 @@ def test_backoff_grows_exponentially_to_the_cap_and_never_below_half_a_step(
     delay = backoff_delay(attempt, low, high, rand=lambda: rand)
     assert step / 2 <= delay <= step
     assert backoff_delay(attempt + 1, low, high, rand=lambda: rand) >= delay
+
+
+def _trickle_transactions(outbox: Outbox, cloud_broker: MosquittoProcess, linger_ms: float) -> int:
+    uplink = Uplink(outbox, cloud_settings(cloud_broker, drain_linger_ms=linger_ms), DEVICE)
+    uplink.start()
+    try:
+        wait_until(lambda: uplink.state == "connected", what="connected")
+        before = outbox.stats().transactions
+        for i in range(100):
+            outbox.enqueue("res", json.dumps({"i": i}).encode())  # one commit each, as requests trickle in
+            time.sleep(0.002)
+        wait_until(lambda: outbox.stats().messages == 0, what="trickle delivered")
+        return outbox.stats().transactions - before
+    finally:
+        uplink.stop()
+
+
+def test_drain_linger_settles_a_trickle_of_records_in_fewer_transactions(
+    cloud_broker: MosquittoProcess, tmp_path: Path
+) -> None:
+    # 100 enqueue commits either way; the drain's own claims and deliveries are what the linger folds.
+    with Outbox(tmp_path / "eager.db") as eager, Outbox(tmp_path / "lingering.db") as lingering:
+        eager_transactions = _trickle_transactions(eager, cloud_broker, linger_ms=0)
+        lingering_transactions = _trickle_transactions(lingering, cloud_broker, linger_ms=50)
+    assert lingering_transactions - 100 < (eager_transactions - 100) / 2
+
+
+def test_drain_linger_never_holds_back_a_backlog(
+    cloud_broker: MosquittoProcess, observer: CloudObserver, outbox: Outbox
+) -> None:
+    enqueued = enqueue_interleaved(outbox, 200)
+    # 600 records through a window of 8: lingering a second per window would take 75 s.
+    uplink = Uplink(outbox, cloud_settings(cloud_broker, drain_linger_ms=1000, inflight_window=8), DEVICE)
+    uplink.start()
+    try:
+        wait_until(lambda: outbox.stats().messages == 0, timeout=30, what="backlog drained")
+        wait_until(lambda: len(observer.msg_ids()) == 600, what="all messages observed")
+        assert_consistent(observer, enqueued)
+    finally:
+        uplink.stop()

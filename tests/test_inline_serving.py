@@ -1,0 +1,66 @@
+"""Small requests for fast loaded models are served on the network thread; everything else still goes to a
+worker. Real broker, real LiteRT; which path served a request shows in the ``served_inline`` counter."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+
+TINY = {"model": "vibration-anomaly", "inputs": {"features": [[0.1, 0.2, 0.1, 0.0, 0.3, 0.2, 0.1, 0.0]]}}
+
+
+def _face_request() -> dict:
+    image = np.random.default_rng(3).random((1, 128, 128, 3), dtype=np.float32)
+    data = base64.b64encode(image.astype("<f4").tobytes()).decode()
+    return {"model": "face-detector", "inputs": {"image": {"b64": data, "dtype": "float32", "shape": [1, 128, 128, 3]}}}
+
+
+def test_a_measured_fast_model_is_served_inline_and_a_new_one_first_by_a_worker(start_agent, client_factory) -> None:
+    agent = start_agent()
+    client = client_factory("alice")
+    first = client.call("infer", TINY)
+    # Not loaded and never measured when it arrived: a worker loads and times it.
+    assert agent.counters["served_inline"] == 0
+    replies = [client.call("infer", TINY) for _ in range(10)]
+    assert agent.counters["served_inline"] == 10
+    assert all(reply["result"]["outputs"] == first["result"]["outputs"] for reply in replies)
+    assert client.call("ping")["result"] == {}
+    assert agent.counters["served_inline"] == 11
+
+
+def test_inline_and_worker_replies_carry_the_same_answer(start_agent, client_factory) -> None:
+    inline_agent = start_agent(device_id="inline")
+    worker_agent = start_agent(device_id="workers", limits={"inline_max_ms": 0})
+    inline_client = client_factory("alice", device_id="inline")
+    worker_client = client_factory("alice", device_id="workers")
+    for _ in range(3):
+        inline_reply = inline_client.call("infer", TINY)
+        worker_reply = worker_client.call("infer", TINY)
+    assert inline_agent.counters["served_inline"] == 2 and worker_agent.counters["served_inline"] == 0
+    for key in ("outputs", "top", "model", "model_version", "served_by"):
+        assert inline_reply["result"][key] == worker_reply["result"][key]
+
+
+def test_large_payloads_slow_models_and_cloud_preference_go_to_a_worker(start_agent, client_factory) -> None:
+    agent = start_agent(limits={"inline_max_ms": 1000})
+    client = client_factory("alice")
+    face = _face_request()
+    for _ in range(3):  # measured and loaded after the first; still far over the inline payload size
+        assert "result" in client.call("infer", face, timeout=30)
+    client.call("infer", TINY)
+    assert client.call("infer", {**TINY, "prefer": "cloud"})["result"]["served_by"] == "local"  # no cloud here
+    assert client.call("infer", {"task": "vibration-anomaly", "inputs": TINY["inputs"]})["result"]["model"] == TINY["model"]
+    assert agent.counters["served_inline"] == 0
+
+
+def test_concurrent_requests_are_all_answered_whichever_path_serves_each(start_agent, client_factory) -> None:
+    agent = start_agent()
+    client = client_factory("alice")
+    client.call("infer", TINY)
+    futures = [client.send("infer", TINY) for _ in range(300)]
+    replies = [future.result(60) for future in futures]
+    assert all("result" in reply for reply in replies)
+    assert len({reply["id"] for reply in replies}) == 300
+    assert agent.counters["ok"] == 301
+    assert 0 < agent.counters["served_inline"] <= 300
