@@ -1,8 +1,9 @@
 """The local MQTT link's request side: what paho's network thread does with an incoming request, and how
 replies are published and requests acknowledged.
 
-The network thread only sorts: topic and size checks, rate limits, memory shedding, an expiry stamp, and
-the hand-off to the bounded intake queue, or an immediate signed refusal. A request's PUBACK goes out only
+The network thread sorts: topic and size checks, rate limits, memory shedding, an expiry stamp, and the
+hand-off to the bounded intake queue, or an immediate signed refusal. A small request for a fast loaded model
+that arrives while no worker is busy it serves itself (``_serves_inline``). A request's PUBACK goes out only
 after the broker acknowledged its reply, in the order the requests arrived
 (:class:`~agent.transport.AckSequencer`).
 """

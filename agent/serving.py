@@ -1,5 +1,5 @@
-"""The worker side of a request: parse, check, answer from the replay cache, forward to the cloud or run it,
-then hand the signed reply to the upstream copy and the local link."""
+"""Serving one request, on a worker or inline on the network thread: parse, check, answer from the replay
+cache, forward to the cloud or run it, then hand the signed reply to the upstream copy and the local link."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class RequestServingMixin:
-    """The inference workers of :class:`agent.app.Agent`."""
+    """The inference workers of :class:`agent.app.Agent`, and the serving they share with the network thread."""
 
     # ---- workers ------------------------------------------------------------------------------
 
