@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator
-from typing import Literal
+from typing import Any, Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, start_http_server
@@ -71,7 +71,7 @@ class AgentMetrics:
         self._methods = frozenset(methods)
         self._models = models
         self.requests = Counter(
-            f"{PREFIX}_requests", "Requests answered by a worker", ["method", "model", "outcome"], registry=self.registry
+            f"{PREFIX}_requests", "Requests answered", ["method", "model", "outcome"], registry=self.registry
         )
         self.duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
@@ -80,6 +80,9 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # labels() takes a lock and builds a key on every call; the request path reuses the children.
+        self._stage_durations = {stage: self.duration.labels(stage) for stage in ("queue", "inference", "total")}
+        self._request_counts: dict[tuple[str, str, str], Any] = {}
         self.rejected = Counter(
             f"{PREFIX}_requests_rejected", "Requests refused on arrival, never queued", ["reason"], registry=self.registry
         )
@@ -109,10 +112,14 @@ class AgentMetrics:
         total_s: float | None = None,
     ) -> None:
         """Count one answered request and its latencies (None for a stage it did not reach)."""
-        self.requests.labels(self._method_label(method), self._model_label(model), outcome).inc()
+        key = (self._method_label(method), self._model_label(model), outcome)
+        counter = self._request_counts.get(key)
+        if counter is None:
+            counter = self._request_counts.setdefault(key, self.requests.labels(*key))
+        counter.inc()
         for stage, seconds in (("queue", queue_s), ("inference", inference_s), ("total", total_s)):
             if seconds is not None:
-                self.duration.labels(stage).observe(seconds)
+                self._stage_durations[stage].observe(seconds)
 
     def count_rejection(self, reason: Rejection) -> None:
         """Count one request refused on arrival (network thread)."""
