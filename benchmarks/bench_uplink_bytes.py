@@ -16,6 +16,7 @@ batches are full) and ``steady`` (responses arriving at ``STEADY_RATE`` per seco
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -164,7 +165,8 @@ class Responder:
         request = Request.model_validate(message)
         now = time.monotonic()
         reply = result_reply(request.id, self.service.handle(request, Timing(received=now, started=now)))
-        return encode_reply(reply, signer, client_id=CLIENT, request_payload=json.dumps(message).encode())
+        digest = hashlib.sha256(json.dumps(message).encode()).hexdigest()
+        return encode_reply(reply, signer, client_id=CLIENT, request_sha256=digest)
 
 
 def _settings(work: Path, cloud_port: int, mode: dict[str, Any], certificate_header: CertificateHeader) -> Settings:

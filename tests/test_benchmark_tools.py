@@ -12,6 +12,7 @@ from agent.catalog import load_manifest, verified_model_bytes
 from agent.devmodels import FACE_MODEL_FILE, add_face_detector, copy_bundled_models
 from agent.inference import LoadedModel
 from agent.localbroker import MosquittoProcess
+from benchmarks.bench_uplink_bytes import Responder as ReplyMaker
 from benchmarks.harness import AgentUnderTest, Responder, run_load
 from benchmarks.load import request_template
 from benchmarks.profile import classify
@@ -90,3 +91,8 @@ def test_profile_stages_attribute_a_sample_to_the_first_matching_stage() -> None
     assert classify(signing) == "normalise + JCS + sign"
     assert classify(network) == "MQTT network I/O (paho loop)"
     assert classify(["Thread.run (threading.py:1)"]) == "other"
+
+
+def test_uplink_bytes_responder_builds_replies_bound_to_their_request() -> None:
+    reply = json.loads(ReplyMaker().reply(None))
+    assert reply["result"]["model"] == "vibration-anomaly" and reply["id"] == 1
