@@ -21,6 +21,7 @@ RequestId = str | int | None
 # Unrolled ("normal* (special normal*)*"): about 9x faster than an alternation on a 262 KB request.
 _STRING_LITERAL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_NOT_SHAPE_BYTES = bytes(byte for byte in range(256) if byte not in b"[{,")
 _SMALL_BRACKET_COUNT = 64
 _OPENING = frozenset(b"[{")
 _DEPTH_STEP = np.zeros(256, dtype=np.int8)
@@ -98,9 +99,10 @@ def check_shape(payload: bytes, *, max_depth: int, max_values: int | None) -> No
     memory-scan speed; only when a bound exceeds its limit are string literals stripped (a regex pass that
     costs milliseconds on a 262 KB base64 tensor) to get the exact figures.
     """
-    opening = payload.count(b"[") + payload.count(b"{")
-    within_values = max_values is None or opening + payload.count(b",") + 1 <= max_values
-    if opening <= max_depth and within_values:
+    # One pass keeps only the bytes that matter: three bytes.count calls cost 2.5x more on 262 KB.
+    kept = payload.translate(None, _NOT_SHAPE_BYTES)
+    opening = kept.count(b"[") + kept.count(b"{")
+    if opening <= max_depth and (max_values is None or len(kept) + 1 <= max_values):
         return
     outside_strings = _STRING_LITERAL.sub(b"", payload)
     depth = _deepest_nesting(outside_strings)
