@@ -26,21 +26,25 @@ from benchmarks.scenarios import Bench, Timings
 SAMPLE_HZ = 250
 DEVICE_ID = "profiled"
 # A sample belongs to the first stage any of whose markers appears in its stack (checked in this order).
+# Serving stages come before "intake": the network thread serves small requests itself (inside _on_message).
+# Reply publishing comes before the outbox writer, which publishes replies from its commit callbacks.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("outbox writer thread (SQLite commits)", ("outbox-writer",)),
     ("cloud uplink threads (drain, publish)", ("uplink-connection", "uplink-drain")),
-    ("upstream record: sign + enqueue + wait", ("Upstream.record_response", "Upstream.enqueue")),
+    ("publish reply (paho, replay-cache store)", ("LocalLinkMixin._deliver", "LocalLinkMixin._send", "Client.publish")),
+    ("outbox writer thread (SQLite commits)", ("outbox-writer",)),
+    ("upstream copy: envelope + enqueue", ("Upstream.record_response", "Upstream.enqueue")),
     ("inference (LiteRT set/invoke/get)", ("LoadedModel.run",)),
     ("input decode (b64/list to tensor)", ("prepare_input",)),
     ("outputs to JSON values (tolist)", ("decode_output", "encode_b64_tensor", "run_inference.<locals>.<dictcomp>")),
     ("normalise + JCS + sign", ("sign_reply",)),
     ("reply serialise (json) + binding", ("encode_reply", "encode_unsigned", "encode_message", "encode_record")),
     ("parse + validate request", ("parse_request", "validate_params")),
-    ("publish reply (paho, worker)", ("Client.publish",)),
-    ("intake (network thread)", ("Agent._on_message",)),
-    ("PUBACK ordering", ("Agent._on_publish", "AckSequencer", "Agent._finish")),
+    ("model lease and routing", ("ModelManager", "Router.")),
+    ("metrics and replay cache", ("AgentMetrics", "ReplayCache", "payload_digest")),
+    ("PUBACK ordering", ("LocalLinkMixin._on_publish", "AckSequencer", "LocalLinkMixin._finish")),
+    ("service: top labels, timing, counters", ("RequestService", "RequestServingMixin._serve")),
+    ("intake (network thread)", ("LocalLinkMixin._on_message",)),
     ("queue hop", ("Queue.get", "Queue.put", "Condition.wait", "Condition.notify")),
-    ("service: top labels, timing, counters", ("RequestService", "Agent._serve", "Agent._work")),
     ("MQTT network I/O (paho loop)", ("Client.loop_forever", "Client._thread_main", "Client._packet_read")),
 ]
 

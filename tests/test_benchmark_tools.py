@@ -85,11 +85,15 @@ def test_baseline_responder_answers_with_the_models_label(local_broker: Mosquitt
 
 
 def test_profile_stages_attribute_a_sample_to_the_first_matching_stage() -> None:
-    signing = ["Agent._work (agent/app.py:1)", "Agent._reply (agent/app.py:2)", "encode_reply (agent/outgoing.py:3)",
+    signing = ["RequestServingMixin._work (agent/serving.py:1)", "LocalLinkMixin._reply (agent/local_link.py:2)",
+               "encode_reply (agent/outgoing.py:3)",
                "sign_reply (agent/signing/message.py:4)", "_serialize_float (rfc8785/_impl.py:5)"]
     network = ["Client.loop_forever (paho/mqtt/client.py:1)", "Client._packet_read (paho/mqtt/client.py:2)"]
     assert classify(signing) == "normalise + JCS + sign"
     assert classify(network) == "MQTT network I/O (paho loop)"
+    inline_parse = ["Client.loop_forever (paho/mqtt/client.py:1)", "LocalLinkMixin._on_message (agent/local_link.py:2)",
+                    "RequestServingMixin._serve (agent/serving.py:3)", "parse_request (agent/protocol.py:4)"]
+    assert classify(inline_parse) == "parse + validate request"
     assert classify(["Thread.run (threading.py:1)"]) == "other"
 
 
