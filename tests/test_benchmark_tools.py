@@ -60,6 +60,7 @@ def test_load_generator_counts_agent_replies_and_overload_errors(
         "models_dir": str(models),
         "data_dir": str(tmp_path / "data"),
         "limits__intake_queue": "1",
+        "limits__inline_max_ms": "0",  # every request through the one-slot queue, so some are refused
         "signing__backend": "none",
         "rate_limit__enabled": "false",
         "metrics__port": "0",
