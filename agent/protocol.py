@@ -95,14 +95,17 @@ def _element_bound(text: bytes) -> int:
 def check_shape(payload: bytes, *, max_depth: int, max_values: int | None) -> None:
     """Refuse a text nested deeper than ``max_depth`` or holding more than ``max_values`` JSON values.
 
-    Counting brackets and commas in the raw bytes (strings included) bounds both figures from above at
-    memory-scan speed; only when a bound exceeds its limit are string literals stripped (a regex pass that
-    costs milliseconds on a 262 KB base64 tensor) to get the exact figures.
+    Cheap upper bounds come first, from the raw bytes with strings included: every value but the first
+    needs a comma or an opening bracket of its own, so a payload shorter than ``max_values`` bytes cannot
+    exceed it, and the opening brackets bound the depth. Only when a bound exceeds its limit are string
+    literals stripped (a regex pass that costs milliseconds on a 262 KB base64 tensor) for exact figures.
     """
-    # One pass keeps only the bytes that matter: three bytes.count calls cost 2.5x more on 262 KB.
-    kept = payload.translate(None, _NOT_SHAPE_BYTES)
-    opening = kept.count(b"[") + kept.count(b"{")
-    if opening <= max_depth and (max_values is None or len(kept) + 1 <= max_values):
+    if max_values is not None and len(payload) >= max_values:
+        kept = payload.translate(None, _NOT_SHAPE_BYTES)
+        within = len(kept) + 1 <= max_values and kept.count(b"[") + kept.count(b"{") <= max_depth
+    else:
+        within = _openings_within(payload, max_depth)
+    if within:
         return
     outside_strings = _STRING_LITERAL.sub(b"", payload)
     depth = _deepest_nesting(outside_strings)
@@ -112,6 +115,23 @@ def check_shape(payload: bytes, *, max_depth: int, max_values: int | None) -> No
         values = _element_bound(outside_strings)
         if values > max_values:
             raise InvalidRequest(f"request holds {values} JSON values, more than the limit of {max_values}")
+
+
+def _openings_within(payload: bytes, limit: int) -> bool:
+    """Whether ``payload`` holds at most ``limit`` opening brackets, found with memchr-speed ``find``.
+
+    Stops at the first bracket over the limit; a base64 tensor (no brackets) costs two scans of ~20 us per
+    MB instead of a full count.
+    """
+    found = 0
+    for opening in (b"[", b"{"):
+        index = payload.find(opening)
+        while index != -1:
+            found += 1
+            if found > limit:
+                return False
+            index = payload.find(opening, index + 1)
+    return True
 
 
 def _refuse_constant(token: str) -> Any:
