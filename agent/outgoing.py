@@ -14,9 +14,9 @@ from agent.signing import (
     ReplyBinding,
     Signer,
     encode_message,
+    encode_signed_reply,
     normalise,
     sign_record,
-    sign_reply,
 )
 
 
@@ -40,7 +40,7 @@ def encode_reply(reply: Mapping[str, Any], signer: Signer | None, *, client_id: 
     if signer is None:
         return encode_unsigned(reply)
     binding = ReplyBinding(client_id=client_id, request_id=reply.get("id"), request_sha256=request_sha256)
-    return encode_message(sign_reply(reply, signer, binding))
+    return encode_signed_reply(reply, signer, binding)
 
 
 def encode_record(record: Mapping[str, Any], signer: Signer | None) -> bytes:

@@ -42,6 +42,7 @@ from agent.signing import (
     ReplyBinding,
     create_signer,
     encode_message,
+    encode_signed_reply,
     init_identity,
     normalise,
     parse_json,
@@ -690,3 +691,36 @@ def _has_unsafe_integral_float(value: Any) -> bool:
     if isinstance(value, list):
         return any(_has_unsafe_integral_float(v) for v in value)
     return False
+
+
+container_members = st.dictionaries(
+    st.sampled_from(["a", "rank", "sig", "sig2", "si", "z", "~", "é"]) | st.text(max_size=4), json_like, max_size=4
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=json_like, members=container_members, as_error=st.booleans())
+def test_the_spliced_encoding_publishes_what_sign_reply_signs(
+    tmp_path: Path, value: Any, members: dict[str, Any], as_error: bool
+) -> None:
+    # One serialisation with a placeholder signature, cut out to sign and replaced to publish: whatever
+    # members sort before or after "sig" in the container, the published bytes verify and carry the same
+    # message as the two-step path.
+    signer = create_signer(Signing(backend="software", key_file=tmp_path / "k.pem"), DEVICE, tmp_path)
+    assert signer is not None
+    if as_error:
+        reply = {"jsonrpc": "2.0", "id": 7, "error": {"code": -32000, "message": "m", "data": {**members, "v": value}}}
+    else:
+        reply = {"jsonrpc": "2.0", "id": 7, "result": {"value": value, "_meta": dict(members)}}
+    binding = ReplyBinding.for_request("c", 7, b"{}")
+    try:
+        iat = signer.now()
+        raw = encode_signed_reply(reply, signer, binding, iat=iat)
+        verified = verify_message(raw, signer.public_key, expected_request_sha256=hashlib.sha256(b"{}").hexdigest())
+        two_step = sign_reply(reply, signer, binding, iat=iat)
+        for message in (verified.message, two_step):
+            holder = message["error"]["data"] if as_error else message["result"]["_meta"]
+            holder.pop("sig")
+        assert verified.message == parse_json(canonical_bytes(two_step))
+    finally:
+        signer.close()

@@ -6,7 +6,7 @@ See docs/signing.md for the format and how to verify it.
 
 from agent.signing.canonical import canonical_bytes, encode_message, normalise, parse_json
 from agent.signing.identity import IdentityInfo, init_identity, show_identity
-from agent.signing.message import ReplyBinding, request_sha256, sign_record, sign_reply
+from agent.signing.message import ReplyBinding, encode_signed_reply, request_sha256, sign_record, sign_reply
 from agent.signing.roots import load_public_key, public_key_fingerprint, public_key_pem
 from agent.signing.signer import DelegatedSigner, Signer, StrictSigner, create_signer
 from agent.signing.verify import VerifiedMessage, verify_message
@@ -21,6 +21,7 @@ __all__ = [
     "canonical_bytes",
     "create_signer",
     "encode_message",
+    "encode_signed_reply",
     "init_identity",
     "load_public_key",
     "normalise",

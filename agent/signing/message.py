@@ -14,13 +14,14 @@ The signed bytes are the JCS form of the whole (normalised) message with that on
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import SigningError
-from agent.signing.canonical import canonical_bytes, normalise
+from agent.signing.canonical import canonical_bytes, canonical_text, encode_message, normalise
 from agent.signing.signer import Signer
 
 SIG = "sig"
@@ -53,8 +54,48 @@ def sign_reply(
     """Return a normalised copy of a JSON-RPC reply carrying the binding and its signature.
 
     Publish the result with :func:`agent.signing.canonical.encode_message` (or any JSON encoder that keeps
-    the values; NaN cannot occur).
+    the values; NaN cannot occur), or use :func:`encode_signed_reply`, which does both with one encoding.
     """
+    message, container, iat = _bind_reply(reply, signer, binding, iat)
+    container[SIG] = signer.sign(canonical_bytes(message), iat=iat)
+    return message
+
+
+def encode_signed_reply(
+    reply: Mapping[str, Any], signer: Signer, binding: ReplyBinding | Mapping[str, Any], *, iat: int | None = None
+) -> bytes:
+    """The bytes to publish for ``sign_reply(reply, signer, binding)``: its JCS form with the signature in.
+
+    The message is serialised once, with a random placeholder as its ``sig``: cutting that member out gives
+    exactly the JCS bytes to sign (a JCS object is its sorted members joined by commas), and putting the
+    signature in its place gives the bytes to publish. Serialising twice, once to sign and once to send,
+    cost a third of signing a large reply (an 82 KB face-detector reply: ~160 us per encoding).
+    """
+    message, container, iat = _bind_reply(reply, signer, binding, iat)
+    placeholder = secrets.token_hex(16)
+    container[SIG] = placeholder
+    text = canonical_text(message)
+    member = f'"{SIG}":"{placeholder}"'
+    at = text.find(member)
+    if at < 0 or text.count(placeholder) != 1:  # the reply itself holds the random placeholder: never in practice
+        del container[SIG]
+        container[SIG] = signer.sign(canonical_bytes(message), iat=iat)
+        return encode_message(message)
+    before, after = text[:at], text[at + len(member) :]
+    if before.endswith(","):
+        unsigned = before[:-1] + after
+    elif after.startswith(","):
+        unsigned = before + after[1:]
+    else:
+        unsigned = before + after
+    signature = signer.sign(unsigned.encode("utf-8"), iat=iat)
+    return f'{before}"{SIG}":"{signature}"{after}'.encode("utf-8")
+
+
+def _bind_reply(
+    reply: Mapping[str, Any], signer: Signer, binding: ReplyBinding | Mapping[str, Any], iat: int | None
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """A normalised copy of ``reply`` with the binding in its signature container, which holds no ``sig``."""
     bound = binding if isinstance(binding, ReplyBinding) else ReplyBinding.model_validate(binding)
     message = _as_object(normalise(reply), "reply")
     container = reply_container(message)
@@ -71,8 +112,7 @@ def sign_reply(
         }
     )
     container.pop(SIG, None)
-    container[SIG] = signer.sign(canonical_bytes(message), iat=iat)
-    return message
+    return message, container, iat
 
 
 def sign_record(record: Mapping[str, Any], signer: Signer, *, iat: int | None = None) -> dict[str, Any]:
