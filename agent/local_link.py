@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 _ID_PROBE_MAX_BYTES = 65_536
 _ID_PROBE_HEAD_BYTES = 512
 OFFLINE: dict[str, Any] = {"status": "offline"}
-# The "id" member among the leading simple members of the top-level object (before any nested value).
 # Serving inline (LocalLinkMixin._serves_inline): small requests only, recognised from their head.
 _INLINE_MAX_BYTES = 16_384
 _INLINE_PROBE_BYTES = 1024
@@ -57,6 +56,7 @@ _TOOL_NAME = re.compile(rb'"name"\s*:\s*"([^"\\]{1,256})"')
 _PREFERS_CLOUD = re.compile(rb'"prefer"\s*:\s*"cloud"')
 _CHEAP_METHODS = frozenset({b"ping", b"models/list", b"initialize", b"tools/list"})
 _MODEL_METHODS = frozenset({b"infer", b"tools/call"})
+# The "id" member among the leading simple members of the top-level object (before any nested value).
 _LEADING_ID = re.compile(rb'\s*\{(?:\s*"[^"\\]*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-\w.]+)\s*,)*?\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
 
 
@@ -205,7 +205,7 @@ class LocalLinkMixin:
 
         Only while no request is queued or being served (so it overtakes nothing and never waits for an
         inference slot a worker holds), only for small payloads, and only for methods that are cheap or name
-        a loaded model whose runs average under ``limits.inline_max_ms``: the network thread must never
+        a loaded model whose runs average at most ``limits.inline_max_ms``: the network thread must never
         stall on a slow model, a model load or a cloud round trip. For a small model this saves most of
         the agent's per-request cost: two thread wake-ups and the GIL hand-offs between them. The method
         and model are read from the request's head without parsing it; a wrong guess costs only speed.

@@ -89,6 +89,11 @@ _READ_OPS = frozenset({"stats", "peek"})
 _UNSYNCED_OPS = frozenset({"claim", "release"})
 
 
+# Validation context for bodies the agent just produced with a JSON encoder: parsing a signed 82 KB reply
+# again only to learn that it is JSON costs more than storing it.
+ENCODED_BY_AGENT = "encoded_by_agent"
+
+
 class OutboxItem(BaseModel):
     """One message to store: ``body`` is a UTF-8 JSON document, embedded as-is in the upstream envelope."""
 
@@ -103,11 +108,6 @@ class OutboxItem(BaseModel):
         if not (info.context or {}).get(ENCODED_BY_AGENT):
             json.loads(value)
         return value
-
-
-# Validation context for bodies the agent just produced with a JSON encoder: parsing a signed 82 KB reply
-# again only to learn that it is JSON costs more than storing it.
-ENCODED_BY_AGENT = "encoded_by_agent"
 
 
 @dataclass
