@@ -36,7 +36,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("inference (LiteRT set/invoke/get)", ("LoadedModel.run",)),
     ("input decode (b64/list to tensor)", ("prepare_input",)),
     ("outputs to JSON values (tolist)", ("decode_output", "encode_b64_tensor", "run_inference.<locals>.<dictcomp>")),
-    ("normalise + JCS + sign", ("sign_reply",)),
+    ("normalise + JCS + sign", ("sign_reply", "encode_signed_reply")),
     ("reply serialise (json) + binding", ("encode_reply", "encode_unsigned", "encode_message", "encode_record")),
     ("parse + validate request", ("parse_request", "validate_params")),
     ("model lease and routing", ("ModelManager", "Router.")),
