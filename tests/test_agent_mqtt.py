@@ -211,14 +211,16 @@ def _face_b64(seed: int = 0) -> dict:
 def test_expired_request_is_dropped_unrun(start_agent, client_factory) -> None:
     agent = start_agent(limits={"workers": 1, "intake_queue": 1000})
     client = client_factory("alice")
-    image = _face_b64()
-    blockers = [client.send("infer", {"model": "face-detector", "inputs": {"image": image}}) for _ in range(400)]
+    # Images as nested JSON lists (~0.5 MB each): parsing and converting them keeps the one worker busy for
+    # well over the 1 s expiry, however fast the inference itself is.
+    image = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32).round(4).tolist()
+    blockers = [client.send("infer", {"model": "face-detector", "inputs": {"image": image}}) for _ in range(40)]
     client.publish_raw(b'{"jsonrpc":"2.0","id":"stale","method":"ping"}', properties=_props(MessageExpiryInterval=1))
     for future in blockers:
         future.result(120)
     assert client.call("ping")["result"] == {}
     if agent.counters["expired"] == 0:
-        pytest.skip("this machine served 400 inferences within the 1 s expiry; nothing expired")
+        pytest.skip("this machine served 40 large inferences within the 1 s expiry; nothing expired")
     assert agent.counters["expired"] == 1
     assert not any(reply.get("id") == "stale" for reply in client.unmatched)
 
