@@ -15,14 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from agent.config import Signing
 from agent.signing import ReplyBinding, create_signer, encode_message, normalise, sign_reply
 from agent.signing.canonical import canonical_bytes
-from agent.signing.jws import raw_from_der, sign_detached
+from agent.signing.jws import ES256_PREHASHED, raw_from_der, sign_detached
 from agent.signing.signer import Signer
 from agent.signing.swtpm import SwtpmProcess
 
@@ -85,7 +83,7 @@ def _stage_costs() -> dict[str, float]:
     digest = hashlib.sha256(payload).digest()
 
     def sign_digest(value: bytes) -> bytes:
-        return raw_from_der(key.sign(value, ec.ECDSA(Prehashed(hashes.SHA256()))))
+        return raw_from_der(key.sign(value, ES256_PREHASHED))
 
     return {
         "normalise_us": _per_call_us(lambda: normalise(reply)),

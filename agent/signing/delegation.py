@@ -17,18 +17,16 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from agent.errors import SignatureInvalid, SigningError
 from agent.signing import der
-from agent.signing.jws import b64url_encode, der_from_raw, jwk_thumbprint, raw_from_der
+from agent.signing.jws import ES256_PREHASHED, b64url_encode, der_from_raw, jwk_thumbprint, raw_from_der
 from agent.signing.roots import RootKey, public_key_der
 
 # Verifiers and X.509 tools compare validity against their own clocks; a little backdating absorbs skew.
 BACKDATE = timedelta(minutes=1)
 DELEGATED_UNIT = "edge-agent delegated signing key"
-_PREHASHED_ECDSA = ec.ECDSA(Prehashed(hashes.SHA256()))
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class Delegation:
 
     def sign_digest(self, digest: bytes) -> bytes:
         """Raw R || S ECDSA signature over a SHA-256 digest, with the delegated key."""
-        return raw_from_der(self.private_key.sign(digest, _PREHASHED_ECDSA))
+        return raw_from_der(self.private_key.sign(digest, ES256_PREHASHED))
 
     @property
     def x5c(self) -> list[str]:

@@ -17,7 +17,7 @@ import pybase64
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 
 from agent.errors import SignatureInvalid
 from agent.signing.canonical import JsonValue, canonical_bytes
@@ -25,6 +25,8 @@ from agent.signing.canonical import JsonValue, canonical_bytes
 ALGORITHM = "ES256"
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 COORDINATE_BYTES = 32
+# ES256 over a SHA-256 digest the caller computed (keys sign digests, as a TPM does); immutable, so shared.
+ES256_PREHASHED = ec.ECDSA(Prehashed(hashes.SHA256()))
 
 
 def b64url_encode(data: bytes) -> str:

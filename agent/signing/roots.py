@@ -14,12 +14,11 @@ import threading
 from pathlib import Path
 from typing import Literal, Protocol
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from agent.errors import SigningError
-from agent.signing.jws import raw_from_der
+from agent.signing.jws import ES256_PREHASHED, raw_from_der
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class SoftwareRootKey:
     def sign_digest(self, digest: bytes) -> bytes:
         with self._count_lock:
             self._operations += 1
-        return raw_from_der(self._private_key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
+        return raw_from_der(self._private_key.sign(digest, ES256_PREHASHED))
 
     def close(self) -> None:
         """Nothing to release: the key is only in memory."""

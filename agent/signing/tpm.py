@@ -19,12 +19,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal, TypeVar
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from agent.errors import SigningError
-from agent.signing.jws import der_from_raw, raw_signature
+from agent.signing.jws import ES256_PREHASHED, der_from_raw, raw_signature
 
 # The TSS libraries log every TPM error response to stderr; we turn those into SigningErrors with the
 # decoded return code instead. Operators can still set TSS2_LOG themselves to see the raw traffic.
@@ -261,7 +260,7 @@ class TpmRootKey:
         digest = os.urandom(32)
         raw = self.sign_digest(digest)
         try:
-            self.public_key.verify(der_from_raw(raw), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+            self.public_key.verify(der_from_raw(raw), digest, ES256_PREHASHED)
         except InvalidSignature:
             raise SigningError(f"the key at TPM handle {self.handle:#x} signs with another key than it shows") from None
 
