@@ -40,7 +40,6 @@ _EARLIEST_EXPIRY = "SELECT MIN(expires_clock) FROM outbox WHERE state != 'claime
 _ADD_TO_COUNTER = (
     "INSERT INTO counter (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
 )
-_WRITE_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
 
 class OutboxRecord(BaseModel):
@@ -154,7 +153,7 @@ class Ledger:
             self.db.execute_sql(_ADD_TO_COUNTER, (name, delta))
         now = self.clock.now()
         if force_heartbeat or (self._dirty and now - self._last_heartbeat >= _HEARTBEAT_S):
-            self.db.execute_sql(_WRITE_META, ("boot_clock", repr(now)))
+            store.write_meta(self.tables, boot_clock=repr(now))
             self._last_heartbeat = now
         return evicted
 
@@ -252,7 +251,7 @@ class Ledger:
         deleted = self._delete(self._by_ids(ids))
         if deleted:
             self._pending["delivered"] += len(deleted)
-            self.db.execute_sql(_WRITE_META, ("last_delivery_wall", repr(self.clock.wall())))
+            store.write_meta(self.tables, last_delivery_wall=repr(self.clock.wall()))
         return len(deleted)
 
     def failed(self, failures: list[tuple[int, int]]) -> None:
