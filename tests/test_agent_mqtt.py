@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -15,9 +14,8 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import topics
 from agent.config import REPO_MODELS_DIR
-from tests.fixtures.agents import Listener
+from tests.fixtures.agents import Listener, face_image_b64
 
 MANIFEST = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
 EXAMPLES = [(model["id"], example) for model in MANIFEST["models"] for example in model["examples"]]
@@ -203,11 +201,6 @@ def test_retained_request_is_never_served(start_agent, client_factory, local_bro
     client.publish_raw(b"", retain=True).wait_for_publish(5)
 
 
-def _face_b64(seed: int = 0) -> dict:
-    image = np.random.default_rng(seed).random((1, 128, 128, 3), dtype=np.float32)
-    return {"b64": base64.b64encode(image.astype("<f4").tobytes()).decode(), "dtype": "float32", "shape": [1, 128, 128, 3]}
-
-
 def test_expired_request_is_dropped_unrun(start_agent, client_factory) -> None:
     agent = start_agent(limits={"workers": 1, "intake_queue": 1000})
     client = client_factory("alice")
@@ -228,7 +221,7 @@ def test_expired_request_is_dropped_unrun(start_agent, client_factory) -> None:
 def test_flood_beyond_intake_gets_overloaded_replies_and_agent_stays_responsive(start_agent, client_factory) -> None:
     agent = start_agent(limits={"intake_queue": 2, "workers": 1})
     flooder = client_factory("flooder")
-    image = _face_b64()
+    image = face_image_b64()
     futures = [flooder.send("infer", {"model": "face-detector", "inputs": {"image": image}}) for _ in range(100)]
     replies = [future.result(120) for future in futures]
     overloaded = [reply for reply in replies if "error" in reply]
@@ -262,7 +255,7 @@ def test_garbage_never_crashes_the_agent(shared_agent, payload: bytes) -> None:
 def test_b64_outputs_carry_the_same_tensors_as_lists(start_agent, client_factory) -> None:
     start_agent()
     client = client_factory("alice")
-    image = _face_b64(3)
+    image = face_image_b64(3)
     as_lists = client.call("infer", {"model": "face-detector", "inputs": {"image": image}})["result"]["outputs"]
     as_b64 = client.call("infer", {"model": "face-detector", "inputs": {"image": image}, "output_encoding": "b64"})
     for name, tensor in as_b64["result"]["outputs"].items():

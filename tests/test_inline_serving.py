@@ -3,17 +3,9 @@ worker. Real broker, real LiteRT; which path served a request shows in the ``ser
 
 from __future__ import annotations
 
-import base64
-
-import numpy as np
+from tests.fixtures.agents import face_image_b64
 
 TINY = {"model": "vibration-anomaly", "inputs": {"features": [[0.1, 0.2, 0.1, 0.0, 0.3, 0.2, 0.1, 0.0]]}}
-
-
-def _face_request() -> dict:
-    image = np.random.default_rng(3).random((1, 128, 128, 3), dtype=np.float32)
-    data = base64.b64encode(image.astype("<f4").tobytes()).decode()
-    return {"model": "face-detector", "inputs": {"image": {"b64": data, "dtype": "float32", "shape": [1, 128, 128, 3]}}}
 
 
 def test_a_measured_fast_model_is_served_inline_and_a_new_one_first_by_a_worker(start_agent, client_factory) -> None:
@@ -45,7 +37,7 @@ def test_inline_and_worker_replies_carry_the_same_answer(start_agent, client_fac
 def test_large_payloads_slow_models_and_cloud_preference_go_to_a_worker(start_agent, client_factory) -> None:
     agent = start_agent(limits={"inline_max_ms": 1000})
     client = client_factory("alice")
-    face = _face_request()
+    face = {"model": "face-detector", "inputs": {"image": face_image_b64(3)}}
     for _ in range(3):  # measured and loaded after the first; still far over the inline payload size
         assert "result" in client.call("infer", face, timeout=30)
     client.call("infer", TINY)
