@@ -724,3 +724,19 @@ def test_the_spliced_encoding_publishes_what_sign_reply_signs(
         assert verified.message == parse_json(canonical_bytes(two_step))
     finally:
         signer.close()
+
+
+def test_a_reply_that_holds_the_placeholder_is_still_signed_correctly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The placeholder is 128 random bits; force a collision to exercise the two-step path it falls back to.
+    monkeypatch.setattr("agent.signing.message.secrets.token_hex", lambda _: "f" * 32)
+    signer = create_signer(Signing(backend="software", key_file=tmp_path / "k.pem"), DEVICE, tmp_path)
+    assert signer is not None
+    try:
+        reply = {"jsonrpc": "2.0", "id": 1, "result": {"text": "f" * 32}}
+        raw = encode_signed_reply(reply, signer, ReplyBinding.for_request("c", 1, b"{}"))
+        verified = verify_message(raw, signer.public_key, expected_request_sha256=hashlib.sha256(b"{}").hexdigest())
+        assert verified.message["result"]["text"] == "f" * 32
+    finally:
+        signer.close()

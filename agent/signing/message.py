@@ -76,11 +76,9 @@ def encode_signed_reply(
     container[SIG] = placeholder
     text = canonical_text(message)
     member = f'"{SIG}":"{placeholder}"'
+    if text.count(placeholder) != 1:  # the reply itself holds the random placeholder: never in practice
+        return encode_message(sign_reply(reply, signer, binding, iat=iat))
     at = text.find(member)
-    if at < 0 or text.count(placeholder) != 1:  # the reply itself holds the random placeholder: never in practice
-        del container[SIG]
-        container[SIG] = signer.sign(canonical_bytes(message), iat=iat)
-        return encode_message(message)
     before, after = text[:at], text[at + len(member) :]
     if before.endswith(","):
         unsigned = before[:-1] + after
