@@ -1,9 +1,13 @@
-"""The running agent: wires config, models, the request service and the local MQTT link; owns start and stop.
+"""The running agent: builds every component, starts and stops them in order, and owns the retained status.
 
-Threads: paho's network thread sorts incoming messages (:mod:`agent.local_link`); ``workers`` threads
-parse, run, sign and reply (:mod:`agent.serving`); the outbox writer publishes replies once their upstream
-copy is committed; watchdogs, the uplink and the metrics server run beside them. This module builds them
-all and owns start, stop and the retained status.
+Components and the threads each owns:
+- :class:`~agent.mqtt.local_link.LocalLink`: the paho client and its network thread (where requests arrive);
+- :class:`~agent.serving.dispatcher.Dispatcher`: the intake queue and the ``inference-worker-N`` threads,
+  running each request through the :class:`~agent.serving.pipeline.RequestPipeline`;
+- :class:`~agent.upstream.upstream.Upstream`: the outbox writer and the cloud uplink;
+  :class:`~agent.serving.fallback.CloudFallback` its expiry thread;
+- the model manager's watcher, the memory watchdog, the audit trail and the metrics server.
+This module knows the concrete classes; they know each other only through what is passed to them here.
 
 Every message is signed when ``[signing]`` names a backend (docs/signing.md): replies as they are
 published, the status document at start (and, when messages reference the delegation certificate by
@@ -13,113 +17,86 @@ thumbprint, again at each rotation), the Last Will by the device key at start.
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sdnotify import SystemdNotifier
 
-from agent import __version__, topics
-from agent.audit import AuditEvent, AuditTrail
+from agent import __version__
 from agent.config import Settings
-from agent.errors import (
-    AgentError,
-    SigningError,
-)
-from agent.fallback import CloudFallback
-from agent.health import Probes, collect_health
-from agent.inference import RUNTIME
-from agent.local_link import OFFLINE, InboundRequest, LocalLinkMixin, PendingReply
-from agent.memory import MemoryWatchdog, memory_cgroup_report
-from agent.metrics import AgentMetrics, MetricsServer
-from agent.model_manager import ModelManager
-from agent.model_watch import ModelWatcher
-from agent.outgoing import encode_record
-from agent.ratelimit import RateLimiter
-from agent.replay import ReplayCache
-from agent.service import RequestService
-from agent.serving import RequestServingMixin
+from agent.errors import AgentError, SigningError
+from agent.exchange import InboundRequest
+from agent.models.inference import RUNTIME
+from agent.models.manager import ModelManager
+from agent.models.watcher import ModelWatcher
+from agent.mqtt import topics
+from agent.mqtt.local_link import LocalLink
+from agent.observe.audit import AuditEvent, AuditTrail
+from agent.observe.health import Probes, collect_health
+from agent.observe.memory import MemoryWatchdog, memory_cgroup_report
+from agent.observe.metrics import AgentMetrics, MetricsServer, Rejection
+from agent.serving.admission import Admission
+from agent.serving.dispatcher import Dispatcher
+from agent.serving.fallback import CloudFallback
+from agent.serving.pipeline import RequestPipeline
+from agent.serving.replay import ReplayCache
+from agent.serving.service import RequestService
 from agent.signing import Signer, StrictSigner, create_signer
-from agent.transport import (
-    AckSequencer,
-    configure_broker_access,
-    connect_properties,
-    new_client,
-)
-from agent.upstream import Upstream
+from agent.signing.outgoing import encode_record
+from agent.upstream.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
 
-class Agent(RequestServingMixin, LocalLinkMixin):
-    """One agent process's worth of state; ``start()``, then ``stop()`` (or ``run_until_signalled()``)."""
+OFFLINE: dict[str, Any] = {"status": "offline"}
+
+
+class Agent:
+    """One agent process's worth of components; ``start()``, then ``stop()`` (or ``run_until_signalled()``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device_id = settings.device_id
+        self.counters: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
         self.models = ModelManager.for_limits(settings.models_dir, settings.limits)
+        self.models.on_event = self._on_model_event
         self.memory_watchdog = MemoryWatchdog(settings.limits.process_soft_limit_mb, relieve=self.models.unload_idle)
         self.model_watcher = ModelWatcher(self.models, settings.models_poll_s) if settings.models_poll_s > 0 else None
         self.service = RequestService(self.models, settings.limits, device_id=self.device_id, profile=settings.profile)
-        self.counters: Counter[str] = Counter()
-        self._counter_lock = threading.Lock()
-        self._intake: queue.Queue[InboundRequest | None] = queue.Queue(maxsize=settings.limits.intake_queue)
-        self._workers: list[threading.Thread] = []
-        self.upstream: Upstream | None = None
-        self.fallback: CloudFallback | None = None
-        self.rate_limiter = RateLimiter(settings.rate_limit)
-        # How many refusals each client is answered (LocalLinkMixin._refuse_rate_limited says why).
-        self._refusal_replies = RateLimiter(settings.rate_limit)
         self.replies = ReplayCache(settings.replay)
         self.audit = AuditTrail(self.device_id, self._send_audit_upstream)
-        self.models.on_event = self._on_model_event
+        self.link = LocalLink(
+            settings.local,
+            self.device_id,
+            receive_maximum=settings.limits.receive_maximum,
+            on_connected=self._publish_identity_and_status,
+            count=self.count,
+        )
+        # Built by start(), once the signer is open and the outbox exists.
+        self.signer: Signer | None = None
+        self.upstream: Upstream | None = None
+        self.fallback: CloudFallback | None = None
+        self.dispatcher: Dispatcher | None = None
         self.probes: Probes | None = None
         self.metrics: AgentMetrics | None = None
         self._metrics_server: MetricsServer | None = None
         self._started_clock = time.monotonic()
-        self._accepting = threading.Event()
-        self._subscribed = threading.Event()
-        self._stopped = threading.Event()
-        self._publish_lock = threading.Lock()
-        self._awaiting_puback: dict[int, PendingReply | None] = {}
-        self._early_pubacks: set[int] = set()
-        self._in_flight = 0  # requests queued for a worker or being served
-        signing = settings.signing
-        # Strict TPM signing costs a TPM operation per reply: too slow for the network thread.
-        self._inline_allowed = settings.limits.inline_max_ms > 0 and not (
-            signing.backend == "tpm" and signing.mode == "strict"
-        )
-        self._idle = threading.Condition()
-        self._awaiting_commit = 0
         self.started_at = time.time()
-        self.signer: Signer | None = None
+        self._stopped = threading.Event()
         self._status_payload: bytes | None = None
         self._will_payload: bytes | None = None
         self._certificate_pem: bytes | None = None
-        self.client = new_client(f"edge-agent-{self.device_id}", manual_ack=True)
-        self._acks = AckSequencer(self.client)
-        self._configure_client()
 
     def count(self, name: str, amount: int = 1) -> None:
+        """Add to a named event counter (reported in the status, telemetry and the stop log)."""
         with self._counter_lock:
             self.counters[name] += amount
-
-    def _configure_client(self) -> None:
-        client = self.client
-        configure_broker_access(client, self.settings.local)
-        client.max_inflight_messages_set(max(20, self.settings.limits.receive_maximum))
-        client.max_queued_messages_set(0)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -146,28 +123,55 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         self.memory_watchdog.start()
         if self.model_watcher is not None:
             self.model_watcher.start()
-        for index in range(self.settings.limits.workers):
-            worker = threading.Thread(target=self._work, name=f"inference-worker-{index}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
         self._start_upstream()
-        self._start_observability()
-        self._accepting.set()
-        local = self.settings.local
-        self.client.connect_async(
-            local.host,
-            local.port,
-            keepalive=local.keepalive,
-            clean_start=False,
-            properties=connect_properties(local.session_expiry, self.settings.limits.receive_maximum),
-        )
-        self.client.loop_start()
-        if not self._subscribed.wait(ready_timeout):
+        dispatcher = self.dispatcher = self._build_dispatcher()
+        dispatcher.start()
+        self._start_observability(dispatcher)
+        try:
+            self.link.start(dispatcher, ready_timeout)
+        except BaseException:
             self.stop()
-            raise AgentError(f"could not subscribe on the local broker {local.host}:{local.port} within {ready_timeout:.0f} s")
+            raise
+        local = self.settings.local
         log.info(
             "serving device %s on %s:%d with %d workers, models: %s",
-            self.device_id, local.host, local.port, len(self._workers), ", ".join(self.models.servable_ids) or "none",
+            self.device_id, local.host, local.port, dispatcher.worker_count,
+            ", ".join(self.models.servable_ids) or "none",
+        )  # fmt: skip
+
+    def _build_dispatcher(self) -> Dispatcher:
+        settings = self.settings
+        pipeline = RequestPipeline(
+            device_id=self.device_id,
+            limits=settings.limits,
+            service=self.service,
+            replies=self.replies,
+            signer=self.signer,
+            upstream=self.upstream,
+            fallback=self.fallback,
+            audit=self.audit,
+            count=self.count,
+            observe=self._observe_request,
+        )
+        admission = Admission(
+            settings.limits,
+            settings.rate_limit,
+            self.memory_watchdog,
+            self.audit,
+            count=self.count,
+            count_rejection=self._count_rejection,
+        )
+        signing = settings.signing
+        return Dispatcher(
+            settings.limits,
+            pipeline,
+            admission,
+            self.link,
+            runs_within=self.models.runs_within,
+            # Strict TPM signing costs a TPM operation per reply: too slow for the network thread.
+            inline_allowed=not (signing.backend == "tpm" and signing.mode == "strict"),
+            count=self.count,
+            count_rejection=self._count_rejection,
         )
 
     def stop(self) -> None:
@@ -175,19 +179,13 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         if self._stopped.is_set():
             return
         self._stopped.set()
-        # No UNSUBSCRIBE: that would delete the subscription from our persistent session, and requests sent
-        # while the agent is down would be lost. New arrivals are left unacknowledged instead (redelivered later).
-        self._accepting.clear()
+        self.link.stop_accepting()
         deadline = time.monotonic() + self.settings.limits.drain_timeout_s
-        with self._idle:
-            while (
-                self._in_flight or self._awaiting_commit or not self._intake.empty() or self._awaiting_puback
-            ) and time.monotonic() < deadline:
-                self._idle.wait(0.05)
-        for _ in self._workers:
-            self._intake.put(None)
-        for worker in self._workers:
-            worker.join(timeout=5)
+        if self.dispatcher is not None:
+            self.dispatcher.drain(deadline)
+        self.link.wait_published(deadline)
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         if self.model_watcher is not None:
             self.model_watcher.stop()
         self.memory_watchdog.stop()
@@ -198,16 +196,12 @@ class Agent(RequestServingMixin, LocalLinkMixin):
             self.upstream.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
-        if self.client.is_connected():
-            offline = self._will_payload
-            try:
-                offline = encode_record(OFFLINE, self.signer)
-            except SigningError as exc:
-                log.error("could not sign the offline status, publishing the will instead: %s", exc)
-            info = self.client.publish(topics.status_topic(self.device_id), offline, qos=1, retain=True)
-            info.wait_for_publish(timeout=5)
-        self.client.disconnect()
-        self.client.loop_stop()
+        offline = self._will_payload
+        try:
+            offline = encode_record(OFFLINE, self.signer)
+        except SigningError as exc:
+            log.error("could not sign the offline status, publishing the will instead: %s", exc)
+        self.link.close((topics.status_topic(self.device_id), offline) if offline is not None else None)
         if self.signer is not None:
             self.signer.close()
         log.info("stopped; counters: %s", dict(self.counters))
@@ -229,12 +223,12 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         upstream.start()
         log.info("cloud link to %s:%d; outbox at %s", cloud.host, cloud.port, upstream.outbox.path)
 
-    def _start_observability(self) -> None:
+    def _start_observability(self, dispatcher: Dispatcher) -> None:
         """Health readings, the metrics registry and its HTTP server; then re-sign the status with health."""
         upstream = self.upstream
         self.probes = Probes(
             started=self._started_clock,
-            intake_depth=self._intake.qsize,
+            intake_depth=dispatcher.queue_depth,
             outbox_stats=upstream.outbox.stats if upstream is not None else None,
             cloud_state=(lambda: upstream.uplink.state) if upstream is not None else None,
         )
@@ -259,6 +253,19 @@ class Agent(RequestServingMixin, LocalLinkMixin):
                 log.error("%s; running without /metrics", exc)
             else:
                 self._metrics_server = server
+
+    def _observe_request(
+        self, *, method: str | None, model: str | None, outcome: str, queue_s: float, inference_s: float | None,
+        total_s: float,
+    ) -> None:  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                method=method, model=model, outcome=outcome, queue_s=queue_s, inference_s=inference_s, total_s=total_s
+            )
+
+    def _count_rejection(self, reason: Rejection) -> None:
+        if self.metrics is not None:
+            self.metrics.count_rejection(reason)
 
     @property
     def metrics_port(self) -> int | None:
@@ -287,12 +294,12 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         except SigningError as exc:
             log.error("could not sign the status, keeping the previous one: %s", exc)
             return
-        if self.client.is_connected():
-            self._publish_tracked(topics.status_topic(self.device_id), self._status_payload, None, retain=True)
+        if self.link.is_connected():
+            self.link.publish_retained(topics.status_topic(self.device_id), self._status_payload)
 
     def _relay_cloud_answer(self, inbound: InboundRequest, reply: dict[str, Any]) -> None:
-        # The request was acknowledged once it was durably forwarded; the relayed answer acknowledges nothing.
-        self._reply(replace(inbound, qos=0), reply)
+        if self.dispatcher is not None:
+            self.dispatcher.relay(inbound, reply)
 
     def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully."""
@@ -320,8 +327,7 @@ class Agent(RequestServingMixin, LocalLinkMixin):
 
     def threads_alive(self) -> bool:
         """Whether the MQTT network thread and every inference worker are still running."""
-        network = getattr(self.client, "_thread", None)
-        return network is not None and network.is_alive() and all(worker.is_alive() for worker in self._workers)
+        return self.link.network_thread_alive() and self.dispatcher is not None and self.dispatcher.workers_alive()
 
     def status_document(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -359,7 +365,7 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         if signer is not None and signer.mode != "strict":
             signer = StrictSigner(signer.root, self.device_id)  # shares the root; closed with self.signer
         self._will_payload = encode_record(OFFLINE, signer)
-        self.client.will_set(topics.status_topic(self.device_id), self._will_payload, qos=1, retain=True)
+        self.link.set_will(topics.status_topic(self.device_id), self._will_payload)
 
     def _on_certificate_rotated(self, certificate: x509.Certificate) -> None:
         """A new delegated key whose messages name their certificate by thumbprint: retain it, re-sign the status.
@@ -372,7 +378,7 @@ class Agent(RequestServingMixin, LocalLinkMixin):
         if self._status_payload is None or self._stopped.is_set():
             return
         self._status_payload = encode_record(self.status_document(), self.signer)
-        if self.client.is_connected():
+        if self.link.is_connected():
             self._publish_identity_and_status()
 
     def _audit_rotation(self, certificate: x509.Certificate) -> None:
@@ -385,7 +391,7 @@ class Agent(RequestServingMixin, LocalLinkMixin):
     def _publish_identity_and_status(self) -> None:
         # The certificate first, so that a verifier that sees the new status can already find it.
         if self._certificate_pem is not None:
-            self._publish_tracked(topics.identity_topic(self.device_id), self._certificate_pem, None, retain=True)
+            self.link.publish_retained(topics.identity_topic(self.device_id), self._certificate_pem)
         assert self._status_payload is not None, "start() signs the status before connecting"
-        self._publish_tracked(topics.status_topic(self.device_id), self._status_payload, None, retain=True)
+        self.link.publish_retained(topics.status_topic(self.device_id), self._status_payload)
 

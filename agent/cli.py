@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.config import LocalBroker, Settings, describe_effective_config, load_settings, load_settings_with_sources
 from agent.errors import AgentError, ConfigError, SignatureInvalid
-from agent.logs import LogFormat, configure_logging
+from agent.observe.logs import LogFormat, configure_logging
 
 log = logging.getLogger("agent")
 
@@ -119,7 +119,7 @@ def _broker_and_device(args: argparse.Namespace) -> tuple[LocalBroker, str]:
 
 
 def _cmd_call(args: argparse.Namespace) -> int:
-    from agent.client import DeviceClient
+    from agent.tools.client import DeviceClient
 
     if args.json:
         source = sys.stdin if args.json == "-" else open(args.json, encoding="utf-8")
@@ -164,7 +164,7 @@ def _cmd_mcp_stdio(args: argparse.Namespace) -> int:
     # stdout is the MCP channel: everything else, logs included, goes to stderr.
     _setup_logging("INFO")
     try:
-        from agent.mcp_bridge import run_stdio_bridge
+        from agent.tools.mcp_bridge import run_stdio_bridge
     except ImportError as exc:
         raise AgentError(f"mcp-stdio needs the MCP SDK ({exc}): pip install 'edge-agent[mcp]'") from None
     broker, device = _broker_and_device(args)
@@ -173,8 +173,8 @@ def _cmd_mcp_stdio(args: argparse.Namespace) -> int:
 
 
 def _cmd_outbox(args: argparse.Namespace) -> int:
-    from agent.outbox import Outbox
-    from agent.upstream import OUTBOX_FILE
+    from agent.upstream.outbox import Outbox
+    from agent.upstream.upstream import OUTBOX_FILE
 
     settings = load_settings(args.config)
     path = settings.data_dir / OUTBOX_FILE
@@ -190,7 +190,7 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.tools.demo import run_demo
 
     _setup_logging("WARNING")
     return run_demo()

@@ -198,7 +198,7 @@ MESSAGE_CLASSES: tuple[MessageClass, ...] = ("res", "telemetry", "audit", "fallb
 
 
 class OutboxSettings(Section):
-    """Bounds and durability of the outbox (``data_dir/outbox.db``); policies are documented in agent/outbox.py."""
+    """Bounds and durability of the outbox (``data_dir/outbox.db``); policies are documented in agent/upstream/outbox.py."""
 
     max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="body bytes kept before classes are dropped")
     max_messages: int = Field(100_000, ge=1)

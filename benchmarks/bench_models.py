@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.client import DeviceClient
 from agent.config import REPO_MODELS_DIR, LocalBroker
-from agent.devmodels import FACE_INPUT_SHAPE, add_face_detector, copy_bundled_models
-from agent.localbroker import MosquittoProcess
+from agent.models.devmodels import FACE_INPUT_SHAPE, add_face_detector, copy_bundled_models
+from agent.mqtt.localbroker import MosquittoProcess
+from agent.tools.client import DeviceClient
 from benchmarks.harness import AgentUnderTest, run_load
 
 PROFILES = ("rpi4-1gb", "x86-generic")

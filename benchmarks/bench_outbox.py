@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import CloudBroker, OutboxSettings
-from agent.localbroker import MosquittoProcess
-from agent.outbox import Outbox, OutboxItem
-from agent.uplink import Uplink
+from agent.mqtt.localbroker import MosquittoProcess
+from agent.upstream.outbox import Outbox, OutboxItem
+from agent.upstream.uplink import Uplink
 
 SECONDS_PER_CONFIG = 1.5
 ENQUEUE_THREADS = (1, 4, 16, 64)

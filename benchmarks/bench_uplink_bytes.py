@@ -1,7 +1,7 @@
 """Bytes on the cloud link per inference response, with and without batching (metered links).
 
 Run: ``python -m benchmarks.bench_uplink_bytes``. The records are real: the shipped vibration-anomaly model
-answers an ``infer`` request through :class:`agent.service.RequestService`, and :class:`agent.upstream.Upstream`
+answers an ``infer`` request through :class:`agent.serving.service.RequestService`, and :class:`agent.upstream.upstream.Upstream`
 signs its upstream copy (software key, delegated mode) into a real outbox, which a real uplink drains to a
 private mosquitto. The uplink connects through a byte-counting TCP proxy that also splits the stream into
 MQTT packets, so the figures are measured MQTT bytes (fixed headers, topics, properties, payloads, PUBACKs,
@@ -33,13 +33,13 @@ from typing import Any, Literal
 import numpy as np
 
 from agent.config import REPO_MODELS_DIR, CloudBroker, Limits, OutboxSettings, Settings, Signing
-from agent.localbroker import MosquittoProcess, free_port
-from agent.model_manager import ModelManager
-from agent.outgoing import encode_reply
-from agent.protocol import Request, result_reply
-from agent.service import RequestService, Timing
+from agent.models.manager import ModelManager
+from agent.mqtt.localbroker import MosquittoProcess, free_port
+from agent.serving.protocol import Request, result_reply
+from agent.serving.service import RequestService, Timing
+from agent.signing.outgoing import encode_reply
 from agent.signing.signer import Signer, create_signer
-from agent.upstream import Upstream
+from agent.upstream.upstream import Upstream
 
 DEVICE = "pump-station-7"
 CLIENT = "line-3-plc"

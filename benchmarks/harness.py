@@ -18,11 +18,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent import topics
 from agent.config import ENV_PREFIX
 from agent.errors import AgentError
-from agent.localbroker import MosquittoProcess
-from agent.transport import new_client
+from agent.mqtt import topics
+from agent.mqtt.localbroker import MosquittoProcess
+from agent.mqtt.transport import new_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from agent import topics
-from agent.transport import new_client
+from agent.mqtt import topics
+from agent.mqtt.transport import new_client
 
 _REPLY_ID = re.compile(rb'"id":\s*(\d+)')
 _REPLY_HEAD_BYTES = 96

@@ -26,11 +26,11 @@ from benchmarks.scenarios import Bench, Timings
 SAMPLE_HZ = 250
 DEVICE_ID = "profiled"
 # A sample belongs to the first stage any of whose markers appears in its stack (checked in this order).
-# Serving stages come before "intake": the network thread serves small requests itself (inside _on_message).
+# Serving stages come before "intake": the network thread serves small requests itself (inside LocalLink._on_message).
 # Reply publishing comes before the outbox writer, which publishes replies from its commit callbacks.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("cloud uplink threads (drain, publish)", ("uplink-connection", "uplink-drain")),
-    ("publish reply (paho, replay-cache store)", ("LocalLinkMixin._deliver", "LocalLinkMixin._send", "Client.publish")),
+    ("publish reply (paho, replay-cache store)", ("Dispatcher._publish", "LocalLink.publish_reply", "Client.publish")),
     ("outbox writer thread (SQLite commits)", ("outbox-writer",)),
     ("upstream copy: envelope + enqueue", ("Upstream.record_response", "Upstream.enqueue")),
     ("inference (LiteRT set/invoke/get)", ("LoadedModel.run",)),
@@ -41,9 +41,9 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("parse + validate request", ("parse_request", "validate_params")),
     ("model lease and routing", ("ModelManager", "Router.")),
     ("metrics and replay cache", ("AgentMetrics", "ReplayCache", "payload_digest")),
-    ("PUBACK ordering", ("LocalLinkMixin._on_publish", "AckSequencer", "LocalLinkMixin._finish")),
-    ("service: top labels, timing, counters", ("RequestService", "RequestServingMixin._serve")),
-    ("intake (network thread)", ("LocalLinkMixin._on_message",)),
+    ("PUBACK ordering", ("LocalLink._on_publish", "AckSequencer", "LocalLink._finish")),
+    ("service: top labels, timing, counters", ("RequestService", "RequestPipeline.serve")),
+    ("intake and admission (network thread)", ("LocalLink._on_message", "Dispatcher.submit", "Admission.")),
     ("queue hop", ("Queue.get", "Queue.put", "Condition.wait", "Condition.notify")),
     ("MQTT network I/O (paho loop)", ("Client.loop_forever", "Client._thread_main", "Client._packet_read")),
 ]

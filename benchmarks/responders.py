@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from agent import topics
-from agent.transport import new_client
+from agent.mqtt import topics
+from agent.mqtt.transport import new_client
 
 Handler = Callable[[mqtt.Client, mqtt.MQTTMessage], None]
 

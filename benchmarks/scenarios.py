@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.client import DeviceClient
 from agent.config import REPO_MODELS_DIR, LocalBroker
-from agent.devmodels import FACE_INPUT_SHAPE, FACE_MODEL_FILE, add_face_detector, copy_bundled_models
-from agent.localbroker import MosquittoProcess
+from agent.models.devmodels import FACE_INPUT_SHAPE, FACE_MODEL_FILE, add_face_detector, copy_bundled_models
+from agent.mqtt.localbroker import MosquittoProcess
 from agent.signing.swtpm import SwtpmProcess
+from agent.tools.client import DeviceClient
 from benchmarks.harness import (
     AgentUnderTest,
     Responder,
-    context_switches,
     TopicWatcher,
+    context_switches,
     load_result,
     process_cpu_s,
     raw_invoke_rate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.transport import AckSequencer
+from agent.mqtt.transport import AckSequencer
 
 
 class RecordingClient:

@@ -249,7 +249,7 @@ def test_garbage_never_crashes_the_agent(shared_agent, payload: bytes) -> None:
     agent, client = shared_agent
     client.publish_raw(payload)
     assert client.call("ping", timeout=10)["result"] == {}
-    assert all(worker.is_alive() for worker in agent._workers)
+    assert agent.threads_alive()
 
 
 def test_b64_outputs_carry_the_same_tensors_as_lists(start_agent, client_factory) -> None:

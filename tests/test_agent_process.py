@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from agent import topics
 from agent.config import REPO_MODELS_DIR
+from agent.mqtt import topics
 from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, write_config
 
 VIBRATION = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]

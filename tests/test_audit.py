@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit import AuditEvent, AuditTrail
-from agent.outbox import Outbox
+from agent.observe.audit import AuditEvent, AuditTrail
+from agent.upstream.outbox import Outbox
 
 
 class ManualClock:
@@ -42,7 +42,7 @@ def stored_events(outbox: Outbox) -> list[dict]:
 
 def test_events_are_logged_and_stored_upstream(outbox: Outbox, caplog: pytest.LogCaptureFixture) -> None:
     trail = AuditTrail("dev1", to_outbox(outbox))
-    with caplog.at_level(logging.INFO, logger="agent.audit"):
+    with caplog.at_level(logging.INFO, logger="agent.observe.audit"):
         trail.record("signing_key_rotated", serial="0x1f", not_after="2030-01-01T00:00:00Z")
         trail.record("response_topic_refused", client_id="mallory", topic="mcp/res/dev1/alice")
         trail.close()
@@ -118,7 +118,7 @@ def test_a_failing_sink_costs_only_that_event(tmp_path: Path, caplog: pytest.Log
         stored.append(event.detail["model"])
 
     trail = AuditTrail("dev1", sink)
-    with caplog.at_level(logging.ERROR, logger="agent.audit"):
+    with caplog.at_level(logging.ERROR, logger="agent.observe.audit"):
         trail.record("model_swapped", model="broken")
         trail.record("model_swapped", model="fine")
         trail.close()

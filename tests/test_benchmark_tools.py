@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.catalog import load_manifest, verified_model_bytes
-from agent.devmodels import FACE_MODEL_FILE, add_face_detector, copy_bundled_models
-from agent.inference import LoadedModel
-from agent.localbroker import MosquittoProcess
+from agent.models.catalog import load_manifest, verified_model_bytes
+from agent.models.devmodels import FACE_MODEL_FILE, add_face_detector, copy_bundled_models
+from agent.models.inference import LoadedModel
+from agent.mqtt.localbroker import MosquittoProcess
 from benchmarks.bench_uplink_bytes import Responder as ReplyMaker
 from benchmarks.harness import AgentUnderTest, Responder, run_load
 from benchmarks.load import request_template
@@ -86,14 +86,14 @@ def test_baseline_responder_answers_with_the_models_label(local_broker: Mosquitt
 
 
 def test_profile_stages_attribute_a_sample_to_the_first_matching_stage() -> None:
-    signing = ["RequestServingMixin._work (agent/serving.py:1)", "LocalLinkMixin._reply (agent/local_link.py:2)",
-               "encode_reply (agent/outgoing.py:3)",
+    signing = ["Dispatcher._work (agent/serving/dispatcher.py:1)", "RequestPipeline.answer (agent/serving/pipeline.py:2)",
+               "encode_reply (agent/signing/outgoing.py:3)",
                "sign_reply (agent/signing/message.py:4)", "_serialize_float (rfc8785/_impl.py:5)"]
     network = ["Client.loop_forever (paho/mqtt/client.py:1)", "Client._packet_read (paho/mqtt/client.py:2)"]
     assert classify(signing) == "normalise + JCS + sign"
     assert classify(network) == "MQTT network I/O (paho loop)"
-    inline_parse = ["Client.loop_forever (paho/mqtt/client.py:1)", "LocalLinkMixin._on_message (agent/local_link.py:2)",
-                    "RequestServingMixin._serve (agent/serving.py:3)", "parse_request (agent/protocol.py:4)"]
+    inline_parse = ["Client.loop_forever (paho/mqtt/client.py:1)", "LocalLink._on_message (agent/mqtt/local_link.py:2)",
+                    "RequestPipeline.serve (agent/serving/pipeline.py:3)", "parse_request (agent/serving/protocol.py:4)"]
     assert classify(inline_parse) == "parse + validate request"
     assert classify(["Thread.run (threading.py:1)"]) == "other"
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from agent.config import ENV_PREFIX
-from agent.localbroker import MosquittoProcess
+from agent.mqtt.localbroker import MosquittoProcess
 from tests.fixtures.agents import REPO_ROOT
 
 

@@ -16,11 +16,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import topics
 from agent.config import REPO_MODELS_DIR
-from agent.localbroker import MosquittoProcess
+from agent.mqtt import topics
+from agent.mqtt.localbroker import MosquittoProcess
+from agent.mqtt.transport import connect_properties, new_client
 from agent.signing import verify_message
-from agent.transport import connect_properties, new_client
 from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
 from tests.fixtures.generated_models import add_model, sized_model
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.errors import InvalidRequest
-from agent.protocol import check_shape, estimated_elements, nesting_depth
+from agent.serving.protocol import check_shape, estimated_elements, nesting_depth
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),

@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agent.app import Agent
-from agent.client import DeviceClient
 from agent.config import REPO_MODELS_DIR, LocalBroker, TlsSettings, load_settings
 from agent.errors import ProvisioningError
-from agent.localbroker import MosquittoProcess, free_port
+from agent.mqtt.localbroker import MosquittoProcess, free_port
+from agent.mqtt.transport import new_client
 from agent.signing.swtpm import SwtpmProcess
-from agent.transport import new_client
+from agent.tools.client import DeviceClient
 from provisioning import ca as x509ca
 from provisioning import device, fleet
 from provisioning.fleet import Fleet

@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import pytest
 
-from agent.catalog import load_manifest, verified_model_bytes
 from agent.config import REPO_MODELS_DIR
 from agent.errors import InvalidParams, ModelError, ModelUnavailable
-from agent.inference import LoadedModel, TensorInfo, decode_output, prepare_input
-from agent.model_manager import ModelManager
+from agent.models.catalog import load_manifest, verified_model_bytes
+from agent.models.inference import LoadedModel, TensorInfo, decode_output, prepare_input
+from agent.models.manager import ModelManager
 
 INT8 = TensorInfo("x", 0, (1, 4), np.dtype("int8"), scale=0.5, zero_point=-10)
 F32 = TensorInfo("f", 0, (1, 3), np.dtype("float32"), scale=0.0, zero_point=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.logs import JsonFormatter, make_formatter, writes_to_journal
+from agent.observe.logs import JsonFormatter, make_formatter, writes_to_journal
 
 
 def emit(formatter: logging.Formatter, *, level: int = logging.INFO, exc: bool = False, **extra: object) -> str:

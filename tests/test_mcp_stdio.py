@@ -20,7 +20,7 @@ from mcp import Client, ClientSession, MCPError, StdioServerParameters, stdio_cl
 from mcp.types import CallToolResult, TextContent
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
-from agent.localbroker import MosquittoProcess
+from agent.mqtt.localbroker import MosquittoProcess
 from tests.fixtures.agents import REPO_ROOT
 
 

@@ -14,12 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import CloudBroker, OutboxSettings
 from agent.errors import AgentError
-from agent.health import Probes, collect_health, read_process_memory
-from agent.localbroker import MosquittoProcess
-from agent.memory import MB
-from agent.metrics import AgentMetrics, MetricsServer
-from agent.outbox import Outbox
-from agent.uplink import Uplink
+from agent.mqtt.localbroker import MosquittoProcess
+from agent.observe.health import Probes, collect_health, read_process_memory
+from agent.observe.memory import MB
+from agent.observe.metrics import AgentMetrics, MetricsServer
+from agent.upstream.outbox import Outbox
+from agent.upstream.uplink import Uplink
 
 MODELS = {"mobilenet", "iris"}
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

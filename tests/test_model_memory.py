@@ -12,7 +12,8 @@ import pytest
 
 from agent.config import load_settings
 from agent.errors import ModelError, ModelTooLarge, Overloaded
-from agent.memory import (
+from agent.models.manager import ModelManager
+from agent.observe.memory import (
     MB,
     MemoryWatchdog,
     measured_growth,
@@ -20,7 +21,6 @@ from agent.memory import (
     rss_bytes,
     trim_heap,
 )
-from agent.model_manager import ModelManager
 from tests.fixtures.generated_models import SIZED_INPUTS, add_model, sized_model
 
 INPUT = {"x": np.ones((1, SIZED_INPUTS), dtype=np.float32)}

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from agent.catalog import load_manifest
 from agent.config import Limits
 from agent.errors import InvalidParams, ModelError, ModelTooLarge
-from agent.model_manager import ModelManager
-from agent.protocol import Request
-from agent.service import RequestService, Timing
+from agent.models.catalog import load_manifest
+from agent.models.manager import ModelManager
+from agent.serving.protocol import Request
+from agent.serving.service import RequestService, Timing
 from tests.fixtures.generated_models import (
     add_ensemble,
     add_model,

@@ -14,10 +14,10 @@ import pytest
 
 from agent.config import Limits
 from agent.errors import InvalidParams, RequestError
-from agent.model_manager import ModelManager
-from agent.model_watch import ModelWatcher
-from agent.protocol import Request
-from agent.service import RequestService, Timing
+from agent.models.manager import ModelManager
+from agent.models.watcher import ModelWatcher
+from agent.serving.protocol import Request
+from agent.serving.service import RequestService, Timing
 from tests.fixtures.generated_models import (
     add_model,
     constant_classifier,
@@ -118,7 +118,7 @@ def test_new_version_is_swapped_in_under_load_and_a_bad_one_is_refused(served: t
         entry = next(model for model in manifest["models"] if model["id"] == "switch")
         (models / "switch-3.tflite").write_bytes(constant_classifier([0.5, 0.5]))
         entry.update(version="3.0.0", file="switch-3.tflite", sha256=hashlib.sha256(b"something else").hexdigest())
-        with caplog.at_level("ERROR", logger="agent.catalog"):
+        with caplog.at_level("ERROR", logger="agent.models.catalog"):
             write_manifest(models, manifest)
             assert _wait_for(lambda: "still serving version 2.0.0" in caplog.text)
         counts = [len(answers) for answers in hammer.answers]
@@ -150,7 +150,7 @@ def test_a_broken_manifest_keeps_the_previous_catalogue(served: tuple[RequestSer
     service, watcher = served
     watcher.stop()  # polled by hand below, so the broken state is certainly seen
     manager = service.models
-    with caplog.at_level("ERROR", logger="agent.model_manager"):
+    with caplog.at_level("ERROR", logger="agent.models.manager"):
         (manager.models_dir / "manifest.json").write_text('{"models": [')
         assert watcher.poll()
     assert "manifest change refused" in caplog.text

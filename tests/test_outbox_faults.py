@@ -18,7 +18,7 @@ import pytest
 
 from agent.config import OutboxSettings
 from agent.errors import OutboxError
-from agent.outbox import Outbox, OutboxItem
+from agent.upstream.outbox import Outbox, OutboxItem
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def test_garbage_file_is_moved_aside_kept_and_replaced(tmp_path: Path, caplog: p
     path = tmp_path / "outbox.db"
     path.write_bytes(b"not a database, torn or overwritten " * 300)
     original = path.read_bytes()
-    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+    with caplog.at_level(logging.ERROR, logger="agent.upstream.outbox"):
         store = Outbox(path)
     (moved,) = tmp_path.glob("outbox.db.corrupt-*")
     assert moved.read_bytes() == original
@@ -197,7 +197,7 @@ def test_full_disk_refuses_writes_clearly_keeps_rows_and_resumes(small_filesyste
 _WRITER = """
 import json, sys, threading
 from pathlib import Path
-from agent.outbox import Outbox
+from agent.upstream.outbox import Outbox
 
 store = Outbox(Path(sys.argv[1]))
 tag = sys.argv[2]

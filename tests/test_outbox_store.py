@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from agent.config import MESSAGE_CLASSES, OutboxSettings
 from agent.errors import OutboxError
-from agent.outbox import SEND_ORDER, Outbox, OutboxItem
-from agent.outbox_file import OutboxClock
+from agent.upstream.outbox import SEND_ORDER, Outbox, OutboxItem
+from agent.upstream.outbox_file import OutboxClock
 
 
 def body(**values: object) -> bytes:

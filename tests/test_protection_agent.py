@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import topics
 from agent.app import Agent
-from agent.client import DeviceClient
-from agent.localbroker import MosquittoProcess
-from agent.outbox import Outbox
+from agent.mqtt import topics
+from agent.mqtt.localbroker import MosquittoProcess
+from agent.tools.client import DeviceClient
+from agent.upstream.outbox import Outbox
 from tests.fixtures.agents import Listener
 
 PING = b'{"jsonrpc":"2.0","id":"p1","method":"ping"}'
@@ -57,7 +57,7 @@ def test_a_flooder_is_refused_at_once_with_retry_after_and_others_are_served(
 ) -> None:
     agent = start_agent(rate_limit={"enabled": True, "requests_per_s": 0.5, "burst": 3, "global_requests_per_s": 1000})
     flooder = client_factory("flooder")
-    with caplog.at_level(logging.WARNING, logger="agent.audit"):
+    with caplog.at_level(logging.WARNING, logger="agent.observe.audit"):
         futures = [flooder.send("ping") for _ in range(30)]
         assert client_factory("bob").call("ping", timeout=10)["result"] == {}
         deadline = time.monotonic() + 10

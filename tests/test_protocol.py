@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import topics
 from agent.errors import InvalidRequest, ParseError, RequestError
-from agent.outgoing import encode_unsigned
-from agent.protocol import nesting_depth, parse_request, result_reply
+from agent.mqtt import topics
+from agent.serving.protocol import nesting_depth, parse_request, result_reply
 from agent.signing import normalise
-
-import numpy as np
+from agent.signing.outgoing import encode_unsigned
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import RateLimit
-from agent.ratelimit import RateLimiter
+from agent.serving.ratelimit import RateLimiter
 
 
 class ManualClock:

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import Replay
-from agent.replay import ENTRY_OVERHEAD_BYTES, ReplayCache, payload_digest
+from agent.exchange import payload_digest
+from agent.serving.replay import ENTRY_OVERHEAD_BYTES, ReplayCache
 
 
 class ManualClock:

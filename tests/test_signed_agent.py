@@ -21,14 +21,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from agent import topics
 from agent.app import Agent
-from agent.client import DeviceClient
 from agent.config import ENV_PREFIX, REPO_MODELS_DIR, LocalBroker
 from agent.errors import SignatureInvalid
-from agent.localbroker import MosquittoProcess
+from agent.mqtt import topics
+from agent.mqtt.localbroker import MosquittoProcess
 from agent.signing import public_key_pem, verify_message
 from agent.signing.swtpm import SwtpmProcess, free_port_pair
+from agent.tools.client import DeviceClient
 from tests.fixtures.agents import (
     REPO_ROOT,
     AgentProcess,

@@ -23,9 +23,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, OutboxSettings, TlsSettings
-from agent.localbroker import MosquittoProcess, free_port
-from agent.outbox import Outbox, OutboxItem
-from agent.uplink import CloudMessage, Uplink, UpstreamRecord, backoff_delay
+from agent.mqtt.localbroker import MosquittoProcess, free_port
+from agent.upstream.outbox import Outbox, OutboxItem
+from agent.upstream.uplink import CloudMessage, Uplink, UpstreamRecord, backoff_delay
 
 DEVICE = "dev-1"
 

@@ -21,12 +21,12 @@ from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, OutboxSettings
 from agent.errors import UpstreamFormatError
-from agent.localbroker import MosquittoProcess
-from agent.outbox import Outbox, OutboxRecord
+from agent.mqtt.localbroker import MosquittoProcess
 from agent.signing import verify_message
-from agent.uplink import Uplink
-from agent.uplink_batch import Batcher
-from agent.uplink_wire import UpstreamRecord, decode_batch, decode_upstream, encode_batch, encode_envelope
+from agent.upstream.outbox import Outbox, OutboxRecord
+from agent.upstream.uplink import Uplink
+from agent.upstream.uplink_batch import Batcher
+from agent.upstream.uplink_wire import UpstreamRecord, decode_batch, decode_upstream, encode_batch, encode_envelope
 from tests.test_uplink import cloud_settings, enqueue_interleaved, wait_until
 
 DEVICE = "dev-1"

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import numbers
+import re
 from collections.abc import Mapping
 from typing import Any
 

@@ -25,8 +25,8 @@ from paho.mqtt.properties import Properties
 from uuid6 import uuid7
 
 from agent.config import CloudBroker
-from agent.topics import upstream_topic
-from agent.uplink_wire import ENCODING_PROPERTY, ClaimedRecord, batch_topic, encode_batch, encode_envelope
+from agent.mqtt.topics import upstream_topic
+from agent.upstream.uplink_wire import ENCODING_PROPERTY, ClaimedRecord, batch_topic, encode_batch, encode_envelope
 
 # Fixed header, topic length, packet id and properties: more than any publication here carries.
 PACKET_OVERHEAD = 256

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, Proce
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.errors import AgentError
-from agent.health import Probes, read_process_memory
+from agent.observe.health import Probes, read_process_memory
 
 log = logging.getLogger(__name__)
 

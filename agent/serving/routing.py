@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.catalog import Catalog, EnsembleEntry, EnsembleMember, ModelEntry
 from agent.errors import InferenceFailed, InvalidParams, ModelTooLarge
-from agent.inference import decode_output, prepare_input
-from agent.model_manager import ModelManager
+from agent.models.catalog import Catalog, EnsembleEntry, EnsembleMember, ModelEntry
+from agent.models.inference import decode_output, prepare_input
+from agent.models.manager import ModelManager
 
 VOTE_OUTPUT = "probabilities"
 

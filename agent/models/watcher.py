@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from agent.catalog import FileStamp, file_stamp
-from agent.model_manager import ModelManager
+from agent.models.catalog import FileStamp, file_stamp
+from agent.models.manager import ModelManager
 from agent.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)

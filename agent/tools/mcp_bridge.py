@@ -24,9 +24,9 @@ from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent import __version__
-from agent.client import DeviceClient, ReplyTimeout
 from agent.config import LocalBroker
 from agent.errors import AgentError
+from agent.tools.client import DeviceClient, ReplyTimeout
 
 SERVER_NAME = "edge-agent-bridge"
 INTERNAL_ERROR = -32603

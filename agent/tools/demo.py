@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import topics
-from agent.catalog import load_manifest
-from agent.client import DeviceClient
 from agent.config import REPO_MODELS_DIR, LocalBroker
 from agent.errors import AgentError
-from agent.localbroker import MosquittoProcess
+from agent.models.catalog import load_manifest
+from agent.mqtt import topics
+from agent.mqtt.localbroker import MosquittoProcess
 from agent.signing.swtpm import SwtpmProcess
+from agent.tools.client import DeviceClient
 
 DEVICE_ID = "demo-device"
 

@@ -26,7 +26,7 @@ What callers can rely on:
   raises :class:`OutboxError`. A body larger than ``max_bytes`` is refused. Rows in flight (claimed, at
   most the uplink's window) are never evicted and do not count against the bounds. Every drop is counted
   by reason (``capacity``, ``expired``, ``too_large``) and class.
-* **TTL** per class (``ttl_s``) or per message, measured on the boot clock (see :mod:`agent.outbox_file`):
+* **TTL** per class (``ttl_s``) or per message, measured on the boot clock (see :mod:`agent.upstream.outbox_file`):
   a wall-clock jump never expires anything early.
 * **Faults.** A corrupt file is salvaged as far as SQLite can read it, moved aside with its -wal/-shm under
   a timestamped name (kept), and replaced by a fresh file holding the salvaged rows; logged at ERROR and
@@ -54,10 +54,10 @@ from typing import Any
 import uuid6
 from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_validator
 
-from agent import outbox_file as store
 from agent.config import MessageClass, OutboxSettings
 from agent.errors import OutboxError
-from agent.outbox_ledger import (
+from agent.upstream import outbox_file as store
+from agent.upstream.outbox_ledger import (
     EVICTION_ORDER,
     SEND_ORDER,
     ClassStats,

@@ -2,7 +2,7 @@
 
 Memory accounting. A loaded model costs its file's bytes (held in memory, shared by all its interpreters)
 plus each interpreter's measured growth: RSS and PSS are sampled around creating and allocating it, after
-trimming the heap (:func:`agent.memory.measured_growth`). A model has one interpreter per concurrent run,
+trimming the heap (:func:`agent.observe.memory.measured_growth`). A model has one interpreter per concurrent run,
 up to ``max_concurrent_inferences``, each measured as it is created. The measured total is remembered per
 model version, even after the model is unloaded, and is what the budget and the router use from then on.
 
@@ -18,7 +18,7 @@ through :meth:`ModelManager.lease`; a model that is unloaded or replaced while l
 its last lease ends, so requests in flight finish on the interpreters they started with. Closing drops
 every interpreter, then the heap is trimmed so the memory really goes back to the kernel.
 
-The catalogue (:class:`agent.catalog.Catalog`) is swapped whole when the manifest changes
+The catalogue (:class:`agent.models.catalog.Catalog`) is swapped whole when the manifest changes
 (:meth:`ModelManager.reload`): a request resolves its model once, so it sees the old version or the new
 one, never a mix.
 """
@@ -34,13 +34,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent.catalog import (
-    Catalog,
-    ModelEntry,
-    build_catalog,
-    load_manifest,
-    verified_model_bytes,
-)
 from agent.config import Limits
 from agent.errors import (
     InvalidParams,
@@ -50,9 +43,16 @@ from agent.errors import (
     Overloaded,
     RequestError,
 )
-from agent.inference import LoadedModel
-from agent.memory import MB, return_freed_memory, rss_bytes, trim_heap
-from agent.model_stats import Measurements, ModelStats
+from agent.models.catalog import (
+    Catalog,
+    ModelEntry,
+    build_catalog,
+    load_manifest,
+    verified_model_bytes,
+)
+from agent.models.inference import LoadedModel
+from agent.models.stats import Measurements, ModelStats
+from agent.observe.memory import MB, return_freed_memory, rss_bytes, trim_heap
 
 log = logging.getLogger(__name__)
 

@@ -194,3 +194,30 @@ def error_reply(request_id: RequestId, error: RequestError) -> dict[str, Any]:
     body: dict[str, Any] = {"code": error.code, "message": error.message}
     body["data"] = {"reason": error.name, **error.data}
     return {"jsonrpc": JSONRPC, "id": request_id, "error": body}
+
+
+# The "id" member among the leading simple members of the top-level object (before any nested value).
+_LEADING_ID = re.compile(rb'\s*\{(?:\s*"[^"\\]*"\s*:\s*(?:"(?:[^"\\]|\\.)*"|[-\w.]+)\s*,)*?\s*"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)\s*[,}]')
+_ID_PROBE_MAX_BYTES = 65_536
+_ID_PROBE_HEAD_BYTES = 512
+
+
+def probe_request_id(payload: bytes) -> RequestId:
+    """Best-effort id of a request that will not be parsed further, so that its refusal correlates.
+
+    Runs on the network thread under overload, so it must stay cheap: an ``"id"`` member near the start
+    (where clients put it) is read directly; otherwise only a small payload is parsed whole. Whatever the
+    payload, it returns (deep nesting raises RecursionError in ``json``, which is not a ValueError).
+    """
+    head = _LEADING_ID.match(payload[:_ID_PROBE_HEAD_BYTES])
+    try:
+        if head is not None:
+            request_id = json.loads(head.group(1))
+        elif len(payload) <= _ID_PROBE_MAX_BYTES:
+            document = json.loads(payload)
+            request_id = document.get("id") if isinstance(document, dict) else None
+        else:
+            return None
+    except (ValueError, RecursionError):
+        return None
+    return request_id if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None

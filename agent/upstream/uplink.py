@@ -3,7 +3,7 @@
 Delivery. Rows are claimed from the outbox and published at QoS 1 to ``mcp/up/{device_id}/{class}``, up to
 ``inflight_window`` (default 32, lowered to the broker's Receive Maximum) awaiting PUBACK at once. A row is
 deleted only when its PUBACK carries a reason code below 0x80 (0x10 "no matching subscribers" included);
-0x80 and above dead-letters it (see :mod:`agent.outbox` for the retry policy). Each message carries its
+0x80 and above dead-letters it (see :mod:`agent.upstream.outbox` for the retry policy). Each message carries its
 ``msg_id`` in the payload and as the MQTT 5 user property ``msg-id``; the cloud drops repeats by it.
 
 Order. Per class, messages go out in outbox order on one connection, and the broker keeps that order. When
@@ -23,12 +23,12 @@ us is not hammered. While not connected the drain does no work at all (open circ
 touch the outbox, never the uplink, so a dead cloud costs the request path nothing.
 
 Batching (``[cloud] batch``, for metered links): the records of a class travel many per message, zlib
-compressed, on ``mcp/up/{device_id}/{class}/batch`` (:mod:`agent.uplink_batch` decides what leaves when).
+compressed, on ``mcp/up/{device_id}/{class}/batch`` (:mod:`agent.upstream.uplink_batch` decides what leaves when).
 A batch is one QoS 1 publish and settles all its rows together: a success PUBACK deletes every one, a
 refusal dead-letters every one. Each record inside keeps its own ``msg_id``, so the cloud still drops
 repeats per record, and batches of a class leave in order, so the guarantees above hold record by record.
 
-Envelopes (single and batch) are defined in :mod:`agent.uplink_wire`; docs/cloud.md is the cloud side's
+Envelopes (single and batch) are defined in :mod:`agent.upstream.uplink_wire`; docs/cloud.md is the cloud side's
 contract. MQTT 5 Message Expiry is the remaining TTL (of a batch: the shortest among its records).
 """
 
@@ -47,7 +47,7 @@ from pydantic import BaseModel
 
 from agent.config import CloudBroker
 from agent.errors import OutboxError
-from agent.transport import (
+from agent.mqtt.transport import (
     Subscriptions,
     WakeSocket,
     backoff_delay,
@@ -56,8 +56,8 @@ from agent.transport import (
     new_client,
     serve_connection,
 )
-from agent.uplink_batch import Batcher, Publication
-from agent.uplink_wire import ClaimedRecord, UpstreamRecord
+from agent.upstream.uplink_batch import Batcher, Publication
+from agent.upstream.uplink_wire import ClaimedRecord, UpstreamRecord
 
 __all__ = ["ClaimedRecord", "CloudMessage", "OutboxPort", "Uplink", "UplinkStats", "UpstreamRecord", "backoff_delay"]
 
@@ -70,7 +70,7 @@ _REASON_PACKET_TOO_LARGE = 0x95
 
 
 class OutboxPort(Protocol):
-    """The part of ``agent.outbox.Outbox`` the uplink drives (adapters do not import each other)."""
+    """The part of ``agent.upstream.outbox.Outbox`` the uplink drives (adapters do not import each other)."""
 
     def claim_batch(self, limit: int) -> Sequence[ClaimedRecord]: ...
     def mark_delivered(self, ids: Iterable[int]) -> int: ...

@@ -1,5 +1,5 @@
 """The outbox's SQLite file: schema and migrations, opening with an integrity check, salvage of a corrupt
-file, and the boot clock that ages and TTLs are measured on. Used only by :mod:`agent.outbox`.
+file, and the boot clock that ages and TTLs are measured on. Used only by :mod:`agent.upstream.outbox`.
 
 Time. A Raspberry Pi has no real-time clock: its wall clock starts wherever fake-hwclock left it and jumps
 when NTP syncs. Ages, TTLs and retry times are therefore kept on ``CLOCK_BOOTTIME`` (seconds since boot,

@@ -22,9 +22,9 @@ from typing import Any
 
 from agent.config import RateLimit
 from agent.errors import RateLimited, RequestError, UpstreamTimeout
-from agent.ratelimit import RateLimiter
-from agent.protocol import InferParams, Request, error_reply
-from agent.uplink import CloudMessage
+from agent.serving.protocol import InferParams, Request, error_reply
+from agent.serving.ratelimit import RateLimiter
+from agent.upstream.uplink import CloudMessage
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The outbox's rows and what may happen to them: claim, deliver, dead-letter, evict, expire, with running
 totals kept in step. Every method runs on the outbox's writer thread inside the batch's transaction; the
-policies themselves are documented in :mod:`agent.outbox`."""
+policies themselves are documented in :mod:`agent.upstream.outbox`."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from typing import Any
 import peewee
 from pydantic import BaseModel, Field
 
-from agent import outbox_file as store
 from agent.config import MESSAGE_CLASSES, MessageClass, OutboxSettings
+from agent.upstream import outbox_file as store
 
-log = logging.getLogger("agent.outbox")
+log = logging.getLogger("agent.upstream.outbox")
 
 EVICTION_ORDER: tuple[MessageClass, ...] = ("telemetry", "fallback", "res", "audit")
 SEND_ORDER: tuple[MessageClass, ...] = ("fallback", "res", "audit", "telemetry")

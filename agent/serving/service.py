@@ -2,7 +2,7 @@
 
 Methods: ``infer``, ``models/list``, ``ping`` and the Model Context Protocol methods (``initialize``,
 ``notifications/initialized``, ``tools/list``, ``tools/call``) so an MCP host can use each model, and each
-ensemble, as a tool. Which model serves an ``infer`` is decided by :mod:`agent.routing`.
+ensemble, as a tool. Which model serves an ``infer`` is decided by :mod:`agent.serving.routing`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.catalog import Catalog, EnsembleEntry, ModelEntry, TensorSpec
 from agent.config import Limits
 from agent.errors import InvalidParams, MethodNotFound, RequestError
-from agent.inference import encode_b64_tensor
-from agent.memory import MB
-from agent.model_manager import ModelManager
-from agent.model_stats import ModelStats
-from agent.protocol import InferParams, Request, ToolCallParams, validate_params
-from agent.routing import VOTE_OUTPUT, Router
+from agent.models.catalog import Catalog, EnsembleEntry, ModelEntry, TensorSpec
+from agent.models.inference import encode_b64_tensor
+from agent.models.manager import ModelManager
+from agent.models.stats import ModelStats
+from agent.observe.memory import MB
+from agent.serving.protocol import InferParams, Request, ToolCallParams, validate_params
+from agent.serving.routing import VOTE_OUTPUT, Router
 
 MCP_PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 # The newest version that still negotiates with an initialize handshake, for clients asking something unknown.

@@ -19,10 +19,10 @@ from uuid6 import uuid7
 
 from agent.config import MessageClass, Settings
 from agent.errors import OutboxError, SigningError
-from agent.outbox import ENCODED_BY_AGENT, Outbox, OutboxItem
-from agent.outgoing import encode_record
 from agent.signing import Signer
-from agent.uplink import CloudMessage, Uplink
+from agent.signing.outgoing import encode_record
+from agent.upstream.outbox import ENCODED_BY_AGENT, Outbox, OutboxItem
+from agent.upstream.uplink import CloudMessage, Uplink
 
 log = logging.getLogger(__name__)
 OUTBOX_FILE = "outbox.db"

@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import UpstreamFormatError
-from agent.topics import UPSTREAM_PREFIX, upstream_topic
+from agent.mqtt.topics import UPSTREAM_PREFIX, upstream_topic
 
 Compression = Literal["zlib", "none"]
 BATCH_SUFFIX = "batch"
@@ -32,7 +32,7 @@ DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
 
 
 class ClaimedRecord(Protocol):
-    """What the uplink needs of a claimed outbox row (``agent.outbox.OutboxRecord`` has it)."""
+    """What the uplink needs of a claimed outbox row (``agent.upstream.outbox.OutboxRecord`` has it)."""
 
     @property
     def id(self) -> int: ...

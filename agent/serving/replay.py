@@ -12,7 +12,6 @@ older than ``window_s`` are never returned and are dropped as they are met.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -24,11 +23,6 @@ from agent.config import Replay
 # What an entry costs beyond its reply bytes: the dict slot, key tuple, strings and this record.
 ENTRY_OVERHEAD_BYTES = 256
 _Key = tuple[str, str | int]
-
-
-def payload_digest(payload: bytes) -> bytes:
-    """The digest a request is recognised by: SHA-256 of its payload exactly as received."""
-    return hashlib.sha256(payload).digest()
 
 
 @dataclass(slots=True)

@@ -7,19 +7,19 @@ requests by JSON-RPC id on the client's own reply topic ``mcp/res/{device}/{clie
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import json
 import threading
 import uuid
+from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent import topics
 from agent.config import LocalBroker
 from agent.errors import AgentError
-from agent.transport import configure_broker_access, connect_properties, new_client
+from agent.mqtt import topics
+from agent.mqtt.transport import configure_broker_access, connect_properties, new_client
 
 
 class ReplyTimeout(AgentError):

@@ -17,7 +17,7 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from agent.errors import OutboxError
-from agent.memory import peak_rss_bytes, rss_bytes
+from agent.observe.memory import peak_rss_bytes, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ _PROC_SELF = Path("/proc/self")
 
 
 class OutboxFigures(Protocol):
-    """What health and metrics read from :meth:`agent.outbox.Outbox.stats` (an ``OutboxStats``)."""
+    """What health and metrics read from :meth:`agent.upstream.outbox.Outbox.stats` (an ``OutboxStats``)."""
 
     @property
     def messages(self) -> int: ...

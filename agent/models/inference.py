@@ -1,7 +1,7 @@
 """TFLite inference: the only module that imports LiteRT (or its fallback, tflite-runtime).
 
 A :class:`LoadedModel` holds a verified model file, its tensor signature and a small pool of interpreters
-whose memory is measured as each is created (:mod:`agent.memory`).
+whose memory is measured as each is created (:mod:`agent.observe.memory`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from agent.catalog import ModelEntry
 from agent.errors import InferenceFailed, InvalidParams, ModelUnavailable
-from agent.memory import measured_growth
+from agent.models.catalog import ModelEntry
+from agent.observe.memory import measured_growth
 
 try:
     from ai_edge_litert.interpreter import Interpreter

@@ -1,0 +1,261 @@
+"""The local MQTT link: the paho client to the device's broker, where a request **arrives** and its reply
+is **sent**.
+
+It owns the client, its network thread (paho's ``loop_start``), connection and subscription, the check
+that a message is a request at all, publishing, and the acknowledgements: a request's PUBACK goes out only
+after the broker acknowledged its reply, in the order the requests arrived
+(:class:`~agent.mqtt.transport.AckSequencer`). What to do with a request is the
+:class:`~agent.exchange.RequestSink`'s business; this module knows nothing of JSON-RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.config import LocalBroker
+from agent.errors import AgentError
+from agent.exchange import InboundRequest, OutgoingReply, RequestSink
+from agent.mqtt import topics
+from agent.mqtt.transport import (
+    AckSequencer,
+    configure_broker_access,
+    connect_properties,
+    new_client,
+    publish_properties,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingAck:
+    """A request to acknowledge once the broker acknowledged the reply published for it."""
+
+    mid: int
+    qos: int
+    generation: int
+
+
+class LocalLink:
+    """The agent's connection to its local broker; ``start()``, then ``close()``.
+
+    ``on_connected`` runs on the network thread after every CONNACK (the app republishes its retained
+    identity and status there). ``count`` records named events.
+    """
+
+    def __init__(
+        self,
+        broker: LocalBroker,
+        device_id: str,
+        *,
+        receive_maximum: int,
+        on_connected: Callable[[], None],
+        count: Callable[[str], None],
+    ) -> None:
+        self.device_id = device_id
+        self._broker = broker
+        self._receive_maximum = receive_maximum
+        self._on_connected = on_connected
+        self._count = count
+        self._sink: RequestSink | None = None
+        self._accepting = threading.Event()
+        self._subscribed = threading.Event()
+        self._closing = threading.Event()
+        self._publish_lock = threading.Lock()
+        self._awaiting_puback: dict[int, _PendingAck | None] = {}
+        self._early_pubacks: set[int] = set()
+        self._idle = threading.Condition()
+        self.client = new_client(f"edge-agent-{device_id}", manual_ack=True)
+        self._acks = AckSequencer(self.client)
+        configure_broker_access(self.client, broker)
+        self.client.max_inflight_messages_set(max(20, receive_maximum))
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    # ---- lifecycle (main thread) ------------------------------------------------------------------
+
+    def set_will(self, topic: str, payload: bytes) -> None:
+        """The message the broker publishes if the agent disappears without closing the link."""
+        self.client.will_set(topic, payload, qos=1, retain=True)
+
+    def start(self, sink: RequestSink, ready_timeout: float) -> None:
+        """Connect, subscribe to the device's request topics and hand every request to ``sink``."""
+        self._sink = sink
+        self._accepting.set()
+        broker = self._broker
+        self.client.connect_async(
+            broker.host,
+            broker.port,
+            keepalive=broker.keepalive,
+            clean_start=False,
+            properties=connect_properties(broker.session_expiry, self._receive_maximum),
+        )
+        self.client.loop_start()
+        if not self._subscribed.wait(ready_timeout):
+            raise AgentError(
+                f"could not subscribe on the local broker {broker.host}:{broker.port} within {ready_timeout:.0f} s"
+            )
+
+    def stop_accepting(self) -> None:
+        """Leave new arrivals unacknowledged: the broker keeps them in the session and redelivers them later.
+
+        No UNSUBSCRIBE: that would delete the subscription from the persistent session, and requests sent
+        while the agent is down would be lost.
+        """
+        self._accepting.clear()
+
+    def wait_published(self, deadline: float) -> None:
+        """Wait (until the monotonic ``deadline``) for the broker to acknowledge every tracked publish."""
+        with self._idle:
+            while self._awaiting_puback and time.monotonic() < deadline:
+                self._idle.wait(0.05)
+
+    def close(self, final_status: tuple[str, bytes] | None = None) -> None:
+        """Publish ``final_status`` (topic, payload; retained) if connected, then disconnect and stop the thread."""
+        self._closing.set()
+        if final_status is not None and self.client.is_connected():
+            info = self.client.publish(final_status[0], final_status[1], qos=1, retain=True)
+            info.wait_for_publish(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def is_connected(self) -> bool:
+        return self.client.is_connected()
+
+    def network_thread_alive(self) -> bool:
+        """Whether paho's network thread is still running (a dead one leaves the agent deaf)."""
+        network = getattr(self.client, "_thread", None)
+        return network is not None and network.is_alive()
+
+    def pending_acknowledgements(self) -> int:
+        return self._acks.pending()
+
+    # ---- publishing (any thread) --------------------------------------------------------------------
+
+    def publish_reply(self, reply: OutgoingReply) -> bool:
+        """Publish a reply at QoS 1; its request is acknowledged on the reply's PUBACK (or now, if refused)."""
+        inbound = reply.inbound
+        pending = (
+            _PendingAck(inbound.mid, inbound.qos, inbound.generation) if inbound.qos > 0 and reply.acknowledges else None
+        )
+        props = publish_properties(correlation_data=reply.correlation_data)
+        if not self._publish_tracked(reply.topic, reply.payload, pending, properties=props):
+            if reply.acknowledges:
+                self.acknowledge(inbound)
+            return False
+        return True
+
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Publish a retained QoS 1 message (status, identity); paho sends it once connected."""
+        return self._publish_tracked(topic, payload, None, retain=True)
+
+    def acknowledge(self, inbound: InboundRequest) -> None:
+        """Mark a request done; its PUBACK goes out once every request that arrived before it is done too."""
+        self._finish(inbound.mid, inbound.qos, inbound.generation)
+
+    def _publish_tracked(
+        self, topic: str, payload: bytes, pending: _PendingAck | None, *, retain: bool = False, properties: Any = None
+    ) -> bool:
+        """Publish at QoS 1; ``pending`` (a request to acknowledge) is finished when the broker's PUBACK arrives.
+
+        Every QoS 1 publish goes through here so that each PUBACK finds its message id registered, even when
+        it arrives before ``publish()`` has returned.
+        """
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        except ValueError as exc:  # a topic paho will not publish to; callers validate, this is the backstop
+            log.error("could not publish to %r: %s", topic, exc)
+            self._count("publish_refused")
+            return False
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("could not publish to %s: %s", topic, mqtt.error_string(info.rc))
+            return False
+        with self._publish_lock:
+            acknowledged_already = info.mid in self._early_pubacks
+            if acknowledged_already:
+                self._early_pubacks.discard(info.mid)
+            else:
+                self._awaiting_puback[info.mid] = pending
+        if acknowledged_already and pending is not None:
+            self._finish(pending.mid, pending.qos, pending.generation)
+        return True
+
+    def _finish(self, mid: int, qos: int, generation: int) -> None:
+        if qos > 0:
+            self._acks.done(mid, generation)
+
+    # ---- paho callbacks (network thread) ------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("local broker refused the connection: %s", reason)
+            return
+        log.info("connected to local broker (session present: %s)", flags.session_present)
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        client.subscribe(topics.request_filter(self.device_id), options=options)
+        self._on_connected()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if any(reason.is_failure for reason in reasons):
+            log.error("subscription refused by the local broker: %s", reasons)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._acks.reset()
+        if not self._closing.is_set():
+            log.warning("disconnected from local broker (%s); reconnecting", reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        # paho calls this holding its outgoing-message lock, so nothing here may wait on a thread that is
+        # inside client.publish(); _publish_lock is therefore never held across a paho call.
+        with self._publish_lock:
+            if mid in self._awaiting_puback:
+                pending = self._awaiting_puback.pop(mid)
+            else:
+                self._early_pubacks.add(mid)
+                pending = None
+        if pending is not None:
+            self._finish(pending.mid, pending.qos, pending.generation)
+        with self._idle:
+            self._idle.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        generation = self._acks.generation
+        if message.qos > 0:
+            self._acks.received(message.mid)
+        client_id = topics.client_id_from_request_topic(message.topic, self.device_id)
+        if client_id is None:
+            self._count("ignored_topic")
+            self._finish(message.mid, message.qos, generation)
+            return
+        if not self._accepting.is_set() or self._sink is None:
+            return  # not acknowledged: redelivered from the session after a restart
+        props = message.properties
+        now = time.monotonic()
+        expiry = getattr(props, "MessageExpiryInterval", None)
+        self._sink.submit(
+            InboundRequest(
+                client_id=client_id,
+                payload=message.payload,
+                mid=message.mid,
+                qos=message.qos,
+                generation=generation,
+                received=now,
+                expires=now + expiry if expiry is not None else None,
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation_data=getattr(props, "CorrelationData", None),
+            )
+        )
