@@ -239,7 +239,7 @@ class MemoryWatchdog:
         self._shedding = False
         self.last_anon_rss_bytes = 0
         # Outlives a bug in relieve(): it is what keeps the agent inside its memory.
-        self._task = PeriodicTask("memory-watchdog", interval_s, self.check)
+        self._task = PeriodicTask("memory-watchdog", "memory_watchdog", interval_s, self.check)
 
     def should_shed(self) -> bool:
         """Whether new requests should be refused as overloaded (cheap: reads the last sample)."""
