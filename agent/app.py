@@ -31,6 +31,7 @@ from agent import __version__
 from agent.config import Settings
 from agent.errors import AgentError, SigningError
 from agent.exchange import InboundRequest
+from agent.faults import HEARTBEATS, stall_limit_s
 from agent.models.inference import RUNTIME
 from agent.models.manager import ModelManager
 from agent.models.watcher import ModelWatcher
@@ -51,7 +52,6 @@ from agent.signing.outgoing import encode_record
 from agent.upstream.upstream import Upstream
 
 log = logging.getLogger(__name__)
-
 
 OFFLINE: dict[str, Any] = {"status": "offline"}
 
@@ -314,10 +314,21 @@ class Agent:
         systemd = SystemdNotifier()
         systemd.notify(f"READY=1\nSTATUS=serving {len(self.models.servable_ids)} models")
         health_due = time.monotonic() + self.settings.metrics.health_interval_s
+        stall_s = stall_limit_s()
+        reported: list[str] = []
         while not stop_requested.wait(1.0):
-            # The watchdog is fed only while every thread that serves requests is alive, so systemd
-            # restarts an agent whose network loop or workers died instead of leaving it deaf.
-            if self.threads_alive():
+            # The watchdog is fed only while every thread that serves requests is alive and no loop is
+            # stuck in one round, so systemd restarts an agent that went deaf instead of leaving it so.
+            stalled = HEARTBEATS.stalled(stall_s)
+            if stalled != reported:
+                reported = stalled
+                if stalled:
+                    log.error("stalled for over %.0f s: %s; no longer feeding the watchdog", stall_s, ", ".join(stalled))
+                    systemd.notify(f"STATUS=stalled: {', '.join(stalled)}")
+                else:
+                    log.info("no loop is stalled any more; feeding the watchdog again")
+                    systemd.notify("STATUS=serving")
+            if not stalled and self.threads_alive():
                 systemd.notify("WATCHDOG=1")
             if time.monotonic() >= health_due:
                 health_due = time.monotonic() + self.settings.metrics.health_interval_s
@@ -394,4 +405,5 @@ class Agent:
             self.link.publish_retained(topics.identity_topic(self.device_id), self._certificate_pem)
         assert self._status_payload is not None, "start() signs the status before connecting"
         self.link.publish_retained(topics.status_topic(self.device_id), self._status_payload)
+
 

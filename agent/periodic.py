@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from agent.faults import HEARTBEATS, INTERNAL_ERRORS, Where
 
 
 class PeriodicTask:
-    """Runs ``action`` every ``interval_s`` on a named daemon thread; an exception is logged, never fatal.
+    """Runs ``action`` every ``interval_s`` on a named daemon thread; an exception is recorded, never fatal.
 
     For the agent's watchers (memory, model files): a bug in one round must not end the watching for the
-    life of the process.
+    life of the process, and a round that hangs shows as a stall of ``name`` (see :mod:`agent.faults`).
     """
 
-    def __init__(self, name: str, interval_s: float, action: Callable[[], object]) -> None:
+    def __init__(self, name: str, where: Where, interval_s: float, action: Callable[[], object]) -> None:
         self.name = name
+        self.where: Where = where
         self.interval_s = interval_s
         self._action = action
         self._stop = threading.Event()
@@ -34,7 +34,5 @@ class PeriodicTask:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
+            with HEARTBEATS.busy(self.name), INTERNAL_ERRORS.guard(self.where):
                 self._action()
-            except Exception:
-                log.exception("%s: periodic run failed", self.name)

@@ -18,6 +18,7 @@ from agent.observe.memory import (
     MemoryWatchdog,
     measured_growth,
     memory_cgroup_report,
+    anon_rss_bytes,
     rss_bytes,
     trim_heap,
 )
@@ -150,12 +151,12 @@ def test_loads_never_take_the_process_over_its_soft_limit(sized_dir: Path) -> No
     manager = ModelManager(sized_dir, memory_budget_mb=100, max_concurrent_inferences=1)
     _use(manager, "m8")
     trim_heap()
-    manager.process_limit_bytes = rss_bytes() + 20 * MB
+    manager.process_limit_bytes = anon_rss_bytes() + 20 * MB
     _use(manager, "m12")
     assert manager.loaded_ids == ["m12"]  # m8 went, though the model budget had room for both
-    assert rss_bytes() < manager.process_limit_bytes
+    assert anon_rss_bytes() < manager.process_limit_bytes
 
-    fresh = ModelManager(sized_dir, memory_budget_mb=100, process_limit_mb=rss_bytes() // MB + 4)
+    fresh = ModelManager(sized_dir, memory_budget_mb=100, process_limit_mb=anon_rss_bytes() // MB + 4)
     with pytest.raises(Overloaded, match=r"loading model 'm8' \(about 16\.\d MB\) would take it over its soft limit"):
         _use(fresh, "m8")
 
@@ -175,7 +176,7 @@ def test_watchdog_sheds_load_and_unloads_idle_models_above_the_soft_limit(sized_
     assert low.check() and low.should_shed()
     assert manager.loaded_ids == ["m4"]  # the idle model went, the pinned one stayed
 
-    above_now = rss_bytes() // MB + 100
+    above_now = anon_rss_bytes() // MB + 100
     watchdog = MemoryWatchdog(soft_limit_mb=above_now, relieve=manager.unload_idle)
     assert not watchdog.check()
     ballast = b"\x01" * (120 * MB)
@@ -234,3 +235,10 @@ def test_cgroup_report_v1_hierarchy_and_unreadable_roots(tmp_path: Path) -> None
     assert memory_cgroup_report(no_memory).controller_enabled is False
     unknown = memory_cgroup_report(tmp_path / "empty")
     assert unknown.controller_enabled is None and "cannot tell" in unknown.describe()
+
+
+def test_the_soft_limit_reading_leaves_out_file_backed_library_pages(tmp_path: Path) -> None:
+    # As /proc/self/status shows an agent whose libraries the kernel caches in huge pages: 11 MB of RssFile.
+    (tmp_path / "status").write_text("VmRSS:\t  131072 kB\nRssAnon:\t  110592 kB\nRssFile:\t   11264 kB\nRssShmem:\t    2048 kB\n")
+    assert anon_rss_bytes(tmp_path) == (110592 + 2048) * 1024
+    assert 0 < anon_rss_bytes() <= rss_bytes()

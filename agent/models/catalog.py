@@ -16,9 +16,10 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, NamedTuple
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -110,7 +111,11 @@ def file_stamp(path: Path) -> FileStamp | None:
         info = os.stat(path)
     except OSError:
         return None
-    return FileStamp(info.st_ino, info.st_size, info.st_mtime_ns)
+    return FileStamp(*_stamp_fields(info))
+
+
+def _stamp_fields(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -132,14 +137,6 @@ class Catalog:
             if all(member.model not in self.refused for member in ensemble.members)
         ]
         return models + ensembles
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_manifest(models_dir: Path) -> Manifest:
@@ -181,14 +178,42 @@ def _ensemble_problem(ensemble: EnsembleEntry, models: dict[str, ModelEntry]) ->
     return None
 
 
+def open_model_file(models_dir: Path, entry: ModelEntry) -> BinaryIO:
+    """Open an entry's file for reading: a regular file named inside ``models_dir``, else :class:`ModelError`.
+
+    The name must stay inside the folder (no absolute path, no ``..``), so a manifest cannot have the agent
+    read any other file. A symlink is followed (operators link model files from a shared store), but what it
+    opens must be a regular file: a FIFO would block the reader forever and ``/dev/zero`` never ends. The
+    check is made on the opened descriptor (non-blocking, so opening a FIFO returns at once), so swapping
+    the file between a check and the read changes nothing.
+    """
+    name = PurePosixPath(entry.file)
+    if name.is_absolute() or ".." in name.parts:
+        raise ModelError(f"model {entry.id!r}: file {entry.file!r} is not inside the models folder; refused")
+    path = models_dir / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ModelError(f"model {entry.id!r}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelError(f"model {entry.id!r}: {path} is not a regular file; refused")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def verify_model_file(models_dir: Path, entry: ModelEntry) -> FileStamp | None:
     """Hash a model file without holding it in memory; returns its stamp, raises :class:`ModelError` on mismatch."""
     path = models_dir / entry.file
-    stamp = file_stamp(path)
-    try:
-        actual = sha256_file(path)
-    except OSError as exc:
-        raise ModelError(f"model {entry.id!r}: cannot read {path}: {exc.strerror}") from None
+    digest = hashlib.sha256()
+    with open_model_file(models_dir, entry) as handle:
+        stamp = FileStamp(*_stamp_fields(os.fstat(handle.fileno())))
+        try:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        except OSError as exc:
+            raise ModelError(f"model {entry.id!r}: cannot read {path}: {exc.strerror}") from None
+    actual = digest.hexdigest()
     if actual != entry.sha256:
         raise ModelError(
             f"model {entry.id!r}: {path.name} has sha256 {actual[:16]}..., manifest says {entry.sha256[:16]}...; refused"
@@ -234,7 +259,8 @@ def verified_model_bytes(models_dir: Path, entry: ModelEntry) -> bytes:
     """Read a model file and check it against the manifest's sha256 before anything parses it."""
     path = models_dir / entry.file
     try:
-        content = path.read_bytes()
+        with open_model_file(models_dir, entry) as handle:
+            content = handle.read()
     except OSError as exc:
         raise ModelError(f"model {entry.id!r}: cannot read {path}: {exc.strerror}") from None
     actual = hashlib.sha256(content).hexdigest()

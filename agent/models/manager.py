@@ -11,8 +11,10 @@ float weights per interpreter); its file size alone is a hard lower bound, so a 
 budget is refused without being read. A model measured above the budget is unloaded and refused from then
 on (:class:`ModelTooLarge`, naming both numbers).
 
-Room for a load means room within the model budget and, with RSS measured at that moment, under the
-process soft limit: whatever else the process holds, a load never takes it over. Making room unloads the
+Room for a load means room within the model budget and, with the anonymous resident memory measured at
+that moment (:func:`~agent.observe.memory.anon_rss_bytes`: RSS without the file-backed library pages that
+no unload can shrink), under the process soft limit: whatever else the process holds, a load never takes
+it over. Making room unloads the
 least recently used unpinned models that no request holds. Requests hold a model
 through :meth:`ModelManager.lease`; a model that is unloaded or replaced while leased is closed only when
 its last lease ends, so requests in flight finish on the interpreters they started with. Closing drops
@@ -52,7 +54,7 @@ from agent.models.catalog import (
 )
 from agent.models.inference import LoadedModel
 from agent.models.stats import Measurements, ModelStats
-from agent.observe.memory import MB, return_freed_memory, rss_bytes, trim_heap
+from agent.observe.memory import MB, anon_rss_bytes, return_freed_memory, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +371,9 @@ class ModelManager:
         Room means both within the model budget and, measured now, under the process soft limit (so a
         load never pushes the process over it, whatever else the process holds). The reservation is None
         when even unloading every idle model would not make room: models that requests hold must be
-        released first (the caller waits), and nothing is unloaded meanwhile.
+        released first (the caller waits), and nothing is unloaded meanwhile. When the process soft limit
+        alone refuses while idle models are loaded, those are unloaded and the memory measured again before
+        refusing (:class:`Overloaded`): measured model costs are estimates, the kernel's figure is not.
         """
         too_large = self._too_large(entry)
         if too_large is not None:
@@ -381,11 +385,17 @@ class ModelManager:
             estimate = min(estimate, self.budget_bytes - self._pinned_bytes(excluding=entry.id))
             frees.append(self.budget_bytes - self._used_bytes())
         if self.process_limit_bytes is not None:
-            trim_heap()
-            # Models other requests are loading right now have reserved memory that RSS does not show yet.
-            loading = sum(slot.reserved_bytes for slot in self._slots.values() if slot.loaded is None)
-            process_free = self.process_limit_bytes - rss_bytes() - loading
+            process_free = self._process_free()
             unpinned = sum(slot.memory_bytes for slot in [*self._slots.values(), *self._draining] if not slot.entry.pinned)
+            idle = self._idle_unpinned()
+            if process_free + unpinned < estimate and idle:
+                # Measured costs can under-count what an unload gives back (allocator slack, interpreter
+                # arenas): unload the idle models and measure again rather than refuse with them loaded.
+                for slot in idle:
+                    self._retire(slot, f"to make room for {entry.id}")
+                return_freed_memory()
+                process_free = self._process_free()
+                unpinned = sum(slot.memory_bytes for slot in [*self._slots.values(), *self._draining] if not slot.entry.pinned)
             if process_free + unpinned < estimate:
                 raise Overloaded(
                     f"the agent holds {(self.process_limit_bytes - process_free) / MB:.0f} MB: loading model "
@@ -406,6 +416,14 @@ class ModelManager:
             free += slot.memory_bytes
             closed |= self._retire(slot, f"to make room for {entry.id}")
         return estimate, closed
+
+    def _process_free(self) -> int:
+        """Room under the process soft limit, by the anonymous resident memory (see :mod:`agent.observe.memory`)."""
+        assert self.process_limit_bytes is not None
+        trim_heap()
+        # Models other requests are loading right now have reserved memory that RSS does not show yet.
+        loading = sum(slot.reserved_bytes for slot in self._slots.values() if slot.loaded is None)
+        return self.process_limit_bytes - anon_rss_bytes() - loading
 
     def _evict_over_budget(self, keep: _Slot | None = None) -> bool:
         """Unload idle models until the measured total is back within budget; True if any was closed."""
@@ -436,7 +454,7 @@ class ModelManager:
         with self._cond:
             if slot.retired:
                 return False
-            if self.process_limit_bytes is not None and rss_bytes() + estimated_bytes > self.process_limit_bytes:
+            if self.process_limit_bytes is not None and anon_rss_bytes() + estimated_bytes > self.process_limit_bytes:
                 return False
             return self.budget_bytes is None or self._used_bytes() + estimated_bytes <= self.budget_bytes
 

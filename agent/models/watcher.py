@@ -37,7 +37,7 @@ class ModelWatcher:
         self.interval_s = interval_s
         self._fingerprint = directory_fingerprint(models.models_dir)
         # A bug in one reload must not end hot updates for the life of the process.
-        self._task = PeriodicTask("model-watcher", interval_s, self.poll)
+        self._task = PeriodicTask("model-watcher", "model_watcher", interval_s, self.poll)
 
     def poll(self) -> bool:
         """Check once; reloads (and returns True) if anything in ``models_dir`` changed since the last poll."""

@@ -23,6 +23,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config import LocalBroker
 from agent.errors import AgentError
 from agent.exchange import InboundRequest, OutgoingReply, RequestSink
+from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.mqtt import topics
 from agent.mqtt.transport import (
     AckSequencer,
@@ -78,11 +79,13 @@ class LocalLink:
         configure_broker_access(self.client, broker)
         self.client.max_inflight_messages_set(max(20, receive_maximum))
         self.client.max_queued_messages_set(0)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._on_publish
+        # paho lets a callback's exception end its network thread (or logs and drops it, depending on
+        # suppress_exceptions): either way the agent would go deaf or leak a request. Each is guarded.
+        self.client.on_connect = INTERNAL_ERRORS.wrap("local_connect", self._on_connect)
+        self.client.on_disconnect = INTERNAL_ERRORS.wrap("local_disconnect", self._on_disconnect)
+        self.client.on_subscribe = INTERNAL_ERRORS.wrap("local_subscribe", self._on_subscribe)
+        self.client.on_message = INTERNAL_ERRORS.wrap("local_message", self._on_message)
+        self.client.on_publish = INTERNAL_ERRORS.wrap("local_publish", self._on_publish)
 
     # ---- lifecycle (main thread) ------------------------------------------------------------------
 
@@ -179,6 +182,9 @@ class LocalLink:
             log.error("could not publish to %r: %s", topic, exc)
             self._count("publish_refused")
             return False
+        except Exception as exc:  # not sent: the caller acknowledges its request now rather than never
+            INTERNAL_ERRORS.record("reply", exc)
+            return False
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("could not publish to %s: %s", topic, mqtt.error_string(info.rc))
             return False
@@ -233,29 +239,47 @@ class LocalLink:
             self._idle.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        generation = self._acks.generation
-        if message.qos > 0:
-            self._acks.received(message.mid)
+        """Hand a request to the sink, which from then on answers and acknowledges it exactly once.
+
+        An unexpected exception before the hand-off acknowledges the message here (no answer: the link
+        does not speak JSON-RPC); one from the sink itself is only recorded, because the sink already
+        owns the acknowledgement and a second one would corrupt the PUBACK order.
+        """
+        with HEARTBEATS.busy("mqtt-network"):
+            generation = self._acks.generation
+            if message.qos > 0:
+                self._acks.received(message.mid)
+            try:
+                inbound = self._inbound(message, generation)
+            except Exception as exc:
+                INTERNAL_ERRORS.record("local_message", exc)
+                self._finish(message.mid, message.qos, generation)
+                return
+            if inbound is None or self._sink is None:
+                return
+            with INTERNAL_ERRORS.guard("local_message"):
+                self._sink.submit(inbound)
+
+    def _inbound(self, message: mqtt.MQTTMessage, generation: int) -> InboundRequest | None:
+        """The request ``message`` carries, or None when it is none of the sink's business (settled here)."""
         client_id = topics.client_id_from_request_topic(message.topic, self.device_id)
         if client_id is None:
             self._count("ignored_topic")
             self._finish(message.mid, message.qos, generation)
-            return
+            return None
         if not self._accepting.is_set() or self._sink is None:
-            return  # not acknowledged: redelivered from the session after a restart
+            return None  # not acknowledged: redelivered from the session after a restart
         props = message.properties
         now = time.monotonic()
         expiry = getattr(props, "MessageExpiryInterval", None)
-        self._sink.submit(
-            InboundRequest(
-                client_id=client_id,
-                payload=message.payload,
-                mid=message.mid,
-                qos=message.qos,
-                generation=generation,
-                received=now,
-                expires=now + expiry if expiry is not None else None,
-                response_topic=getattr(props, "ResponseTopic", None),
-                correlation_data=getattr(props, "CorrelationData", None),
-            )
+        return InboundRequest(
+            client_id=client_id,
+            payload=message.payload,
+            mid=message.mid,
+            qos=message.qos,
+            generation=generation,
+            received=now,
+            expires=now + expiry if expiry is not None else None,
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
         )

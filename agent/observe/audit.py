@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from agent.errors import AgentError
+from agent.faults import INTERNAL_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -171,5 +172,5 @@ class AuditTrail:
                 self._sink(event)
             except AgentError as exc:
                 log.error("audit: %s event not sent upstream: %s", event.kind, exc)
-            except Exception:  # a failing sink must cost one event, never the trail
-                log.exception("audit: %s event not sent upstream", event.kind)
+            except Exception as exc:  # a failing sink must cost one event, never the trail
+                INTERNAL_ERRORS.record("audit_sink", exc)

@@ -6,6 +6,15 @@ difference under-counts whatever reuses old free space; each measurement therefo
 ``malloc_trim(0)`` (free memory goes back to the kernel first, then every new page shows up as growth).
 Measurements are serialised process-wide so that two interpreters created at once are not counted twice.
 
+Soft-limit decisions (the watchdog, and the model manager's room to load) read :func:`anon_rss_bytes`,
+the resident memory that is not a cached file: heap, interpreters, model bytes, shared memory. The rest of
+RSS is shared library code and data mapped from files (LiteRT, numpy, cryptography): clean page cache the
+kernel can drop and re-read, whose resident size depends on how the kernel caches those files (a kernel
+that maps them with 2 MB huge pages shows ~11 MiB more on an rpi4-1gb agent), and which neither unloading
+a model nor shedding requests can shrink. Counting it made the limit unreachable by relief: the agent
+could refuse a model for good at a few MiB below its limit. Model growth and the peak reported in
+/metrics stay plain RSS/PSS (what the model really adds; what the board really carries).
+
 Raspberry Pi kernels ship with the memory cgroup disabled, which makes systemd's ``MemoryMax=`` a no-op;
 :func:`memory_cgroup_report` says whether the kernel will enforce any limit on this process at all.
 """
@@ -49,6 +58,21 @@ _TRIM = _malloc_trim()
 def rss_bytes(proc_self: Path = Path("/proc/self")) -> int:
     """Resident set size now (from ``statm``, the cheapest source)."""
     return int((proc_self / "statm").read_text().split()[1]) * _PAGE_SIZE
+
+
+def anon_rss_bytes(proc_self: Path = Path("/proc/self")) -> int:
+    """Resident memory unloading or shedding can affect: ``RssAnon + RssShmem`` (RSS less file-backed pages).
+
+    Falls back to plain RSS on kernels before 4.5, which lack those lines.
+    """
+    fields = {}
+    for line in (proc_self / "status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssShmem:")):
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) * 1024
+    if len(fields) < 2:
+        return rss_bytes(proc_self)
+    return fields["RssAnon"] + fields["RssShmem"]
 
 
 def pss_bytes(proc_self: Path = Path("/proc/self")) -> int | None:
@@ -191,7 +215,7 @@ def _own_memory_limit(root: Path) -> int | None:
 
 
 class MemoryWatchdog:
-    """Samples the process RSS; above the soft limit it asks for load shedding and calls ``relieve``.
+    """Samples :func:`anon_rss_bytes`; above the soft limit it asks for load shedding and calls ``relieve``.
 
     ``relieve`` (the model manager unloading idle models) runs on the watchdog thread each time a sample is
     over the limit. Shedding stops once RSS is back below ``resume_fraction`` of the soft limit, so the
@@ -213,9 +237,9 @@ class MemoryWatchdog:
         self._relieve = relieve
         self._proc_self = proc_self
         self._shedding = False
-        self.last_rss_bytes = 0
+        self.last_anon_rss_bytes = 0
         # Outlives a bug in relieve(): it is what keeps the agent inside its memory.
-        self._task = PeriodicTask("memory-watchdog", interval_s, self.check)
+        self._task = PeriodicTask("memory-watchdog", "memory_watchdog", interval_s, self.check)
 
     def should_shed(self) -> bool:
         """Whether new requests should be refused as overloaded (cheap: reads the last sample)."""
@@ -223,20 +247,20 @@ class MemoryWatchdog:
 
     def check(self) -> bool:
         """Take one sample now (relieving memory if over the limit); returns whether load is being shed."""
-        rss = rss_bytes(self._proc_self)
+        rss = anon_rss_bytes(self._proc_self)
         if rss >= self.soft_limit_bytes:
             self._relieve()
-            rss = rss_bytes(self._proc_self)
+            rss = anon_rss_bytes(self._proc_self)
         if not self._shedding and rss >= self.soft_limit_bytes:
             log.warning(
-                "RSS %.0f MB is above the soft limit of %.0f MB after unloading idle models: shedding load",
+                "anonymous resident memory %.0f MB is above the soft limit of %.0f MB after unloading idle models: shedding load",
                 rss / MB, self.soft_limit_bytes / MB,
             )
             self._shedding = True
         elif self._shedding and rss < self.resume_bytes:
-            log.info("RSS back to %.0f MB: serving again", rss / MB)
+            log.info("resident memory (anonymous) back to %.0f MB: serving again", rss / MB)
             self._shedding = False
-        self.last_rss_bytes = rss
+        self.last_anon_rss_bytes = rss
         return self._shedding
 
     def start(self) -> None:

@@ -20,6 +20,8 @@ Series (all prefixed ``edge_agent_``):
   ``outbox_dead_messages``, ``outbox_dropped_total{reason,cls}``, ``outbox_delivered_total``;
   ``cloud_link_state{state}`` (1 for the current state).
 * ``model_loads_total{model}``, ``model_evictions_total{model}``.
+* ``internal_errors_total{where}``: exceptions nothing expected, caught where a thread or callback would
+  have died (a fixed set of places, :data:`agent.faults.WHERE`); each cost at most one request its answer.
 * ``process_peak_resident_memory_bytes`` (VmHWM) beside the standard ``process_*`` series (RSS, CPU,
   file descriptors, start time); ``signing_info{backend,mode}``; ``build_info{version,runtime,profile}``.
 """
@@ -36,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, Proce
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.errors import AgentError
+from agent.faults import INTERNAL_ERRORS
 from agent.observe.health import Probes, read_process_memory
 
 log = logging.getLogger(__name__)
@@ -155,6 +158,12 @@ class LiveCollector:
             yield GaugeMetricFamily(
                 f"{PREFIX}_process_peak_resident_memory_bytes", "Peak resident memory (VmHWM)", value=memory.peak_rss_bytes
             )
+        internal = CounterMetricFamily(
+            f"{PREFIX}_internal_errors", "Unexpected exceptions caught at a thread's boundary", labels=["where"]
+        )
+        for where, count in INTERNAL_ERRORS.counts().items():
+            internal.add_metric([where], count)
+        yield internal
         outbox = self.probes.read_outbox()
         if outbox is not None:
             yield GaugeMetricFamily(f"{PREFIX}_outbox_messages", "Messages waiting in the outbox", value=outbox.messages)

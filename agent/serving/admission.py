@@ -24,7 +24,7 @@ from agent.serving.ratelimit import RateLimiter, RateLimitRefusal
 class MemoryGauge(Protocol):
     """The memory watchdog as admission sees it."""
 
-    last_rss_bytes: int
+    last_anon_rss_bytes: int
 
     def should_shed(self) -> bool: ...
 
@@ -81,7 +81,7 @@ class Admission:
             self._count_rejection("overloaded")
             return Refusal(
                 Overloaded(
-                    f"agent memory {self._memory.last_rss_bytes / MB:.0f} MB is above its soft limit of "
+                    f"agent memory {self._memory.last_anon_rss_bytes / MB:.0f} MB is above its soft limit of "
                     f"{self._limits.process_soft_limit_mb} MB; retry later"
                 )
             )

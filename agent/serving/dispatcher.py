@@ -22,6 +22,7 @@ from typing import Any
 from agent.config import Limits
 from agent.errors import Overloaded
 from agent.exchange import InboundRequest, ReplyLink
+from agent.faults import HEARTBEATS, INTERNAL_ERRORS, Where
 from agent.observe.metrics import Rejection
 from agent.serving.admission import Admission
 from agent.serving.pipeline import Delivery, RequestPipeline
@@ -101,19 +102,30 @@ class Dispatcher:
     # ---- intake (the local link's network thread) ---------------------------------------------------
 
     def submit(self, inbound: InboundRequest) -> None:
-        """Refuse, serve inline, or queue one request the local link received."""
-        refusal = self._admission.check(inbound)
+        """Refuse, serve inline, or queue one request the local link received; never raises.
+
+        From here on the request is this dispatcher's: whatever goes wrong, it gets exactly one delivery
+        (a -32603 reply for an unexpected exception), hence exactly one acknowledgement.
+        """
+        try:
+            refusal = self._admission.check(inbound)
+            inline = refusal is None and self._in_flight == 0 and self._serves_inline(inbound)
+        except Exception as exc:  # nothing was delivered yet: the internal error is this request's one answer
+            INTERNAL_ERRORS.record("intake", exc)
+            self._deliver_safely(inbound, lambda: self._pipeline.internal_error(inbound))
+            return
         if refusal is not None:
             if refusal.error is None:
                 self._link.acknowledge(inbound)
             else:
-                self._deliver(
-                    self._pipeline.refusal(
-                        inbound, refusal.error, probe_id=refusal.probe_id, to_default_topic=refusal.to_default_topic
-                    )
+                error = refusal.error
+                self._deliver_safely(
+                    inbound,
+                    lambda: self._pipeline.refusal(
+                        inbound, error, probe_id=refusal.probe_id, to_default_topic=refusal.to_default_topic
+                    ),
                 )
             return
-        inline = self._in_flight == 0 and self._serves_inline(inbound)
         with self._idle:
             # Counted before the hand-off: a worker that has taken a request off the queue but not yet
             # started on it still counts as busy, so the network thread never serves inline beside it.
@@ -131,7 +143,9 @@ class Dispatcher:
             self._count("overloaded")
             self._count_rejection("overloaded")
             error = Overloaded(f"intake queue full ({self._intake.maxsize} waiting); retry later")
-            self._deliver(self._pipeline.refusal(inbound, error, probe_id=True, to_default_topic=False))
+            self._deliver_safely(
+                inbound, lambda: self._pipeline.refusal(inbound, error, probe_id=True, to_default_topic=False)
+            )
 
     def relay(self, inbound: InboundRequest, reply: dict[str, Any]) -> None:
         """Publish a cloud answer to a forwarded request (already acknowledged when it was forwarded)."""
@@ -165,25 +179,44 @@ class Dispatcher:
     # ---- serving (workers, or the network thread inline) --------------------------------------------
 
     def _work(self) -> None:
+        name = threading.current_thread().name
         while True:
             inbound = self._intake.get()
             if inbound is None:
                 return
-            self._serve_counted(inbound)
+            with HEARTBEATS.busy(name):
+                self._serve_counted(inbound)
 
     def _serve_counted(self, inbound: InboundRequest) -> None:
         """Serve one request counted in ``_in_flight`` (by whoever queued it, or the network thread inline)."""
         try:
-            try:
-                delivery = self._pipeline.serve(inbound)
-            except Exception:  # a bug must cost one reply, never the worker
-                log.exception("unexpected error serving a request from %s", inbound.client_id)
-                delivery = self._pipeline.internal_error(inbound)
-            self._deliver(delivery)
+            self._deliver_safely(inbound, lambda: self._pipeline.serve(inbound), where="worker")
         finally:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+
+    def _deliver_safely(
+        self, inbound: InboundRequest, make: Callable[[], Delivery], where: Where = "intake"
+    ) -> None:
+        """Deliver what ``make`` produces; if it raises, a -32603 reply instead, or at least the acknowledgement.
+
+        A bug must cost one reply, never the thread, and never leave the request unacknowledged: one
+        unacknowledged request holds back the PUBACK of every later one.
+        """
+        try:
+            delivery = make()
+        except Exception as exc:
+            INTERNAL_ERRORS.record(where, exc)
+            try:
+                delivery = self._pipeline.internal_error(inbound)
+            except Exception as second:
+                INTERNAL_ERRORS.record(where, second)
+                delivery = Delivery(inbound)
+        try:
+            self._deliver(delivery)
+        except Exception as exc:  # raised after the hand-off to the link, which acknowledged or will
+            INTERNAL_ERRORS.record("reply", exc)
 
     def _deliver(self, delivery: Delivery) -> None:
         if delivery.reply is None:
@@ -203,7 +236,8 @@ class Dispatcher:
     def _publish_committed(self, delivery: Delivery) -> None:
         """Publish a reply whose upstream copy is settled (runs on the outbox writer after its commit)."""
         try:
-            self._publish(delivery)
+            with INTERNAL_ERRORS.guard("reply"):
+                self._publish(delivery)
         finally:
             with self._idle:
                 self._awaiting_commit -= 1

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.config import RateLimit
 from agent.errors import RateLimited, RequestError, UpstreamTimeout
+from agent.faults import INTERNAL_ERRORS
 from agent.serving.protocol import InferParams, Request, error_reply
 from agent.serving.ratelimit import RateLimiter
 from agent.upstream.uplink import CloudMessage
@@ -128,21 +129,27 @@ class CloudFallback:
 
     def _expire_loop(self) -> None:
         while not self._stopping:
-            with self._lock:
-                next_deadline = self._deadlines[0].deadline if self._deadlines else None
-            timeout = None if next_deadline is None else max(0.0, next_deadline - self._clock())
-            self._wake.wait(timeout)
-            self._wake.clear()
-            now = self._clock()
-            expired: list[_Pending] = []
-            with self._lock:
-                while self._deadlines and self._deadlines[0].deadline <= now:
-                    pending = heapq.heappop(self._deadlines)
-                    if self._pending.pop(pending.msg_id, None) is not None:
-                        expired.append(pending)
-            for pending in expired:
-                self._count("fallback_timed_out")
-                error = UpstreamTimeout("the cloud did not answer before the request's deadline (timeout_ms)")
+            with INTERNAL_ERRORS.guard("fallback_expiry"):
+                self._expire_round()
+
+    def _expire_round(self) -> None:
+        """Wait for the next deadline (or a wake-up), then answer every request whose deadline passed."""
+        with self._lock:
+            next_deadline = self._deadlines[0].deadline if self._deadlines else None
+        timeout = None if next_deadline is None else max(0.0, next_deadline - self._clock())
+        self._wake.wait(timeout)
+        self._wake.clear()
+        now = self._clock()
+        expired: list[_Pending] = []
+        with self._lock:
+            while self._deadlines and self._deadlines[0].deadline <= now:
+                pending = heapq.heappop(self._deadlines)
+                if self._pending.pop(pending.msg_id, None) is not None:
+                    expired.append(pending)
+        for pending in expired:
+            self._count("fallback_timed_out")
+            error = UpstreamTimeout("the cloud did not answer before the request's deadline (timeout_ms)")
+            with INTERNAL_ERRORS.guard("fallback_expiry"):  # one failed answer must not cost the others theirs
                 self._relay(pending.context, error_reply(pending.request_id, error))
 
     def stop(self) -> None:

@@ -177,8 +177,12 @@ class RequestPipeline:
         return self.answer(inbound, error_reply(request_id, error), to_default_topic=to_default_topic)
 
     def internal_error(self, inbound: InboundRequest) -> Delivery:
-        """The reply for a request whose serving raised what nothing expected: a bug costs one reply."""
-        return self.answer(inbound, error_reply(None, InternalError("internal error; see the agent log")))
+        """The reply for a request whose serving raised what nothing expected: a bug costs one reply.
+
+        Its id is probed from the payload (as for refusals), so that the client can match the answer.
+        """
+        error = InternalError("internal error; see the agent log")
+        return self.answer(inbound, error_reply(probe_request_id(inbound.payload), error))
 
     def answer(self, inbound: InboundRequest, reply: dict[str, Any], *, to_default_topic: bool = False) -> Delivery:
         """Sign ``reply`` (one that gets no upstream copy) and address it; acknowledge only if signing failed."""

@@ -56,6 +56,7 @@ from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_vali
 
 from agent.config import MessageClass, OutboxSettings
 from agent.errors import OutboxError
+from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
 from agent.upstream.outbox_ledger import (
     EVICTION_ORDER,
@@ -283,12 +284,14 @@ class Outbox:
                 if self.read_only or self._ledger is None or not self._ledger.count:
                     continue
                 first = _Command("maintain", ())
-            batch, stopping = self._gather(first)
+            batch = [first]
             try:
-                self._execute(batch)
+                with HEARTBEATS.busy("outbox-writer"):
+                    batch, stopping = self._gather(first)
+                    self._execute(batch)
             except Exception as exc:
                 # A bug or a broken connection must never leave a caller blocked on its future.
-                log.exception("outbox writer failed on a batch")
+                INTERNAL_ERRORS.record("outbox_writer", exc)
                 for command in batch:
                     if not command.future.done():
                         command.future.set_exception(OutboxError(f"outbox {self.path}: {exc}"))

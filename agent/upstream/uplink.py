@@ -47,6 +47,7 @@ from pydantic import BaseModel
 
 from agent.config import CloudBroker
 from agent.errors import OutboxError
+from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.mqtt.transport import (
     Subscriptions,
     WakeSocket,
@@ -117,9 +118,10 @@ class Uplink:
         self._device_id = device_id
         self._client = new_client(client_id or device_id)
         configure_broker_access(self._client, cloud)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_publish = self._on_publish
+        # A callback's exception would end the connection thread's round; each is guarded instead.
+        self._client.on_connect = INTERNAL_ERRORS.wrap("uplink_connect", self._on_connect)
+        self._client.on_disconnect = INTERNAL_ERRORS.wrap("uplink_disconnect", self._on_disconnect)
+        self._client.on_publish = INTERNAL_ERRORS.wrap("uplink_publish", self._on_publish)
         self._client.max_inflight_messages_set(cloud.inflight_window)
         properties = connect_properties(cloud.session_expiry)
         self._client.connect_async(cloud.host, cloud.port, cloud.keepalive, clean_start=False, properties=properties)
@@ -290,7 +292,8 @@ class Uplink:
             stable = (
                 self._connected_since is not None and time.monotonic() - self._connected_since >= _STABLE_CONNECTION_S
             )
-            self._connection_lost()
+            with INTERNAL_ERRORS.guard("uplink_connection"):
+                self._connection_lost()
             if self._stopping.is_set():
                 break
             attempt = 0 if stable else attempt + 1
@@ -346,16 +349,20 @@ class Uplink:
             # unacknowledged row to _lost, so a finishing pass releases them all.
             finishing = self._drain_done
             try:
-                self._release_lost(finishing)
-                if not finishing:
-                    # Refill the window before recording acknowledgements: a claim needs no fsync, so the
-                    # network is busy while the acknowledgements wait for theirs.
-                    self._claim_more()
-                    self._hand_over_ready()
-                self._record_acks()
+                with HEARTBEATS.busy("uplink-drain"):
+                    self._release_lost(finishing)
+                    if not finishing:
+                        # Refill the window before recording acknowledgements: a claim needs no fsync, so the
+                        # network is busy while the acknowledgements wait for theirs.
+                        self._claim_more()
+                        self._hand_over_ready()
+                    self._record_acks()
             except OutboxError as exc:
                 self._has_work = True
                 log.error("uplink cannot update the outbox, will retry: %s", exc)
+            except Exception as exc:  # a bug costs this round, never the drain; the rows stay for the next
+                self._has_work = True
+                INTERNAL_ERRORS.record("uplink_drain", exc)
             with self._drain_cond:
                 self._settled = not (self._inflight or self._to_publish or self._batcher.buffered)
                 self._drain_cond.notify_all()  # stop() may be waiting for the window to empty

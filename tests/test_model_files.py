@@ -1,0 +1,45 @@
+"""A manifest entry's file must be a regular file named inside models_dir: a FIFO (which would block the
+reader forever), a symlink to /dev/zero (which never ends) and a ``../`` or absolute path (another file of
+the system) are refused with an error naming the entry, and the other models are still served."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from agent.models.manager import ModelManager
+from tests.fixtures.generated_models import add_model, sized_model
+
+
+def _models(tmp_path: Path) -> Path:
+    models = tmp_path / "models"
+    content = sized_model(1)
+    for model_id in ("good", "fifo", "zero", "outside", "absolute"):
+        add_model(models, model_id, content, task="sized")
+    (models / "fifo.tflite").unlink()
+    os.mkfifo(models / "fifo.tflite")
+    (models / "zero.tflite").unlink()
+    (models / "zero.tflite").symlink_to("/dev/zero")
+    (tmp_path / "secret.tflite").write_bytes(content)
+    manifest = json.loads((models / "manifest.json").read_text())
+    for entry in manifest["models"]:
+        if entry["id"] == "outside":
+            entry["file"] = "../secret.tflite"
+        elif entry["id"] == "absolute":
+            entry["file"] = str(tmp_path / "secret.tflite")
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    return models
+
+
+def test_fifos_devices_and_paths_outside_the_models_folder_are_refused(tmp_path: Path) -> None:
+    manager = ModelManager(_models(tmp_path), memory_budget_mb=100)
+    refused = manager.verify_all()
+    assert sorted(refused) == ["absolute", "fifo", "outside", "zero"]
+    assert "model 'fifo'" in refused["fifo"] and "is not a regular file" in refused["fifo"]
+    assert "model 'zero'" in refused["zero"] and "is not a regular file" in refused["zero"]
+    assert "'../secret.tflite' is not inside the models folder" in refused["outside"]
+    assert "is not inside the models folder" in refused["absolute"]
+    assert manager.servable_ids == ["good"]
+    with manager.lease("good") as loaded:
+        assert loaded.entry.id == "good"
