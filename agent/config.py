@@ -143,8 +143,10 @@ class Limits(Section):
     max_response_topic_bytes: int = Field(256, ge=16, le=65535)
     max_correlation_data_bytes: int = Field(128, ge=1, le=65535)
     receive_maximum: int = Field(
-        4096, ge=1, le=65535, description="QoS 1 requests the broker may send before the agent acknowledges "
-        "one; unset: intake_queue (so the agent keeps reading into its own fair buffer)"
+        65535, ge=1, le=65535, description="QoS 1 requests the broker may send ahead of the oldest one the agent "
+        "has not acknowledged. PUBACKs go out in arrival order, so this window also spans every request answered "
+        "or shed after the oldest one still waiting: the maximum keeps the agent reading (and shedding a "
+        "flooder's excess) instead of leaving other clients' requests at the broker; each costs ~100 bytes"
     )
     drain_timeout_s: float = Field(10.0, ge=0)
 
@@ -158,8 +160,6 @@ class Limits(Section):
             self.process_soft_limit_mb = self.process_memory_mb * 7 // 8
         if "model_memory_mb" not in self.model_fields_set:
             self.model_memory_mb = self.process_memory_mb // 2
-        if "receive_maximum" not in self.model_fields_set:
-            self.receive_maximum = min(self.intake_queue, 65535)
         if "max_json_values" not in self.model_fields_set:
             self.max_json_values = self.max_input_elements * 2 + 4096
         # Each bound must leave room under the next one, or the agent would shed load (or be over its
