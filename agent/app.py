@@ -229,6 +229,8 @@ class Agent:
         self.probes = Probes(
             started=self._started_clock,
             intake_depth=dispatcher.queue_depth,
+            intake_bytes=dispatcher.queued_bytes,
+            expected_wait_s=dispatcher.expected_wait_s,
             outbox_stats=upstream.outbox.stats if upstream is not None else None,
             cloud_state=(lambda: upstream.uplink.state) if upstream is not None else None,
         )

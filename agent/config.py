@@ -114,7 +114,18 @@ class Limits(Section):
         2_004_096, ge=16, description="JSON values a request may hold, counted before parsing; "
         "unset: twice max_input_elements plus 4096 (an input at its limit beside others, and the envelope)"
     )
-    intake_queue: int = Field(64, ge=1)
+    intake_queue: int = Field(
+        4096, ge=1, description="requests the agent holds waiting for a worker, across all clients "
+        "(docs/protocol.md, Admission); beyond it, requests are shed from the client holding the most"
+    )
+    intake_max_bytes: int = Field(
+        33_554_432, ge=65_536, description="payload bytes (plus 512 per request) the intake may hold"
+    )
+    refusal_replies_per_s: float = Field(
+        10.0, gt=0, description="refusals answered per client and second; beyond them (and a burst of "
+        "refusal_replies_burst) refused requests are acknowledged unanswered, so a flood cannot buy signed replies"
+    )
+    refusal_replies_burst: int = Field(20, ge=1)
     workers: int = Field(2, ge=1, le=64)
     inline_max_ms: float = Field(
         2.0, ge=0, le=1000, description="a small request for a loaded model whose runs average at most this "
@@ -131,7 +142,12 @@ class Limits(Section):
     )
     max_response_topic_bytes: int = Field(256, ge=16, le=65535)
     max_correlation_data_bytes: int = Field(128, ge=1, le=65535)
-    receive_maximum: int = Field(256, ge=1, le=65535)
+    receive_maximum: int = Field(
+        65535, ge=1, le=65535, description="QoS 1 requests the broker may send ahead of the oldest one the agent "
+        "has not acknowledged. PUBACKs go out in arrival order, so this window also spans every request answered "
+        "or shed after the oldest one still waiting: the maximum keeps the agent reading (and shedding a "
+        "flooder's excess) instead of leaving other clients' requests at the broker; each costs ~100 bytes"
+    )
     drain_timeout_s: float = Field(10.0, ge=0)
 
     @model_validator(mode="after")
@@ -167,9 +183,13 @@ class Limits(Section):
 
 
 class RateLimit(Section):
-    """Token buckets on incoming requests: one per client, one shared by all clients."""
+    """Optional hard caps on incoming requests (token buckets: one per client, one shared by all clients).
 
-    enabled: bool = True
+    Off by default: the fair intake already shares the device between clients and lets a lone client use
+    all of it. Turn them on for a contract ("no client above N requests/s"), not for protection.
+    """
+
+    enabled: bool = False
     requests_per_s: float = Field(20.0, gt=0, description="sustained rate allowed to one client")
     burst: int = Field(40, ge=1, description="requests one client may send at once after being idle")
     global_requests_per_s: float = Field(100.0, gt=0, description="sustained rate across all clients")

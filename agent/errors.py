@@ -87,7 +87,8 @@ class InternalError(RequestError):
 
 
 class Overloaded(RequestError):
-    """The intake queue is full or the process is over its memory soft limit."""
+    """The intake buffer is full and this client holds the most of it, or the process is over its memory
+    soft limit; ``data.retry_after_ms`` says when to try again."""
 
     code = -32001
     name = "overloaded"
@@ -124,6 +125,13 @@ class ModelTooLarge(RequestError):
 
     code = -32006
     name = "model_too_large"
+
+
+class DeadlineUnmeetable(RequestError):
+    """The request's deadline (Message Expiry or ``timeout_ms``) is earlier than the wait ahead of it."""
+
+    code = -32008
+    name = "deadline_unmeetable"
 
 
 class UpstreamTimeout(RequestError):

@@ -89,6 +89,16 @@ class GraphBuilder:
         self._add_fully_connected(f32, [input_index, w, b], output, activation)
         return output
 
+    def add_shared_fully_connected(
+        self, input_index: int, weights_index: int, bias_index: int, output_name: str, activation: int
+    ) -> int:
+        """Append a float32 dense layer over constant weights and bias tensors added before (so that many
+        layers can share one weight buffer); return its output tensor."""
+        units = self.tensors[weights_index].shape[0]
+        output = self.add_tensor(output_name, [1, units], schema.TensorType.FLOAT32)
+        self._add_fully_connected(schema.TensorType.FLOAT32, [input_index, weights_index, bias_index], output, activation)
+        return output
+
     def add_int8_fully_connected(
         self,
         prefix: str,

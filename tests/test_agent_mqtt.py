@@ -201,7 +201,7 @@ def test_retained_request_is_never_served(start_agent, client_factory, local_bro
     client.publish_raw(b"", retain=True).wait_for_publish(5)
 
 
-def test_expired_request_is_dropped_unrun(start_agent, client_factory) -> None:
+def test_expired_request_is_refused_or_dropped_unrun(start_agent, client_factory) -> None:
     agent = start_agent(limits={"workers": 1, "intake_queue": 1000})
     client = client_factory("alice")
     # Images as nested JSON lists (~0.5 MB each): parsing and converting them keeps the one worker busy for
@@ -212,14 +212,17 @@ def test_expired_request_is_dropped_unrun(start_agent, client_factory) -> None:
     for future in blockers:
         future.result(120)
     assert client.call("ping")["result"] == {}
-    if agent.counters["expired"] == 0:
+    # Refused at once when the measured wait ahead already exceeds its expiry, else dropped when it expires
+    # in the intake; never run.
+    refused = [reply for reply in client.unmatched if reply.get("id") == "stale"]
+    if agent.counters["expired"] == 0 and not refused:
         pytest.skip("this machine served 40 large inferences within the 1 s expiry; nothing expired")
-    assert agent.counters["expired"] == 1
-    assert not any(reply.get("id") == "stale" for reply in client.unmatched)
+    assert agent.counters["expired"] + agent.counters["deadline_unmeetable"] == 1
+    assert all(_error_code(reply) == -32008 for reply in refused) and len(refused) == agent.counters["deadline_unmeetable"]
 
 
 def test_flood_beyond_intake_gets_overloaded_replies_and_agent_stays_responsive(start_agent, client_factory) -> None:
-    agent = start_agent(limits={"intake_queue": 2, "workers": 1})
+    agent = start_agent(limits={"intake_queue": 2, "workers": 1, "refusal_replies_burst": 1000})
     flooder = client_factory("flooder")
     image = face_image_b64()
     futures = [flooder.send("infer", {"model": "face-detector", "inputs": {"image": image}}) for _ in range(100)]

@@ -60,7 +60,10 @@ def test_load_generator_counts_agent_replies_and_overload_errors(
         "models_dir": str(models),
         "data_dir": str(tmp_path / "data"),
         "limits__intake_queue": "1",
+        "limits__receive_maximum": "256",  # the broker may send more than the intake holds
         "limits__inline_max_ms": "0",  # every request through the one-slot queue, so some are refused
+        "limits__refusal_replies_per_s": "100000",  # and every refusal answered, so none look lost
+        "limits__refusal_replies_burst": "100000",
         "signing__backend": "none",
         "rate_limit__enabled": "false",
         "metrics__port": "0",

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from agent.faults import INTERNAL_ERRORS, Where
+from agent.models.watcher import ModelWatcher
 from agent.mqtt import local_link
 from agent.mqtt.local_link import LocalLink
-from agent.models.watcher import ModelWatcher
 from agent.observe.memory import MemoryWatchdog
 from agent.serving.admission import Admission
 from agent.serving.pipeline import RequestPipeline

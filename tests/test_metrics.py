@@ -59,7 +59,10 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_scrape_reports_requests_latency_rejections_outbox_and_process(outbox: Outbox) -> None:
     for n in range(3):
         outbox.enqueue("telemetry", b'{"n": %d}' % n)  # the third evicts the first: max_messages=2
-    probes = Probes(started=time.monotonic(), intake_depth=lambda: 5, outbox_stats=outbox.stats)
+    probes = Probes(
+        started=time.monotonic(), intake_depth=lambda: 5, intake_bytes=lambda: 4096, expected_wait_s=lambda: 0.25,
+        outbox_stats=outbox.stats,
+    )
     metrics = build_metrics(probes)
     metrics.observe_request(method="infer", model="iris", outcome="ok", queue_s=0.0002, inference_s=0.003, total_s=0.004)
     metrics.observe_request(method="infer", model="no-such-model", outcome="invalid_params", total_s=0.001)
@@ -85,9 +88,10 @@ def test_scrape_reports_requests_latency_rejections_outbox_and_process(outbox: O
     assert value("edge_agent_request_duration_seconds_bucket", stage="inference", le="0.0025") == 0
     assert value("edge_agent_request_duration_seconds_bucket", stage="inference", le="0.005") == 1
     assert value("edge_agent_requests_rejected_total", reason="rate_limited_client") == 2
-    assert value("edge_agent_requests_rejected_total", reason="overloaded") == 0
+    assert value("edge_agent_requests_rejected_total", reason="buffer_full") == 0
     assert value("edge_agent_model_loads_total", model="iris") == 1
     assert value("edge_agent_intake_depth") == 5
+    assert value("edge_agent_intake_bytes") == 4096 and value("edge_agent_intake_expected_wait_seconds") == 0.25
     assert value("edge_agent_outbox_messages") == 2
     assert value("edge_agent_outbox_bytes") == len(b'{"n": 1}') * 2
     assert value("edge_agent_outbox_dropped_total", reason="capacity", cls="telemetry") == 1

@@ -16,9 +16,9 @@ from agent.models.manager import ModelManager
 from agent.observe.memory import (
     MB,
     MemoryWatchdog,
+    anon_rss_bytes,
     measured_growth,
     memory_cgroup_report,
-    anon_rss_bytes,
     rss_bytes,
     trim_heap,
 )

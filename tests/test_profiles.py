@@ -38,11 +38,11 @@ REQUIRED_KEYS = {
         "max_payload_bytes",
         "max_input_elements",
         "intake_queue",
+        "intake_max_bytes",
         "model_memory_mb",
         "process_memory_mb",
         "process_soft_limit_mb",
     },
-    "rate_limit": {"requests_per_s", "burst", "global_requests_per_s"},
     "outbox": {"max_bytes", "max_messages"},
 }
 MEMORY_KEYS = ["model_memory_mb", "process_memory_mb", "process_soft_limit_mb"]
@@ -160,7 +160,8 @@ def test_whole_section_from_environment_json_and_nested_variable_on_top(monkeypa
         "environment EDGE_AGENT_RATE_LIMIT",
     )
     assert (settings.rate_limit.burst, sources["rate_limit.burst"]) == (11, "environment EDGE_AGENT_RATE_LIMIT__BURST")
-    assert sources["rate_limit.global_requests_per_s"] == label("rpi5")
+    assert sources["rate_limit.global_requests_per_s"] == BUILTIN_SOURCE  # the shipped profiles set no hard caps
+    assert sources["limits.intake_queue"] == label("rpi5")
     assert sources["profile"] == "environment EDGE_AGENT_PROFILE"
 
 

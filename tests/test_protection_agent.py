@@ -55,7 +55,10 @@ def test_a_flooder_is_refused_at_once_with_retry_after_and_others_are_served(
     client_factory: Callable[..., DeviceClient],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    agent = start_agent(rate_limit={"enabled": True, "requests_per_s": 0.5, "burst": 3, "global_requests_per_s": 1000})
+    agent = start_agent(
+        rate_limit={"enabled": True, "requests_per_s": 0.5, "burst": 3, "global_requests_per_s": 1000},
+        limits={"refusal_replies_per_s": 0.5, "refusal_replies_burst": 3},
+    )
     flooder = client_factory("flooder")
     with caplog.at_level(logging.WARNING, logger="agent.observe.audit"):
         futures = [flooder.send("ping") for _ in range(30)]
@@ -65,9 +68,10 @@ def test_a_flooder_is_refused_at_once_with_retry_after_and_others_are_served(
             time.sleep(0.02)
     replies = [future.result(10) for future in futures if future.done() or _settles(future)]
     refused = [reply for reply in replies if "error" in reply]
-    # Refusals are answered at the client's own rate (its burst of 3 here); the rest are acknowledged unanswered.
+    # Refusals are answered within the client's refusal budget (a burst of 3 here); the rest are acknowledged
+    # unanswered.
     assert len(refused) == 3 and sum("result" in reply for reply in replies) == 3
-    assert agent.counters["rate_limited_unanswered"] == 24
+    assert agent.counters["refused_unanswered"] == 24
     for reply in refused:
         assert reply["error"]["code"] == -32003 and reply["id"] is not None
         assert reply["error"]["data"]["reason"] == "rate_limited" and reply["error"]["data"]["retry_after_ms"] > 0

@@ -23,7 +23,7 @@ class ManualClock:
 
 
 def limiter(clock: ManualClock, **values: object) -> RateLimiter:
-    return RateLimiter(RateLimit(**values), clock=clock)
+    return RateLimiter(RateLimit(**{"enabled": True, **values}), clock=clock)
 
 
 def test_a_client_gets_its_burst_then_its_rate() -> None:

@@ -17,6 +17,7 @@ from tests.fixtures.agents import Listener
 
 # Two admitted requests, then two answered refusals, then acknowledged unanswered (a flood's excess).
 TIGHT = {"enabled": True, "requests_per_s": 0.01, "burst": 2, "global_requests_per_s": 1000}
+TWO_REFUSALS = {"refusal_replies_per_s": 0.01, "refusal_replies_burst": 2}
 NESTED = b"[" * 5000 + b"]" * 5000
 
 
@@ -43,7 +44,7 @@ def _wait_counter(agent: Agent, name: str, value: int) -> None:
 def test_a_deeply_nested_refused_request_does_not_end_the_network_thread(
     start_agent: Callable[..., Agent], client_factory: Callable[..., DeviceClient]
 ) -> None:
-    agent = start_agent(rate_limit=TIGHT)
+    agent = start_agent(rate_limit=TIGHT, limits=TWO_REFUSALS)
     hostile = client_factory("hostile")
     _exhaust_admitted(agent, hostile)
     for _ in range(5):  # answered refusals first, then the unanswered path
@@ -56,7 +57,7 @@ def test_a_deeply_nested_refused_request_does_not_end_the_network_thread(
 def test_refusals_never_reach_another_clients_topic_the_status_topic_or_a_wildcard(
     start_agent: Callable[..., Agent], client_factory: Callable[..., DeviceClient], local_broker: MosquittoProcess
 ) -> None:
-    agent = start_agent(rate_limit=TIGHT)
+    agent = start_agent(rate_limit=TIGHT, limits=TWO_REFUSALS)
     listener = Listener(local_broker, "mcp/res/dev1/victim/#", "mcp/res/dev1/victim", "mcp/status/dev1", "mcp/res/dev1/hostile/#")
     try:
         hostile = client_factory("hostile")

@@ -34,6 +34,9 @@ from agent.mqtt.transport import (
 )
 
 log = logging.getLogger(__name__)
+# Replies published at QoS 1 and not yet acknowledged by the broker; paho holds further ones until PUBACKs
+# arrive. Independent of the Receive Maximum the agent announces, which governs the other direction.
+_REPLIES_IN_FLIGHT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,7 @@ class LocalLink:
         self.client = new_client(f"edge-agent-{device_id}", manual_ack=True)
         self._acks = AckSequencer(self.client)
         configure_broker_access(self.client, broker)
-        self.client.max_inflight_messages_set(max(20, receive_maximum))
+        self.client.max_inflight_messages_set(_REPLIES_IN_FLIGHT)
         self.client.max_queued_messages_set(0)
         # paho lets a callback's exception end its network thread (or logs and drops it, depending on
         # suppress_exceptions): either way the agent would go deaf or leak a request. Each is guarded.

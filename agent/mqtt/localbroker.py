@@ -52,10 +52,13 @@ class MosquittoProcess:
         persistence: bool = True,
         extra_config: str = "",
         listener_config: str | None = None,
+        queue_config: str | None = None,
         binary: str | None = None,
     ) -> None:
         """``listener_config`` replaces the default anonymous plaintext listener (with a TLS listener and ACLs,
-        say) and must open ``self.port``, which ``start()`` waits for; ``extra_config`` is appended at the end."""
+        say) and must open ``self.port``, which ``start()`` waits for; ``queue_config`` replaces the default
+        queue bounds (generous, so that tests see the agent's own bounds; the shipped device broker's are
+        in systemd/mosquitto-edge-agent.conf); ``extra_config`` is appended at the end."""
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._owned_dir = workdir is None
@@ -64,6 +67,7 @@ class MosquittoProcess:
         self.persistence = persistence
         self.extra_config = extra_config
         self.listener_config = listener_config
+        self.queue_config = queue_config or "max_queued_messages 100000\nmax_inflight_messages 0"
         self.binary = binary or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.log_path = self.workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -80,8 +84,7 @@ class MosquittoProcess:
         lines += [
             # Without it every QoS 1 round trip on loopback stalls ~40 ms on delayed ACKs.
             "set_tcp_nodelay true",
-            "max_queued_messages 100000",
-            "max_inflight_messages 0",
+            self.queue_config,
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",

@@ -50,6 +50,8 @@ class Probes:
 
     started: float
     intake_depth: Callable[[], int]
+    intake_bytes: Callable[[], int] | None = None
+    expected_wait_s: Callable[[], float] | None = None
     outbox_stats: Callable[[], OutboxFigures] | None = None
     cloud_state: Callable[[], str] | None = None
     clock: Callable[[], float] = time.monotonic

@@ -14,9 +14,12 @@ Series (all prefixed ``edge_agent_``):
   ``replayed`` or the JSON-RPC error name.
 * ``request_duration_seconds{stage}``: histograms of ``queue`` (arrival to a worker), ``inference`` and
   ``total`` (arrival to the reply handed to the broker).
-* ``requests_rejected_total{reason}``: refused on arrival without being queued (``overloaded``,
-  ``rate_limited_client``, ``rate_limited_global``, ``oversized``).
-* ``intake_depth``; ``outbox_messages``, ``outbox_bytes``, ``outbox_oldest_age_seconds``,
+* ``requests_rejected_total{reason}``: refused without being served: ``buffer_full`` (shed from the
+  client holding the most of a full intake), ``memory`` (over the soft limit), ``deadline`` (its deadline
+  is earlier than the expected wait), ``rate_limited_client`` / ``rate_limited_global`` (the optional hard
+  caps), ``oversized``.
+* ``intake_depth`` (requests waiting), ``intake_bytes``, ``intake_expected_wait_seconds`` (for a request
+  from a new client now); ``outbox_messages``, ``outbox_bytes``, ``outbox_oldest_age_seconds``,
   ``outbox_dead_messages``, ``outbox_dropped_total{reason,cls}``, ``outbox_delivered_total``;
   ``cloud_link_state{state}`` (1 for the current state).
 * ``model_loads_total{model}``, ``model_evictions_total{model}``.
@@ -49,8 +52,10 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 CLOUD_STATES = ("connected", "disconnected", "backoff")
-Rejection = Literal["overloaded", "rate_limited_client", "rate_limited_global", "oversized"]
-REJECTIONS: tuple[Rejection, ...] = ("overloaded", "rate_limited_client", "rate_limited_global", "oversized")
+Rejection = Literal["buffer_full", "memory", "deadline", "rate_limited_client", "rate_limited_global", "oversized"]
+REJECTIONS: tuple[Rejection, ...] = (
+    "buffer_full", "memory", "deadline", "rate_limited_client", "rate_limited_global", "oversized"
+)
 OTHER = "other"
 NONE = "none"
 
@@ -153,6 +158,13 @@ class LiveCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(f"{PREFIX}_intake_depth", "Requests waiting for a worker", value=self.probes.intake_depth())
+        if self.probes.intake_bytes is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_intake_bytes", "Bytes held by waiting requests", value=self.probes.intake_bytes())
+        if self.probes.expected_wait_s is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_intake_expected_wait_seconds", "Expected wait of a new client's request",
+                value=self.probes.expected_wait_s(),
+            )  # fmt: skip
         memory = read_process_memory()
         if memory is not None:
             yield GaugeMetricFamily(

@@ -1,33 +1,39 @@
-"""Where an admitted request waits and which thread **serves** it: the intake queue, the inference workers,
-the inline-serving decision and the in-flight count.
+"""Where an admitted request waits and which thread **serves** it: the fair intake buffer, the inference
+workers, the inline-serving decision, deadlines and the in-flight count.
 
 The local link calls :meth:`Dispatcher.submit` on its network thread. A request is refused there
-(:mod:`agent.serving.admission`, or a full queue), served at once on the network thread when that is
-cheaper than a hand-off (``_serves_inline``), or queued for one of ``limits.workers`` threads. Whatever
-serving it comes to (:class:`~agent.serving.pipeline.Delivery`) is published through the
-:class:`~agent.exchange.ReplyLink`: at once, or from the outbox writer once the upstream copy is durable.
+(:mod:`agent.serving.admission`; or its deadline is earlier than the expected wait), served at once on the
+network thread when nothing waits and that is cheaper than a hand-off (``_serves_inline``), or queued in
+the :class:`~agent.serving.intake.FairIntake` for one of ``limits.workers`` threads; a full intake sheds
+from the client holding the most of it. Whatever serving comes to
+(:class:`~agent.serving.pipeline.Delivery`) is published through the :class:`~agent.exchange.ReplyLink`:
+at once, or from the outbox writer once the upstream copy is durable.
+
+A request's deadline is the earlier of its MQTT 5 Message Expiry and ``params.timeout_ms`` (default
+30 s); expected waits come from service times measured per method and model (:class:`ServiceCosts`).
 """
 
 from __future__ import annotations
 
-import logging
-import queue
+import math
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from agent.config import Limits
-from agent.errors import Overloaded
+from agent.errors import DeadlineUnmeetable, Overloaded, RequestError
 from agent.exchange import InboundRequest, ReplyLink
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS, Where
 from agent.observe.metrics import Rejection
 from agent.serving.admission import Admission
+from agent.serving.intake import CostKey, FairIntake, Queued
 from agent.serving.pipeline import Delivery, RequestPipeline
+from agent.serving.protocol import InferParams
 
-log = logging.getLogger(__name__)
 # Serving inline: small requests only, recognised from their head.
 _INLINE_MAX_BYTES = 16_384
 _INLINE_PROBE_BYTES = 1024
@@ -37,10 +43,64 @@ _TOOL_NAME = re.compile(rb'"name"\s*:\s*"([^"\\]{1,256})"')
 _PREFERS_CLOUD = re.compile(rb'"prefer"\s*:\s*"cloud"')
 _CHEAP_METHODS = frozenset({b"ping", b"models/list", b"initialize", b"tools/list"})
 _MODEL_METHODS = frozenset({b"infer", b"tools/call"})
+_TIMEOUT_MEMBER = b'"timeout_ms"'
+_TIMEOUT_VALUE = re.compile(rb'"timeout_ms"\s*:\s*(\d{1,9})\s*[,}]')
+DEFAULT_TIMEOUT_MS: int = InferParams.model_fields["timeout_ms"].default
+
+
+def _request_head(payload: bytes) -> CostKey:
+    """The method and the model a request names, read from its head without parsing (None where not found)."""
+    head = payload[:_INLINE_PROBE_BYTES]
+    method = _METHOD.search(head)
+    if method is None:
+        return None, None
+    if method.group(1) not in _MODEL_METHODS:
+        return method.group(1), None
+    model = (_TOOL_NAME if method.group(1) == b"tools/call" else _MODEL_NAME).search(head)
+    return method.group(1), model.group(1) if model is not None else None
+
+
+def timeout_ms_of(payload: bytes) -> int:
+    """``params.timeout_ms`` as the request states it (the last such member), else the default.
+
+    Searched from the end with ``rfind`` (memchr speed): clients put it after the inputs, and parsing a
+    large request on the network thread to read one number would cost more than serving a small one.
+    """
+    at = payload.rfind(_TIMEOUT_MEMBER)
+    if at < 0:
+        return DEFAULT_TIMEOUT_MS
+    value = _TIMEOUT_VALUE.match(payload, at)
+    return max(1, int(value.group(1))) if value is not None else DEFAULT_TIMEOUT_MS
+
+
+class ServiceCosts:
+    """Measured service time per (method, model): an exponentially weighted mean, for at most ``max_keys``
+    keys (model names come from clients, so the map is bounded; the least recently used key goes)."""
+
+    def __init__(self, *, default_s: float = 0.005, max_keys: int = 256, weight: float = 0.2) -> None:
+        self.default_s = default_s
+        self.max_keys = max_keys
+        self._weight = weight
+        self._means: OrderedDict[CostKey, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def estimate(self, key: CostKey) -> float:
+        return self._means.get(key, self.default_s)
+
+    def observe(self, key: CostKey, seconds: float) -> None:
+        with self._lock:
+            mean = self._means.get(key)
+            self._means[key] = seconds if mean is None else mean + self._weight * (seconds - mean)
+            self._means.move_to_end(key)
+            if len(self._means) > self.max_keys:
+                self._means.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._means)
 
 
 class Dispatcher:
-    """The intake queue and the worker threads that drain it; ``start()``, ``drain()``, ``stop()``."""
+    """The fair intake and the worker threads that drain it; ``start()``, ``drain()``, ``stop()``."""
 
     def __init__(
         self,
@@ -62,10 +122,14 @@ class Dispatcher:
         self._inline_allowed = inline_allowed and limits.inline_max_ms > 0
         self._count = count
         self._count_rejection = count_rejection
-        self._intake: queue.Queue[InboundRequest | None] = queue.Queue(maxsize=limits.intake_queue)
+        self._intake = FairIntake(
+            max_requests=limits.intake_queue, max_bytes=limits.intake_max_bytes,
+            parallelism=limits.max_concurrent_inferences,
+        )  # fmt: skip
+        self.costs = ServiceCosts()
         self._workers: list[threading.Thread] = []
         self._idle = threading.Condition()
-        self._in_flight = 0  # requests queued for a worker or being served
+        self._in_flight = 0  # requests waiting in the intake or being served
         self._awaiting_commit = 0  # replies waiting for their upstream copy to be durable
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -79,13 +143,13 @@ class Dispatcher:
     def drain(self, deadline: float) -> None:
         """Wait (until the monotonic ``deadline``) for queued and in-flight requests and their commits."""
         with self._idle:
-            while (self._in_flight or self._awaiting_commit or not self._intake.empty()) and time.monotonic() < deadline:
+            while (self._in_flight or self._awaiting_commit) and time.monotonic() < deadline:
                 self._idle.wait(0.05)
 
     def stop(self) -> None:
-        """Stop the workers once they have finished what they hold."""
-        for _ in self._workers:
-            self._intake.put(None)
+        """Stop the workers once they have finished what they serve; what still waits stays unacknowledged
+        (the broker redelivers it after a restart)."""
+        self._intake.close()
         for worker in self._workers:
             worker.join(timeout=5)
 
@@ -97,7 +161,15 @@ class Dispatcher:
         return all(worker.is_alive() for worker in self._workers)
 
     def queue_depth(self) -> int:
-        return self._intake.qsize()
+        """Requests waiting in the intake."""
+        return len(self._intake)
+
+    def queued_bytes(self) -> int:
+        return self._intake.figures().bytes
+
+    def expected_wait_s(self) -> float:
+        """The expected wait of a request of typical cost from a client with nothing queued."""
+        return self._intake.expected_wait_s("", self.costs.default_s)
 
     # ---- intake (the local link's network thread) ---------------------------------------------------
 
@@ -109,7 +181,8 @@ class Dispatcher:
         """
         try:
             refusal = self._admission.check(inbound)
-            inline = refusal is None and self._in_flight == 0 and self._serves_inline(inbound)
+            key = _request_head(inbound.payload)
+            inline = refusal is None and self._in_flight == 0 and self._serves_inline(inbound, key)
         except Exception as exc:  # nothing was delivered yet: the internal error is this request's one answer
             INTERNAL_ERRORS.record("intake", exc)
             self._deliver_safely(inbound, lambda: self._pipeline.internal_error(inbound))
@@ -126,32 +199,88 @@ class Dispatcher:
                     ),
                 )
             return
-        with self._idle:
-            # Counted before the hand-off: a worker that has taken a request off the queue but not yet
-            # started on it still counts as busy, so the network thread never serves inline beside it.
-            inline = inline and self._in_flight == 0
-            self._in_flight += 1
         if inline:
-            self._count("served_inline")
-            self._serve_counted(inbound)
-            return
-        try:
-            self._intake.put_nowait(inbound)
-        except queue.Full:
+            with self._idle:
+                # Counted before serving: a worker that has just taken a request but not yet started on
+                # it still counts as busy, so the network thread never serves inline beside it.
+                inline = self._in_flight == 0
+                self._in_flight += 1
+            if inline:
+                self._count("served_inline")
+                self._serve_counted(inbound, key)
+                return
             with self._idle:
                 self._in_flight -= 1
-            self._count("overloaded")
-            self._count_rejection("overloaded")
-            error = Overloaded(f"intake queue full ({self._intake.maxsize} waiting); retry later")
-            self._deliver_safely(
-                inbound, lambda: self._pipeline.refusal(inbound, error, probe_id=True, to_default_topic=False)
+        self._queue(inbound, key)
+
+    def _queue(self, inbound: InboundRequest, key: CostKey) -> None:
+        try:
+            item = self._admit_by_deadline(inbound, key)
+        except Exception as exc:  # before the hand-off to the intake: the internal error is its one answer
+            INTERNAL_ERRORS.record("intake", exc)
+            self._deliver_safely(inbound, lambda: self._pipeline.internal_error(inbound))
+            return
+        if item is None:
+            return
+        with self._idle:
+            self._in_flight += 1
+        shed = self._intake.offer(item)
+        if shed:
+            with self._idle:
+                self._in_flight -= len(shed)
+                self._idle.notify_all()
+        for dropped in shed:
+            try:
+                self._shed(dropped)
+            except Exception as exc:  # it is no longer queued: at least acknowledge it
+                INTERNAL_ERRORS.record("intake", exc)
+                self._link.acknowledge(dropped.inbound)
+
+    def _admit_by_deadline(self, inbound: InboundRequest, key: CostKey) -> Queued | None:
+        """The request to queue, or None when its deadline is earlier than the expected wait (refused)."""
+        cost_s = self.costs.estimate(key)
+        now = time.monotonic()
+        deadline = inbound.received + timeout_ms_of(inbound.payload) / 1000
+        if inbound.expires is not None:
+            deadline = min(deadline, inbound.expires)
+        inbound.expires = deadline
+        wait_s = self._intake.expected_wait_s(inbound.client_id, cost_s, enough_s=deadline - now)
+        if now + wait_s > deadline:
+            self._count("deadline_unmeetable")
+            self._count_rejection("deadline")
+            error = DeadlineUnmeetable(
+                f"the expected wait of {wait_s * 1000:.0f} ms exceeds this request's deadline "
+                f"({max(0.0, deadline - now) * 1000:.0f} ms from now)",
+                data={"expected_wait_ms": math.ceil(wait_s * 1000), "deadline_ms": max(0, int((deadline - now) * 1000))},
             )
+            self._refuse(inbound, error)
+            return None
+        return Queued(inbound, cost_s, key)
+
+    def _shed(self, dropped: Queued) -> None:
+        self._count("overloaded")
+        self._count_rejection("buffer_full")
+        retry_after_ms = max(1, math.ceil(self._intake.expected_wait_s(dropped.inbound.client_id, 0.0) * 1000))
+        error = Overloaded(
+            f"intake full ({self._limits.intake_queue} requests, {self._limits.intake_max_bytes} bytes) and this "
+            f"client holds the most of it; retry after {retry_after_ms} ms",
+            data={"retry_after_ms": retry_after_ms},
+        )
+        self._refuse(dropped.inbound, error)
+
+    def _refuse(self, inbound: InboundRequest, error: RequestError) -> None:
+        """Answer a refusal within the client's refusal budget; beyond it, only acknowledge the request."""
+        if not self._admission.may_answer_refusal(inbound.client_id):
+            self._count("refused_unanswered")
+            self._link.acknowledge(inbound)
+            return
+        self._deliver_safely(inbound, lambda: self._pipeline.refusal(inbound, error, probe_id=True, to_default_topic=False))
 
     def relay(self, inbound: InboundRequest, reply: dict[str, Any]) -> None:
         """Publish a cloud answer to a forwarded request (already acknowledged when it was forwarded)."""
         self._deliver(self._pipeline.answer(replace(inbound, qos=0), reply))
 
-    def _serves_inline(self, inbound: InboundRequest) -> bool:
+    def _serves_inline(self, inbound: InboundRequest, key: CostKey) -> bool:
         """Whether to serve a request on the network thread itself, skipping the worker hand-off.
 
         Only while no request is queued or being served (so it overtakes nothing and never waits for an
@@ -163,34 +292,35 @@ class Dispatcher:
         """
         if not self._inline_allowed or len(inbound.payload) > _INLINE_MAX_BYTES:
             return False
-        head = inbound.payload[:_INLINE_PROBE_BYTES]
-        method = _METHOD.search(head)
+        method, model = key
         if method is None:
             return False
-        if method.group(1) in _CHEAP_METHODS:
+        if method in _CHEAP_METHODS:
             return True
-        if method.group(1) not in _MODEL_METHODS or _PREFERS_CLOUD.search(head) is not None:
+        if method not in _MODEL_METHODS or _PREFERS_CLOUD.search(inbound.payload[:_INLINE_PROBE_BYTES]) is not None:
             return False
-        model = (_TOOL_NAME if method.group(1) == b"tools/call" else _MODEL_NAME).search(head)
-        return model is not None and self._runs_within(
-            model.group(1).decode("utf-8", "replace"), self._limits.inline_max_ms
-        )
+        return model is not None and self._runs_within(model.decode("utf-8", "replace"), self._limits.inline_max_ms)
 
     # ---- serving (workers, or the network thread inline) --------------------------------------------
 
     def _work(self) -> None:
         name = threading.current_thread().name
         while True:
-            inbound = self._intake.get()
-            if inbound is None:
+            item = self._intake.take()
+            if item is None:
                 return
-            with HEARTBEATS.busy(name):
-                self._serve_counted(inbound)
+            try:
+                with HEARTBEATS.busy(name):
+                    self._serve_counted(item.inbound, item.cost_key)
+            finally:
+                self._intake.finished(item)
 
-    def _serve_counted(self, inbound: InboundRequest) -> None:
+    def _serve_counted(self, inbound: InboundRequest, key: CostKey) -> None:
         """Serve one request counted in ``_in_flight`` (by whoever queued it, or the network thread inline)."""
+        started = time.monotonic()
         try:
             self._deliver_safely(inbound, lambda: self._pipeline.serve(inbound), where="worker")
+            self.costs.observe(key, time.monotonic() - started)
         finally:
             with self._idle:
                 self._in_flight -= 1

@@ -59,7 +59,8 @@ class CloudFallback:
         self._clock = clock
         self._rate_per_s = rate_per_s
         self._budget = RateLimiter(
-            RateLimit(requests_per_s=rate_per_s, burst=burst, global_requests_per_s=rate_per_s * 64), clock=clock
+            RateLimit(enabled=True, requests_per_s=rate_per_s, burst=burst, global_requests_per_s=rate_per_s * 64),
+            clock=clock,
         )
         self._pending: dict[str, _Pending] = {}
         self._deadlines: list[_Pending] = []
