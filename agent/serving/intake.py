@@ -79,8 +79,11 @@ class FairIntake:
         # who has a place, so that a client coming back does not get two.
         self._active: deque[str] = deque()
         self._in_rotation: set[str] = set()
-        # (-weight, tiebreak, client) for every change of a client's weight; stale entries are skipped.
+        # (-weight, tiebreak, client) for every change of a client's weight; stale entries are skipped. Kept
+        # only while the buffer is more than half full (and rebuilt on the way up): a buffer far from its
+        # bounds never sheds, so the common case pays nothing for it.
         self._heaviest: list[tuple[int, int, str]] = []
+        self._tracking = False
         self._tiebreak = itertools.count()
         self._requests = 0
         self._bytes = 0
@@ -172,10 +175,21 @@ class FairIntake:
         return len(queue.items) * self.max_bytes + queue.bytes * self.max_requests
 
     def _note_weight(self, client: str, queue: _ClientQueue) -> None:
+        half_full = 2 * self._requests > self.max_requests or 2 * self._bytes > self.max_bytes
+        if not half_full:
+            if self._tracking:
+                self._tracking = False
+                self._heaviest.clear()
+            return
+        if not self._tracking or len(self._heaviest) > 4 * len(self._queues) + 64:
+            self._rebuild_heaviest()
+            return
         heapq.heappush(self._heaviest, (-self._weight(queue), next(self._tiebreak), client))
-        if len(self._heaviest) > 4 * len(self._queues) + 64:
-            self._heaviest = [(-self._weight(q), next(self._tiebreak), name) for name, q in self._queues.items()]
-            heapq.heapify(self._heaviest)
+
+    def _rebuild_heaviest(self) -> None:
+        self._tracking = True
+        self._heaviest = [(-self._weight(q), next(self._tiebreak), name) for name, q in self._queues.items()]
+        heapq.heapify(self._heaviest)
 
     def _pop(self, client: str, queue: _ClientQueue, *, newest: bool) -> Queued:
         item = queue.items.pop() if newest else queue.items.popleft()
@@ -191,6 +205,8 @@ class FairIntake:
         return item
 
     def _shed_one(self) -> Queued:
+        if not self._tracking:
+            self._rebuild_heaviest()
         while True:
             weight, _, client = heapq.heappop(self._heaviest)
             queue = self._queues.get(client)
