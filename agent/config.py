@@ -12,7 +12,6 @@ import json
 import os
 import re
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -25,6 +24,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from agent.compat import tomllib
 from agent.errors import ConfigError
 from agent.profiles import BUILTIN_PROFILE, Profile, resolve_profile
 

@@ -24,7 +24,6 @@ the TOML files because they compare several sources at once and need to be teste
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent.compat import tomllib
 from agent.errors import ConfigError
 
 REPO_PROFILES_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
