@@ -213,6 +213,17 @@ class OutboxSettings(Section):
     dead_letter_max_attempts: int = Field(5, ge=1, description="refusals before a message waits for an operator")
 
 
+RuntimeChoice = Literal["auto", "litert", "tflite-runtime"]
+
+
+class InferenceSettings(Section):
+    """``[inference]``: which TFLite runtime runs the models."""
+
+    runtime: RuntimeChoice = Field(
+        "auto", description="auto: LiteRT (ai-edge-litert), else tflite-runtime (32-bit Raspberry Pi OS)"
+    )
+
+
 class Signing(Section):
     # A device signs with its TPM by default; development setups choose "software" or "none" explicitly.
     backend: Literal["tpm", "software", "none"] = "tpm"
@@ -248,6 +259,7 @@ class Settings(BaseSettings):
     )
     local: LocalBroker = Field(default_factory=LocalBroker)
     limits: Limits = Field(default_factory=Limits)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     replay: Replay = Field(default_factory=Replay)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent.config import Limits
+from agent.config import Limits, RuntimeChoice
 from agent.errors import (
     InvalidParams,
     ModelError,
@@ -50,7 +50,7 @@ from agent.models.catalog import (
     load_manifest,
     verified_model_bytes,
 )
-from agent.models.inference import LoadedModel
+from agent.models.inference import LoadedModel, load_runtime
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory, rss_bytes, trim_heap
 
@@ -89,8 +89,10 @@ class ModelManager:
         memory_budget_mb: int | None = None,
         process_limit_mb: int | None = None,
         load_wait_s: float = LOAD_WAIT_S,
+        runtime: RuntimeChoice = "auto",
     ) -> None:
         self.models_dir = models_dir
+        self.runtime = load_runtime(runtime)
         self.num_threads = num_threads
         self.max_concurrent_inferences = max_concurrent_inferences
         self.budget_bytes = memory_budget_mb * MB if memory_budget_mb is not None else None
@@ -112,10 +114,11 @@ class ModelManager:
         self.measurements = Measurements()
 
     @classmethod
-    def for_limits(cls, models_dir: Path, limits: Limits) -> ModelManager:
+    def for_limits(cls, models_dir: Path, limits: Limits, runtime: RuntimeChoice = "auto") -> ModelManager:
         """A manager with the threads, concurrency, model memory budget and process soft limit of ``limits``."""
         return cls(
             models_dir,
+            runtime=runtime,
             num_threads=limits.num_threads,
             max_concurrent_inferences=limits.max_concurrent_inferences,
             memory_budget_mb=limits.model_memory_mb,
@@ -254,6 +257,7 @@ class ModelManager:
                 entry,
                 content,
                 self.num_threads,
+                runtime=self.runtime,
                 max_interpreters=self.max_concurrent_inferences,
                 admit_growth=partial(self._admit_growth, slot),
                 gate=self._gate,
