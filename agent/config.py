@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -29,7 +30,8 @@ from agent.errors import ConfigError
 from agent.profiles import BUILTIN_PROFILE, Profile, resolve_profile
 
 ENV_PREFIX = "EDGE_AGENT_"
-REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# The bundled models, read-only package data (in a checkout, a link to the repository's models/).
+BUNDLED_MODELS_DIR = Path(str(resources.files("agent") / "bundled_models"))
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 BUILTIN_SOURCE = "built-in default"
 SECRET_KEYS = frozenset({"password", "owner_auth"})
@@ -249,7 +251,11 @@ class Settings(BaseSettings):
     device_id: str = Field(default_factory=lambda: default_device_id())
     profile: str = "default"
     data_dir: Path = Path("var/edge-agent")
-    models_dir: Path = REPO_MODELS_DIR
+    models_dir: Path | None = Field(
+        None,
+        description="the user's models (manifest.json and files), served with the bundled ones; an entry here "
+        "replaces a bundled one with the same id. Unset: the bundled models alone",
+    )
     models_poll_s: float = Field(
         2.0, ge=0, description="how often models_dir is checked for new model versions (hot updates); 0: never"
     )

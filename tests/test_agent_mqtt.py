@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import REPO_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR
 from agent.models.inference import load_runtime
 from tests.fixtures.agents import Listener, face_image_b64
 
-MANIFEST = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+MANIFEST = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())
 EXAMPLES = [(model["id"], example) for model in MANIFEST["models"] for example in model["examples"]]
 
 

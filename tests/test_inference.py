@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from agent.config import REPO_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR
 from agent.errors import ConfigError, InvalidParams, ModelError, ModelUnavailable
 from agent.models.catalog import load_manifest, verified_model_bytes
 from agent.models.inference import LoadedModel, TensorInfo, decode_output, load_runtime, prepare_input
@@ -71,11 +71,11 @@ def test_missing_batch_dimension_is_accepted_and_element_limit_enforced() -> Non
 
 
 def test_corrupt_model_refused_before_loading(tmp_path) -> None:
-    manifest = load_manifest(REPO_MODELS_DIR)
+    manifest = load_manifest(BUNDLED_MODELS_DIR)
     entry = manifest.models[0]
-    (tmp_path / "manifest.json").write_text((REPO_MODELS_DIR / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text((BUNDLED_MODELS_DIR / "manifest.json").read_text())
     for model in manifest.models:
-        (tmp_path / model.file).write_bytes((REPO_MODELS_DIR / model.file).read_bytes())
+        (tmp_path / model.file).write_bytes((BUNDLED_MODELS_DIR / model.file).read_bytes())
     corrupt = bytearray((tmp_path / entry.file).read_bytes())
     corrupt[len(corrupt) // 2] ^= 0xFF
     (tmp_path / entry.file).write_bytes(bytes(corrupt))
@@ -90,7 +90,7 @@ def test_corrupt_model_refused_before_loading(tmp_path) -> None:
 
 
 def test_garbage_model_bytes_give_a_clean_error() -> None:
-    entry = load_manifest(REPO_MODELS_DIR).models[0]
+    entry = load_manifest(BUNDLED_MODELS_DIR).models[0]
     with pytest.raises(ModelUnavailable, match="failed to load"):
         LoadedModel(entry, b"\x00" * 64, runtime=load_runtime())
 
