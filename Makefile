@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: system-deps venv test test-fast demo bench models install clean
+.PHONY: system-deps venv test test-compat test-fast demo bench models install clean
 
 system-deps:
 	@provisioning/system-deps.sh
@@ -22,6 +22,10 @@ venv: $(STAMP)
 test: system-deps venv
 	$(PY) -m pytest -q tests
 
+# The suite on Python 3.10 and 3.13 (pyenv) and the model/MQTT tests on tflite-runtime; see .ci/test-compat.
+test-compat: system-deps
+	.ci/test-compat
+
 demo: system-deps venv
 	$(PY) -m agent demo
 
@@ -35,4 +39,4 @@ install: system-deps
 	provisioning/install.sh
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-compat *.egg-info .pytest_cache .hypothesis

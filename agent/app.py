@@ -32,7 +32,6 @@ from agent.config import Settings
 from agent.errors import AgentError, SigningError
 from agent.exchange import InboundRequest
 from agent.faults import HEARTBEATS, stall_limit_s
-from agent.models.inference import RUNTIME
 from agent.models.manager import ModelManager
 from agent.models.watcher import ModelWatcher
 from agent.mqtt import topics
@@ -64,7 +63,7 @@ class Agent:
         self.device_id = settings.device_id
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
-        self.models = ModelManager.for_limits(settings.models_dir, settings.limits)
+        self.models = ModelManager.for_limits(settings.models_dir, settings.limits, settings.inference.runtime)
         self.models.on_event = self._on_model_event
         self.memory_watchdog = MemoryWatchdog(settings.limits.process_soft_limit_mb, relieve=self.models.unload_idle)
         self.model_watcher = ModelWatcher(self.models, settings.models_poll_s) if settings.models_poll_s > 0 else None
@@ -241,7 +240,7 @@ class Agent:
             signing_backend=self.settings.signing.backend,
             signing_mode=self.signer.mode if self.signer is not None else "none",
             version=__version__,
-            runtime=RUNTIME,
+            runtime=self.models.runtime.name,
             profile=self.settings.profile,
         )
         self._status_payload = encode_record(self.status_document(), self.signer)
@@ -347,7 +346,7 @@ class Agent:
             "status": "online",
             "device_id": self.device_id,
             "version": __version__,
-            "runtime": RUNTIME,
+            "runtime": self.models.runtime.name,
             "profile": self.settings.profile,
             "models": self.models.servable_ids,
             "started_at": round(self.started_at, 3),

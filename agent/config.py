@@ -12,7 +12,7 @@ import json
 import os
 import re
 import socket
-import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -25,11 +25,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from agent.compat import tomllib
 from agent.errors import ConfigError
 from agent.profiles import BUILTIN_PROFILE, Profile, resolve_profile
 
 ENV_PREFIX = "EDGE_AGENT_"
-REPO_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# The bundled models, read-only package data (in a checkout, a link to the repository's models/).
+BUNDLED_MODELS_DIR = Path(str(resources.files("agent") / "bundled_models"))
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 BUILTIN_SOURCE = "built-in default"
 SECRET_KEYS = frozenset({"password", "owner_auth"})
@@ -233,6 +235,17 @@ class OutboxSettings(Section):
     dead_letter_max_attempts: int = Field(5, ge=1, description="refusals before a message waits for an operator")
 
 
+RuntimeChoice = Literal["auto", "litert", "tflite-runtime"]
+
+
+class InferenceSettings(Section):
+    """``[inference]``: which TFLite runtime runs the models."""
+
+    runtime: RuntimeChoice = Field(
+        "auto", description="auto: LiteRT (ai-edge-litert), else tflite-runtime (32-bit Raspberry Pi OS)"
+    )
+
+
 class Signing(Section):
     # A device signs with its TPM by default; development setups choose "software" or "none" explicitly.
     backend: Literal["tpm", "software", "none"] = "tpm"
@@ -258,7 +271,11 @@ class Settings(BaseSettings):
     device_id: str = Field(default_factory=lambda: default_device_id())
     profile: str = "default"
     data_dir: Path = Path("var/edge-agent")
-    models_dir: Path = REPO_MODELS_DIR
+    models_dir: Path | None = Field(
+        None,
+        description="the user's models (manifest.json and files), served with the bundled ones; an entry here "
+        "replaces a bundled one with the same id. Unset: the bundled models alone",
+    )
     models_poll_s: float = Field(
         2.0, ge=0, description="how often models_dir is checked for new model versions (hot updates); 0: never"
     )
@@ -268,6 +285,7 @@ class Settings(BaseSettings):
     )
     local: LocalBroker = Field(default_factory=LocalBroker)
     limits: Limits = Field(default_factory=Limits)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     replay: Replay = Field(default_factory=Replay)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

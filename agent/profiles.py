@@ -5,9 +5,9 @@ A profile is a TOML file holding the resource sections of the configuration (``[
 ``description``. Its values sit between the built-in defaults and the config file: the file and the
 environment override them key by key. ``profile = "default"`` means no profile file at all.
 
-Named profiles are looked up in the repository's ``firmware_profiles/`` and then in
-``/usr/share/edge-agent/firmware_profiles`` (where packages install them); any reference containing a
-``/`` or ending in ``.toml`` is a path to the user's own file, relative to the config file's directory.
+Named profiles are the package data ``agent/firmware_profiles`` (in a checkout, a link to the repository's
+``firmware_profiles/``; in the wheel, a copy); any reference containing a ``/`` or ending in ``.toml`` is a
+path to the user's own file, relative to the config file's directory.
 
 ``profile = "auto"`` picks one from what the board reports. The rules live here in code rather than in
 the TOML files because they compare several sources at once and need to be tested as a whole:
@@ -24,19 +24,20 @@ the TOML files because they compare several sources at once and need to be teste
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent.compat import tomllib
 from agent.errors import ConfigError
 
-REPO_PROFILES_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
-INSTALLED_PROFILES_DIR = Path("/usr/share/edge-agent/firmware_profiles")
-PROFILE_DIRS: tuple[Path, ...] = (REPO_PROFILES_DIR, INSTALLED_PROFILES_DIR)
+# Wheels install unpacked, so the package data is a plain directory.
+BUNDLED_PROFILES_DIR = Path(str(resources.files("agent") / "firmware_profiles"))
+PROFILE_DIRS: tuple[Path, ...] = (BUNDLED_PROFILES_DIR,)
 BUILTIN_PROFILE = "default"
 AUTO_PROFILE = "auto"
 SMALLEST_PROFILE = "rpi4-1gb"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import REPO_MODELS_DIR, LocalBroker
+from agent.config import BUNDLED_MODELS_DIR, LocalBroker
 from agent.models.devmodels import FACE_INPUT_SHAPE, add_face_detector, copy_bundled_models
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.tools.client import DeviceClient
@@ -33,7 +33,7 @@ LOAD_INFLIGHT = 4
 
 def _requests(models_dir: Path) -> dict[str, dict[str, Any]]:
     """One valid ``infer`` params per model: the manifest's first example, or a random image for the detector."""
-    manifest = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+    manifest = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())
     requests = {entry["id"]: {"model": entry["id"], "inputs": entry["examples"][0]["inputs"]} for entry in manifest["models"]}
     image = np.random.default_rng(7).uniform(-1, 1, FACE_INPUT_SHAPE).astype("<f4")
     face_input = {"b64": base64.b64encode(image.tobytes()).decode(), "dtype": "float32", "shape": list(FACE_INPUT_SHAPE)}

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.config import REPO_MODELS_DIR, CloudBroker, Limits, OutboxSettings, Settings, Signing
+from agent.config import BUNDLED_MODELS_DIR, CloudBroker, Limits, OutboxSettings, Settings, Signing
 from agent.models.manager import ModelManager
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.serving.protocol import Request, result_reply
@@ -148,7 +148,7 @@ class Responder:
     bound to their request as the agent publishes them (and stores their upstream copy)."""
 
     def __init__(self) -> None:
-        self.models = ModelManager(REPO_MODELS_DIR)
+        self.models = ModelManager(BUNDLED_MODELS_DIR)
         self.service = RequestService(self.models, Limits(), device_id=DEVICE, profile="default")
         self._rng = np.random.default_rng(7)
         self._next_id = 1

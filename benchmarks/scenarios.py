@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import REPO_MODELS_DIR, LocalBroker
+from agent.config import BUNDLED_MODELS_DIR, LocalBroker
 from agent.models.devmodels import FACE_INPUT_SHAPE, FACE_MODEL_FILE, add_face_detector, copy_bundled_models
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.signing.swtpm import SwtpmProcess
@@ -277,7 +277,7 @@ def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _tiny_model_entry() -> dict[str, Any]:
-    manifest = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+    manifest = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())
     return next(model for model in manifest["models"] if model["id"] == TINY_MODEL)
 
 
@@ -289,7 +289,7 @@ def bundled_model_labels() -> str:
 def start_reference_responders(bench: Bench) -> tuple[Responder, Responder]:
     """The ceiling (echo) and the baseline (plain paho + LiteRT) responders, both idle until measured."""
     echo = Responder(bench.broker, "echo", "ceiling")
-    model_file = REPO_MODELS_DIR / _tiny_model_entry()["file"]
+    model_file = BUNDLED_MODELS_DIR / _tiny_model_entry()["file"]
     baseline = Responder(
         bench.broker, "baseline", "baseline", "--model", str(model_file), "--labels", bundled_model_labels()
     )

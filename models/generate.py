@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema
-from tflite_graph import NO_ACTIVATION, RELU, GraphBuilder, range_quantization, run_model
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+from tflite_graph import NO_ACTIVATION, RELU, GraphBuilder, range_quantization, schema
 
 MODELS_DIR = Path(__file__).resolve().parent
 MANIFEST_NAME = "manifest.json"
@@ -90,6 +90,29 @@ SENSOR_CLASSIFIER_BIAS = [2.0, -0.5, -1.0, -3.0]
 SENSOR_LOGIT_SCALE = 0.25
 SENSOR_LOGIT_ZERO_POINT = 0
 
+
+def run_model(
+    model: bytes,
+    rows: Sequence[Sequence[float]],
+    resolver: OpResolverType = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+) -> np.ndarray:
+    """Run a batch of real-valued rows through a model; quantizes int8 input, dequantizes output."""
+    interpreter = Interpreter(model_content=model, experimental_op_resolver_type=resolver)
+    values = np.asarray(rows, dtype=np.float32)
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(values.shape))
+    interpreter.allocate_tensors()
+    input_detail = interpreter.get_input_details()[0]
+    output_detail = interpreter.get_output_details()[0]
+    if input_detail["dtype"] == np.int8:
+        scale, zero_point = input_detail["quantization"]
+        values = np.clip(np.round(values / scale) + zero_point, -128, 127).astype(np.int8)
+    interpreter.set_tensor(input_detail["index"], values)
+    interpreter.invoke()
+    output = interpreter.get_tensor(output_detail["index"])
+    if output_detail["dtype"] == np.int8:
+        scale, zero_point = output_detail["quantization"]
+        return (output.astype(np.float32) - zero_point) * scale
+    return output
 
 def build_vibration_anomaly() -> bytes:
     """Float32 model: features[1,8] -> FC(5, ReLU) -> FC(3) -> SOFTMAX -> probabilities[1,3]."""

@@ -1,4 +1,4 @@
-"""Minimal TFLite flatbuffer writer for dense classifiers, built on the schema's object API.
+"""Minimal TFLite flatbuffer writer for dense classifiers, built on the schema's object API (tflite_schema.py).
 
 Only what the bundled models need: FULLY_CONNECTED (float32 or int8) and SOFTMAX in a single
 subgraph with a `serving_default` signature. Quantization follows TFLite's int8 spec: symmetric
@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import flatbuffers
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema
-from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+# The sibling generated schema, not a runtime's copy: writing a model needs no TFLite runtime.
+import tflite_schema as schema
 
 # TFLite requires int8 SOFTMAX outputs to use exactly this quantization.
 SOFTMAX_INT8_SCALE = 1.0 / 256.0
@@ -202,27 +203,3 @@ def _operator_code(builtin_code: int, version: int) -> schema.OperatorCodeT:
     code.builtinCode = builtin_code
     code.version = version
     return code
-
-
-def run_model(
-    model: bytes,
-    rows: Sequence[Sequence[float]],
-    resolver: OpResolverType = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-) -> np.ndarray:
-    """Run a batch of real-valued rows through a model; quantizes int8 input, dequantizes output."""
-    interpreter = Interpreter(model_content=model, experimental_op_resolver_type=resolver)
-    values = np.asarray(rows, dtype=np.float32)
-    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], list(values.shape))
-    interpreter.allocate_tensors()
-    input_detail = interpreter.get_input_details()[0]
-    output_detail = interpreter.get_output_details()[0]
-    if input_detail["dtype"] == np.int8:
-        scale, zero_point = input_detail["quantization"]
-        values = np.clip(np.round(values / scale) + zero_point, -128, 127).astype(np.int8)
-    interpreter.set_tensor(input_detail["index"], values)
-    interpreter.invoke()
-    output = interpreter.get_tensor(output_detail["index"])
-    if output_detail["dtype"] == np.int8:
-        scale, zero_point = output_detail["quantization"]
-        return (output.astype(np.float32) - zero_point) * scale
-    return output

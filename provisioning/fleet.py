@@ -23,13 +23,14 @@ import re
 import string
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.compat import UTC
 from agent.config import DEVICE_ID_PATTERN
 from agent.errors import AgentError, ProvisioningError
 from provisioning import ca as x509ca

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs edge-agent on a device (Raspberry Pi, Jetson, any Debian): the package in a venv under
-# /opt/edge-agent, the bundled models, the hardware profiles, the systemd unit, the mosquitto drop-in,
-# the provisioning scripts, and the `edge-agent` account (group tss, for /dev/tpmrm0).
+# Installs edge-agent on a device (Raspberry Pi, Jetson, any Debian): the wheel (which carries the bundled
+# models and the hardware profiles) in a venv under /opt/edge-agent, /var/lib/edge-agent/models for the
+# user's own models, the systemd unit, the mosquitto drop-in, the provisioning scripts, and the
+# `edge-agent` account (group tss, for /dev/tpmrm0).
 # Idempotent. Enables the unit but does not start it: run provisioning/provision-device first.
 #
 #   DESTDIR=/tmp/stage provisioning/install.sh   stages the files under /tmp/stage and leaves the system
@@ -32,12 +33,16 @@ fi
 if [ "${INSTALL_VENV:-yes}" != "no" ]; then
     [ -x "$prefix/venv/bin/python" ] || "$python" -m venv "$prefix/venv"
     "$prefix/venv/bin/pip" install --quiet --upgrade pip
-    "$prefix/venv/bin/pip" install --quiet "$repo[tpm]"
+    # Built as a wheel first, exactly what a user installing the package gets.
+    wheels=$(mktemp -d)
+    "$prefix/venv/bin/pip" wheel --quiet --no-deps --wheel-dir "$wheels" "$repo"
+    "$prefix/venv/bin/pip" install --quiet "$(echo "$wheels"/edge_agent-*.whl)[tpm]"
+    rm -rf "$wheels"
 fi
 
-install -d -m 0755 "$prefix/models" "$prefix/provisioning" "$root/usr/share/edge-agent/firmware_profiles"
-install -m 0644 "$repo"/models/manifest.json "$repo"/models/*.tflite "$prefix/models/"
-install -m 0644 "$repo"/firmware_profiles/*.toml "$root/usr/share/edge-agent/firmware_profiles/"
+install -d -m 0755 "$prefix/provisioning"
+# models_dir: the user's models, served with (and overriding) the bundled ones.
+install -d -m 0755 "$root/var/lib/edge-agent/models"
 install -m 0644 "$repo"/provisioning/*.py "$repo/provisioning/agent.toml.template" "$prefix/provisioning/"
 install -m 0755 "$repo/provisioning/provision-device" "$prefix/provisioning/"
 install -m 0644 "$repo/README.md" "$prefix/README.md"
@@ -48,6 +53,7 @@ install -d -m 0750 "$root/etc/edge-agent" "$root/etc/edge-agent/tls" "$root/etc/
 
 if [ -z "$root" ]; then
     chgrp edge-agent /etc/edge-agent /etc/edge-agent/tls
+    chown edge-agent:edge-agent /var/lib/edge-agent/models
     if getent group mosquitto >/dev/null; then chgrp mosquitto /etc/mosquitto/edge-agent; fi
     systemctl daemon-reload
     systemctl enable edge-agent.service

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 
 import numpy as np
@@ -14,10 +15,11 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import REPO_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR
+from agent.models.inference import load_runtime
 from tests.fixtures.agents import Listener, face_image_b64
 
-MANIFEST = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+MANIFEST = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())
 EXAMPLES = [(model["id"], example) for model in MANIFEST["models"] for example in model["examples"]]
 
 
@@ -96,6 +98,15 @@ def test_models_list_ping_and_mcp_methods(start_agent, client_factory) -> None:
     assert _error_code(client.call("tools/call", {"name": "no-such-tool", "arguments": {}})) == -32602
     time.sleep(0.3)
     assert list(client.unmatched) == []  # the notification got no reply
+
+
+def test_the_configured_runtime_is_reported_in_models_list_and_status(start_agent, client_factory) -> None:
+    # make test-compat runs this file with EDGE_AGENT_INFERENCE__RUNTIME=tflite-runtime
+    agent = start_agent()
+    expected = os.environ.get("EDGE_AGENT_INFERENCE__RUNTIME", load_runtime().name)
+    assert agent.models.runtime.name == expected
+    assert client_factory("alice").call("models/list")["result"]["runtime"] == expected
+    assert agent.status_document()["runtime"] == expected
 
 
 @pytest.mark.parametrize(

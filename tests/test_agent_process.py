@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 
-from agent.config import REPO_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR
 from agent.mqtt import topics
 from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, write_config
 
-VIBRATION = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
+VIBRATION = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 
 
 def _config(tmp_path, broker, models_dir, **limits):

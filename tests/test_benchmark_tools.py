@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent.models.catalog import load_manifest, verified_model_bytes
 from agent.models.devmodels import FACE_MODEL_FILE, add_face_detector, copy_bundled_models
-from agent.models.inference import LoadedModel
+from agent.models.inference import LoadedModel, load_runtime
 from agent.mqtt.localbroker import MosquittoProcess
 from benchmarks.bench_uplink_bytes import Responder as ReplyMaker
 from benchmarks.harness import AgentUnderTest, Responder, run_load
@@ -26,7 +26,7 @@ def test_face_detector_directory_is_a_servable_catalogue(tmp_path: Path) -> None
     entry = add_face_detector(models, "faces")
     manifest = load_manifest(models)
     face = next(model for model in manifest.models if model.id == "faces")
-    loaded = LoadedModel(face, verified_model_bytes(models, face))
+    loaded = LoadedModel(face, verified_model_bytes(models, face), runtime=load_runtime())
     assert entry["file"] == FACE_MODEL_FILE
     assert [info.shape for info in loaded.inputs] == [(1, 128, 128, 3)]
     assert {model.id for model in manifest.models} >= {"vibration-anomaly", "faces"}

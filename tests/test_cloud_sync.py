@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import REPO_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR
 from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import connect_properties, new_client
@@ -24,7 +24,7 @@ from agent.signing import verify_message
 from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
 from tests.fixtures.generated_models import add_model, sized_model
 
-EXAMPLE = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
+EXAMPLE = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 
 
 class CloudSide:
@@ -71,7 +71,7 @@ def _cloud(broker: MosquittoProcess, **extra: Any) -> dict[str, Any]:
 
 def _process_config(tmp_path: Path, local: MosquittoProcess, cloud: MosquittoProcess, **extra: Any) -> Path:
     """A config file for an agent subprocess on the local broker, draining to ``cloud``."""
-    values = agent_overrides(local, REPO_MODELS_DIR, tmp_path / "data", cloud=_cloud(cloud), **extra)
+    values = agent_overrides(local, BUNDLED_MODELS_DIR, tmp_path / "data", cloud=_cloud(cloud), **extra)
     return write_config(tmp_path / "agent.toml", values)
 
 

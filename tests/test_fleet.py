@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agent.app import Agent
-from agent.config import REPO_MODELS_DIR, LocalBroker, TlsSettings, load_settings
+from agent.config import BUNDLED_MODELS_DIR, LocalBroker, TlsSettings, load_settings
 from agent.errors import ProvisioningError
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.mqtt.transport import new_client
@@ -43,7 +43,7 @@ from provisioning.records import DeviceRecord, Inventory, load_document
 REPO = Path(__file__).resolve().parents[1]
 DROPIN = REPO / "systemd" / "mosquitto-edge-agent.conf"
 EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
-MANIFEST = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())
+MANIFEST = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())
 EXAMPLE_MODEL = MANIFEST["models"][0]
 NOT_AUTHORIZED = 0x87
 
@@ -141,7 +141,7 @@ def broker(site: Site, tmp_path: Path) -> Iterator[MosquittoProcess]:
 @pytest.fixture
 def agent(site: Site, broker: MosquittoProcess) -> Iterator[Agent]:
     """The device's agent, configured by the agent.toml provisioning wrote, on the test broker's port."""
-    overrides = {"local": {"port": broker.port}, "models_dir": str(REPO_MODELS_DIR)}
+    overrides = {"local": {"port": broker.port}, "models_dir": str(BUNDLED_MODELS_DIR)}
     running = Agent(load_settings(site.layout.config, overrides))
     running.start()
     yield running
@@ -418,9 +418,8 @@ def test_install_stages_the_package_files_under_destdir(tmp_path: Path) -> None:
         REPO / "systemd/edge-agent.service"
     ).read_bytes()
     assert (tmp_path / "etc/mosquitto/conf.d/edge-agent.conf").read_bytes() == DROPIN.read_bytes()
-    assert (tmp_path / "opt/edge-agent/models/manifest.json").exists()
+    assert (tmp_path / "var/lib/edge-agent/models").is_dir()
     assert os.access(tmp_path / "opt/edge-agent/provisioning/provision-device", os.X_OK)
-    assert list((tmp_path / "usr/share/edge-agent/firmware_profiles").glob("*.toml"))
 
 
 class FleetMachine(RuleBasedStateMachine):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import threading
 
 import numpy as np
 import pytest
 
-from agent.config import REPO_MODELS_DIR
-from agent.errors import InvalidParams, ModelError, ModelUnavailable
+from agent.config import BUNDLED_MODELS_DIR
+from agent.errors import ConfigError, InvalidParams, ModelError, ModelUnavailable
 from agent.models.catalog import load_manifest, verified_model_bytes
-from agent.models.inference import LoadedModel, TensorInfo, decode_output, prepare_input
+from agent.models.inference import LoadedModel, TensorInfo, decode_output, load_runtime, prepare_input
 from agent.models.manager import ModelManager
 
 INT8 = TensorInfo("x", 0, (1, 4), np.dtype("int8"), scale=0.5, zero_point=-10)
@@ -70,11 +71,11 @@ def test_missing_batch_dimension_is_accepted_and_element_limit_enforced() -> Non
 
 
 def test_corrupt_model_refused_before_loading(tmp_path) -> None:
-    manifest = load_manifest(REPO_MODELS_DIR)
+    manifest = load_manifest(BUNDLED_MODELS_DIR)
     entry = manifest.models[0]
-    (tmp_path / "manifest.json").write_text((REPO_MODELS_DIR / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text((BUNDLED_MODELS_DIR / "manifest.json").read_text())
     for model in manifest.models:
-        (tmp_path / model.file).write_bytes((REPO_MODELS_DIR / model.file).read_bytes())
+        (tmp_path / model.file).write_bytes((BUNDLED_MODELS_DIR / model.file).read_bytes())
     corrupt = bytearray((tmp_path / entry.file).read_bytes())
     corrupt[len(corrupt) // 2] ^= 0xFF
     (tmp_path / entry.file).write_bytes(bytes(corrupt))
@@ -89,9 +90,9 @@ def test_corrupt_model_refused_before_loading(tmp_path) -> None:
 
 
 def test_garbage_model_bytes_give_a_clean_error() -> None:
-    entry = load_manifest(REPO_MODELS_DIR).models[0]
+    entry = load_manifest(BUNDLED_MODELS_DIR).models[0]
     with pytest.raises(ModelUnavailable, match="failed to load"):
-        LoadedModel(entry, b"\x00" * 64)
+        LoadedModel(entry, b"\x00" * 64, runtime=load_runtime())
 
 
 def test_concurrent_runs_share_a_bounded_interpreter_pool_and_agree(models_dir) -> None:
@@ -115,3 +116,29 @@ def test_concurrent_runs_share_a_bounded_interpreter_pool_and_agree(models_dir) 
             thread.join()
         assert mismatches == []
         assert 1 <= loaded.interpreter_count <= 2
+
+
+INTERPRETER_MODULES = {"litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime"}
+
+
+@pytest.mark.parametrize("choice", ["litert", "tflite-runtime"])
+def test_an_explicit_runtime_is_used_or_refused_by_name(models_dir, choice) -> None:
+    """Whichever runtimes this interpreter has: an installed one serves the bundled model, a missing one is refused."""
+    if importlib.util.find_spec(INTERPRETER_MODULES[choice]) is None:
+        with pytest.raises(ConfigError, match=choice):
+            ModelManager(models_dir, runtime=choice)
+        return
+    manager = ModelManager(models_dir, runtime=choice)
+    assert manager.runtime.name == choice
+    with manager.lease("vibration-anomaly") as loaded:
+        assert loaded.runtime.name == choice
+        features = loaded.inputs[0]
+        feeds = {features.name: prepare_input(features, [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]], raw=False, max_elements=100)}
+        probabilities = decode_output(loaded.outputs[0], loaded.run(feeds)[loaded.outputs[0].name], raw=False)
+    assert probabilities.shape == (1, len(loaded.entry.labels))
+    assert abs(float(probabilities.sum()) - 1.0) < 1e-4
+
+
+def test_auto_prefers_litert_and_falls_back_to_tflite_runtime() -> None:
+    installed = [name for name, module in INTERPRETER_MODULES.items() if importlib.util.find_spec(module) is not None]
+    assert load_runtime("auto").name == installed[0]

@@ -171,3 +171,18 @@ def test_a_request_in_flight_finishes_on_the_version_it_started_with(served: tup
         assert outputs["probabilities"][0].tolist() == pytest.approx(VERSIONS["1.0.0"], abs=1e-6)
         assert old.interpreter_count == 1  # still usable while leased
     assert old.interpreter_count == 0 and old.size_bytes == 0  # closed once its last request ended
+
+
+def test_models_dir_overlays_the_bundled_models_and_a_new_one_appears_without_restart(tmp_path: Path) -> None:
+    user = tmp_path / "models"
+    user.mkdir()  # a fresh device: no manifest yet, the bundled models alone
+    manager = ModelManager.for_limits(user, Limits())
+    assert sorted(manager.servable_ids) == ["sensor-state", "vibration-anomaly"]
+    add_model(user, "vibration-anomaly", constant_classifier([0.5, 0.25, 0.25]), version="9.0.0",
+              labels=["normal", "imbalance", "bearing_wear"])
+    add_model(user, "switch", constant_classifier(VERSIONS["2.0.0"]), labels=LABELS)
+    assert manager.reload()
+    assert sorted(manager.servable_ids) == ["sensor-state", "switch", "vibration-anomaly"]
+    assert manager.entry("vibration-anomaly").version == "9.0.0"  # the user's entry wins over the bundled one
+    with manager.lease("sensor-state") as loaded:  # bundled files are still found beside the user's
+        assert loaded.entry.id == "sensor-state"

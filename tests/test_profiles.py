@@ -21,7 +21,7 @@ from agent.config import (
 )
 from agent.errors import ConfigError
 from agent.profiles import (
-    REPO_PROFILES_DIR,
+    BUNDLED_PROFILES_DIR,
     Detection,
     available_profiles,
     detect_profile,
@@ -59,7 +59,7 @@ def no_agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def shipped_path(name: str) -> Path:
-    return REPO_PROFILES_DIR / f"{name}.toml"
+    return BUNDLED_PROFILES_DIR / f"{name}.toml"
 
 
 def label(name: str) -> str:

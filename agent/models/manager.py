@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent.config import Limits
+from agent.config import BUNDLED_MODELS_DIR, Limits, RuntimeChoice
 from agent.errors import (
     InvalidParams,
     ModelError,
@@ -47,12 +47,14 @@ from agent.errors import (
 )
 from agent.models.catalog import (
     Catalog,
+    Manifest,
     ModelEntry,
     build_catalog,
     load_manifest,
+    overlay_manifest,
     verified_model_bytes,
 )
-from agent.models.inference import LoadedModel
+from agent.models.inference import LoadedModel, load_runtime
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, anon_rss_bytes, return_freed_memory, trim_heap
 
@@ -86,19 +88,23 @@ class ModelManager:
         self,
         models_dir: Path,
         *,
+        defaults_dir: Path | None = None,
         num_threads: int = 1,
         max_concurrent_inferences: int = 2,
         memory_budget_mb: int | None = None,
         process_limit_mb: int | None = None,
         load_wait_s: float = LOAD_WAIT_S,
+        runtime: RuntimeChoice = "auto",
     ) -> None:
         self.models_dir = models_dir
+        self.defaults_dir = defaults_dir
+        self.runtime = load_runtime(runtime)
         self.num_threads = num_threads
         self.max_concurrent_inferences = max_concurrent_inferences
         self.budget_bytes = memory_budget_mb * MB if memory_budget_mb is not None else None
         self.process_limit_bytes = process_limit_mb * MB if process_limit_mb is not None else None
         self.load_wait_s = load_wait_s
-        manifest = load_manifest(models_dir)
+        manifest = self._read_manifest()
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
         )
@@ -114,10 +120,13 @@ class ModelManager:
         self.measurements = Measurements()
 
     @classmethod
-    def for_limits(cls, models_dir: Path, limits: Limits) -> ModelManager:
-        """A manager with the threads, concurrency, model memory budget and process soft limit of ``limits``."""
+    def for_limits(cls, models_dir: Path | None, limits: Limits, runtime: RuntimeChoice = "auto") -> ModelManager:
+        """The bundled models overlaid by ``models_dir``'s (if set), with the threads, concurrency, model memory
+        budget and process soft limit of ``limits``."""
         return cls(
-            models_dir,
+            models_dir or BUNDLED_MODELS_DIR,
+            defaults_dir=BUNDLED_MODELS_DIR if models_dir is not None else None,
+            runtime=runtime,
             num_threads=limits.num_threads,
             max_concurrent_inferences=limits.max_concurrent_inferences,
             memory_budget_mb=limits.model_memory_mb,
@@ -125,6 +134,11 @@ class ModelManager:
         )
 
     # ---- the catalogue ---------------------------------------------------------------------------
+
+    def _read_manifest(self) -> Manifest:
+        if self.defaults_dir is None:
+            return load_manifest(self.models_dir)
+        return overlay_manifest(self.defaults_dir, self.models_dir)
 
     @property
     def catalog(self) -> Catalog:
@@ -144,7 +158,7 @@ class ModelManager:
     def verify_all(self) -> dict[str, str]:
         """Check every model file's sha256; returns (and remembers) the refused ones with the reason."""
         with self._reload_lock:
-            self._install(build_catalog(self.models_dir, load_manifest(self.models_dir)))
+            self._install(build_catalog(self.models_dir, self._read_manifest()))
         return dict(self._catalog.refused)
 
     def reload(self) -> bool:
@@ -156,7 +170,7 @@ class ModelManager:
         """
         with self._reload_lock:
             try:
-                manifest = load_manifest(self.models_dir)
+                manifest = self._read_manifest()
             except ModelError as exc:
                 log.error("manifest change refused, still serving the previous catalogue: %s", exc)
                 return False
@@ -256,6 +270,7 @@ class ModelManager:
                 entry,
                 content,
                 self.num_threads,
+                runtime=self.runtime,
                 max_interpreters=self.max_concurrent_inferences,
                 admit_growth=partial(self._admit_growth, slot),
                 gate=self._gate,

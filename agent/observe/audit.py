@@ -18,11 +18,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from agent.compat import UTC
 from agent.errors import AgentError
 from agent.faults import INTERNAL_ERRORS
 

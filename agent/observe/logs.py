@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, TextIO
+
+from agent.compat import UTC
 
 LogFormat = Literal["auto", "json", "text"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

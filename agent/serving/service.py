@@ -123,7 +123,7 @@ class RequestService:
         catalog = self.models.catalog
         models = [_describe_model(entry, self.models.stats(entry)) for entry in catalog.models.values()]
         ensembles = [_describe_ensemble(ensemble, catalog) for ensemble in catalog.ensembles.values()]
-        return {"models": models + ensembles}
+        return {"models": models + ensembles, "runtime": self.models.runtime.name}
 
     def _initialize(self, params: Any, timing: Timing) -> dict[str, Any]:
         requested = params.get("protocolVersion") if isinstance(params, dict) else None

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent.compat import UTC
 from agent.config import Signing
 from agent.errors import SigningError
 from agent.signing.delegation import build_csr

@@ -12,13 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.compat import UTC
 from agent.config import Signing
 from agent.errors import SigningError
 from agent.signing.delegation import Delegation, issue_delegation

@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from cryptography import x509
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
+from agent.compat import UTC
 from agent.errors import SignatureInvalid, SigningError
 from agent.signing.canonical import canonical_bytes, parse_json
 from agent.signing.delegation import (

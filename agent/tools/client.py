@@ -12,6 +12,9 @@ import threading
 import uuid
 from collections import deque
 from concurrent.futures import Future
+
+# Not the builtin TimeoutError before Python 3.11.
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -120,7 +123,7 @@ class DeviceClient:
         future = self.send(method, params, request_id=request_id)
         try:
             return future.result(timeout)
-        except TimeoutError:
+        except FutureTimeout:
             with self._lock:
                 self._waiting.pop(request_id, None)
             raise ReplyTimeout(f"no reply to {method} from device {self.device_id!r} within {timeout:.0f} s") from None

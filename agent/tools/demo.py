@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config import REPO_MODELS_DIR, LocalBroker
+from agent.config import BUNDLED_MODELS_DIR, LocalBroker
 from agent.errors import AgentError
 from agent.models.catalog import load_manifest
 from agent.mqtt import topics
@@ -43,7 +43,7 @@ def _start_agent(broker: MosquittoProcess, workdir: Path, env_extra: dict[str, s
         "EDGE_AGENT_LOCAL__HOST": broker.host,
         "EDGE_AGENT_LOCAL__PORT": str(broker.port),
         "EDGE_AGENT_DATA_DIR": str(workdir / "data"),
-        "EDGE_AGENT_MODELS_DIR": str(REPO_MODELS_DIR),
+        "EDGE_AGENT_MODELS_DIR": str(BUNDLED_MODELS_DIR),
         **env_extra,
     }
     log = open(workdir / "agent.log", "wb")
@@ -78,7 +78,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def _run_requests(client: DeviceClient) -> int:
-    manifest = load_manifest(REPO_MODELS_DIR)
+    manifest = load_manifest(BUNDLED_MODELS_DIR)
     rows: list[list[str]] = []
     failures = 0
     for entry in manifest.models:

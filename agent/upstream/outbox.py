@@ -47,13 +47,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import uuid6
 from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_validator
 
+from agent.compat import SQLITE_FULL, UTC
 from agent.config import MessageClass, OutboxSettings
 from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
@@ -380,7 +381,7 @@ class Outbox:
         if isinstance(exc, OutboxError):
             return exc
         what = f"{len(writes)} write(s) ({', '.join(sorted({c.op for c in writes}))}) not applied"
-        if store.sqlite_code(exc) == store.sqlite3.SQLITE_FULL or getattr(exc, "errno", None) == 28:
+        if store.sqlite_code(exc) == SQLITE_FULL or getattr(exc, "errno", None) == 28:
             log.error("outbox %s: disk full or max_file_bytes reached; %s", self.path, what)
             return OutboxError(
                 f"outbox {self.path}: disk full (or max_file_bytes reached): {what}; every message stored "

@@ -23,12 +23,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import peewee
 
+from agent.compat import SQLITE_CORRUPT, SQLITE_ERROR, SQLITE_NOTADB, UTC, sqlite_error_code
 from agent.config import MESSAGE_CLASSES
 from agent.errors import OutboxError
 
@@ -163,9 +164,9 @@ def sqlite_code(exc: BaseException) -> int | None:
         if item is None or id(item) in seen:
             continue
         seen.add(id(item))
-        code = getattr(item, "sqlite_errorcode", None)
-        if isinstance(code, int):
-            return code & 0xFF
+        code = sqlite_error_code(item)
+        if code is not None:
+            return code
         stack.extend([item.__cause__, item.__context__])
         stack.extend(arg for arg in item.args if isinstance(arg, BaseException))
     return None
@@ -200,7 +201,7 @@ class CorruptFile(OutboxError):
 
 
 def is_corruption(exc: BaseException) -> bool:
-    return isinstance(exc, CorruptFile) or sqlite_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return isinstance(exc, CorruptFile) or sqlite_code(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB)
 
 
 def connect(path: Path, *, read_only: bool, max_file_bytes: int | None) -> peewee.SqliteDatabase:
@@ -239,7 +240,7 @@ def verify(path: Path) -> None:
         try:
             marker = conn.execute("SELECT value FROM meta WHERE key = ?", (CLEAN_SHUTDOWN,)).fetchone()
         except sqlite3.OperationalError as exc:
-            if sqlite_code(exc) != sqlite3.SQLITE_ERROR:  # "no such table" in a new file is fine
+            if sqlite_code(exc) != SQLITE_ERROR:  # "no such table" in a new file is fine
                 raise
             marker = None
         if marker is not None:

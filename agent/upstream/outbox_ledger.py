@@ -8,13 +8,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import peewee
 from pydantic import BaseModel, Field
 
+from agent.compat import UTC
 from agent.config import MESSAGE_CLASSES, MessageClass, OutboxSettings
 from agent.upstream import outbox_file as store
 
