@@ -23,6 +23,7 @@ from typing import BinaryIO, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.config import BUNDLED_MODELS_DIR
 from agent.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -198,14 +199,15 @@ def _ensemble_problem(ensemble: EnsembleEntry, models: dict[str, ModelEntry]) ->
 def open_model_file(models_dir: Path, entry: ModelEntry) -> BinaryIO:
     """Open an entry's file for reading: a regular file named inside ``models_dir``, else :class:`ModelError`.
 
-    The name must stay inside the folder (no absolute path, no ``..``), so a manifest cannot have the agent
+    The name must stay inside the folder (no ``..``, and no absolute path except into the package's own
+    bundled models, which is how :func:`overlay_manifest` names them), so a manifest cannot have the agent
     read any other file. A symlink is followed (operators link model files from a shared store), but what it
     opens must be a regular file: a FIFO would block the reader forever and ``/dev/zero`` never ends. The
     check is made on the opened descriptor (non-blocking, so opening a FIFO returns at once), so swapping
     the file between a check and the read changes nothing.
     """
     name = PurePosixPath(entry.file)
-    if name.is_absolute() or ".." in name.parts:
+    if ".." in name.parts or (name.is_absolute() and not _is_bundled(name)):
         raise ModelError(f"model {entry.id!r}: file {entry.file!r} is not inside the models folder; refused")
     path = models_dir / name
     try:
@@ -217,6 +219,11 @@ def open_model_file(models_dir: Path, entry: ModelEntry) -> BinaryIO:
         raise ModelError(f"model {entry.id!r}: {path} is not a regular file; refused")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
+
+
+def _is_bundled(name: PurePosixPath) -> bool:
+    """Whether an absolute name lies in the package's own read-only models (how the overlay names them)."""
+    return Path(name).is_relative_to(BUNDLED_MODELS_DIR)
 
 
 def verify_model_file(models_dir: Path, entry: ModelEntry) -> FileStamp | None:
