@@ -100,9 +100,9 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, float | None]
         "agent_bare/baseline server CPU per reply @32": _ratio(
             compare["agent_bare"]["server_cpu_us_per_reply"], compare["baseline"]["server_cpu_us_per_reply"]
         ),
-        "fairness p99 beside flood/alone": _ratio(
+        "fairness p99 beside flood/alone": fairness.get("ratio_median", _ratio(
             fairness["normal_beside_flood"]["p99_ms"], fairness["normal_alone"]["p99_ms"]
-        ),
+        )),
     }
     memory = results["memory"]["agent_full"]
     startup = results["startup"]["median_s"]
@@ -203,6 +203,12 @@ def format_report(results: dict[str, Any]) -> str:
         out.append(f"6 memory {name}: " + ", ".join(stages))
     startup = results["startup"]
     out.append(f"7 startup to online: median {startup['median_s']} s, samples {startup['samples_s']}")
+    fairness = results["fairness"]
+    if fairness.get("ratios"):
+        out.append(
+            f"8 fairness p99 beside flood / alone over {len(fairness['ratios'])} rounds: median "
+            f"{fairness['ratio_median']}, all {fairness['ratios']} (the rows above are the median round)"
+        )
     out.append(f"cloud broker messages received while measuring: {results['cloud_messages']}")
     out += ["", "ratios:"]
     out += [f"  {name:<48}{_cell(value, 3):>8}" for name, value in results["ratios"].items()]

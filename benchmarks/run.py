@@ -82,7 +82,7 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
     full.stop()
     bare.stop()
 
-    fair = bench.start_agent("agent-fair", bench.full_settings("agent-fair", rate_limited=True))
+    fair = bench.start_agent("agent-fair", bench.full_settings("agent-fair"))
     results["configs"]["agent_fair"] = bench.describe_agent(fair)
     results["fairness"] = bench.fairness(fair.device_id)
     fair.stop()
