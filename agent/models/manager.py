@@ -128,9 +128,12 @@ class ModelManager:
         self.measurements = Measurements()
 
     @classmethod
-    def for_limits(cls, models_dir: Path | None, limits: Limits, inference: InferenceSettings) -> ModelManager:
+    def for_limits(
+        cls, models_dir: Path | None, limits: Limits, inference: InferenceSettings | None = None
+    ) -> ModelManager:
         """The bundled models overlaid by ``models_dir``'s (if set), with the threads, concurrency, model memory
         budget and process soft limit of ``limits`` and the runtime and accelerators of ``inference``."""
+        inference = inference or InferenceSettings()
         return cls(
             models_dir or BUNDLED_MODELS_DIR,
             defaults_dir=BUNDLED_MODELS_DIR if models_dir is not None else None,
