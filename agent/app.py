@@ -63,7 +63,7 @@ class Agent:
         self.device_id = settings.device_id
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
-        self.models = ModelManager.for_limits(settings.models_dir, settings.limits, settings.inference.runtime)
+        self.models = ModelManager.for_limits(settings.models_dir, settings.limits, settings.inference)
         self.models.on_event = self._on_model_event
         self.memory_watchdog = MemoryWatchdog(settings.limits.process_soft_limit_mb, relieve=self.models.unload_idle)
         self.model_watcher = ModelWatcher(self.models, settings.models_poll_s) if settings.models_poll_s > 0 else None
@@ -111,6 +111,8 @@ class Agent:
             for model_id, reason in refused.items():
                 log.error("model %s will answer with errors: %s", model_id, reason)
             self.models.load_pinned()
+            if self.settings.inference.required:
+                self.models.load_accelerated()
             self._status_payload = encode_record(self.status_document(), self.signer)
             self._set_will()
         except BaseException:
@@ -232,6 +234,7 @@ class Agent:
             expected_wait_s=dispatcher.expected_wait_s,
             outbox_stats=upstream.outbox.stats if upstream is not None else None,
             cloud_state=(lambda: upstream.uplink.state) if upstream is not None else None,
+            model_accelerators=self.models.accelerators_in_use,
         )
         self.metrics = AgentMetrics(
             self.probes,
@@ -349,6 +352,7 @@ class Agent:
             "runtime": self.models.runtime.name,
             "profile": self.settings.profile,
             "models": self.models.servable_ids,
+            "accelerators": self.models.accelerators_in_use(),
             "started_at": round(self.started_at, 3),
         }
         if self.probes is not None:

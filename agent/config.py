@@ -236,13 +236,24 @@ class OutboxSettings(Section):
 
 
 RuntimeChoice = Literal["auto", "litert", "tflite-runtime"]
+AcceleratorChoice = Literal["cpu", "gpu"]
 
 
 class InferenceSettings(Section):
-    """``[inference]``: which TFLite runtime runs the models."""
+    """``[inference]``: which TFLite runtime runs the models, and on what hardware by default."""
 
     runtime: RuntimeChoice = Field(
         "auto", description="auto: LiteRT (ai-edge-litert), else tflite-runtime (32-bit Raspberry Pi OS)"
+    )
+    accelerator: AcceleratorChoice = Field(
+        "cpu",
+        description="for models whose manifest entry names neither an accelerator nor a delegate: cpu (XNNPACK) "
+        "or gpu (LiteRT's GPU accelerator, WebGPU over Vulkan; LiteRT only); the profiles set it per board",
+    )
+    required: bool = Field(
+        False,
+        description="a model whose accelerator (gpu or delegate) is missing or refuses it stops the agent at start "
+        "instead of being served on CPU",
     )
 
 
@@ -316,7 +327,9 @@ class Settings(BaseSettings):
 
 
 # The sections a hardware profile may set: the resources a board has, not where it connects or who it is.
-PROFILE_SECTIONS: dict[str, type[Section]] = {"limits": Limits, "rate_limit": RateLimit, "outbox": OutboxSettings}
+PROFILE_SECTIONS: dict[str, type[Section]] = {
+    "limits": Limits, "rate_limit": RateLimit, "outbox": OutboxSettings, "inference": InferenceSettings
+}
 
 
 def default_device_id() -> str:

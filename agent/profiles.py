@@ -1,7 +1,7 @@
 """Hardware profiles: per-board resource settings, found by name or path, and board auto-detection.
 
 A profile is a TOML file holding the resource sections of the configuration (``[limits]``,
-``[rate_limit]``, ``[outbox]``) under the same key names, plus a ``[profile]`` table with a
+``[rate_limit]``, ``[outbox]``, ``[inference]``: the default accelerator) under the same key names, plus a ``[profile]`` table with a
 ``description``. Its values sit between the built-in defaults and the config file: the file and the
 environment override them key by key. ``profile = "default"`` means no profile file at all.
 

@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import BUNDLED_MODELS_DIR
-from agent.models.inference import load_runtime
+from agent.models.accelerators import load_runtime
 from tests.fixtures.agents import Listener, face_image_b64
 
 MANIFEST = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())

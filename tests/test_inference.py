@@ -12,7 +12,8 @@ import pytest
 from agent.config import BUNDLED_MODELS_DIR
 from agent.errors import ConfigError, InvalidParams, ModelError, ModelUnavailable
 from agent.models.catalog import load_manifest, verified_model_bytes
-from agent.models.inference import LoadedModel, TensorInfo, decode_output, load_runtime, prepare_input
+from agent.models.accelerators import load_runtime
+from agent.models.inference import LoadedModel, TensorInfo, decode_output, prepare_input
 from agent.models.manager import ModelManager
 
 INT8 = TensorInfo("x", 0, (1, 4), np.dtype("int8"), scale=0.5, zero_point=-10)

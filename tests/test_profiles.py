@@ -44,6 +44,7 @@ REQUIRED_KEYS = {
         "process_soft_limit_mb",
     },
     "outbox": {"max_bytes", "max_messages"},
+    "inference": {"accelerator"},
 }
 MEMORY_KEYS = ["model_memory_mb", "process_memory_mb", "process_soft_limit_mb"]
 TEGRA_RELEASE = "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, EABI: aarch64, DATE: Sat Feb 19 2022\n"
@@ -271,7 +272,7 @@ def test_user_profile_path_relative_to_the_config_file(tmp_path: Path) -> None:
     ("body", "expected"),
     [
         ("[limits]\nworker = 2\n", "unknown key 'limits.worker'"),
-        ("[local]\nport = 1884\n", "unknown key 'local' (a profile may set only [limits], [outbox], [rate_limit])"),
+        ("[local]\nport = 1884\n", "unknown key 'local' (a profile may set only [inference], [limits], [outbox], [rate_limit])"),
         ('[limits]\nworkers = "many"\n', "limits.workers: Input should be a valid integer"),
         ("[limits]\nnum_threads = 0\n", "limits.num_threads: Input should be greater than or equal to 1"),
         ("[rate_limit]\nrequests_per_s = -1.0\n", "rate_limit.requests_per_s: Input should be greater than 0"),

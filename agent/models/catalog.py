@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.config import BUNDLED_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR, AcceleratorChoice
 from agent.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,17 @@ class ModelExample(BaseModel):
     expect: str | None = None
 
 
+class DelegateSpec(BaseModel):
+    """An external TFLite delegate (``load_delegate``): a Coral Edge TPU's ``libedgetpu.so.1``, a vendor's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    library: str = Field(min_length=1, description="a file path, or a library name the dynamic linker finds")
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="passed to the delegate as strings, e.g. {device = \"usb:0\"}"
+    )
+
+
 class ModelEntry(BaseModel):
     """One model of the manifest."""
 
@@ -67,6 +78,15 @@ class ModelEntry(BaseModel):
     pinned: bool = False
     priority: int = 0
     accuracy: float | None = None
+    # None: [inference] accelerator (the profile's default); "gpu" and a delegate exclude each other.
+    accelerator: AcceleratorChoice | None = None
+    delegate: DelegateSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_accelerator(self) -> ModelEntry:
+        if self.delegate is not None and self.accelerator == "gpu":
+            raise ValueError("a model runs on accelerator = \"gpu\" or on a delegate, not both")
+        return self
 
 
 class EnsembleMember(BaseModel):

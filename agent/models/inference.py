@@ -1,13 +1,13 @@
-"""TFLite inference: the only module that imports LiteRT (or its fallback, tflite-runtime).
+"""TFLite inference: models loaded, run, and their tensors converted from and to the wire's forms.
 
-The runtime is chosen once per agent (:func:`load_runtime`, ``[inference] runtime``). A :class:`LoadedModel` holds a verified model file, its tensor signature and a small pool of interpreters
-whose memory is measured as each is created (:mod:`agent.observe.memory`).
+A :class:`LoadedModel` holds a verified model file, its tensor signature and a small pool of interpreters
+(or, on the GPU, compiled models: :mod:`agent.models.accelerators`, with this module the only importer of
+LiteRT) whose memory is measured as each is created (:mod:`agent.observe.memory`).
 """
 
 from __future__ import annotations
 
 import binascii
-import importlib
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -17,38 +17,10 @@ from typing import Any
 import numpy as np
 import pybase64
 
-from agent.config import RuntimeChoice
-from agent.errors import ConfigError, InferenceFailed, InvalidParams, ModelUnavailable
+from agent.errors import InferenceFailed, InvalidParams, ModelUnavailable
+from agent.models.accelerators import CPU, Accelerator, AcceleratorUnavailable, Runtime, create_runner
 from agent.models.catalog import ModelEntry
 from agent.observe.memory import measured_growth
-
-# The module holding each runtime's Interpreter; "auto" tries them in this order.
-_INTERPRETER_MODULES = {"litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """The TFLite runtime in use: its name (as status, models/list and /metrics report it) and Interpreter."""
-
-    name: str
-    interpreter: Callable[..., Any]
-
-
-def load_runtime(choice: RuntimeChoice = "auto") -> Runtime:
-    """Import the chosen runtime, or for "auto" LiteRT and then tflite-runtime; :class:`ConfigError` if unusable."""
-    problems = []
-    for name in _INTERPRETER_MODULES if choice == "auto" else [choice]:
-        try:
-            module = importlib.import_module(_INTERPRETER_MODULES[name])
-        except ImportError as exc:
-            problems.append(f"{name}: {exc}")
-            continue
-        # tflite-runtime is built against numpy 1.x: with numpy 2 every Interpreter() raises SystemError.
-        if name == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
-            problems.append(f"tflite-runtime needs numpy<2, this is numpy {np.__version__}")
-            continue
-        return Runtime(name, module.Interpreter)
-    raise ConfigError(f"[inference] runtime = {choice!r}: no usable TFLite runtime ({'; '.join(problems)})")
 
 _B64_DTYPES = {
     "float32": np.dtype("<f4"),
@@ -112,6 +84,10 @@ class LoadedModel:
     ``admit_growth(estimated_bytes)`` agrees. Every interpreter's memory is measured as it is created:
     ``memory_bytes`` is what the model really holds. ``invoke()`` releases the GIL, so runs on different
     interpreters proceed in parallel; ``gate`` (shared by all models) bounds concurrent runs process-wide.
+
+    On a ``gpu`` or delegate ``accelerator`` the pool holds accelerated interpreters, measured the same way.
+    If the accelerator is missing or refuses the model, the model runs on CPU and ``accelerator_problem``
+    says why, or, with ``accelerator_required``, it does not load at all.
     """
 
     def __init__(
@@ -124,10 +100,14 @@ class LoadedModel:
         max_interpreters: int = 1,
         admit_growth: Callable[[int], bool] | None = None,
         gate: AbstractContextManager[Any] | None = None,
+        accelerator: Accelerator = CPU,
+        accelerator_required: bool = False,
     ) -> None:
         self.entry = entry
         self.num_threads = num_threads
         self.runtime = runtime
+        self.accelerator = accelerator
+        self.accelerator_problem: str | None = None
         self.max_interpreters = max_interpreters
         self._content = content
         self._admit_growth = admit_growth
@@ -138,15 +118,30 @@ class LoadedModel:
         self._growing = False
         self._closed = False
         try:
-            probe = self._create_interpreter(admit=False)
+            probe = self._first_interpreter(accelerator_required)
         except (ValueError, RuntimeError) as exc:
-            raise ModelUnavailable(f"model {entry.id!r} failed to load: {exc}") from None
+            because = f" (on CPU, as {self.accelerator_problem})" if self.accelerator_problem else ""
+            raise ModelUnavailable(f"model {entry.id!r} failed to load{because}: {exc}") from None
         assert probe is not None, "the first interpreter needs no admission"
         self.interpreter_bytes = self._costs[id(probe)]
+        # What models/list, the status and /metrics report: cpu, gpu, gpu+cpu (ops the GPU cannot run stay
+        # on XNNPACK) or delegate:<library>.
+        partial = not getattr(probe, "fully_accelerated", True)
+        self.accelerator_in_use = f"{self.accelerator.name}+cpu" if partial else self.accelerator.name
         self.inputs = _tensor_infos(probe.get_input_details(), [spec.name for spec in entry.inputs])
         self.outputs = _tensor_infos(probe.get_output_details(), [spec.name for spec in entry.outputs])
         self._inputs_by_name = {info.name: info for info in self.inputs}
         self._idle.append(probe)
+
+    def _first_interpreter(self, required: bool) -> Any:
+        if self.accelerator != CPU:
+            try:
+                return self._create_interpreter(admit=False)
+            except AcceleratorUnavailable as exc:
+                if required:
+                    raise ModelUnavailable(f"model {self.entry.id!r} needs {self.accelerator.name}: {exc}") from None
+                self.accelerator_problem, self.accelerator = str(exc), CPU
+        return self._create_interpreter(admit=False)
 
     @property
     def size_bytes(self) -> int:
@@ -169,8 +164,7 @@ class LoadedModel:
             # budget the answer is based on cannot change under it.
             if admit and self._admit_growth is not None and not self._admit_growth(self.interpreter_bytes):
                 return None
-            interpreter = self.runtime.interpreter(model_content=self._content, num_threads=self.num_threads)
-            interpreter.allocate_tensors()
+            interpreter = create_runner(self.accelerator, self.runtime, self._content, self.num_threads)
         with self._cond:
             self._costs[id(interpreter)] = growth.bytes
         return interpreter
@@ -189,7 +183,7 @@ class LoadedModel:
         interpreter = None
         try:
             interpreter = self._create_interpreter(admit=True)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, AcceleratorUnavailable) as exc:
             raise InferenceFailed(f"model {self.entry.id!r}: could not create another interpreter: {exc}") from None
         finally:
             with self._cond:

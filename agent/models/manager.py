@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from agent.config import BUNDLED_MODELS_DIR, Limits, RuntimeChoice
+from agent.config import BUNDLED_MODELS_DIR, AcceleratorChoice, InferenceSettings, Limits, RuntimeChoice
 from agent.errors import (
     InvalidParams,
     ModelError,
@@ -54,7 +54,8 @@ from agent.models.catalog import (
     overlay_manifest,
     verified_model_bytes,
 )
-from agent.models.inference import LoadedModel, load_runtime
+from agent.models.accelerators import CPU, accelerator_for, load_runtime
+from agent.models.inference import LoadedModel
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, anon_rss_bytes, return_freed_memory, trim_heap
 
@@ -95,10 +96,14 @@ class ModelManager:
         process_limit_mb: int | None = None,
         load_wait_s: float = LOAD_WAIT_S,
         runtime: RuntimeChoice = "auto",
+        accelerator: AcceleratorChoice = "cpu",
+        accelerator_required: bool = False,
     ) -> None:
         self.models_dir = models_dir
         self.defaults_dir = defaults_dir
         self.runtime = load_runtime(runtime)
+        self.default_accelerator: AcceleratorChoice = accelerator
+        self.accelerator_required = accelerator_required
         self.num_threads = num_threads
         self.max_concurrent_inferences = max_concurrent_inferences
         self.budget_bytes = memory_budget_mb * MB if memory_budget_mb is not None else None
@@ -114,19 +119,27 @@ class ModelManager:
         self._slots: dict[str, _Slot] = {}
         self._draining: set[_Slot] = set()
         self._load_failures: dict[tuple[str, str], str] = {}
+        # Per model version: the accelerator it last loaded on and, after a fallback, why not the one it asked
+        # for. A version whose accelerator failed once loads on CPU from then on: said once, not retried.
+        self._accelerators: dict[tuple[str, str], tuple[str, str | None]] = {}
         # Told of every load, unload, refusal and version swap, e.g. for metrics and the audit trail; it is
         # called with the manager's lock held at times, so it must only hand the event on.
         self.on_event: Callable[..., None] = lambda kind, **detail: None
         self.measurements = Measurements()
 
     @classmethod
-    def for_limits(cls, models_dir: Path | None, limits: Limits, runtime: RuntimeChoice = "auto") -> ModelManager:
+    def for_limits(
+        cls, models_dir: Path | None, limits: Limits, inference: InferenceSettings | None = None
+    ) -> ModelManager:
         """The bundled models overlaid by ``models_dir``'s (if set), with the threads, concurrency, model memory
-        budget and process soft limit of ``limits``."""
+        budget and process soft limit of ``limits`` and the runtime and accelerators of ``inference``."""
+        inference = inference or InferenceSettings()
         return cls(
             models_dir or BUNDLED_MODELS_DIR,
             defaults_dir=BUNDLED_MODELS_DIR if models_dir is not None else None,
-            runtime=runtime,
+            runtime=inference.runtime,
+            accelerator=inference.accelerator,
+            accelerator_required=inference.required,
             num_threads=limits.num_threads,
             max_concurrent_inferences=limits.max_concurrent_inferences,
             memory_budget_mb=limits.model_memory_mb,
@@ -221,6 +234,31 @@ class ModelManager:
             except RequestError as exc:
                 raise ModelError(f"pinned model {model_id!r} cannot be loaded: {exc.message}") from None
 
+    def load_accelerated(self) -> None:
+        """Load every model that asks for an accelerator (at start, with ``[inference] required = true``): one whose
+        accelerator is missing or refuses it is a :class:`ModelError`."""
+        for entry in list(self._catalog.models.values()):
+            if entry.id in self._catalog.refused or accelerator_for(entry, self.default_accelerator) == CPU:
+                continue
+            try:
+                with self.lease(entry.id):
+                    pass
+            except RequestError as exc:
+                raise ModelError(f"model {entry.id!r} cannot be loaded on its accelerator: {exc.message}") from None
+
+    def accelerator_report(self, entry: ModelEntry) -> dict[str, str | None]:
+        """The accelerator ``entry`` asks for, the one it runs on (None until loaded) and why they differ."""
+        with self._cond:
+            in_use, problem = self._accelerators.get((entry.id, entry.sha256), (None, None))
+        return {"requested": accelerator_for(entry, self.default_accelerator).name, "in_use": in_use, "fallback_reason": problem}
+
+    def accelerators_in_use(self) -> dict[str, str]:
+        """Each loaded model's accelerator, as the status and /metrics report it."""
+        with self._cond:
+            return {
+                model_id: slot.loaded.accelerator_in_use for model_id, slot in self._slots.items() if slot.loaded is not None
+            }
+
     # ---- leases ----------------------------------------------------------------------------------
 
     @contextmanager
@@ -266,6 +304,9 @@ class ModelManager:
         started = time.monotonic()
         try:
             content = verified_model_bytes(self.models_dir, entry)
+            with self._cond:
+                _, known_problem = self._accelerators.get((entry.id, entry.sha256), (None, None))
+            accelerator = CPU if known_problem is not None else accelerator_for(entry, self.default_accelerator)
             loaded = LoadedModel(
                 entry,
                 content,
@@ -274,7 +315,13 @@ class ModelManager:
                 max_interpreters=self.max_concurrent_inferences,
                 admit_growth=partial(self._admit_growth, slot),
                 gate=self._gate,
+                accelerator=accelerator,
+                accelerator_required=self.accelerator_required,
             )
+            if loaded.accelerator_problem is not None:
+                log.warning("model %s %s runs on CPU instead: %s", entry.id, entry.version, loaded.accelerator_problem)
+            with self._cond:
+                self._accelerators[(entry.id, entry.sha256)] = (loaded.accelerator_in_use, known_problem or loaded.accelerator_problem)
         except (ModelError, ModelUnavailable) as exc:
             message = exc.message if isinstance(exc, RequestError) else str(exc)
             log.error("model refused: %s", message)
@@ -302,8 +349,9 @@ class ModelManager:
             return_freed_memory()
             raise too_large
         log.info(
-            "model %s %s loaded in %.0f ms: %.1f MB measured (file %.1f MB, interpreter %.1f MB)",
-            entry.id, entry.version, load_ms, measured / MB, loaded.size_bytes / MB, loaded.interpreter_bytes / MB,
+            "model %s %s loaded on %s in %.0f ms: %.1f MB measured (file %.1f MB, interpreter %.1f MB)",
+            entry.id, entry.version, loaded.accelerator_in_use, load_ms, measured / MB, loaded.size_bytes / MB,
+            loaded.interpreter_bytes / MB,
         )
         self.on_event("model_loaded", model=entry.id, version=entry.version, memory_mb=round(measured / MB, 1))
         return slot

@@ -54,6 +54,7 @@ class Probes:
     expected_wait_s: Callable[[], float] | None = None
     outbox_stats: Callable[[], OutboxFigures] | None = None
     cloud_state: Callable[[], str] | None = None
+    model_accelerators: Callable[[], Mapping[str, str]] | None = None
     clock: Callable[[], float] = time.monotonic
 
     def read_outbox(self) -> OutboxFigures | None:

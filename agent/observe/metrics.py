@@ -26,7 +26,8 @@ Series (all prefixed ``edge_agent_``):
 * ``internal_errors_total{where}``: exceptions nothing expected, caught where a thread or callback would
   have died (a fixed set of places, :data:`agent.faults.WHERE`); each cost at most one request its answer.
 * ``process_peak_resident_memory_bytes`` (VmHWM) beside the standard ``process_*`` series (RSS, CPU,
-  file descriptors, start time); ``signing_info{backend,mode}``; ``build_info{version,runtime,profile}``.
+  file descriptors, start time); ``signing_info{backend,mode}``; ``build_info{version,runtime,profile}``;
+  ``model_accelerator{model,accelerator}`` (1 per loaded model: cpu, gpu, gpu+cpu, delegate:<library>).
 """
 
 from __future__ import annotations
@@ -197,6 +198,13 @@ class LiveCollector:
             yield CounterMetricFamily(
                 f"{PREFIX}_outbox_delivered", "Outbox messages acknowledged by the cloud", value=outbox.delivered
             )
+        if self.probes.model_accelerators is not None:
+            accelerators = GaugeMetricFamily(
+                f"{PREFIX}_model_accelerator", "What each loaded model runs on (1: in use)", labels=["model", "accelerator"]
+            )
+            for model_id, accelerator in self.probes.model_accelerators().items():
+                accelerators.add_metric([model_id, accelerator], 1.0)
+            yield accelerators
         if self.probes.cloud_state is not None:
             current = self.probes.cloud_state()
             state = GaugeMetricFamily(f"{PREFIX}_cloud_link_state", "Cloud link state (1: current)", labels=["state"])

@@ -121,7 +121,10 @@ class RequestService:
 
     def _models_list(self, params: Any, timing: Timing) -> dict[str, Any]:
         catalog = self.models.catalog
-        models = [_describe_model(entry, self.models.stats(entry)) for entry in catalog.models.values()]
+        models = [
+            _describe_model(entry, self.models.stats(entry), self.models.accelerator_report(entry))
+            for entry in catalog.models.values()
+        ]
         ensembles = [_describe_ensemble(ensemble, catalog) for ensemble in catalog.ensembles.values()]
         return {"models": models + ensembles, "runtime": self.models.runtime.name}
 
@@ -189,7 +192,7 @@ def _describe_tensor(spec: TensorSpec) -> dict[str, Any]:
     return spec.model_dump(exclude_none=True)
 
 
-def _describe_model(entry: ModelEntry, stats: ModelStats) -> dict[str, Any]:
+def _describe_model(entry: ModelEntry, stats: ModelStats, accelerator: dict[str, str | None]) -> dict[str, Any]:
     return {
         "id": entry.id,
         "kind": "model",
@@ -204,6 +207,7 @@ def _describe_model(entry: ModelEntry, stats: ModelStats) -> dict[str, Any]:
         "memory_mb": None if stats.memory_bytes is None else round(stats.memory_bytes / MB, 1),
         "latency_ms": None if stats.latency_ms is None else round(stats.latency_ms, 3),
         "load_ms": None if stats.load_ms is None else round(stats.load_ms, 1),
+        "accelerator": accelerator,
     }
 
 
