@@ -17,13 +17,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.app import Agent
-from agent.config import LocalBroker, load_settings
+from agent.config import LocalBroker
 from agent.models.devmodels import copy_bundled_models
 from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client
 from agent.tools.client import DeviceClient
-from tests.fixtures.agents import REPO_ROOT, AgentProcess, agent_overrides, write_config
+from tests.fixtures.agents import REPO_ROOT, AgentProcess, started_agents, write_config
 from tests.fixtures.generated_models import add_model, slow_model
 
 SHIPPED_BROKER_CONF = REPO_ROOT / "systemd" / "mosquitto-edge-agent.conf"
@@ -149,17 +149,9 @@ def _expiring(seconds: int) -> Properties:
 
 @pytest.fixture
 def start_on_shipped(shipped_broker: MosquittoProcess, models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Agent]]:
-    started: list[Agent] = []
-
-    def start(**extra: Any) -> Agent:
-        agent = Agent(load_settings(None, agent_overrides(shipped_broker, models_dir, tmp_path / "data", **extra)))
-        agent.start()
-        started.append(agent)
-        return agent
-
-    yield start
-    for agent in started:
-        agent.stop()
+    """In-process agents on the broker with the shipped queue settings."""
+    with started_agents(shipped_broker, models_dir, tmp_path / "data") as start:
+        yield start
 
 
 def test_a_deadline_earlier_than_the_wait_ahead_is_refused_at_once_and_one_that_fits_is_served(

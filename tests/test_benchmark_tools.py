@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent.models.accelerators import load_runtime
 from agent.models.catalog import load_manifest, verified_model_bytes
 from agent.models.devmodels import FACE_MODEL_FILE, add_face_detector, copy_bundled_models
-from agent.models.accelerators import load_runtime
 from agent.models.inference import LoadedModel
 from agent.mqtt.localbroker import MosquittoProcess
 from benchmarks.bench_uplink_bytes import Responder as ReplyMaker

@@ -11,8 +11,8 @@ import pytest
 
 from agent.config import BUNDLED_MODELS_DIR
 from agent.errors import ConfigError, InvalidParams, ModelError, ModelUnavailable
-from agent.models.catalog import load_manifest, verified_model_bytes
 from agent.models.accelerators import load_runtime
+from agent.models.catalog import load_manifest, verified_model_bytes
 from agent.models.inference import LoadedModel, TensorInfo, decode_output, prepare_input
 from agent.models.manager import ModelManager
 
