@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.request
 import sys
 from pathlib import Path
 
@@ -148,3 +149,18 @@ def test_a_model_cannot_ask_for_the_gpu_and_a_delegate(tmp_path: Path) -> None:
     add_model(models, "both", b"\x00" * 16, accelerator="gpu", delegate={"library": "libedgetpu.so.1"})
     with pytest.raises(ModelError, match="not both"):
         ModelManager(models)
+
+
+@litert_only
+def test_the_accelerator_in_use_shows_in_models_list_the_status_and_metrics(start_agent, client_factory) -> None:
+    agent = start_agent(inference={"accelerator": "gpu"})
+    client = client_factory("alice")
+    features = {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]}
+    assert "result" in client.call("infer", {"model": "vibration-anomaly", "inputs": features}, timeout=60)
+    listed = {model["id"]: model for model in client.call("models/list", timeout=30)["result"]["models"]}
+    assert listed["vibration-anomaly"]["accelerator"]["in_use"] == "gpu"
+    assert agent.status_document()["accelerators"]["vibration-anomaly"] == "gpu"
+    assert agent.metrics_port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10) as response:
+        scraped = response.read().decode()
+    assert 'edge_agent_model_accelerator{accelerator="gpu",model="vibration-anomaly"} 1.0' in scraped
