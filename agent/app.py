@@ -246,7 +246,10 @@ class Agent:
         self._status_payload = encode_record(self.status_document(), self.signer)
         config = self.settings.metrics
         if config.enabled:
-            server = MetricsServer(self.metrics.registry, config.host, config.port)
+            server = MetricsServer(
+                self.metrics.registry, config.host, config.port,
+                max_connections=config.max_connections, timeout_s=config.connection_timeout_s,
+            )  # fmt: skip
             try:
                 server.start()
             except AgentError as exc:

@@ -213,6 +213,12 @@ class MetricsSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535, description="0: any free port")
     health_interval_s: float = Field(60.0, gt=0, description="how often the retained status is refreshed")
+    max_connections: int = Field(
+        8, ge=1, le=1024, description="HTTP connections served at once (a thread each); more are closed on accept"
+    )
+    connection_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a metrics connection idle this long is dropped, freeing its slot"
+    )
 
 
 MessageClass = Literal["res", "telemetry", "audit", "fallback"]

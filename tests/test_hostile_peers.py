@@ -1,0 +1,76 @@
+"""Issue #12: nothing a client, the cloud or a scraper sends can silence the agent.
+
+Each test runs the real agent as a subprocess on a real mosquitto, sends the hostile input, then checks that
+the agent still answers ``ping`` and an ``infer`` correctly, that its memory stayed within bounds, and that
+SIGTERM still ends it with exit status 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.config import BUNDLED_MODELS_DIR
+from agent.mqtt.localbroker import MosquittoProcess, free_port
+from agent.tools.client import DeviceClient
+from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
+
+EXAMPLE = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
+# The agent's whole-process ceiling in these tests; it serves the bundled models well below it.
+PROCESS_MEMORY_MB = 512
+
+
+def _config(tmp_path: Path, local: MosquittoProcess, **extra: Any) -> Path:
+    values = agent_overrides(
+        local, BUNDLED_MODELS_DIR, tmp_path / "data", limits={"process_memory_mb": PROCESS_MEMORY_MB}, **extra
+    )
+    return write_config(tmp_path / "agent.toml", values)
+
+
+def _rss_mb(agent: AgentProcess) -> float:
+    assert agent.proc is not None
+    for line in Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _still_serving(agent: AgentProcess, client: DeviceClient) -> None:
+    """ping and a correct infer answer, memory under the ceiling, then SIGTERM exits 0."""
+    assert client.call("ping")["result"] is not None
+    answer = client.call("infer", {"model": "vibration-anomaly", "inputs": EXAMPLE})
+    assert answer["result"]["top"][0]["label"] == "normal", answer
+    assert _rss_mb(agent) < PROCESS_MEMORY_MB
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(30) == 0, agent.log_path.read_text()
+
+
+def test_idle_metrics_connections_cannot_take_the_descriptors_the_broker_link_needs(
+    tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient]
+) -> None:
+    port = free_port()
+    config = _config(tmp_path, local_broker, metrics={"port": port, "max_connections": 4, "connection_timeout_s": 1.0})
+    # 256 descriptors: 300 idle connections would exhaust them if each one kept a thread and a socket.
+    command = ["prlimit", "--nofile=256:256", sys.executable, "-m", "agent"]
+    agent = AgentProcess(config, local_broker, command=command).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+        local_broker.restart()  # the agent must open a new socket to reconnect
+        client = client_factory("alice")
+        for conn in idle:  # the server closes every one: beyond the cap at once, the others when idle too long
+            assert conn.recv(1) == b""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            assert b"edge_agent_intake_depth" in response.read()
+        _still_serving(agent, client)
+    finally:
+        for conn in idle:
+            conn.close()
+        agent.stop()
