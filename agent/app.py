@@ -217,6 +217,8 @@ class Agent:
                 enqueue=lambda body, ttl_s: upstream.enqueue("fallback", body, ttl_s=ttl_s),
                 relay=self._relay_cloud_answer,
                 count=self.count,
+                max_pending_bytes=cloud.fallback_max_pending_bytes,
+                max_answer_bytes=cloud.fallback_max_answer_bytes,
             )
             upstream.subscribe(topics.cloud_reply_topic(self.device_id), self.fallback.on_cloud_message)
         upstream.start()

@@ -79,6 +79,14 @@ class CloudBroker(Section):
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(120.0, gt=0)
     fallback_models: list[str] = Field(default_factory=list)
+    fallback_max_pending_bytes: int = Field(
+        16 * 1024 * 1024, ge=65_536, description="request bytes (plus 512 each) held while waiting for the cloud's "
+        "answers; beyond it new forwards are refused with -32001 and retry_after_ms"
+    )
+    fallback_max_answer_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest cloud answer relayed; larger ones are dropped unparsed "
+        "(the request then gets -32007 at its deadline)"
+    )
     inflight_window: int = Field(32, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
     batch: bool = Field(False, description="many records per cloud message, for metered links (docs/cloud.md)")
     batch_max_records: int = Field(100, ge=1, le=10_000, description="records in one batch message")
