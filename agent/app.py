@@ -74,6 +74,7 @@ class Agent:
             settings.local,
             self.device_id,
             receive_maximum=settings.limits.receive_maximum,
+            max_packet_bytes=settings.limits.max_packet_bytes,
             on_connected=self._publish_identity_and_status,
             count=self.count,
         )

@@ -16,8 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from agent.config import BUNDLED_MODELS_DIR
+from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess, free_port
+from agent.mqtt.transport import new_client
 from agent.tools.client import DeviceClient
 from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
 
@@ -26,10 +31,9 @@ EXAMPLE = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models
 PROCESS_MEMORY_MB = 512
 
 
-def _config(tmp_path: Path, local: MosquittoProcess, **extra: Any) -> Path:
-    values = agent_overrides(
-        local, BUNDLED_MODELS_DIR, tmp_path / "data", limits={"process_memory_mb": PROCESS_MEMORY_MB}, **extra
-    )
+def _config(tmp_path: Path, local: MosquittoProcess, limits: dict[str, Any] | None = None, **extra: Any) -> Path:
+    limits = {"process_memory_mb": PROCESS_MEMORY_MB, **(limits or {})}
+    values = agent_overrides(local, BUNDLED_MODELS_DIR, tmp_path / "data", limits=limits, **extra)
     return write_config(tmp_path / "agent.toml", values)
 
 
@@ -73,4 +77,29 @@ def test_idle_metrics_connections_cannot_take_the_descriptors_the_broker_link_ne
     finally:
         for conn in idle:
             conn.close()
+        agent.stop()
+
+
+def test_a_request_with_megabytes_of_user_properties_never_reaches_the_agent(
+    tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient]
+) -> None:
+    agent = AgentProcess(_config(tmp_path, local_broker), local_broker).start()
+    try:
+        # 3.5 MB of MQTT 5 user properties: paho parses them on its network thread in quadratic time (a
+        # minute of a stalled agent) before any size check. The agent's CONNECT announces a Maximum Packet
+        # Size, so the broker drops this publish instead of sending it.
+        hostile = new_client("mallory")
+        hostile.connect(local_broker.host, local_broker.port)
+        hostile.loop_start()
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.UserProperty = [(f"k{i}", "v" * 90) for i in range(35_000)]
+        sent = hostile.publish(topics.request_topic("dev1", "mallory"), b"{}", qos=0, properties=properties)
+        sent.wait_for_publish(60)
+        client = client_factory("alice")
+        # Were the publish delivered, the agent's network thread would be busy parsing it far beyond the
+        # client's reply timeout; the answers below come from an agent that never saw it.
+        _still_serving(agent, client)
+        hostile.disconnect()
+        hostile.loop_stop()
+    finally:
         agent.stop()
