@@ -11,6 +11,7 @@ import json
 import signal
 import socket
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -101,5 +102,34 @@ def test_a_request_with_megabytes_of_user_properties_never_reaches_the_agent(
         _still_serving(agent, client)
         hostile.disconnect()
         hostile.loop_stop()
+    finally:
+        agent.stop()
+
+
+def test_requests_for_an_unreachable_cloud_hold_bounded_memory(
+    tmp_path: Path, local_broker: MosquittoProcess, cloud_broker: MosquittoProcess,
+    client_factory: Callable[..., DeviceClient],
+) -> None:  # fmt: skip
+    cloud_broker.stop()  # unreachable for the whole test: every forwarded request waits for its deadline
+    cloud = {
+        "host": cloud_broker.host, "port": cloud_broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
+        "fallback_models": ["big-vision-model"], "fallback_max_pending_bytes": 4 * 1024 * 1024,
+    }  # fmt: skip
+    agent = AgentProcess(_config(tmp_path, local_broker, cloud=cloud), local_broker).start()
+    try:
+        big = {"model": "big-vision-model", "inputs": {"image": "x" * 900_000}, "timeout_ms": 3_600_000}
+        clients = [client_factory(f"client-{n}") for n in range(6)]
+        futures = [client.send("infer", big) for client in clients for _ in range(5)]
+        # Six clients within their forwarding rate (a burst of 5 each) ask for 27 MB to be held for an hour:
+        # the bound (4 MiB: four requests) refuses the rest at once, asking them to come back.
+        # Which four are held depends on the order the agent serves its clients in.
+        answered = threading.Semaphore(0)
+        for future in futures:
+            future.add_done_callback(lambda _: answered.release())
+        assert all(answered.acquire(timeout=60) for _ in range(len(futures) - 4))
+        refusals = [future.result() for future in futures if future.done()]
+        assert len(refusals) == len(futures) - 4
+        assert all(r["error"]["code"] == -32001 and r["error"]["data"]["retry_after_ms"] > 0 for r in refusals)
+        _still_serving(agent, clients[0])
     finally:
         agent.stop()

@@ -130,7 +130,6 @@ class CloudFallback:
         """
         now = self._clock()
         held_bytes += PENDING_OVERHEAD_BYTES
-        self._check_room(held_bytes, now)
         refusal = self._budget.check(client_id)
         if refusal is not None:
             self._count("fallback_rate_limited")
@@ -138,15 +137,19 @@ class CloudFallback:
                 f"cloud fallback limited to {self._rate_per_s:g} requests/s per client; retry later",
                 {"retry_after_ms": int(refusal.retry_after_s * 1000) + 1, "scope": refusal.scope},
             )
+        # Reserved before the (slow) outbox write: workers forward concurrently, and a check made apart
+        # from the reservation would let them all through together.
+        self._reserve(held_bytes, now)
         timeout_s = params.timeout_ms / 1000
         body = {"client_id": client_id, "request": request.model_dump(exclude={"is_notification"})}
         msg_id = self._enqueue(body, timeout_s)
         if msg_id is None:
+            with self._lock:
+                self._pending_bytes -= held_bytes
             raise RequestError("cannot store the request for the cloud (outbox unavailable); see the agent log")
         pending = _Pending(now + timeout_s, msg_id, request.id, context, held_bytes)
         with self._lock:
             self._pending[msg_id] = pending
-            self._pending_bytes += held_bytes
             heapq.heappush(self._deadlines, pending)
         self._count("fallback_forwarded")
         self._wake.set()
@@ -156,9 +159,10 @@ class CloudFallback:
         with self._lock:
             return self._pending_bytes
 
-    def _check_room(self, held_bytes: int, now: float) -> None:
+    def _reserve(self, held_bytes: int, now: float) -> None:
         with self._lock:
             if self._pending_bytes + held_bytes <= self._max_pending_bytes:
+                self._pending_bytes += held_bytes
                 return
             soonest = self._deadlines[0].deadline - now if self._deadlines else 0.0
         self._count("fallback_over_budget")
