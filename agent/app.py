@@ -74,6 +74,7 @@ class Agent:
             settings.local,
             self.device_id,
             receive_maximum=settings.limits.receive_maximum,
+            max_packet_bytes=settings.limits.max_packet_bytes,
             on_connected=self._publish_identity_and_status,
             count=self.count,
         )
@@ -219,6 +220,8 @@ class Agent:
                 enqueue=lambda body, ttl_s: upstream.enqueue("fallback", body, ttl_s=ttl_s),
                 relay=self._relay_cloud_answer,
                 count=self.count,
+                max_pending_bytes=cloud.fallback_max_pending_bytes,
+                max_answer_bytes=cloud.fallback_max_answer_bytes,
             )
             upstream.subscribe(topics.cloud_reply_topic(self.device_id), self.fallback.on_cloud_message)
         upstream.start()
@@ -249,7 +252,10 @@ class Agent:
         self._status_payload = encode_record(self.status_document(), self.signer)
         config = self.settings.metrics
         if config.enabled:
-            server = MetricsServer(self.metrics.registry, config.host, config.port)
+            server = MetricsServer(
+                self.metrics.registry, config.host, config.port,
+                max_connections=config.max_connections, timeout_s=config.connection_timeout_s,
+            )  # fmt: skip
             try:
                 server.start()
             except AgentError as exc:

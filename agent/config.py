@@ -38,6 +38,10 @@ SECRET_KEYS = frozenset({"password", "owner_auth"})
 _ENVIRONMENT = "environment"
 
 
+# Room in an MQTT packet for its topic and properties beside a payload at its limit.
+PACKET_HEADROOM_BYTES = 65_536
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,6 +83,18 @@ class CloudBroker(Section):
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(120.0, gt=0)
     fallback_models: list[str] = Field(default_factory=list)
+    fallback_max_pending_bytes: int = Field(
+        16 * 1024 * 1024, ge=65_536, description="request bytes (plus 512 each) held while waiting for the cloud's "
+        "answers; beyond it new forwards are refused with -32001 and retry_after_ms"
+    )
+    fallback_max_answer_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest cloud answer relayed; larger ones are dropped unparsed "
+        "(the request then gets -32007 at its deadline)"
+    )
+    max_packet_bytes: int = Field(
+        4_259_840, ge=512, le=268_435_455, description="MQTT 5 Maximum Packet Size announced to the cloud broker, "
+        "which must then not send a larger packet; unset: fallback_max_answer_bytes plus 64 KiB"
+    )
     inflight_window: int = Field(32, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
     batch: bool = Field(False, description="many records per cloud message, for metered links (docs/cloud.md)")
     batch_max_records: int = Field(100, ge=1, le=10_000, description="records in one batch message")
@@ -93,6 +109,12 @@ class CloudBroker(Section):
         10.0, ge=0, le=1000, description="after a wake-up the drain waits this long for more rows and PUBACKs, "
         "so one outbox transaction claims or settles many records; never while a backlog drains (0: off)"
     )
+
+    @model_validator(mode="after")
+    def _packet_size_follows_answers(self) -> "CloudBroker":
+        if "max_packet_bytes" not in self.model_fields_set:
+            self.max_packet_bytes = self.fallback_max_answer_bytes + PACKET_HEADROOM_BYTES
+        return self
 
     @model_validator(mode="after")
     def _tls_required_off_loopback(self) -> "CloudBroker":
@@ -110,6 +132,12 @@ class Limits(Section):
     """Request bounds, threads and the memory budget; hardware profiles set most of these."""
 
     max_payload_bytes: int = Field(1_048_576, ge=256)
+    max_packet_bytes: int = Field(
+        1_114_112, ge=512, le=268_435_455, description="MQTT 5 Maximum Packet Size announced to the local broker, "
+        "which then drops a larger publish instead of sending it (the client gets no answer); unset: "
+        "max_payload_bytes plus 64 KiB for topic and properties, so a request just over max_payload_bytes is "
+        "still refused with an answer"
+    )
     max_nesting_depth: int = Field(32, ge=2, le=512)
     max_input_elements: int = Field(1_000_000, ge=1)
     max_json_values: int = Field(
@@ -162,6 +190,13 @@ class Limits(Section):
             self.process_soft_limit_mb = self.process_memory_mb * 7 // 8
         if "model_memory_mb" not in self.model_fields_set:
             self.model_memory_mb = self.process_memory_mb // 2
+        if "max_packet_bytes" not in self.model_fields_set:
+            self.max_packet_bytes = self.max_payload_bytes + PACKET_HEADROOM_BYTES
+        if self.max_packet_bytes <= self.max_payload_bytes:
+            raise ValueError(
+                f"max_packet_bytes ({self.max_packet_bytes}) must exceed max_payload_bytes ({self.max_payload_bytes}): "
+                "a packet carries its topic and properties besides the payload"
+            )
         if "max_json_values" not in self.model_fields_set:
             self.max_json_values = self.max_input_elements * 2 + 4096
         # Each bound must leave room under the next one, or the agent would shed load (or be over its
@@ -213,6 +248,12 @@ class MetricsSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535, description="0: any free port")
     health_interval_s: float = Field(60.0, gt=0, description="how often the retained status is refreshed")
+    max_connections: int = Field(
+        8, ge=1, le=1024, description="HTTP connections served at once (a thread each); more are closed on accept"
+    )
+    connection_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a metrics connection idle this long is dropped, freeing its slot"
+    )
 
 
 MessageClass = Literal["res", "telemetry", "audit", "fallback"]

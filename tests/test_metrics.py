@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -173,3 +174,22 @@ def test_process_memory_comes_from_proc(tmp_path: Path) -> None:
     (proc_self / "status").write_text("Name:\tkthread\n")
     assert read_process_memory(proc_self) is None
     assert read_process_memory(tmp_path / "absent") is None
+
+
+def test_idle_connections_beyond_the_cap_are_closed_and_idle_ones_time_out() -> None:
+    metrics = build_metrics(Probes(started=time.monotonic(), intake_depth=lambda: 0))
+    server = MetricsServer(metrics.registry, "127.0.0.1", 0, max_connections=4, timeout_s=0.5)
+    server.start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=30))
+        # Every connection is eventually closed by the server: the 296 beyond the cap on accept, the 4 it
+        # served once they stayed silent for the timeout. recv() returns b"" (EOF) on a closed connection.
+        for conn in idle:
+            assert conn.recv(1) == b""
+        assert ("edge_agent_intake_depth", ()) in scrape(server.port)
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()

@@ -61,12 +61,14 @@ class LocalLink:
         device_id: str,
         *,
         receive_maximum: int,
+        max_packet_bytes: int,
         on_connected: Callable[[], None],
         count: Callable[[str], None],
     ) -> None:
         self.device_id = device_id
         self._broker = broker
         self._receive_maximum = receive_maximum
+        self._max_packet_bytes = max_packet_bytes
         self._on_connected = on_connected
         self._count = count
         self._sink: RequestSink | None = None
@@ -106,7 +108,7 @@ class LocalLink:
             broker.port,
             keepalive=broker.keepalive,
             clean_start=False,
-            properties=connect_properties(broker.session_expiry, self._receive_maximum),
+            properties=connect_properties(broker.session_expiry, self._receive_maximum, self._max_packet_bytes),
         )
         self.client.loop_start()
         if not self._subscribed.wait(ready_timeout):

@@ -142,11 +142,18 @@ class Subscriptions:
             self._client.subscribe(topic_filter, self._filters[topic_filter])
 
 
-def connect_properties(session_expiry: int, receive_maximum: int | None = None) -> Properties:
+def connect_properties(
+    session_expiry: int, receive_maximum: int | None = None, maximum_packet_size: int | None = None
+) -> Properties:
+    """CONNECT properties. ``maximum_packet_size``: the broker must not send us a larger packet (MQTT 5
+    3.1.2.11.4; mosquitto drops it instead), so an oversized publish never reaches paho, which would read it
+    whole and parse its properties before anyone could check its size."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry
     if receive_maximum is not None:
         props.ReceiveMaximum = receive_maximum
+    if maximum_packet_size is not None:
+        props.MaximumPacketSize = maximum_packet_size
     return props
 
 

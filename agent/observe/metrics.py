@@ -33,12 +33,13 @@ Series (all prefixed ``edge_agent_``):
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Literal
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.errors import AgentError
@@ -213,13 +214,64 @@ class LiveCollector:
             yield state
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """Logs nothing per request: a scraper every few seconds would flood the journal."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's parameter name)
+        pass
+
+
+class BoundedWSGIServer(WSGIServer):
+    """A WSGI server with a thread per connection, at most ``max_connections`` of them at once.
+
+    prometheus_client's own server starts a thread per connection without a cap: idle or half-open
+    connections could take every file descriptor, and then the agent could not even reconnect to its broker.
+    Here a connection beyond the cap is closed as soon as it is accepted, and a connection that sends nothing
+    for ``timeout_s`` is dropped, so a scraper that comes back finds a free slot.
+    """
+
+    def __init__(self, host: str, port: int, *, max_connections: int, timeout_s: float) -> None:
+        # Set before binding: TCPServer.__init__ creates the socket from it.
+        self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._timeout_s = timeout_s
+        super().__init__((host, port), _QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve ``request`` on its own thread if a slot is free, else close it at once (accept thread)."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(self._timeout_s)
+        try:
+            threading.Thread(
+                target=self._serve_one, args=(request, client_address), name="metrics-http-connection", daemon=True
+            ).start()
+        except RuntimeError:  # no thread to be had: give the slot back rather than leak it
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except OSError as exc:  # the scraper went away mid-answer
+            log.debug("metrics connection from %s ended: %s", client_address, exc)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+
 class MetricsServer:
     """Serves a registry at ``/metrics`` over HTTP from a daemon thread; ``start()``, then ``stop()``."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, *, max_connections: int = 8, timeout_s: float = 10.0
+    ) -> None:
         self.registry = registry
         self.host = host
         self._requested_port = port
+        self._max_connections = max_connections
+        self._timeout_s = timeout_s
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -233,9 +285,15 @@ class MetricsServer:
     def start(self) -> None:
         """Bind and serve; raises :class:`AgentError` if the address cannot be bound."""
         try:
-            self._server, self._thread = start_http_server(self._requested_port, addr=self.host, registry=self.registry)
+            server = BoundedWSGIServer(
+                self.host, self._requested_port, max_connections=self._max_connections, timeout_s=self._timeout_s
+            )
         except OSError as exc:
             raise AgentError(f"cannot serve metrics on {self.host}:{self._requested_port}: {exc.strerror or exc}") from None
+        server.set_app(make_wsgi_app(self.registry))
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         log.info("serving metrics on http://%s:%d/metrics", self.host, self.port)
 
     def stop(self) -> None:

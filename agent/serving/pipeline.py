@@ -225,7 +225,7 @@ class RequestPipeline:
         if not self._fallback.wants(request, set(self._service.models.servable_ids), too_large=too_large):
             return False
         params = validate_params(InferParams, request.params)
-        self._fallback.forward(inbound.client_id, request, params, inbound)
+        self._fallback.forward(inbound.client_id, request, params, inbound, len(inbound.payload))
         return True
 
     def _response_topic_allowed(self, inbound: InboundRequest) -> bool:

@@ -123,7 +123,7 @@ class Uplink:
         self._client.on_disconnect = INTERNAL_ERRORS.wrap("uplink_disconnect", self._on_disconnect)
         self._client.on_publish = INTERNAL_ERRORS.wrap("uplink_publish", self._on_publish)
         self._client.max_inflight_messages_set(cloud.inflight_window)
-        properties = connect_properties(cloud.session_expiry)
+        properties = connect_properties(cloud.session_expiry, maximum_packet_size=cloud.max_packet_bytes)
         self._client.connect_async(cloud.host, cloud.port, cloud.keepalive, clean_start=False, properties=properties)
         self._waker = WakeSocket()
         # _handoff guards the connection generation and the rows between the two threads; the connection

@@ -1,0 +1,135 @@
+"""Issue #12: nothing a client, the cloud or a scraper sends can silence the agent.
+
+Each test runs the real agent as a subprocess on a real mosquitto, sends the hostile input, then checks that
+the agent still answers ``ping`` and an ``infer`` correctly, that its memory stayed within bounds, and that
+SIGTERM still ends it with exit status 0.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import BUNDLED_MODELS_DIR
+from agent.mqtt import topics
+from agent.mqtt.localbroker import MosquittoProcess, free_port
+from agent.mqtt.transport import new_client
+from agent.tools.client import DeviceClient
+from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
+
+EXAMPLE = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
+# The agent's whole-process ceiling in these tests; it serves the bundled models well below it.
+PROCESS_MEMORY_MB = 512
+
+
+def _config(tmp_path: Path, local: MosquittoProcess, limits: dict[str, Any] | None = None, **extra: Any) -> Path:
+    limits = {"process_memory_mb": PROCESS_MEMORY_MB, **(limits or {})}
+    values = agent_overrides(local, BUNDLED_MODELS_DIR, tmp_path / "data", limits=limits, **extra)
+    return write_config(tmp_path / "agent.toml", values)
+
+
+def _rss_mb(agent: AgentProcess) -> float:
+    assert agent.proc is not None
+    for line in Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _still_serving(agent: AgentProcess, client: DeviceClient) -> None:
+    """ping and a correct infer answer, memory under the ceiling, then SIGTERM exits 0."""
+    assert client.call("ping")["result"] is not None
+    answer = client.call("infer", {"model": "vibration-anomaly", "inputs": EXAMPLE})
+    assert answer["result"]["top"][0]["label"] == "normal", answer
+    assert _rss_mb(agent) < PROCESS_MEMORY_MB
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(30) == 0, agent.log_path.read_text()
+
+
+def test_idle_metrics_connections_cannot_take_the_descriptors_the_broker_link_needs(
+    tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient]
+) -> None:
+    port = free_port()
+    config = _config(tmp_path, local_broker, metrics={"port": port, "max_connections": 4, "connection_timeout_s": 1.0})
+    # 256 descriptors: 300 idle connections would exhaust them if each one kept a thread and a socket.
+    command = ["prlimit", "--nofile=256:256", sys.executable, "-m", "agent"]
+    agent = AgentProcess(config, local_broker, command=command).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+        local_broker.restart()  # the agent must open a new socket to reconnect
+        client = client_factory("alice")
+        for conn in idle:  # the server closes every one: beyond the cap at once, the others when idle too long
+            assert conn.recv(1) == b""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            assert b"edge_agent_intake_depth" in response.read()
+        _still_serving(agent, client)
+    finally:
+        for conn in idle:
+            conn.close()
+        agent.stop()
+
+
+def test_a_request_with_megabytes_of_user_properties_never_reaches_the_agent(
+    tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient]
+) -> None:
+    agent = AgentProcess(_config(tmp_path, local_broker), local_broker).start()
+    try:
+        # 3.5 MB of MQTT 5 user properties: paho parses them on its network thread in quadratic time (a
+        # minute of a stalled agent) before any size check. The agent's CONNECT announces a Maximum Packet
+        # Size, so the broker drops this publish instead of sending it.
+        hostile = new_client("mallory")
+        hostile.connect(local_broker.host, local_broker.port)
+        hostile.loop_start()
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.UserProperty = [(f"k{i}", "v" * 90) for i in range(35_000)]
+        sent = hostile.publish(topics.request_topic("dev1", "mallory"), b"{}", qos=0, properties=properties)
+        sent.wait_for_publish(60)
+        client = client_factory("alice")
+        # Were the publish delivered, the agent's network thread would be busy parsing it far beyond the
+        # client's reply timeout; the answers below come from an agent that never saw it.
+        _still_serving(agent, client)
+        hostile.disconnect()
+        hostile.loop_stop()
+    finally:
+        agent.stop()
+
+
+def test_requests_for_an_unreachable_cloud_hold_bounded_memory(
+    tmp_path: Path, local_broker: MosquittoProcess, cloud_broker: MosquittoProcess,
+    client_factory: Callable[..., DeviceClient],
+) -> None:  # fmt: skip
+    cloud_broker.stop()  # unreachable for the whole test: every forwarded request waits for its deadline
+    cloud = {
+        "host": cloud_broker.host, "port": cloud_broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
+        "fallback_models": ["big-vision-model"], "fallback_max_pending_bytes": 4 * 1024 * 1024,
+    }  # fmt: skip
+    agent = AgentProcess(_config(tmp_path, local_broker, cloud=cloud), local_broker).start()
+    try:
+        big = {"model": "big-vision-model", "inputs": {"image": "x" * 900_000}, "timeout_ms": 3_600_000}
+        clients = [client_factory(f"client-{n}") for n in range(6)]
+        futures = [client.send("infer", big) for client in clients for _ in range(5)]
+        # Six clients within their forwarding rate (a burst of 5 each) ask for 27 MB to be held for an hour:
+        # the bound (4 MiB: four requests) refuses the rest at once, asking them to come back.
+        # Which four are held depends on the order the agent serves its clients in.
+        answered = threading.Semaphore(0)
+        for future in futures:
+            future.add_done_callback(lambda _: answered.release())
+        assert all(answered.acquire(timeout=60) for _ in range(len(futures) - 4))
+        refusals = [future.result() for future in futures if future.done()]
+        assert len(refusals) == len(futures) - 4
+        assert all(r["error"]["code"] == -32001 and r["error"]["data"]["retry_after_ms"] > 0 for r in refusals)
+        _still_serving(agent, clients[0])
+    finally:
+        agent.stop()
