@@ -24,7 +24,7 @@ from agent.mqtt.transport import new_client
 from benchmarks.harness import AgentUnderTest
 
 DEVICE_ID = "bench-clients"
-CHECKPOINTS = (5_000, 50_000)
+CHECKPOINTS = (5_000, 10_000, 20_000, 30_000, 40_000, 50_000)
 PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 
 
@@ -57,12 +57,12 @@ class _Replies:
         self._client.loop_stop()
 
 
-def run(clients: int = CHECKPOINTS[-1]) -> dict[str, Any]:
+def run(clients: int = CHECKPOINTS[-1], **extra: str) -> dict[str, Any]:
     """RSS of the agent after each checkpoint of distinct clients answered."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-clients-"))
     broker = MosquittoProcess(workdir / "broker").start()
     agent = AgentUnderTest(
-        broker, DEVICE_ID, {"signing__backend": "none", "metrics__port": "0", "data_dir": str(workdir / "data")},
+        broker, DEVICE_ID, {"signing__backend": "none", "metrics__port": "0", "data_dir": str(workdir / "data"), **extra},
         workdir / "agent.log",
     )  # fmt: skip
     replies = _Replies(broker)
@@ -93,7 +93,7 @@ def run(clients: int = CHECKPOINTS[-1]) -> dict[str, Any]:
         agent.stop()
         broker.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    first, last = (f"after_{n}_clients" for n in CHECKPOINTS)
+    first, last = (f"after_{n}_clients" for n in (CHECKPOINTS[0], CHECKPOINTS[-1]))
     return {
         "clients": clients,
         "seconds": round(elapsed, 1),

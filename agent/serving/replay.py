@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 from agent.config import Replay
 
-# What an entry costs beyond its reply bytes: the dict slot, key tuple, strings and this record.
-ENTRY_OVERHEAD_BYTES = 256
+# What an entry costs the process beyond its reply, client id and digest bytes: the dict slot, key tuple,
+# object headers and this record, plus what the allocator holds around them under LRU churn. Measured as
+# the agent's RSS with the cache full (benchmarks/bench_clients, with and without the cache): ~600 bytes,
+# where the objects alone are ~250; charging less would let the cache hold twice its max_bytes.
+ENTRY_OVERHEAD_BYTES = 600
 _Key = tuple[str, str | int]
 
 
