@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.request
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
