@@ -27,8 +27,8 @@ from pathlib import Path
 from agent.config import BUNDLED_MODELS_DIR, AcceleratorChoice, InferenceSettings, Limits, RuntimeChoice
 from agent.errors import InvalidParams, ModelError, ModelTooLarge, ModelUnavailable, Overloaded, RequestError
 from agent.models.accelerators import CPU, AcceleratorHistory, accelerator_for, load_runtime
-from agent.models.catalog import Catalog, ModelEntry, build_catalog, read_manifest, verified_model_bytes
 from agent.models.budget import MemoryBudget, ModelSlot, SlotTable
+from agent.models.catalog import Catalog, ModelEntry, build_catalog, read_manifest, verified_model_bytes
 from agent.models.inference import LoadedModel
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory
