@@ -84,6 +84,35 @@ def accelerator_for(entry: ModelEntry, default: AcceleratorChoice) -> Accelerato
     return Accelerator(entry.accelerator or default)
 
 
+class AcceleratorHistory:
+    """Per model version: the accelerator it last loaded on and, after a fallback, why not the one it asked for.
+
+    A version whose accelerator failed once loads on CPU from then on: said once, not retried. Safe to use from
+    every thread; its lock is held only to read or write one entry.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], tuple[str, str | None]] = {}
+
+    def choose(self, entry: ModelEntry, default: AcceleratorChoice) -> tuple[Accelerator, str | None]:
+        """The accelerator to load ``entry`` on, and the earlier failure that makes it CPU (None if none)."""
+        with self._lock:
+            _, problem = self._seen.get((entry.id, entry.sha256), (None, None))
+        return (CPU if problem is not None else accelerator_for(entry, default)), problem
+
+    def record(self, entry: ModelEntry, in_use: str, problem: str | None) -> None:
+        """Remember where ``entry`` loaded and, after a fallback, why not on the accelerator it asked for."""
+        with self._lock:
+            self._seen[(entry.id, entry.sha256)] = (in_use, problem)
+
+    def report(self, entry: ModelEntry, default: AcceleratorChoice) -> dict[str, str | None]:
+        """The accelerator ``entry`` asks for, the one it runs on (None until loaded) and why they differ."""
+        with self._lock:
+            in_use, problem = self._seen.get((entry.id, entry.sha256), (None, None))
+        return {"requested": accelerator_for(entry, default).name, "in_use": in_use, "fallback_reason": problem}
+
+
 def create_runner(accelerator: Accelerator, runtime: Runtime, content: bytes, num_threads: int) -> Any:
     """One ready-to-run interpreter (or, on ``gpu``, a compiled model behind the same methods) for ``content``.
 

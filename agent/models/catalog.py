@@ -159,6 +159,21 @@ class Catalog:
         ]
         return models + ensembles
 
+    @property
+    def pinned_ids(self) -> list[str]:
+        """Models the manifest asks to keep loaded."""
+        return [entry.id for entry in self.models.values() if entry.pinned]
+
+    def file_size(self, models_dir: Path, entry: ModelEntry) -> int | None:
+        """The size of ``entry``'s file as last verified, else on disk now; None if it cannot be read."""
+        stamp = self.stamps.get(entry.id)
+        if stamp is not None:
+            return stamp.size
+        try:
+            return (models_dir / entry.file).stat().st_size
+        except OSError:
+            return None
+
 
 def load_manifest(models_dir: Path) -> Manifest:
     """Parse ``models_dir/manifest.json``; a missing or invalid manifest is a :class:`ModelError`."""
@@ -197,6 +212,11 @@ def overlay_manifest(defaults_dir: Path, models_dir: Path) -> Manifest:
                 for entry in defaults.models if entry.id not in user_ids] + user.models,
         ensembles=[ensemble for ensemble in defaults.ensembles if ensemble.id not in user_ids] + user.ensembles,
     )
+
+
+def read_manifest(models_dir: Path, defaults_dir: Path | None) -> Manifest:
+    """``models_dir``'s manifest, overlaid on the bundled one in ``defaults_dir`` if set."""
+    return load_manifest(models_dir) if defaults_dir is None else overlay_manifest(defaults_dir, models_dir)
 
 
 def _ensemble_problem(ensemble: EnsembleEntry, models: dict[str, ModelEntry]) -> str | None:
