@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.compat import UTC
-from agent.config import LocalBroker, Settings, describe_effective_config, load_settings, load_settings_with_sources
+from agent.config import LocalBroker, Settings
+from agent.config_loader import describe_effective_config, load_settings, load_settings_with_sources
 from agent.errors import AgentError, ConfigError, SignatureInvalid
 from agent.observe.logs import LogFormat, configure_logging
 

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.config import default_device_id, load_settings_with_sources, read_toml
+from agent.config import default_device_id
+from agent.config_loader import load_settings_with_sources, read_toml
 from agent.errors import AgentError, ProvisioningError
 from provisioning import ca as x509ca
 from provisioning.records import DeviceRecord, dump_document, write_if_changed

@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"agent.periodic"},
     {"agent.profiles"},
     {"agent.config"},
+    {"agent.config_loader"},
     {"agent.exchange"},
     {"agent.signing", "agent.mqtt", "agent.observe"},
     {"agent.models", "agent.upstream"},

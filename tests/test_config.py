@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_settings
+from agent.config_loader import load_settings
 from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

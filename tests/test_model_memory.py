@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import load_settings
+from agent.config_loader import load_settings
 from agent.errors import ModelError, ModelTooLarge, Overloaded
 from agent.models.manager import ModelManager
 from agent.observe.memory import (

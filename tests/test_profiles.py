@@ -10,15 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.config import (
-    BUILTIN_SOURCE,
-    PROFILE_SECTIONS,
-    Limits,
-    RateLimit,
-    describe_effective_config,
-    load_settings,
-    load_settings_with_sources,
-)
+from agent.config import PROFILE_SECTIONS, Limits, RateLimit
+from agent.config_loader import BUILTIN_SOURCE, describe_effective_config, load_settings, load_settings_with_sources
 from agent.errors import ConfigError
 from agent.profiles import (
     BUNDLED_PROFILES_DIR,

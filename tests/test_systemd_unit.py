@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import Limits, load_settings
+from agent.config import Limits
+from agent.config_loader import load_settings
 from provisioning.device import DeviceLayout, provision
 
 REPO = Path(__file__).resolve().parents[1]
