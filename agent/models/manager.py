@@ -56,6 +56,7 @@ from agent.models.catalog import (
 )
 from agent.models.accelerators import CPU, accelerator_for, load_runtime
 from agent.models.inference import LoadedModel
+from agent.models.modelfile import complete_from_file
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, anon_rss_bytes, return_freed_memory, trim_heap
 
@@ -109,6 +110,8 @@ class ModelManager:
         self.budget_bytes = memory_budget_mb * MB if memory_budget_mb is not None else None
         self.process_limit_bytes = process_limit_mb * MB if process_limit_mb is not None else None
         self.load_wait_s = load_wait_s
+        # Verifying an entry also checks it against its file and fills in what it leaves out.
+        self._complete = partial(complete_from_file, models_dir, self.runtime)
         manifest = self._read_manifest()
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
@@ -171,7 +174,7 @@ class ModelManager:
     def verify_all(self) -> dict[str, str]:
         """Check every model file's sha256; returns (and remembers) the refused ones with the reason."""
         with self._reload_lock:
-            self._install(build_catalog(self.models_dir, self._read_manifest()))
+            self._install(build_catalog(self.models_dir, self._read_manifest(), complete=self._complete))
         return dict(self._catalog.refused)
 
     def reload(self) -> bool:
@@ -188,7 +191,7 @@ class ModelManager:
                 log.error("manifest change refused, still serving the previous catalogue: %s", exc)
                 return False
             previous = self._catalog.models
-            self._install(build_catalog(self.models_dir, manifest, self._catalog))
+            self._install(build_catalog(self.models_dir, manifest, self._catalog, self._complete))
         for model_id, entry in previous.items():
             current = self._catalog.models.get(model_id)
             if current is None:
