@@ -128,3 +128,12 @@ def test_tflite_metadata_fills_labels_descriptions_and_normalization(tmp_path: P
     assert entry.inputs[0].name == "x" and entry.inputs[0].description == "two sensor values"
     assert entry.inputs[0].normalization is not None and entry.inputs[0].normalization.mean == [127.5]
     assert entry.outputs[0].description == "class probabilities"
+
+
+def test_a_damaged_file_whose_sha256_matches_is_refused(tmp_path: Path) -> None:
+    add_model(tmp_path, "steady", constant_classifier([0.25, 0.75]))
+    add_model(tmp_path, "damaged", constant_classifier([0.5, 0.5])[:200])
+    manager = ModelManager(tmp_path)
+    refused = manager.verify_all()
+    assert list(refused) == ["damaged"] and "refused" in refused["damaged"]
+    assert manager.servable_ids == ["steady"]

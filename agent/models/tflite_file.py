@@ -12,6 +12,7 @@ finds its central directory at the end of the file.
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 from dataclasses import dataclass, field
 
@@ -128,7 +129,7 @@ def read_file_facts(content: bytes) -> FileFacts:
             for code in model.tables(1)
         )
         metadata = _model_metadata(content, model)
-    except (IndexError, ValueError, UnicodeError) as exc:
+    except (IndexError, ValueError, UnicodeError, struct.error) as exc:
         raise ModelError(f"the model file's flatbuffer is damaged: {exc}") from None
     return FileFacts(ops, metadata)
 
