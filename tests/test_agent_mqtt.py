@@ -76,7 +76,9 @@ def test_models_list_ping_and_mcp_methods(start_agent, client_factory) -> None:
     models = {m["id"]: m for m in client.call("models/list")["result"]["models"]}
     assert set(models) == {"vibration-anomaly", "sensor-state", "face-detector"}
     assert models["sensor-state"]["inputs"][0] | {"description": ""} == {
-        "name": "readings", "shape": [1, 4], "dtype": "int8", "description": ""}
+        "name": "readings", "shape": [1, 4], "dtype": "int8", "description": "",
+        # Not in the bundled manifest: filled from the model file.
+        "quantization": {"scale": pytest.approx(100 / 255), "zero_point": -128}}
     assert models["vibration-anomaly"]["labels"] == ["normal", "imbalance", "bearing_wear"]
 
     init = client.call("initialize", {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}})

@@ -17,7 +17,8 @@ import json
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal, NamedTuple
 
@@ -32,13 +33,35 @@ MANIFEST_NAME = "manifest.json"
 TensorDType = Literal["float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"]
 
 
+class Quantization(BaseModel):
+    """A quantized tensor's per-tensor parameters: ``real = (q - zero_point) * scale``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(gt=0)
+    zero_point: int
+
+
+class Normalization(BaseModel):
+    """What a client does to raw values before sending them (TFLite Metadata): ``(x - mean) / std``, per channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: list[float]
+    std: list[float]
+
+
 class TensorSpec(BaseModel):
+    """One input or output, in the interpreter's tensor order; what is left out is filled from the model file."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
     description: str = ""
     shape: list[int] | None = None
     dtype: TensorDType | None = None
+    quantization: Quantization | None = None
+    normalization: Normalization | None = None
 
 
 class ModelExample(BaseModel):
@@ -147,6 +170,9 @@ class Catalog:
     ensembles: dict[str, EnsembleEntry]
     stamps: dict[str, FileStamp | None]
     refused: dict[str, str]
+    # The entries as the manifest wrote them, where ``models`` holds them completed from their files: a later
+    # manifest is compared with these, so an entry that leaves fields out is not mistaken for a changed one.
+    declared: dict[str, ModelEntry] = field(default_factory=dict)
 
     @property
     def servable_ids(self) -> list[str]:
@@ -285,38 +311,51 @@ def verify_model_file(models_dir: Path, entry: ModelEntry) -> FileStamp | None:
     return stamp
 
 
-def build_catalog(models_dir: Path, manifest: Manifest, previous: Catalog | None = None) -> Catalog:
+def build_catalog(
+    models_dir: Path,
+    manifest: Manifest,
+    previous: Catalog | None = None,
+    complete: Callable[[ModelEntry], ModelEntry] | None = None,
+) -> Catalog:
     """Verify a manifest's models into a catalog, reusing what ``previous`` already verified.
 
     A model whose entry and file are unchanged is not hashed again. A changed model whose file fails
-    verification is refused; if ``previous`` served a version of it, that version stays in the catalog.
+    verification, or that ``complete`` (checking the entry against the file and filling what it leaves
+    out) refuses, is refused; if ``previous`` served a version of it, that version stays in the catalog.
     """
     models: dict[str, ModelEntry] = {}
+    declared: dict[str, ModelEntry] = {}
     stamps: dict[str, FileStamp | None] = {}
     refused: dict[str, str] = {}
     for entry in manifest.models:
         old = previous.models.get(entry.id) if previous else None
+        old_declared = previous.declared.get(entry.id, old) if previous else None
         stamp = file_stamp(models_dir / entry.file)
-        if previous is not None and old == entry and stamp is not None and previous.stamps.get(entry.id) == stamp:
-            models[entry.id], stamps[entry.id] = old, stamp
+        unchanged = old is not None and old_declared == entry and stamp is not None
+        if previous is not None and unchanged and previous.stamps.get(entry.id) == stamp:
+            models[entry.id], declared[entry.id], stamps[entry.id] = old, entry, stamp
             if entry.id in previous.refused:
                 refused[entry.id] = previous.refused[entry.id]
             continue
+        completed = entry
         try:
             stamps[entry.id] = verify_model_file(models_dir, entry)
+            if complete is not None:
+                completed = complete(entry)
         except ModelError as exc:
             if previous is not None and old is not None and entry.id not in previous.refused:
                 log.error("%s; still serving version %s", exc, old.version)
                 models[entry.id], stamps[entry.id] = old, previous.stamps.get(entry.id)
+                declared[entry.id] = old_declared or old
                 continue
             log.error("model refused: %s", exc)
             refused[entry.id] = str(exc)
             stamps[entry.id] = stamp
-        models[entry.id] = entry
-        if old is not None and old != entry:
+        models[entry.id], declared[entry.id] = completed, entry
+        if old_declared is not None and old_declared != entry:
             log.info("model %s: version %s replaced by %s", entry.id, old.version, entry.version)
     ensembles = {ensemble.id: ensemble for ensemble in manifest.ensembles}
-    return Catalog(models, ensembles, stamps, refused)
+    return Catalog(models, ensembles, stamps, refused, declared)
 
 
 def verified_model_bytes(models_dir: Path, entry: ModelEntry) -> bytes:

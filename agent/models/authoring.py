@@ -1,0 +1,102 @@
+"""Adding a model to a device: its manifest entry read from the file, written where a running agent finds it.
+
+``edge-agent models add`` uses :func:`add_model_file`: the file is read with the runtime (signature names,
+shapes, dtypes, quantization) and its TFLite Metadata (labels, normalization, descriptions), copied into the
+writable models folder and its entry written into that folder's manifest. Both writes are atomic (a
+temporary file renamed over the old), the file first, so a running agent's hot update (:mod:`agent.models.watcher`)
+never sees a manifest naming a file that is not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent.errors import ModelError
+from agent.models.accelerators import Runtime
+from agent.models.catalog import MANIFEST_NAME, Manifest, ModelEntry, load_manifest
+from agent.models.modelfile import complete_entry, describe_model
+
+
+def entry_for_file(
+    content: bytes, file: str, *, model_id: str, version: str, task: str, labels: list[str], runtime: Runtime
+) -> ModelEntry:
+    """The complete manifest entry for a model file's ``content``; ``labels`` (if any) replace the metadata's."""
+    try:
+        minimal = ModelEntry(
+            id=model_id, version=version, task=task, file=file, sha256=hashlib.sha256(content).hexdigest(), labels=labels
+        )
+    except ValidationError as exc:
+        raise ModelError(f"invalid entry: {exc}") from None
+    try:
+        description = describe_model(runtime, content)
+    except ModelError as exc:
+        raise ModelError(f"{file}: {exc}") from None
+    return complete_entry(minimal, description)
+
+
+def add_model_file(
+    models_dir: Path,
+    source: Path,
+    *,
+    model_id: str,
+    version: str,
+    task: str,
+    labels: list[str],
+    runtime: Runtime,
+) -> ModelEntry:
+    """Copy ``source`` into ``models_dir`` as ``<id>-<version>.tflite`` and add (or replace) its manifest entry.
+
+    A new version gets a new file name, so the version being served stays intact until the manifest names
+    the new one. Returns the entry written.
+    """
+    try:
+        content = source.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read {source}: {exc.strerror}") from None
+    file = f"{model_id}-{version}{source.suffix or '.tflite'}"
+    entry = entry_for_file(content, file, model_id=model_id, version=version, task=task, labels=labels, runtime=runtime)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = models_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        load_manifest(models_dir)  # an invalid manifest is reported, not overwritten
+        raw: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+    else:
+        raw = {"models": []}
+    raw["models"] = [model for model in raw["models"] if model.get("id") != model_id]
+    raw["models"].append(entry.model_dump(mode="json", exclude_defaults=True))
+    try:
+        Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelError(f"the new manifest would be invalid: {exc}") from None
+    _write_atomically(models_dir / file, content)
+    _write_atomically(manifest_path, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
+    return entry
+
+
+def read_labels(path: Path) -> list[str]:
+    """A label file: one label per line, blank lines ignored."""
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeError) as exc:
+        raise ModelError(f"cannot read labels from {path}: {exc}") from None
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    # The rename itself survives a power cut only once the folder is synced too.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,191 @@
+"""What a ``.tflite`` file says about itself beyond what the runtime reports: its operators and its TFLite Metadata.
+
+A small reader written by hand against two schemas: TFLite's ``schema.fbs`` (the ``Model`` table: operator
+codes, buffers, named metadata) and tflite-support's ``metadata_schema.fbs`` (``ModelMetadata``: names,
+descriptions, normalization, associated files). Only the fields read below are decoded, with the field
+numbers of those schemas. tflite-support, which generates the full reader, has no wheels for Python 3.12+.
+
+Associated files (a label file, say) are packed after the flatbuffer as a zip archive: :mod:`zipfile`
+finds its central directory at the end of the file.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+from dataclasses import dataclass, field
+
+import flatbuffers
+from flatbuffers import number_types
+from flatbuffers.table import Table
+
+from agent.errors import ModelError
+
+METADATA_NAME = "TFLITE_METADATA"
+METADATA_IDENTIFIER = b"M001"
+# schema.fbs BuiltinOperator: a graph holding resource variables keeps state between invocations.
+VAR_HANDLE = 142
+# metadata_schema.fbs AssociatedFileType and ProcessUnitOptions.
+TENSOR_AXIS_LABELS = 2
+NORMALIZATION_OPTIONS = 1
+
+
+@dataclass(frozen=True)
+class TensorMetadata:
+    """One input's or output's metadata: name, description, normalization and axis labels."""
+
+    name: str = ""
+    description: str = ""
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """The model's TFLite Metadata (first subgraph), with label files already read from the archive."""
+
+    name: str = ""
+    description: str = ""
+    version: str = ""
+    author: str = ""
+    license: str = ""
+    inputs: list[TensorMetadata] = field(default_factory=list)
+    outputs: list[TensorMetadata] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the file itself declares: its builtin operator codes and its metadata, if any."""
+
+    builtin_ops: frozenset[int]
+    metadata: ModelMetadata | None
+
+    @property
+    def has_resource_variables(self) -> bool:
+        """Whether the graph keeps state in resource variables between invocations."""
+        return VAR_HANDLE in self.builtin_ops
+
+
+class _Reader:
+    """Field access on one flatbuffer table; ``slot`` is the field's number in its schema."""
+
+    def __init__(self, buf: bytes | bytearray | memoryview, pos: int) -> None:
+        self.buf = buf
+        self.table = Table(buf, pos)
+
+    def _offset(self, slot: int) -> int:
+        return self.table.Offset(4 + 2 * slot)
+
+    def string(self, slot: int) -> str:
+        offset = self._offset(slot)
+        return self.table.String(offset + self.table.Pos).decode("utf-8", "replace") if offset else ""
+
+    def scalar(self, slot: int, flags: type, default: int = 0) -> int:
+        offset = self._offset(slot)
+        return self.table.Get(flags, offset + self.table.Pos) if offset else default
+
+    def tables(self, slot: int) -> list[_Reader]:
+        offset = self._offset(slot)
+        if not offset:
+            return []
+        start = self.table.Vector(offset)
+        return [_Reader(self.buf, self.table.Indirect(start + 4 * k)) for k in range(self.table.VectorLen(offset))]
+
+    def table_at(self, slot: int) -> _Reader | None:
+        offset = self._offset(slot)
+        return _Reader(self.buf, self.table.Indirect(offset + self.table.Pos)) if offset else None
+
+    def floats(self, slot: int) -> list[float]:
+        offset = self._offset(slot)
+        if not offset:
+            return []
+        start = self.table.Vector(offset)
+        flags = number_types.Float32Flags
+        return [float(self.table.Get(flags, start + 4 * k)) for k in range(self.table.VectorLen(offset))]
+
+    def bytes_vector(self, slot: int) -> bytes:
+        offset = self._offset(slot)
+        if not offset:
+            return b""
+        start = self.table.Vector(offset)
+        return bytes(self.buf[start:start + self.table.VectorLen(offset)])
+
+
+def _root(buf: bytes | bytearray | memoryview) -> _Reader:
+    return _Reader(buf, flatbuffers.encode.Get(number_types.UOffsetTFlags.packer_type, buf, 0))
+
+
+def read_file_facts(content: bytes) -> FileFacts:
+    """Read a model file's operators and metadata; :class:`ModelError` if it is not a TFLite flatbuffer."""
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise ModelError("not a TFLite model (no TFL3 identifier)")
+    try:
+        model = _root(content)
+        # OperatorCode: deprecated_builtin_code (0, byte) is the code below 127, builtin_code (3) above it.
+        ops = frozenset(
+            max(code.scalar(0, number_types.Int8Flags), code.scalar(3, number_types.Int32Flags))
+            for code in model.tables(1)
+        )
+        metadata = _model_metadata(content, model)
+    except (IndexError, ValueError, UnicodeError, struct.error) as exc:
+        raise ModelError(f"the model file's flatbuffer is damaged: {exc}") from None
+    return FileFacts(ops, metadata)
+
+
+def _model_metadata(content: bytes, model: _Reader) -> ModelMetadata | None:
+    buffers = model.tables(4)  # Model.buffers; Model.metadata (6) names one of them
+    for entry in model.tables(6):
+        if entry.string(0) != METADATA_NAME:
+            continue
+        index = entry.scalar(1, number_types.Uint32Flags)
+        if index >= len(buffers):
+            raise ModelError(f"{METADATA_NAME} names buffer {index}, the model has {len(buffers)}")
+        # Buffer: data (0) inline, or offset (1) and size (2) into the file for models over 2 GB.
+        data = buffers[index].bytes_vector(0)
+        if not data:
+            start = buffers[index].scalar(1, number_types.Uint64Flags)
+            data = content[start:start + buffers[index].scalar(2, number_types.Uint64Flags)]
+        if data[4:8] != METADATA_IDENTIFIER:
+            raise ModelError(f"{METADATA_NAME} is not a metadata flatbuffer (identifier {data[4:8]!r})")
+        return _parse_metadata(_root(data), _associated_files(content))
+    return None
+
+
+def _associated_files(content: bytes) -> dict[str, bytes]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as archive:
+            return {name: archive.read(name) for name in archive.namelist()}
+    except zipfile.BadZipFile:  # no files packed with the model
+        return {}
+
+
+def _parse_metadata(root: _Reader, files: dict[str, bytes]) -> ModelMetadata:
+    subgraphs = root.tables(3)
+    first = subgraphs[0] if subgraphs else None
+    return ModelMetadata(
+        name=root.string(0),
+        description=root.string(1),
+        version=root.string(2),
+        author=root.string(4),
+        license=root.string(5),
+        inputs=[_tensor_metadata(tensor, files) for tensor in first.tables(2)] if first else [],
+        outputs=[_tensor_metadata(tensor, files) for tensor in first.tables(3)] if first else [],
+    )
+
+
+def _tensor_metadata(tensor: _Reader, files: dict[str, bytes]) -> TensorMetadata:
+    mean = std = None
+    for unit in tensor.tables(4):  # ProcessUnit: options_type (0), options (1)
+        options = unit.table_at(1)
+        if unit.scalar(0, number_types.Uint8Flags) == NORMALIZATION_OPTIONS and options is not None:
+            mean, std = options.floats(0), options.floats(1)
+    labels: list[str] = []
+    for associated in tensor.tables(6):  # AssociatedFile: name (0), description (1), type (2), locale (3)
+        name = associated.string(0)
+        if associated.scalar(2, number_types.Int8Flags) == TENSOR_AXIS_LABELS and not labels:
+            if name not in files:
+                raise ModelError(f"label file {name!r} is named in the metadata but not packed in the model")
+            labels = [line.strip() for line in files[name].decode("utf-8").splitlines() if line.strip()]
+    return TensorMetadata(tensor.string(0), tensor.string(1), mean, std, labels)
