@@ -7,6 +7,7 @@ whose memory is measured as each is created (:mod:`agent.observe.memory`).
 from __future__ import annotations
 
 import binascii
+import math
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -256,10 +257,13 @@ def _decode_b64_tensor(name: str, value: dict[str, Any]) -> np.ndarray:
         raw = pybase64.b64decode(value.get("b64", ""), validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise InvalidParams(f"input {name!r}: b64 is not valid base64") from None
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact: numpy's int64 product overflows on huge dimensions
     if len(raw) != expected:
         raise InvalidParams(f"input {name!r}: {len(raw)} bytes do not make shape {shape} of {dtype.name} ({expected} bytes)")
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except ValueError:  # an empty tensor with a dimension beyond numpy's index range, or too many dimensions
+        raise InvalidParams(f"input {name!r}: shape {shape} is not a shape numpy can hold") from None
     if dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidParams(f"input {name!r}: b64 tensor holds NaN or infinite values")
     return array

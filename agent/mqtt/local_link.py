@@ -236,7 +236,11 @@ class LocalLink:
         generation = self._acks.generation
         if message.qos > 0:
             self._acks.received(message.mid)
-        client_id = topics.client_id_from_request_topic(message.topic, self.device_id)
+        try:
+            topic: str | None = message.topic
+        except UnicodeDecodeError:  # paho hands on a topic that is not UTF-8 and raises when it is read
+            topic = None
+        client_id = topics.client_id_from_request_topic(topic, self.device_id) if topic is not None else None
         if client_id is None:
             self._count("ignored_topic")
             self._finish(message.mid, message.qos, generation)

@@ -106,7 +106,7 @@ class CloudFallback:
         """Handle an answer on ``mcp/cloud/res/{device_id}`` (uplink thread: must not block)."""
         try:
             reply = json.loads(message.payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # json raises RecursionError on deep nesting, not ValueError
             self._count("fallback_bad_answer")
             return
         msg_id = message.user_properties.get("msg-id") or (reply.get("msg_id") if isinstance(reply, dict) else None)

@@ -1,0 +1,71 @@
+"""Regression tests for what the fuzzers (tests/fuzz/) found; each input is also in tests/fuzz/corpus/."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.config import LocalBroker, load_settings
+from agent.errors import ConfigError, InvalidParams, ModelError
+from agent.models.catalog import load_manifest
+from agent.models.inference import TensorInfo, prepare_input
+from agent.mqtt.local_link import LocalLink
+from agent.serving.fallback import CloudFallback
+from agent.upstream.uplink import CloudMessage
+
+
+def test_a_request_topic_that_is_not_utf8_is_acknowledged_and_ignored() -> None:
+    # paho hands such a topic on undecoded and raises when message.topic is read: that used to escape
+    # on_message (paho's network thread) and leave the message's PUBACK blocking every later one.
+    counts: Counter[str] = Counter()
+    link = LocalLink(LocalBroker(), "dev1", receive_maximum=16, on_connected=lambda: None, count=lambda name: counts.update([name]))
+    acks: list[int] = []
+    link.client.ack = lambda mid, qos: acks.append(mid)  # type: ignore[method-assign,assignment]
+    message = mqtt.MQTTMessage(mid=7, topic=b"mcp/req/dev1/\xc3\x28")
+    message.qos = 1
+    link._on_message(link.client, None, message)
+    assert acks == [7]
+    assert counts["ignored_topic"] == 1
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="agent.toml"):
+        load_settings(config)
+
+
+def test_a_profile_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "board.toml").write_bytes(b"\xff")
+    config = tmp_path / "agent.toml"
+    config.write_text('profile = "./board.toml"\n')
+    with pytest.raises(ConfigError, match="board"):
+        load_settings(config)
+
+
+def test_a_deeply_nested_manifest_is_a_model_error(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_bytes(b"[" * 100_000)
+    with pytest.raises(ModelError, match="invalid manifest"):
+        load_manifest(tmp_path)
+
+
+def test_a_deeply_nested_cloud_answer_is_counted_as_bad() -> None:
+    counts: Counter[str] = Counter()
+    fallback = CloudFallback(["big"], enqueue=lambda body, ttl: "m", relay=lambda c, r: None, count=lambda name: counts.update([name]))
+    try:
+        fallback.on_cloud_message(CloudMessage(topic="mcp/cloud/res/dev1", payload=b"[" * 100_000, user_properties={}))
+    finally:
+        fallback.stop()
+    assert counts["fallback_bad_answer"] == 1
+
+
+@pytest.mark.parametrize("shape", [[2**70], [2**62, 4, 0], [0] * 70])
+def test_a_b64_tensor_shape_numpy_cannot_hold_is_invalid_params(shape: list[int]) -> None:
+    info = TensorInfo("x", 0, (1,), np.dtype("int8"), scale=0.0, zero_point=0)
+    with pytest.raises(InvalidParams, match="'x'"):
+        prepare_input(info, json.loads(json.dumps({"b64": "", "dtype": "int8", "shape": shape})), raw=False, max_elements=10)
