@@ -16,6 +16,7 @@ from agent.models.catalog import load_manifest
 from agent.models.inference import TensorInfo, prepare_input
 from agent.mqtt.local_link import LocalLink
 from agent.serving.fallback import CloudFallback
+from agent.serving.protocol import nesting_depth
 from agent.upstream.uplink import CloudMessage
 
 
@@ -69,3 +70,15 @@ def test_a_b64_tensor_shape_numpy_cannot_hold_is_invalid_params(shape: list[int]
     info = TensorInfo("x", 0, (1,), np.dtype("int8"), scale=0.0, zero_point=0)
     with pytest.raises(InvalidParams, match="'x'"):
         prepare_input(info, json.loads(json.dumps({"b64": "", "dtype": "int8", "shape": shape})), raw=False, max_elements=10)
+
+
+def test_a_b64_tensor_dtype_that_is_not_a_string_is_invalid_params() -> None:
+    info = TensorInfo("x", 0, (1,), np.dtype("float32"), scale=0.0, zero_point=0)
+    with pytest.raises(InvalidParams, match="dtype must be one of"):
+        prepare_input(info, {"b64": "AAAAAA==", "dtype": [1]}, raw=False, max_elements=10)
+
+
+@pytest.mark.parametrize("closing", [1, 64, 65, 1000])
+def test_nesting_depth_of_a_text_that_only_closes_is_zero_however_long(closing: int) -> None:
+    # Past 64 brackets the count runs in numpy; it used to report a negative depth where the loop says 0.
+    assert nesting_depth(b"]" * closing) == 0

@@ -247,7 +247,8 @@ def _decode_b64_tensor(name: str, value: dict[str, Any]) -> np.ndarray:
     unknown = set(value) - {"b64", "dtype", "shape"}
     if unknown:
         raise InvalidParams(f"input {name!r}: unknown field(s) {sorted(unknown)} in a b64 tensor")
-    dtype = _B64_DTYPES.get(value.get("dtype"))  # type: ignore[arg-type]
+    dtype_name = value.get("dtype")
+    dtype = _B64_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None  # a list is unhashable
     if dtype is None:
         raise InvalidParams(f"input {name!r}: dtype must be one of {sorted(_B64_DTYPES)}")
     shape = value.get("shape")
