@@ -146,51 +146,46 @@ def target_tools_call(data_bytes: bytes) -> None:
 # ---- from the cloud: fallback answers and PUBACK reason codes ----------------------------------------
 
 
+class _FallbackRig:
+    """One CloudFallback (it owns an expiry thread) reused across inputs; it forwards with the msg-ids queued
+    in ``msg_ids`` and relays into ``relayed``."""
+
+    def __init__(self) -> None:
+        self.msg_ids: list[str] = []
+        self.relayed: list[dict[str, Any]] = []
+        self.fallback = CloudFallback(
+            ["big"], enqueue=lambda body, ttl_s: self.msg_ids.pop(0), relay=lambda _, reply: self.relayed.append(reply),
+            count=lambda _: None, rate_per_s=1e9, burst=10**9,
+        )  # fmt: skip
+
+    def forward(self, msg_id: str) -> None:
+        self.msg_ids.append(msg_id)
+        request = Request(jsonrpc="2.0", method="infer", params={"model": "big", "inputs": {}}, id=msg_id)
+        # An hour: no deadline expires (and relays a timeout from the expiry thread) during a run.
+        self.fallback.forward("c", request, InferParams(model="big", inputs={}, timeout_ms=3_600_000), context=None)
+
+
+@cache
+def _fallback_rig() -> _FallbackRig:
+    return _FallbackRig()
+
+
 def target_cloud_answer(data_bytes: bytes) -> None:
-    """An answer on mcp/cloud/res/{device}: never raises; a relayed answer is encodable; pending stays bounded."""
+    """An answer on mcp/cloud/res/{device}: never raises; a relayed answer is encodable; at most one relayed."""
     data = FuzzedInput(data_bytes)
-    relayed: list[dict[str, Any]] = []
-    fallback = _fallback(relayed)
+    rig = _fallback_rig()
+    rig.relayed.clear()
     pending_ids = ["m-1", "m-2"]
     for msg_id in pending_ids:
-        request = Request(jsonrpc="2.0", method="infer", params={"model": "big", "inputs": {}}, id=msg_id)
-        _forward(fallback, request, msg_id)
+        rig.forward(msg_id)  # a repeat replaces the pending entry of the same id
     user_properties = {data.text(32): data.text(256) for _ in range(data.byte() % 4)}
     if data.flag():
         user_properties["msg-id"] = data.pick([*pending_ids, data.text(64)])
     payload = data.rest()
-    fallback.on_cloud_message(CloudMessage(topic="mcp/cloud/res/dev1", payload=payload, user_properties=user_properties))
-    for reply in relayed:
+    rig.fallback.on_cloud_message(CloudMessage(topic="mcp/cloud/res/dev1", payload=payload, user_properties=user_properties))
+    for reply in rig.relayed:
         encode_reply(reply, None, client_id="c", request_sha256="0" * 64)
-    assert len(relayed) <= 1
-
-
-_FALLBACKS: list[CloudFallback] = []
-
-
-def _fallback(relayed: list[dict[str, Any]]) -> CloudFallback:
-    """One CloudFallback (it owns an expiry thread) reused across inputs, relaying into ``relayed``."""
-    if not _FALLBACKS:
-        _FALLBACKS.append(
-            CloudFallback(["big"], enqueue=lambda body, ttl: _next_msg_id(), relay=lambda c, r: _RELAYED[-1].append(r),
-                          count=lambda _: None, rate_per_s=1e9, burst=10**9)  # fmt: skip
-        )
-    _RELAYED.clear()
-    _RELAYED.append(relayed)
-    return _FALLBACKS[0]
-
-
-_RELAYED: list[list[dict[str, Any]]] = []
-_MSG_IDS: list[str] = []
-
-
-def _next_msg_id() -> str:
-    return _MSG_IDS.pop(0)
-
-
-def _forward(fallback: CloudFallback, request: Request, msg_id: str) -> None:
-    _MSG_IDS.append(msg_id)
-    fallback.forward("c", request, InferParams(model="big", inputs={}), context=None)
+    assert len(rig.relayed) <= 1
 
 
 @cache
@@ -215,6 +210,7 @@ def target_puback(data_bytes: bytes) -> None:
         outbox.release_claims([record.id])
         _settle_one(outbox)
         return
+    # The uplink's own bookkeeping, as _publish_handed_over leaves it for a publish awaiting its PUBACK.
     uplink._inflight[puback.mid] = Publication("mcp/up/dev1/telemetry", b"", Properties(PacketTypes.PUBLISH), (record.id,), False)
     uplink._on_publish(uplink._client, None, puback.mid, puback.reason, puback.properties)
     uplink._record_acks()
