@@ -40,6 +40,11 @@ class FuzzedInput:
     def pick(self, choices: list[T] | tuple[T, ...]) -> T:
         return choices[self.byte() % len(choices)]
 
+    def pick_text(self, choices: list[str] | tuple[str, ...], limit: int = 65_535) -> str:
+        """One of ``choices``, or (one choice in ``len(choices) + 1``) a fuzzed string read only then."""
+        index = self.byte() % (len(choices) + 1)
+        return choices[index] if index < len(choices) else self.text(limit)
+
     def chunk(self, limit: int = 65_535) -> bytes:
         """Bytes preceded by a 2-byte length (capped at ``limit`` and at what is left)."""
         size = min(self.uint(2), limit, self.remaining())

@@ -146,8 +146,8 @@ def _properties(data: FuzzedInput) -> Properties | None:
         return None
     props = Properties(PacketTypes.PUBLISH)
     if present & 1:
-        props.ResponseTopic = data.pick(
-            [f"mcp/res/{DEVICE}/alice", f"mcp/res/{DEVICE}/alice/x", f"mcp/res/{DEVICE}/bob", data.text(512)]
+        props.ResponseTopic = data.pick_text(
+            [f"mcp/res/{DEVICE}/alice", f"mcp/res/{DEVICE}/alice/x", f"mcp/res/{DEVICE}/bob", "mcp/res/#"], 512
         )
     if present & 2:
         props.CorrelationData = data.chunk(512)
@@ -201,33 +201,9 @@ def target_intake(data_bytes: bytes) -> None:
         link.stop_accepting()
     else:
         link._accepting.set()
-    deferred_workers = rig.state in ("busy", "overloaded")
-    if not deferred_workers:
-        dispatcher.start()
-    expected: dict[int, frozenset[int]] = {}
-    mid = 1
-    if deferred_workers:
-        link._on_message(link.client, None, _message(mid, f"mcp/req/{DEVICE}/blocker".encode(), _BLOCKER, 1, False, None))
-        expected[mid] = _ONCE
-        mid += 1
-    count = 1 + data.byte() % MAX_MESSAGES
-    for _ in range(count):
-        client = data.pick(_CLIENTS)
-        topic = _topic(data, client)
-        qos = data.byte() % 2  # the subscription is QoS 1: the broker never delivers QoS 2 to it
-        retain = data.flag()
-        props = _properties(data)
-        payload = _payload(data)
-        # paho delivers QoS 0 with mid 0
-        message_mid = mid if qos else 0
-        link._on_message(link.client, None, _message(message_mid, topic, payload, qos, retain, props))
-        if qos == 1:
-            expected[message_mid] = _expected_acks(rig.state, topic)
-        mid += 1
-    if deferred_workers:
-        dispatcher.start()
-    _settle(rig, dispatcher)
     try:
+        expected = _deliver(rig, dispatcher, data)
+        _settle(rig, dispatcher)
         acked = {m: rig.observed.acks.count(m) for m in set(rig.observed.acks) | set(expected)}
         wrong = {m: (acked.get(m, 0), set(want)) for m, want in expected.items() if acked.get(m, 0) not in want}
         unexpected = {m: n for m, n in acked.items() if m not in expected and n}
@@ -239,9 +215,39 @@ def target_intake(data_bytes: bytes) -> None:
         assert admission._rates.tracked_clients <= admission._rates.max_clients
         assert admission._answered_refusals.tracked_clients <= admission._answered_refusals.max_clients
     finally:
+        dispatcher.stop()
         # A reconnect, as paho reports it: pending acknowledgements of this "connection" are forgotten.
         link._on_disconnect(link.client, None, None, ReasonCode(PacketTypes.DISCONNECT), None)
         link.client.drop_out_messages()
+
+
+def _deliver(rig: IntakeRig, dispatcher: Dispatcher, data: FuzzedInput) -> dict[int, frozenset[int]]:
+    """Hand the fuzzed PUBLISHes to the link; returns how often each QoS 1 message may be acknowledged."""
+    link = rig.agent.link
+    deferred_workers = rig.state in ("busy", "overloaded")
+    if not deferred_workers:
+        dispatcher.start()
+    expected: dict[int, frozenset[int]] = {}
+    mid = 1
+    if deferred_workers:
+        link._on_message(link.client, None, _message(mid, f"mcp/req/{DEVICE}/blocker".encode(), _BLOCKER, 1, False, None))
+        expected[mid] = _ONCE
+        mid += 1
+    for _ in range(1 + data.byte() % MAX_MESSAGES):
+        client = data.pick(_CLIENTS)
+        topic = _topic(data, client)
+        qos = data.byte() % 2  # the subscription is QoS 1: the broker never delivers QoS 2 to it
+        retain = data.flag()
+        props = _properties(data)
+        payload = _payload(data)
+        if qos == 1:
+            expected[mid] = _expected_acks(rig.state, topic)
+        # paho delivers QoS 0 with mid 0
+        link._on_message(link.client, None, _message(mid if qos else 0, topic, payload, qos, retain, props))
+        mid += 1
+    if deferred_workers:
+        dispatcher.start()
+    return expected
 
 
 _ONCE = frozenset({1})
@@ -272,15 +278,12 @@ def _settle(rig: IntakeRig, dispatcher: Dispatcher) -> None:
     """Wait for the dispatcher to finish, playing the broker: every reply publish gets its PUBACK."""
     link = rig.agent.link
     deadline = time.monotonic() + DRAIN_S
-    try:
-        while True:
-            dispatcher.drain(min(deadline, time.monotonic() + 0.01))
-            while rig.observed.published:
-                link._on_publish(link.client, None, rig.observed.published.pop(0), ReasonCode(PacketTypes.PUBACK), None)
-            if dispatcher.queue_depth() == 0 and link.pending_acknowledgements() == 0 or rig.state == "stopping":
-                dispatcher.drain(deadline)
-                if not rig.observed.published:
-                    break
-            assert time.monotonic() < deadline, "hang: requests still in flight after the drain deadline"
-    finally:
-        dispatcher.stop()
+    while True:
+        dispatcher.drain(min(deadline, time.monotonic() + 0.01))
+        while rig.observed.published:
+            link._on_publish(link.client, None, rig.observed.published.pop(0), ReasonCode(PacketTypes.PUBACK), None)
+        if dispatcher.queue_depth() == 0 and link.pending_acknowledgements() == 0 or rig.state == "stopping":
+            dispatcher.drain(deadline)
+            if not rig.observed.published:
+                break
+        assert time.monotonic() < deadline, "hang: requests still in flight after the drain deadline"

@@ -25,19 +25,53 @@ _HOSTILE_JSON = [
 ]  # fmt: skip
 
 
+def _message(
+    *,
+    client: int = 0,
+    topic: int | bytes = 0,
+    qos: int = 1,
+    response_topic: int | str | None = None,
+    correlation_data: bytes | None = None,
+    user_properties: list[tuple[str, str]] | None = None,
+    expiry: int | None = None,
+    payload: int | bytes = 0,
+) -> list[object]:
+    """One PUBLISH in the intake target's encoding (see tests/fuzz/intake.py, ``target_intake``)."""
+    values: list[object] = [client, *([7, topic] if isinstance(topic, bytes) else [topic]), qos, 0]
+    flags = 0x80 * any(x is not None for x in (response_topic, correlation_data, user_properties, expiry))
+    flags |= (response_topic is not None) | (correlation_data is not None) << 1
+    flags |= (user_properties is not None) << 2 | (expiry is not None) << 3
+    values.append(flags)
+    if response_topic is not None:
+        values += [response_topic] if isinstance(response_topic, int) else [4, response_topic]
+    if correlation_data is not None:
+        values.append(correlation_data)
+    if user_properties is not None:
+        values += [len(user_properties), *[part for pair in user_properties for part in pair]]
+    if expiry is not None:
+        values.append(expiry)
+    values += [0, payload] if isinstance(payload, int) else [1, payload]
+    return values
+
+
 def _intake() -> list[bytes]:
-    seeds = []
-    for state in range(len(STATES)):
-        # message: client, topic kind, qos, retain, properties flags..., payload kind, payload
-        seeds.append(encode(state, 2, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 2))
-        seeds.append(encode(state, 1, 1, 0, 1, 0, 0x81, 3, "mcp/res/#", 1, _INFER))
-        seeds.append(encode(state, 1, 2, 0, 1, 0, 0x83, 2, 0, Raw(b"\xff\xff"), b"\xff" * 300, 1, _PING))
-        seeds.append(encode(state, 1, 3, 7, b"mcp/req/dev1/\xc3\x28", 1, 0, 0, 1, _PING))
-        seeds.append(encode(state, 1, 0, 0, 1, 0, 0x84, 7, *[x for _ in range(7) for x in ("k" * 60, "v" * 4000)], 1, _PING))
-        seeds.append(encode(state, 1, 4, 0, 1, 0, 0x88, 0, 1, _DEEP[:4000]))
-        seeds.append(encode(state, 1, 5, 0, 1, 0, 0x81, 1, 1, b"x" * 5000))
-        seeds.append(encode(state, 3, 0, 0, 1, 0, 0x81, 2, 1, _PING, 1, 0, 1, 0, 0, 1, _PING, 2, 5, 1, 0, 0, 0, 0))
-    return seeds
+    messages = [
+        [_message(payload=0), _message(qos=0, payload=2), _message(client=1, payload=3)],
+        [_message(response_topic="mcp/res/#", payload=_INFER)],
+        [_message(response_topic=2, correlation_data=b"c" * 300, payload=_PING)],
+        [_message(response_topic="mcp/res/dev1/alice/\x00", payload=_PING), _message(response_topic=1, payload=4)],
+        [_message(topic=b"mcp/req/dev1/\xc3\x28", payload=_PING), _message(payload=0)],
+        [_message(topic=b"", payload=_PING), _message(topic=b"mcp/req/dev1/a/b", payload=1)],
+        [_message(user_properties=[("k" * 60, "v" * 4000)] * 7, payload=_PING)],
+        [_message(payload=_DEEP[:4000]), _message(payload=b"x" * 5000), _message(payload=b"\xff\xfe")],
+        [_message(expiry=0, payload=2), _message(expiry=3, payload=0)],
+        [_message(client=c % 6, payload=c % 5) for c in range(12)],
+    ]
+    return [
+        encode(state, len(batch) - 1, *[value for message in batch for value in message])
+        for state in range(len(STATES))
+        for batch in messages
+    ]
 
 
 def _protocol() -> list[bytes]:
@@ -64,7 +98,9 @@ def _tools_call() -> list[bytes]:
         {"features": [[0] * 8], "raw": "yes"}, {"readings": {"b64": "AAAA", "dtype": "int8", "shape": [1, 4]}}, {},
         {"name": 5}, {"name": "x", "arguments": []}, {"name": "vibration-anomaly", "arguments": {"prefer": "cloud"}},
     ]  # fmt: skip
-    return [encode(choice, Raw(json.dumps(args).encode())) for choice in range(3) for args in arguments]
+    return [encode(choice, Raw(json.dumps(args).encode())) for choice in range(3) for args in arguments] + [
+        encode(3, "face-detector\x00", Raw(b"{}"))
+    ]
 
 
 def _cloud_answer() -> list[bytes]:
@@ -72,9 +108,11 @@ def _cloud_answer() -> list[bytes]:
         {"jsonrpc": "2.0", "id": 1, "result": {"top": []}}, {"error": {"code": 1, "message": "x"}, "msg_id": "m-2"},
         {"result": 5, "msg_id": "m-1"}, {"msg_id": ["m-1"]}, [1, 2],
     ]  # fmt: skip
+    # user properties (count, pairs), whether msg-id is set (then which: 0, 1 pending; 2 a string), payload
     seeds = [encode(0, 1, 0, Raw(json.dumps(answer).encode())) for answer in answers]
     seeds += [encode(0, 0, Raw(b"[" * 100_000)), encode(0, 1, 0, Raw(b'{"result":{"x":NaN},"msg_id":"m-1"}'))]
     seeds += [encode(0, 1, 1, Raw(b'{"error":{"code":1e999,"message":"\\udc00"}}'))]
+    seeds += [encode(0, 1, 0, Raw(b'{"result":{"x":' + b"9" * 5000 + b"}}"))]
     seeds += [encode(2, "k", "v" * 256, "k2", "v", 1, 2, "x", Raw(b"\xff"))]
     return seeds
 
