@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from agent.models.inference import TensorInfo, prepare_input
 from agent.mqtt.local_link import LocalLink
 from agent.serving.fallback import CloudFallback
 from agent.serving.protocol import nesting_depth
+from agent.upstream.outbox import Outbox
 from agent.upstream.uplink import CloudMessage
 
 
@@ -82,3 +84,29 @@ def test_a_b64_tensor_dtype_that_is_not_a_string_is_invalid_params() -> None:
 def test_nesting_depth_of_a_text_that_only_closes_is_zero_however_long(closing: int) -> None:
     # Past 64 brackets the count runs in numpy; it used to report a negative depth where the loop says 0.
     assert nesting_depth(b"]" * closing) == 0
+
+
+def _outbox_with_audit_rows_of_size(path: Path, *sizes: int) -> None:
+    """An outbox file holding audit rows (dropped last under pressure) whose size column says ``sizes``."""
+    Outbox(path).close()
+    with sqlite3.connect(path) as db:
+        for size in sizes:
+            db.execute(
+                "INSERT INTO outbox (msg_id, cls, body, size, enqueued_wall, enqueued_clock, state) "
+                "VALUES ('m', 'audit', x'7b7d', ?, 0, 0, 'queued')",
+                (size,),
+            )
+    db.close()
+
+
+@pytest.mark.xfail(strict=True, reason="open finding: accounting trusts the stored size column, not the body")
+def test_a_row_whose_stored_size_is_bogus_does_not_fill_the_outbox(tmp_path: Path) -> None:
+    _outbox_with_audit_rows_of_size(tmp_path / "outbox.db", 2**62)
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        outbox.enqueue("telemetry", b"{}")
+
+
+@pytest.mark.xfail(strict=True, reason="open finding: SUM(size) overflows in SQLite and the outbox refuses to open")
+def test_rows_whose_stored_sizes_overflow_their_sum_still_open(tmp_path: Path) -> None:
+    _outbox_with_audit_rows_of_size(tmp_path / "outbox.db", 2**63 - 1, 2**63 - 1)
+    Outbox(tmp_path / "outbox.db").close()
