@@ -149,45 +149,43 @@ def target_tools_call(data_bytes: bytes) -> None:
 
 
 class _FallbackRig:
-    """One CloudFallback (it owns an expiry thread) reused across inputs; it forwards with the msg-ids queued
-    in ``msg_ids`` and relays into ``relayed``."""
+    """A CloudFallback that forwards with the msg-ids queued in ``msg_ids`` and relays into ``relayed``."""
 
     def __init__(self) -> None:
         self.msg_ids: list[str] = []
         self.relayed: list[dict[str, Any]] = []
         self.fallback = CloudFallback(
             ["big"], enqueue=lambda body, ttl_s: self.msg_ids.pop(0), relay=lambda _, reply: self.relayed.append(reply),
-            count=lambda _: None, rate_per_s=1e9, burst=10**9,
+            count=lambda _: None,
         )  # fmt: skip
 
     def forward(self, msg_id: str) -> None:
         self.msg_ids.append(msg_id)
         request = Request(jsonrpc="2.0", method="infer", params={"model": "big", "inputs": {}}, id=msg_id)
-        # An hour: no deadline expires (and relays a timeout from the expiry thread) during a run.
+        # An hour: no deadline expires (and relays a timeout from the expiry thread) during one input.
         self.fallback.forward("c", request, InferParams(model="big", inputs={}, timeout_ms=3_600_000), context=None)
-
-
-@cache
-def _fallback_rig() -> _FallbackRig:
-    return _FallbackRig()
 
 
 def target_cloud_answer(data_bytes: bytes) -> None:
     """An answer on mcp/cloud/res/{device}: never raises; a relayed answer is encodable; at most one relayed."""
     data = FuzzedInput(data_bytes)
-    rig = _fallback_rig()
-    rig.relayed.clear()
-    pending_ids = ["m-1", "m-2"]
-    for msg_id in pending_ids:
-        rig.forward(msg_id)  # a repeat replaces the pending entry of the same id
-    user_properties = {data.text(32): data.text(256) for _ in range(data.byte() % 4)}
-    if data.flag():
-        user_properties["msg-id"] = data.pick_text(pending_ids, 64)
-    payload = data.rest()
-    rig.fallback.on_cloud_message(CloudMessage(topic="mcp/cloud/res/dev1", payload=payload, user_properties=user_properties))
-    for reply in rig.relayed:
-        encode_reply(reply, None, client_id="c", request_sha256="0" * 64)
-    assert len(rig.relayed) <= 1
+    # A fresh fallback per input: a settled request's deadline stays in the heap until it falls due, so one
+    # fallback kept across millions of inputs would grow by two entries each.
+    rig = _FallbackRig()
+    try:
+        pending_ids = ["m-1", "m-2"]
+        for msg_id in pending_ids:
+            rig.forward(msg_id)
+        user_properties = {data.text(32): data.text(256) for _ in range(data.byte() % 4)}
+        if data.flag():
+            user_properties["msg-id"] = data.pick_text(pending_ids, 64)
+        message = CloudMessage(topic="mcp/cloud/res/dev1", payload=data.rest(), user_properties=user_properties)
+        rig.fallback.on_cloud_message(message)
+        for reply in rig.relayed:
+            encode_reply(reply, None, client_id="c", request_sha256="0" * 64)
+        assert len(rig.relayed) <= 1
+    finally:
+        rig.fallback.stop()
 
 
 @cache
