@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -110,3 +111,23 @@ def test_a_row_whose_stored_size_is_bogus_does_not_fill_the_outbox(tmp_path: Pat
 def test_rows_whose_stored_sizes_overflow_their_sum_still_open(tmp_path: Path) -> None:
     _outbox_with_audit_rows_of_size(tmp_path / "outbox.db", 2**63 - 1, 2**63 - 1)
     Outbox(tmp_path / "outbox.db").close()
+
+
+def test_a_dead_row_whose_retry_time_is_text_does_not_stop_the_outbox_writer(tmp_path: Path) -> None:
+    # SQLite keeps whatever type was written; the writer computed its idle wait from this value outside its
+    # error handling, died, and left every later caller waiting on its future forever.
+    path = tmp_path / "outbox.db"
+    Outbox(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO outbox (msg_id, cls, body, size, enqueued_wall, enqueued_clock, state, retry_clock) "
+            "VALUES ('m', 'audit', x'7b7d', 2, 0, 0, 'dead', 'queued')"
+        )
+    db.close()
+    outcome: list[object] = []
+    with Outbox(path) as outbox:
+        # A daemon thread and a generous join: a regression hangs, and must not hang the suite with it.
+        caller = threading.Thread(target=lambda: outcome.append(outbox.stats()), daemon=True)
+        caller.start()
+        caller.join(60)
+        assert outcome, "the outbox writer stopped answering"
