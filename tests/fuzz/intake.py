@@ -11,7 +11,6 @@ nothing stays pending in the link or the dispatcher; per-client rate state stays
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -179,7 +178,6 @@ RIGS: dict[str, IntakeRig] = {}
 
 def _rigs() -> dict[str, IntakeRig]:
     if not RIGS:
-        logging.disable(logging.CRITICAL)  # refusals and bad topics log by design; millions of lines help nobody
         root = Path(tempfile.mkdtemp(prefix="fuzz-intake-"))
         models_dir = copy_bundled_models(root / "models")
         for state in STATES:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import atheris
@@ -17,6 +18,7 @@ with atheris.instrument_imports(include=["agent"]):
 
 
 def main() -> None:
+    logging.disable(logging.CRITICAL)  # refusals log by design; a fuzzer's millions of lines help nobody
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
         sys.exit(f"usage: python -m tests.fuzz.run TARGET [libFuzzer flags] [corpus dirs]; targets: {', '.join(TARGETS)}")
     target = TARGETS[sys.argv[1]]

@@ -9,7 +9,6 @@ is a finding. Heavy fixtures (model folders, outboxes) are built once per proces
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 import tempfile
 from collections.abc import Callable
@@ -47,8 +46,6 @@ from agent.upstream.uplink import CloudMessage, Uplink
 from agent.upstream.uplink_batch import Publication
 from tests.fuzz.fuzzed import FuzzedInput
 from tests.fuzz.intake import target_intake
-
-logging.disable(logging.CRITICAL)  # refusals log by design; a fuzzer's millions of lines help nobody
 
 
 @cache
