@@ -41,4 +41,19 @@ install: system-deps
 	provisioning/install.sh
 
 clean:
-	rm -rf $(VENV) .venv-compat *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-compat .fuzz *.egg-info .pytest_cache .hypothesis
+
+# Coverage-guided fuzzing (tests/fuzz/): every target for FUZZ_SECONDS each. New inputs go to .fuzz/corpus/,
+# crashes to .fuzz/findings/; a finding belongs in tests/fuzz/corpus/<target>/ with a regression test.
+FUZZ_SECONDS ?= 120
+.PHONY: fuzz
+fuzz: venv
+	$(PY) -c 'import atheris' 2>/dev/null || $(VENV)/bin/pip install -q atheris
+	@failed=""; for target in $$($(PY) -c 'from tests.fuzz.targets import TARGETS; print(*TARGETS)'); do \
+		mkdir -p .fuzz/corpus/$$target .fuzz/findings; \
+		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		$(PY) -m tests.fuzz.run $$target -max_total_time=$(FUZZ_SECONDS) -timeout=60 \
+			-artifact_prefix=.fuzz/findings/$$target- .fuzz/corpus/$$target tests/fuzz/corpus/$$target \
+			2>.fuzz/$$target.log || failed="$$failed $$target"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: findings in:$$failed (see .fuzz/findings/ and .fuzz/*.log)"; exit 1; fi

@@ -129,7 +129,7 @@ def load_profile(
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # tomllib decodes without catching
         raise ConfigError(f"{label}: {exc}") from None
     problems: list[str] = []
     meta = _validate_table(ProfileMeta, _META_TABLE, raw.get(_META_TABLE), label, problems)

@@ -141,7 +141,7 @@ class AgentUnderTest:
 
     def effective_config(self) -> dict[str, Any]:
         """The configuration this agent runs with: its environment loaded by the agent's own config loader."""
-        program = "from agent.config import load_settings; print(load_settings().model_dump_json())"
+        program = "from agent.config_loader import load_settings; print(load_settings().model_dump_json())"
         done = subprocess.run(
             [sys.executable, "-c", program], cwd=REPO_ROOT, env=self.env, capture_output=True, check=True
         )

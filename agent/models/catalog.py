@@ -208,7 +208,7 @@ def load_manifest(models_dir: Path) -> Manifest:
         manifest = Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise ModelError(f"{path}: no model manifest") from None
-    except (OSError, ValueError, ValidationError) as exc:
+    except (OSError, ValueError, RecursionError, ValidationError) as exc:  # RecursionError: deep nesting
         raise ModelError(f"{path}: invalid manifest: {exc}") from None
     seen: set[str] = set()
     for entry_id in [entry.id for entry in manifest.models] + [ensemble.id for ensemble in manifest.ensembles]:

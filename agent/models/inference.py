@@ -8,6 +8,7 @@ LiteRT) whose memory is measured as each is created (:mod:`agent.observe.memory`
 from __future__ import annotations
 
 import binascii
+import math
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -263,7 +264,8 @@ def _decode_b64_tensor(name: str, value: dict[str, Any]) -> np.ndarray:
     unknown = set(value) - {"b64", "dtype", "shape"}
     if unknown:
         raise InvalidParams(f"input {name!r}: unknown field(s) {sorted(unknown)} in a b64 tensor")
-    dtype = _B64_DTYPES.get(value.get("dtype"))  # type: ignore[arg-type]
+    dtype_name = value.get("dtype")
+    dtype = _B64_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None  # a list is unhashable
     if dtype is None:
         raise InvalidParams(f"input {name!r}: dtype must be one of {sorted(_B64_DTYPES)}")
     shape = value.get("shape")
@@ -273,10 +275,13 @@ def _decode_b64_tensor(name: str, value: dict[str, Any]) -> np.ndarray:
         raw = pybase64.b64decode(value.get("b64", ""), validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise InvalidParams(f"input {name!r}: b64 is not valid base64") from None
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact: numpy's int64 product overflows on huge dimensions
     if len(raw) != expected:
         raise InvalidParams(f"input {name!r}: {len(raw)} bytes do not make shape {shape} of {dtype.name} ({expected} bytes)")
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    try:
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except ValueError:  # an empty tensor with a dimension beyond numpy's index range, or too many dimensions
+        raise InvalidParams(f"input {name!r}: shape {shape} is not a shape numpy can hold") from None
     if dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidParams(f"input {name!r}: b64 tensor holds NaN or infinite values")
     return array

@@ -267,7 +267,11 @@ class LocalLink:
 
     def _inbound(self, message: mqtt.MQTTMessage, generation: int) -> InboundRequest | None:
         """The request ``message`` carries, or None when it is none of the sink's business (settled here)."""
-        client_id = topics.client_id_from_request_topic(message.topic, self.device_id)
+        try:
+            topic: str | None = message.topic
+        except UnicodeDecodeError:  # paho hands on a topic that is not UTF-8 and raises when it is read
+            topic = None
+        client_id = topics.client_id_from_request_topic(topic, self.device_id) if topic is not None else None
         if client_id is None:
             self._count("ignored_topic")
             self._finish(message.mid, message.qos, generation)

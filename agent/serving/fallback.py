@@ -190,7 +190,7 @@ class CloudFallback:
         try:
             check_shape(message.payload, max_depth=ANSWER_MAX_DEPTH, max_values=None)
             reply = json.loads(message.payload, parse_constant=_refuse_constant)
-        except (RequestError, ValueError):  # ValueError covers UnicodeDecodeError and over-long integers
+        except (RequestError, ValueError, RecursionError):  # ValueError covers bad UTF-8 and over-long integers
             self._count("fallback_bad_answer")
             return
         if not usable_answer(reply):

@@ -75,7 +75,8 @@ def _deepest_nesting(outside_strings: bytes) -> int:
             depth += 1 if byte in _OPENING else -1
             deepest = max(deepest, depth)
         return deepest
-    return int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max())
+    # At least 0, as the loop above: a text that only closes brackets is not nested below the top level.
+    return max(0, int(np.cumsum(_DEPTH_STEP[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int64).max()))
 
 
 def estimated_elements(payload: bytes) -> int:

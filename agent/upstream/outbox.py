@@ -329,7 +329,10 @@ class Outbox:
         due = self._ledger.next_retry if self._ledger is not None else None
         if due is None or self.read_only or self._failing:  # a failing disk is not retried in a tight loop
             return _MAINTENANCE_S
-        return min(_MAINTENANCE_S, max(0.01, due - self._clock.now()))
+        try:
+            return min(_MAINTENANCE_S, max(0.01, float(due) - self._clock.now()))
+        except (TypeError, ValueError):  # a retry time read back from a damaged row; raising here kills the writer
+            return _MAINTENANCE_S
 
     def _execute(self, batch: list[_Command]) -> None:
         writes = [c for c in batch if not c.read]

@@ -1,0 +1,170 @@
+"""Writes the hand-made seeds of tests/fuzz/corpus/ (``python -m tests.fuzz.seeds``); findings are added beside them.
+
+Seeds are realistic and hostile inputs in each target's :class:`~tests.fuzz.fuzzed.FuzzedInput` encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tests.fuzz.fuzzed import Raw, encode
+from tests.fuzz.intake import STATES
+
+CORPUS = Path(__file__).parent / "corpus"
+_PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+_INFER = (b'{"jsonrpc":"2.0","id":"a","method":"infer","params":{"model":"vibration-anomaly","inputs":{"features":'
+          b'[[0.2,0.62,3.1,3.0,0.5,0.35,0.15,41.0]]}}}')  # fmt: skip
+_DEEP = b"[" * 5000 + b"]" * 5000
+_HOSTILE_JSON = [
+    _PING, _INFER, _DEEP, b'{"jsonrpc":"2.0","id":' + _DEEP + b',"method":"ping"}', b"\xff\xfe{}",
+    b'{"jsonrpc":"2.0","id":1e400,"method":"ping"}', b'{"jsonrpc":"2.0","id":NaN,"method":"ping"}',
+    b'{"jsonrpc":"2.0","id":123456789012345678901234567890,"method":"ping"}', b'[{"jsonrpc":"2.0"}]',
+    b'{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}', b'{"id":1,"id":2,"jsonrpc":"2.0","method":"x"}', b"",
+]  # fmt: skip
+
+
+def _message(
+    *,
+    client: int = 0,
+    topic: int | bytes = 0,
+    qos: int = 1,
+    response_topic: int | str | None = None,
+    correlation_data: bytes | None = None,
+    user_properties: list[tuple[str, str]] | None = None,
+    expiry: int | None = None,
+    payload: int | bytes = 0,
+) -> list[object]:
+    """One PUBLISH in the intake target's encoding (see tests/fuzz/intake.py, ``target_intake``)."""
+    values: list[object] = [client, *([7, topic] if isinstance(topic, bytes) else [topic]), qos, 0]
+    flags = 0x80 * any(x is not None for x in (response_topic, correlation_data, user_properties, expiry))
+    flags |= (response_topic is not None) | (correlation_data is not None) << 1
+    flags |= (user_properties is not None) << 2 | (expiry is not None) << 3
+    values.append(flags)
+    if response_topic is not None:
+        values += [response_topic] if isinstance(response_topic, int) else [4, response_topic]
+    if correlation_data is not None:
+        values.append(correlation_data)
+    if user_properties is not None:
+        values += [len(user_properties), *[part for pair in user_properties for part in pair]]
+    if expiry is not None:
+        values.append(expiry)
+    values += [0, payload] if isinstance(payload, int) else [1, payload]
+    return values
+
+
+def _intake() -> list[bytes]:
+    messages = [
+        [_message(payload=0), _message(qos=0, payload=2), _message(client=1, payload=3)],
+        [_message(response_topic="mcp/res/#", payload=_INFER)],
+        [_message(response_topic=2, correlation_data=b"c" * 300, payload=_PING)],
+        [_message(response_topic="mcp/res/dev1/alice/\x00", payload=_PING), _message(response_topic=1, payload=4)],
+        [_message(topic=b"mcp/req/dev1/\xc3\x28", payload=_PING), _message(payload=0)],
+        [_message(topic=b"", payload=_PING), _message(topic=b"mcp/req/dev1/a/b", payload=1)],
+        [_message(user_properties=[("k" * 60, "v" * 4000)] * 7, payload=_PING)],
+        [_message(payload=_DEEP[:4000]), _message(payload=b"x" * 5000), _message(payload=b"\xff\xfe")],
+        [_message(expiry=0, payload=2), _message(expiry=3, payload=0)],
+        [_message(client=c % 6, payload=c % 5) for c in range(12)],
+    ]
+    return [
+        encode(state, len(batch) - 1, *[value for message in batch for value in message])
+        for state in range(len(STATES))
+        for batch in messages
+    ]
+
+
+def _protocol() -> list[bytes]:
+    return [encode(32, 4, Raw(payload)) for payload in _HOSTILE_JSON] + [encode(3, 1, Raw(_INFER))]
+
+
+def _tensor() -> list[bytes]:
+    values = [
+        [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]], [1, [2]], [[1e39]], {"b64": "AAAAAA==", "dtype": "float32",
+        "shape": [1]}, {"b64": "", "dtype": "float32", "shape": [0] * 40}, {"b64": "", "dtype": "int8",
+        "shape": [2**62, 4, 0]}, {"b64": "", "dtype": "int8", "shape": [2**70]}, {"b64": "AA==", "dtype": "nope",
+        "shape": [1]}, [True, False], ["a"], [[1, 2], [3]], [300, -300],
+    ]  # fmt: skip
+    seeds = []
+    for dtype in range(8):
+        for value in values:
+            seeds.append(encode(dtype, 1, 1, 1, 0, 0, 0, 2, Raw(json.dumps(value).encode())))
+    return seeds[:48]
+
+
+def _tools_call() -> list[bytes]:
+    arguments = [
+        {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]}, {"features": [[0] * 8], "top_k": 1001},
+        {"features": [[0] * 8], "raw": "yes"}, {"readings": {"b64": "AAAA", "dtype": "int8", "shape": [1, 4]}}, {},
+        {"name": 5}, {"name": "x", "arguments": []}, {"name": "vibration-anomaly", "arguments": {"prefer": "cloud"}},
+    ]  # fmt: skip
+    return [encode(choice, Raw(json.dumps(args).encode())) for choice in range(3) for args in arguments] + [
+        encode(3, "face-detector\x00", Raw(b"{}"))
+    ]
+
+
+def _cloud_answer() -> list[bytes]:
+    answers = [
+        {"jsonrpc": "2.0", "id": 1, "result": {"top": []}}, {"error": {"code": 1, "message": "x"}, "msg_id": "m-2"},
+        {"result": 5, "msg_id": "m-1"}, {"msg_id": ["m-1"]}, [1, 2],
+    ]  # fmt: skip
+    # user properties (count, pairs), whether msg-id is set (then which: 0, 1 pending; 2 a string), payload
+    seeds = [encode(0, 1, 0, Raw(json.dumps(answer).encode())) for answer in answers]
+    seeds += [encode(0, 0, Raw(b"[" * 100_000)), encode(0, 1, 0, Raw(b'{"result":{"x":NaN},"msg_id":"m-1"}'))]
+    seeds += [encode(0, 1, 1, Raw(b'{"error":{"code":1e999,"message":"\\udc00"}}'))]
+    seeds += [encode(0, 1, 0, Raw(b'{"result":{"x":' + b"9" * 5000 + b"}}"))]
+    seeds += [encode(2, "k", "v" * 256, "k2", "v", 1, 2, "x", Raw(b"\xff"))]
+    return seeds
+
+
+def _puback() -> list[bytes]:
+    codes = [0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99, 0x05, 0xFF]
+    seeds = [encode(1, 0, Raw(bytes([code]))) for code in codes]
+    seeds += [encode(1, 0, Raw(bytes([0x80, 0x03, 0x1F, 0x00, 0x00]))), encode(1, 0, Raw(b"\x00\x05\x26\x00")), encode(2, 0)]
+    return seeds
+
+
+def _manifest() -> list[bytes]:
+    real = (Path(__file__).resolve().parents[2] / "models" / "manifest.json").read_bytes()
+    return [real, real.replace(b'"sha256"', b'"sha"'), b"{}", b'{"models":[]}', b"\xff", _DEEP, b'{"models":[{"id":1}]}',
+            real.replace(b".tflite", b"/../../etc/passwd")]  # fmt: skip
+
+
+def _config() -> list[bytes]:
+    files = [
+        (b"", b'device_id = "pi"\n'), (b"", b"\xff\xfe"), (b"[limits]\nworkers = 2\n[meta]\ndescription='x'\n",
+        b'profile = "./board.toml"\n'), (b"\xff", b'profile = "./board.toml"\n'), (b"", b"[local]\nport = 70000\n"),
+        (b"", b'device_id = "a/+#"\n'), (b"", b"[" * 2000), (b"", b'profile = "auto"\n'),
+        (b"", b"[cloud]\nhost = 'example.com'\ntls = false\n"), (b"", b"limits = 5\n"),
+    ]  # fmt: skip
+    return [encode(profile, Raw(config)) for profile, config in files]
+
+
+def _outbox_rows() -> list[bytes]:
+    return [
+        encode(0, 0, 3, "m", 5, "telemetry", 4, b"{}", 1, Raw(b"\x02" + bytes(8)), 2, Raw(bytes(8)), 2, Raw(bytes(8)),
+               0, 5, "queued", 1, Raw(bytes(8)), 1, Raw(bytes(8)), 0, 0),
+        encode(1, 1, 3, "m", 3, "bogus", 3, "text-body", 6, 0, 0, 2, Raw(bytes(8)), 2, Raw(bytes(8)), 0, 5, "claimed",
+               1, Raw(bytes(8)), 1, Raw(bytes(8)), 0, 0),
+        encode(2, 0, *([1, Raw(b"\xff" * 8)] * 12)),
+        encode(3, 3, *([5, "queued"] * 36)),
+    ]  # fmt: skip
+
+
+SEEDS = {
+    "intake": _intake, "protocol": _protocol, "tensor": _tensor, "tools_call": _tools_call,
+    "cloud_answer": _cloud_answer, "puback": _puback, "manifest": _manifest, "config": _config,
+    "outbox_rows": _outbox_rows,
+}  # fmt: skip
+
+
+def main() -> None:
+    for target, make in SEEDS.items():
+        folder = CORPUS / target
+        folder.mkdir(parents=True, exist_ok=True)
+        for seed in make():
+            (folder / f"seed-{hashlib.sha1(seed).hexdigest()[:16]}").write_bytes(seed)
+
+
+if __name__ == "__main__":
+    main()
