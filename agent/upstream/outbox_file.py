@@ -1,5 +1,6 @@
-"""The outbox's SQLite file: schema and migrations, opening with an integrity check, salvage of a corrupt
-file, and the boot clock that ages and TTLs are measured on. Used only by :mod:`agent.upstream.outbox`.
+"""The outbox's SQLite file: schema and migrations, opening with an integrity check, and the boot clock that
+ages and TTLs are measured on. Used only by the outbox's own modules; salvage of a corrupt file is
+:mod:`agent.upstream.outbox_salvage`.
 
 Time. A Raspberry Pi has no real-time clock: its wall clock starts wherever fake-hwclock left it and jumps
 when NTP syncs. Ages, TTLs and retry times are therefore kept on ``CLOCK_BOOTTIME`` (seconds since boot,
@@ -15,22 +16,18 @@ too, for people to read; nothing is computed from it.
 from __future__ import annotations
 
 import logging
-import shutil
 import sqlite3
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import peewee
 
-from agent.compat import SQLITE_CORRUPT, SQLITE_ERROR, SQLITE_NOTADB, UTC, sqlite_error_code
-from agent.config import MESSAGE_CLASSES
+from agent.compat import SQLITE_CORRUPT, SQLITE_ERROR, SQLITE_NOTADB, sqlite_error_code
 from agent.errors import OutboxError
 
 log = logging.getLogger(__name__)
@@ -39,8 +36,6 @@ SCHEMA_VERSION = 1
 QUEUED, CLAIMED, DEAD = "queued", "claimed", "dead"
 CLEAN_SHUTDOWN = "clean_shutdown"  # meta key present only while the file is closed after a clean shutdown
 SIDE_FILES = ("-wal", "-shm")
-_SALVAGE_CHUNK = 512
-_SALVAGE_PROBE_SPAN = 4096
 _PROCESS_BOOT_ID = uuid.uuid4().hex
 
 
@@ -301,122 +296,3 @@ def write_meta(tables: Tables, **values: str) -> None:
     db = tables.meta._meta.database
     for key, value in values.items():
         db.execute_sql("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-
-
-@dataclass(frozen=True)
-class Salvage:
-    """What could be read back out of a corrupt file."""
-
-    moved_to: Path
-    rows: list[dict[str, Any]]
-    counters: dict[str, int]
-    meta: dict[str, str]
-    max_id: int
-
-
-def move_aside(path: Path, wall: float) -> Path:
-    """Rename the database and its -wal/-shm to a timestamped name next to it; returns the new main name."""
-    stamp = datetime.fromtimestamp(wall, UTC).strftime("%Y%m%dT%H%M%SZ")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    serial = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{serial}")
-        serial += 1
-    for suffix in SIDE_FILES:
-        side = Path(f"{path}{suffix}")
-        if side.exists():
-            side.rename(f"{target}{suffix}")
-    if path.exists():
-        path.rename(target)
-    return target
-
-
-def salvage(moved: Path) -> Salvage:
-    """Read every row SQLite can still read from a moved-aside file, working on a scratch copy.
-
-    The moved-aside files stay byte-for-byte as found (opening them would replay and checkpoint the WAL),
-    so an operator can still try ``sqlite3 <file> .recover`` on them.
-    """
-    scratch_dir = Path(tempfile.mkdtemp(prefix=".outbox-salvage-", dir=moved.parent))
-    scratch = scratch_dir / "salvage.db"
-    rows: list[dict[str, Any]] = []
-    counters: dict[str, int] = {}
-    meta: dict[str, str] = {}
-    max_id = 0
-    try:
-        if moved.exists():
-            shutil.copyfile(moved, scratch)
-        if Path(f"{moved}-wal").exists():
-            shutil.copyfile(f"{moved}-wal", f"{scratch}-wal")
-        conn = sqlite3.connect(scratch)
-        try:
-            rows = _salvage_rows(conn)
-            counters = dict(_read_pairs(conn, "SELECT name, value FROM counter"))
-            meta = {str(k): str(v) for k, v in _read_pairs(conn, "SELECT key, value FROM meta")}
-            sequence = _read_pairs(conn, "SELECT name, seq FROM sqlite_sequence")
-            max_id = max([int(seq) for name, seq in sequence if name == "outbox"] + [r["id"] for r in rows] + [0])
-        finally:
-            conn.close()
-    except (OSError, sqlite3.Error) as exc:
-        log.error("outbox salvage of %s stopped early: %s", moved, exc)
-    finally:
-        shutil.rmtree(scratch_dir, ignore_errors=True)
-    return Salvage(moved, rows, {k: v for k, v in counters.items() if isinstance(v, int)}, meta, max_id)
-
-
-def _read_pairs(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, Any]]:
-    try:
-        return [tuple(r) for r in conn.execute(sql).fetchall()]
-    except sqlite3.Error:
-        return []
-
-
-def _salvage_rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    # Scan by id; where a damaged page breaks the scan, probe single ids past it so rows behind the
-    # damage are still found, within a bounded amount of work. `after` only ever grows, so this ends.
-    select = f"SELECT {', '.join(ROW_COLUMNS)} FROM outbox"
-    found: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        progressed = False
-        try:
-            for values in conn.execute(f"{select} WHERE id > ? ORDER BY id LIMIT {_SALVAGE_CHUNK}", (after,)):
-                after = int(values[0])
-                progressed = True
-                _keep_if_sound(found, values)
-            if progressed:
-                continue
-            return found
-        except sqlite3.Error:
-            pass
-        probed = _probe_past_damage(conn, select, after)
-        if probed is None:
-            return found
-        after = int(probed[0])
-        _keep_if_sound(found, probed)
-
-
-def _probe_past_damage(conn: sqlite3.Connection, select: str, after: int) -> tuple[Any, ...] | None:
-    for candidate in range(after + 1, after + 1 + _SALVAGE_PROBE_SPAN):
-        try:
-            values = conn.execute(f"{select} WHERE id = ?", (candidate,)).fetchone()
-        except sqlite3.Error:
-            continue
-        if values is not None:
-            return tuple(values)
-    return None
-
-
-def _keep_if_sound(found: list[dict[str, Any]], values: tuple[Any, ...]) -> None:
-    row = dict(zip(ROW_COLUMNS, values))
-    if not (
-        isinstance(row["id"], int)
-        and isinstance(row["msg_id"], str)
-        and row["cls"] in MESSAGE_CLASSES
-        and isinstance(row["body"], bytes)
-        and isinstance(row["enqueued_clock"], float | int)
-    ):
-        return
-    row["size"] = len(row["body"])
-    row["state"] = QUEUED
-    found.append(row)

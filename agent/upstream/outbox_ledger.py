@@ -1,6 +1,7 @@
 """The outbox's rows and what may happen to them: claim, deliver, dead-letter, evict, expire, with running
 totals kept in step. Every method runs on the outbox's writer thread inside the batch's transaction; the
-policies themselves are documented in :mod:`agent.upstream.outbox`."""
+policies themselves are documented in :mod:`agent.upstream.outbox`, what operators read of the rows is
+:mod:`agent.upstream.outbox_reports`."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import peewee
-from pydantic import BaseModel, Field
 
-from agent.compat import UTC
-from agent.config import MESSAGE_CLASSES, MessageClass, OutboxSettings
+from agent.config import MessageClass, OutboxSettings
 from agent.upstream import outbox_file as store
+from agent.upstream.outbox_models import OutboxRecord
 
 log = logging.getLogger("agent.upstream.outbox")
 
@@ -41,71 +40,6 @@ _EARLIEST_EXPIRY = "SELECT MIN(expires_clock) FROM outbox WHERE state != 'claime
 _ADD_TO_COUNTER = (
     "INSERT INTO counter (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
 )
-
-
-class OutboxRecord(BaseModel):
-    """A claimed row, as the uplink publishes it."""
-
-    id: int
-    msg_id: str
-    cls: MessageClass
-    body: bytes
-    enqueued_wall: float
-    age_s: float
-    remaining_ttl_s: float | None
-    attempts: int
-
-
-class OutboxEntry(BaseModel):
-    """A row as ``peek`` shows it to an operator."""
-
-    id: int
-    msg_id: str
-    cls: MessageClass
-    state: str
-    size: int
-    attempts: int
-    failures: int
-    last_reason: int | None
-    age_s: float
-    expires_in_s: float | None
-    enqueued_at: datetime
-    preview: str
-
-
-class ClassStats(BaseModel):
-    queued: int = 0
-    claimed: int = 0
-    dead: int = 0
-    bytes: int = 0
-    oldest_age_s: float | None = None
-
-
-class CorruptionEvent(BaseModel):
-    at: datetime
-    moved_to: str
-    rows_salvaged: int
-    cause: str
-
-
-class OutboxStats(BaseModel):
-    path: str
-    schema_version: int
-    messages: int
-    bytes: int
-    max_messages: int
-    max_bytes: int
-    classes: dict[MessageClass, ClassStats]
-    oldest_age_s: float | None
-    dead: int
-    drops: dict[str, dict[str, int]] = Field(description="reason -> class -> messages dropped, ever")
-    dead_lettered: dict[str, int] = Field(description="class -> refusals by the cloud, ever")
-    delivered: int
-    last_delivery_at: datetime | None
-    corruption_events: int
-    last_corruption: CorruptionEvent | None
-    transactions: int = Field(description="write transactions (fsyncs) committed since this process opened it")
-    write_errors: int = Field(description="write transactions failed since this process opened the outbox")
 
 
 class Ledger:
@@ -284,87 +218,7 @@ class Ledger:
         rows = self._select_rows(dead) if ids is None else self._by_ids(ids, dead)
         return self._requeue(rows, failures=0, retry_clock=None)
 
-    # -- reads --------------------------------------------------------------------------------------
-
-    def stats(self, *, transactions: int, write_errors: int) -> OutboxStats:
-        tables, row = self.tables, self.tables.row
-        now = self.clock.now() - self._clock_shift()
-        classes = {cls: ClassStats() for cls in MESSAGE_CLASSES}
-        query = row.select(
-            row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(row.size), peewee.fn.MIN(row.enqueued_clock)
-        ).group_by(row.cls, row.state)
-        for cls, state, count, size, oldest in query.tuples():
-            entry = classes.setdefault(cls, ClassStats())
-            setattr(entry, state, count)
-            entry.bytes += size or 0
-            age = max(0.0, now - oldest)
-            entry.oldest_age_s = age if entry.oldest_age_s is None else max(entry.oldest_age_s, age)
-        counters = {c.name: c.value for c in tables.counter.select()}
-        meta = {m.key: m.value for m in tables.meta.select()}
-        drops: dict[str, dict[str, int]] = {}
-        for name, value in counters.items():
-            if name.startswith("drop:"):
-                _, reason, cls = name.split(":", 2)
-                drops.setdefault(reason, {})[cls] = value
-        ages = [c.oldest_age_s for c in classes.values() if c.oldest_age_s is not None]
-        last_delivery = meta.get("last_delivery_wall")
-        corruption = meta.get("last_corruption")
-        return OutboxStats(
-            path=str(self.path),
-            schema_version=self.schema_version,
-            messages=sum(c.queued + c.claimed + c.dead for c in classes.values()),
-            bytes=sum(c.bytes for c in classes.values()),
-            max_messages=self.settings.max_messages,
-            max_bytes=self.settings.max_bytes,
-            classes=classes,
-            oldest_age_s=max(ages) if ages else None,
-            dead=sum(c.dead for c in classes.values()),
-            drops=drops,
-            dead_lettered={n.split(":", 1)[1]: v for n, v in counters.items() if n.startswith("dead_lettered:")},
-            delivered=counters.get("delivered", 0),
-            last_delivery_at=datetime.fromtimestamp(float(last_delivery), UTC) if last_delivery else None,
-            corruption_events=counters.get("corruption_events", 0),
-            last_corruption=CorruptionEvent.model_validate_json(corruption) if corruption else None,
-            transactions=transactions,
-            write_errors=write_errors,
-        )
-
-    def peek(self, n: int, cls: str | None, state: str | None) -> list[OutboxEntry]:
-        row = self.tables.row
-        now = self.clock.now() - self._clock_shift()
-        query = row.select()
-        if cls is not None:
-            query = query.where(row.cls == cls)
-        if state is not None:
-            query = query.where(row.state == state)
-        return [
-            OutboxEntry(
-                id=r.id,
-                msg_id=r.msg_id,
-                cls=r.cls,
-                state=r.state,
-                size=r.size,
-                attempts=r.attempts,
-                failures=r.failures,
-                last_reason=r.last_reason,
-                age_s=max(0.0, now - r.enqueued_clock),
-                expires_in_s=None if r.expires_clock is None else r.expires_clock - now,
-                enqueued_at=datetime.fromtimestamp(r.enqueued_wall, UTC),
-                preview=bytes(r.body[:200]).decode("utf-8", "replace"),
-            )
-            for r in query.order_by(row.id).limit(max(0, n))
-        ]
-
     # -- internals ----------------------------------------------------------------------------------
-
-    def _clock_shift(self) -> float:
-        """0 for the writer (rebased at open); for a reader in a later boot, the shift the writer will apply."""
-        if not self.read_only:
-            return 0.0
-        meta = {m.key: m.value for m in self.tables.meta.select()}
-        if meta.get("boot_id") != self.clock.boot_id() and "boot_clock" in meta:
-            return self.clock.now() - float(meta["boot_clock"])
-        return 0.0
 
     def _over_bounds(self) -> bool:
         # Rows in flight do not count: they leave on their PUBACK, and must not push new messages out.

@@ -211,9 +211,9 @@ def target_puback(data_bytes: bytes) -> None:
         _settle_one(outbox)
         return
     # The uplink's own bookkeeping, as _publish_handed_over leaves it for a publish awaiting its PUBACK.
-    uplink._inflight[puback.mid] = Publication("mcp/up/dev1/telemetry", b"", Properties(PacketTypes.PUBLISH), (record.id,), False)
+    uplink._window.inflight[puback.mid] = Publication("mcp/up/dev1/telemetry", b"", Properties(PacketTypes.PUBLISH), (record.id,), False)
     uplink._on_publish(uplink._client, None, puback.mid, puback.reason, puback.properties)
-    uplink._record_acks()
+    uplink._drain._record_acks()
     remaining = {entry.id: entry.state for entry in outbox.peek(10)}
     if puback.reason.value < 0x80:
         assert record.id not in remaining, remaining
