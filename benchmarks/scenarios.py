@@ -226,7 +226,8 @@ class Bench:
         measured = [self.fairness_round(device_id) for _ in range(rounds)]
         for round_ in measured:
             alone, beside = round_["normal_alone"]["p99_ms"], round_["normal_beside_flood"]["p99_ms"]
-            round_["ratio"] = round(beside / alone, 3) if alone else None
+            # No p99 beside the flood: the paced client got no answer at all (reported, not hidden).
+            round_["ratio"] = round(beside / alone, 3) if alone and beside is not None else None
         ratios = sorted(r["ratio"] for r in measured if r["ratio"] is not None)
         median_round = sorted(measured, key=lambda r: r["ratio"] if r["ratio"] is not None else float("inf"))[
             (len(ratios) - 1) // 2
