@@ -170,6 +170,7 @@ class Agent:
             admission,
             self.link,
             runs_within=self.models.runs_within,
+            unread_bytes=self.link.unread_bytes,
             # Strict TPM signing costs a TPM operation per reply: too slow for the network thread.
             inline_allowed=not (signing.backend == "tpm" and signing.mode == "strict"),
             count=self.count,

@@ -149,6 +149,11 @@ class Limits(Section):
         2.0, ge=0, le=1000, description="a small request for a loaded model whose runs average at most this "
         "long is served on the network thread while no worker is busy, saving the hand-off; 0: never"
     )
+    inline_max_unread_bytes: int = Field(
+        16_384, ge=0, description="inline serving stops while more request bytes than this wait unread on the "
+        "local broker's socket: the network thread then reads ahead into the fair intake, because requests left "
+        "waiting at the broker are served in its arrival order, whoever sent them"
+    )
     num_threads: int = Field(1, ge=1, le=64)
     max_concurrent_inferences: int = Field(2, ge=1, le=64, description="unset: one per worker")
     model_memory_mb: int = Field(

@@ -20,8 +20,8 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Literal, TypeVar, get_args
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,9 @@ class InternalErrors:
         with self._lock:
             return {where: self._counts[where] for where in WHERE}
 
-    @contextmanager
-    def guard(self, where: Where) -> Iterator[None]:
+    def guard(self, where: Where) -> _Guard:
         """Record and swallow an ``Exception`` raised in the block (``BaseException`` still propagates)."""
-        try:
-            yield
-        except Exception as exc:
-            self.record(where, exc)
+        return _Guard(self, where)
 
     def wrap(self, where: Where, function: Callable[..., R]) -> Callable[..., R | None]:
         """``function`` guarded: for callbacks a library calls on its own thread (paho's)."""
@@ -88,31 +84,64 @@ class InternalErrors:
         return guarded
 
 
+class _Guard:
+    """The context manager of :meth:`InternalErrors.guard`: a class, because a generator-based one costs
+    several microseconds per block and guards wrap every request."""
+
+    __slots__ = ("_errors", "_where")
+
+    def __init__(self, errors: InternalErrors, where: Where) -> None:
+        self._errors = errors
+        self._where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        self._errors.record(self._where, exc)
+        return True
+
+
 class Heartbeats:
     """When each loop's current round started; a round busy longer than ``stall_s`` is a stall."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._lock = threading.Lock()
+        # Written without a lock: each key belongs to one thread, and a single dict store or pop is atomic.
         self._busy_since: dict[tuple[str, int], float] = {}
 
-    @contextmanager
-    def busy(self, loop: str) -> Iterator[None]:
+    def busy(self, loop: str) -> _Round:
         """Mark one round of ``loop`` (on this thread) as running until the block ends."""
-        key = (loop, threading.get_ident())
-        with self._lock:
-            self._busy_since[key] = self._clock()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._busy_since.pop(key, None)
+        return _Round(self, (loop, threading.get_ident()))
 
     def stalled(self, stall_s: float) -> list[str]:
         """The loops whose current round has run for more than ``stall_s`` seconds."""
         now = self._clock()
-        with self._lock:
-            return sorted({loop for (loop, _), since in self._busy_since.items() if now - since > stall_s})
+        busy = self._busy_since.copy()  # one atomic copy: other threads keep starting and ending rounds
+        return sorted({loop for (loop, _), since in busy.items() if now - since > stall_s})
+
+
+class _Round:
+    """The context manager of :meth:`Heartbeats.busy` (a class for the same reason as :class:`_Guard`)."""
+
+    __slots__ = ("_heartbeats", "_key")
+
+    def __init__(self, heartbeats: Heartbeats, key: tuple[str, int]) -> None:
+        self._heartbeats = heartbeats
+        self._key = key
+
+    def __enter__(self) -> None:
+        heartbeats = self._heartbeats
+        heartbeats._busy_since[self._key] = heartbeats._clock()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._heartbeats._busy_since.pop(self._key, None)
 
 
 def stall_limit_s() -> float:

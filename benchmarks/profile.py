@@ -85,14 +85,17 @@ def stage_breakdown(raw_profile: Path, requests: int, seconds: float) -> dict[st
     }
 
 
-def profile(config: str, model: str, inflight: int, seconds: float, keep_raw: Path | None = None) -> dict[str, Any]:
+def profile(
+    config: str, model: str, inflight: int, seconds: float, keep_raw: Path | None = None,
+    overrides: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
     bench = Bench(Timings())
     try:
         configurations = {"full": bench.full_settings, "signed": bench.signed_settings, "bare": bench.bare_settings}
-        settings = configurations[config](DEVICE_ID)
+        settings = {**configurations[config](DEVICE_ID), **(overrides or {})}
         agent = bench.start_agent(DEVICE_ID, settings)
         described = bench.describe_agent(agent)
         payload = bench.tiny_payload if model == "tiny" else bench.face_payload
@@ -139,8 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     parser.add_argument("--raw-output", type=Path, help="also keep py-spy's collapsed stacks in this file")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a setting on top of the configuration, as the agent's environment names it (cloud__batch=true)",
+    )
     args = parser.parse_args(argv)
-    result = profile(args.config, args.model, args.inflight, args.seconds, args.raw_output)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    result = profile(args.config, args.model, args.inflight, args.seconds, args.raw_output, overrides)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

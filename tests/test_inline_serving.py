@@ -3,6 +3,8 @@ worker. Real broker, real LiteRT; which path served a request shows in the ``ser
 
 from __future__ import annotations
 
+import time
+
 from tests.fixtures.agents import face_image_b64
 
 TINY = {"model": "vibration-anomaly", "inputs": {"features": [[0.1, 0.2, 0.1, 0.0, 0.3, 0.2, 0.1, 0.0]]}}
@@ -56,3 +58,39 @@ def test_concurrent_requests_are_all_answered_whichever_path_serves_each(start_a
     assert len({reply["id"] for reply in replies}) == 300
     assert agent.counters["ok"] == 301
     assert 0 < agent.counters["served_inline"] <= 300
+
+
+def _burst_while_not_reading(agent, client, count: int) -> list:  # type: ignore[no-untyped-def]
+    """``count`` requests published while the agent's network thread is stopped, then read in one go."""
+    network = agent.link.client
+    network.loop_stop()
+    futures = [client.send("infer", TINY) for _ in range(count)]
+    deadline = time.monotonic() + 10
+    while network.unread_bytes() < count * 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    network.loop_start()
+    return [future.result(60) for future in futures]
+
+
+def test_a_backlog_at_the_broker_is_read_ahead_into_the_intake_not_served_inline(start_agent, client_factory) -> None:
+    # Requests left waiting at the broker are served there in arrival order, whoever sent them: while more
+    # than inline_max_unread_bytes wait unread, the network thread reads them into the fair intake instead.
+    agent = start_agent(limits={"inline_max_unread_bytes": 0})
+    client = client_factory("alice")
+    client.call("infer", TINY)
+    inline_before = agent.counters["served_inline"]
+    replies = _burst_while_not_reading(agent, client, 200)
+    assert all("result" in reply for reply in replies)
+    assert agent.counters["ok"] == 201
+    served_inline = agent.counters["served_inline"] - inline_before
+    assert served_inline < 100, f"{served_inline} of 200 served inline despite the backlog"
+
+
+def test_below_the_unread_limit_a_burst_is_still_served_inline(start_agent, client_factory) -> None:
+    agent = start_agent(limits={"inline_max_unread_bytes": 1 << 30})
+    client = client_factory("alice")
+    client.call("infer", TINY)
+    inline_before = agent.counters["served_inline"]
+    replies = _burst_while_not_reading(agent, client, 200)
+    assert all("result" in reply for reply in replies)
+    assert agent.counters["served_inline"] - inline_before == 200

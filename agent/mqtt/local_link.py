@@ -147,6 +147,10 @@ class LocalLink:
         network = getattr(self.client, "_thread", None)
         return network is not None and network.is_alive()
 
+    def unread_bytes(self) -> int:
+        """Request bytes the broker has sent that the network thread has not read yet."""
+        return self.client.unread_bytes()
+
     def pending_acknowledgements(self) -> int:
         return self._acks.pending()
 

@@ -110,6 +110,7 @@ class Dispatcher:
         link: ReplyLink,
         *,
         runs_within: Callable[[str, float], bool],
+        unread_bytes: Callable[[], int],
         inline_allowed: bool,
         count: Callable[[str], None],
         count_rejection: Callable[[Rejection], None],
@@ -119,6 +120,7 @@ class Dispatcher:
         self._admission = admission
         self._link = link
         self._runs_within = runs_within
+        self._unread_bytes = unread_bytes
         self._inline_allowed = inline_allowed and limits.inline_max_ms > 0
         self._count = count
         self._count_rejection = count_rejection
@@ -286,7 +288,9 @@ class Dispatcher:
         Only while no request is queued or being served (so it overtakes nothing and never waits for an
         inference slot a worker holds), only for small payloads, and only for methods that are cheap or name
         a loaded model whose runs average at most ``limits.inline_max_ms``: the network thread must never
-        stall on a slow model, a model load or a cloud round trip. For a small model this saves most of
+        stall on a slow model, a model load or a cloud round trip. And only while the broker has not sent more
+        than ``limits.inline_max_unread_bytes`` the network thread has yet to read: under a backlog it reads
+        ahead, so that every client's requests reach the fair intake rather than queue at the broker. For a small model this saves most of
         the agent's per-request cost: two thread wake-ups and the GIL hand-offs between them. The method
         and model are read from the request's head without parsing it; a wrong guess costs only speed.
         """
@@ -299,7 +303,11 @@ class Dispatcher:
             return True
         if method not in _MODEL_METHODS or _PREFERS_CLOUD.search(inbound.payload[:_INLINE_PROBE_BYTES]) is not None:
             return False
-        return model is not None and self._runs_within(model.decode("utf-8", "replace"), self._limits.inline_max_ms)
+        if model is None or not self._runs_within(model.decode("utf-8", "replace"), self._limits.inline_max_ms):
+            return False
+        # Asked last: it is a system call. A backlog at the broker would wait there in arrival order while
+        # the network thread serves; read it into the fair intake instead.
+        return self._unread_bytes() <= self._limits.inline_max_unread_bytes
 
     # ---- serving (workers, or the network thread inline) --------------------------------------------
 

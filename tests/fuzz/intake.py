@@ -34,8 +34,11 @@ from tests.fuzz.fuzzed import FuzzedInput
 
 DEVICE = "dev1"
 # "bytes_full": the fair intake full by bytes, shedding from the heaviest client; "deadline": every request
-# behind the blocker expected to wait past its deadline, so refused at once (-32008).
-STATES = ("idle", "busy", "rate_limited", "overloaded", "bytes_full", "deadline", "shedding", "stopping")
+# behind the blocker expected to wait past its deadline, so refused at once (-32008); "backlog": the broker
+# has sent more than the network thread has read, so nothing is served inline (it reads ahead instead).
+STATES = (
+    "idle", "busy", "rate_limited", "overloaded", "bytes_full", "deadline", "shedding", "stopping", "backlog",
+)  # fmt: skip
 MAX_MESSAGES = 12
 MAX_CLIENTS = 4
 DRAIN_S = 30.0  # a hang, not a slow request: the slowest bundled model runs in milliseconds
@@ -128,6 +131,7 @@ class IntakeRig:
         )  # fmt: skip
         dispatcher = Dispatcher(
             settings.limits, pipeline, admission, agent.link, runs_within=agent.models.runs_within,
+            unread_bytes=(lambda: 1 << 30) if self.state == "backlog" else agent.link.unread_bytes,
             inline_allowed=True, count=agent.count, count_rejection=lambda _: None,
         )  # fmt: skip
         if self.state == "deadline":

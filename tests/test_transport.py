@@ -1,0 +1,83 @@
+"""The chunked reads of every paho client the agent makes (agent.mqtt.transport.ChunkedReadClient), against a
+real mosquitto: packets that arrived together are read with one ``recv`` and none is left behind in the chunk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.mqtt.localbroker import MosquittoProcess
+from agent.mqtt.transport import ChunkedReadClient, new_client
+
+MESSAGES = 2000
+
+
+
+
+def _subscriber(broker: MosquittoProcess, received: list[bytes], done: threading.Event) -> ChunkedReadClient:
+    client = new_client("chunked-subscriber")
+    subscribed = threading.Event()
+    client.on_connect = lambda c, u, f, r, p: c.subscribe("chunked/#", qos=1)
+    client.on_subscribe = lambda *args: subscribed.set()
+
+    def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+        received.append(message.payload)
+        if len(received) == MESSAGES:
+            done.set()
+
+    client.on_message = on_message
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    assert subscribed.wait(10)
+    return client
+
+
+def _publish_burst(broker: MosquittoProcess) -> None:
+    publisher = new_client("chunked-publisher")
+    publisher.connect(broker.host, broker.port)
+    publisher.loop_start()
+    infos = [publisher.publish(f"chunked/{index}", f"message {index:05d}".encode() * 4, qos=1) for index in range(MESSAGES)]
+    for info in infos:
+        info.wait_for_publish(10)
+    publisher.disconnect()
+    publisher.loop_stop()
+
+
+def test_a_burst_that_waited_unread_is_read_in_chunks_and_delivered_whole(local_broker: MosquittoProcess) -> None:
+    received: list[bytes] = []
+    done = threading.Event()
+    client = _subscriber(local_broker, received, done)
+    reads = 0
+    paho_recv = mqtt.Client._sock_recv
+
+    def counting_recv(self: mqtt.Client, bufsize: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        return paho_recv(self, bufsize)
+
+    client.loop_stop()  # the burst piles up unread in the socket, as behind a busy network thread
+    _publish_burst(local_broker)
+    deadline = time.monotonic() + 10
+    while client.unread_bytes() < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.unread_bytes() >= 1000, "the burst should be waiting in the socket"
+    mqtt.Client._sock_recv = counting_recv  # type: ignore[method-assign]
+    try:
+        client.loop_start()
+        # No more traffic follows the burst: a packet left in the chunk would wait for the next keepalive.
+        assert done.wait(30), f"{len(received)} of {MESSAGES} delivered"
+    finally:
+        mqtt.Client._sock_recv = paho_recv  # type: ignore[method-assign]
+    assert sorted(received) == sorted(f"message {index:05d}".encode() * 4 for index in range(MESSAGES))
+    # paho alone reads each PUBLISH with three calls (6,000 here); a chunk holds hundreds of them.
+    assert reads < MESSAGES / 10, f"{reads} socket reads for {MESSAGES} messages"
+    assert client.unread_bytes() == 0
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_unread_bytes_is_zero_without_a_connection() -> None:
+    assert new_client("never-connected").unread_bytes() == 0
