@@ -150,6 +150,16 @@ def bind_tables(db: peewee.SqliteDatabase) -> Tables:
     return Tables(Row, Counter, MetaValue)
 
 
+def body_size(row: Any) -> Any:
+    """The byte size of a row's body, as SQL: what every total and bound is computed from.
+
+    The ``size`` column is written with each row but never trusted when read back: a damaged or hand-edited
+    file can hold any integer there, and a bogus one would evict every other row, or overflow ``SUM`` and keep
+    the outbox from opening. ``length()`` of a blob reads the row's header, not its content.
+    """
+    return peewee.fn.LENGTH(row.body)
+
+
 def sqlite_code(exc: BaseException) -> int | None:
     """The primary SQLite result code behind ``exc`` (Peewee wraps sqlite3 errors), or None."""
     seen: set[int] = set()

@@ -11,6 +11,7 @@ import peewee
 
 from agent.compat import UTC
 from agent.config import MESSAGE_CLASSES
+from agent.upstream.outbox_file import body_size
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_models import ClassStats, CorruptionEvent, OutboxEntry, OutboxStats
 
@@ -31,7 +32,7 @@ def stats(ledger: Ledger, *, transactions: int, write_errors: int) -> OutboxStat
     now = ledger.clock.now() - clock_shift(ledger)
     classes = {cls: ClassStats() for cls in MESSAGE_CLASSES}
     query = row.select(
-        row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(row.size), peewee.fn.MIN(row.enqueued_clock)
+        row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(body_size(row)), peewee.fn.MIN(row.enqueued_clock)
     ).group_by(row.cls, row.state)
     for cls, state, count, size, oldest in query.tuples():
         entry = classes.setdefault(cls, ClassStats())
@@ -85,7 +86,7 @@ def peek(ledger: Ledger, n: int, cls: str | None, state: str | None) -> list[Out
             msg_id=r.msg_id,
             cls=r.cls,
             state=r.state,
-            size=r.size,
+            size=len(r.body),
             attempts=r.attempts,
             failures=r.failures,
             last_reason=r.last_reason,
