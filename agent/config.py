@@ -84,6 +84,10 @@ class CloudBroker(Section):
         "which must then not send a larger packet; unset: fallback_max_answer_bytes plus 64 KiB"
     )
     inflight_window: int = Field(32, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
+    receive_maximum: int = Field(
+        16, ge=1, le=65535, description="MQTT 5 Receive Maximum announced to the cloud broker: QoS 2 messages it "
+        "may leave unreleased at once; a broker that exceeds it, or Maximum Packet Size, is disconnected"
+    )
     batch: bool = Field(False, description="many records per cloud message, for metered links (docs/cloud.md)")
     batch_max_records: int = Field(100, ge=1, le=10_000, description="records in one batch message")
     batch_max_bytes: int = Field(
