@@ -258,6 +258,10 @@ class OutboxSettings(Section):
     max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="body bytes kept before classes are dropped")
     max_messages: int = Field(100_000, ge=1)
     max_file_bytes: int | None = Field(None, ge=65536, description="hard ceiling on the database file itself")
+    reserve_bytes: int = Field(
+        4 * 1024 * 1024, ge=0, description="disk space held in outbox.db.reserve and given back when the disk is "
+        "full, so the outbox can still deliver and checkpoint; its WAL stays under half of it (0: no reserve)"
+    )
     ttl_s: dict[MessageClass, PositiveFloat] = Field(
         default_factory=lambda: {"fallback": 30.0}, description="per class; a class without one never expires"
     )

@@ -182,7 +182,7 @@ def test_full_disk_refuses_writes_clearly_keeps_rows_and_resumes(small_filesyste
     filler = small_filesystem / "other-files"
     filler.write_bytes(b"\0" * 6656 * 1024)
     path = small_filesystem / "outbox.db"
-    store = Outbox(path)
+    store = Outbox(path, OutboxSettings(reserve_bytes=256 * 1024))
     stored, error = _fill_until_refused(store)
     assert "disk full" in str(error) and "kept" in str(error)
     assert len(stored) > 50

@@ -39,6 +39,10 @@ class OutboxFigures(Protocol):
     def delivered(self) -> int: ...
     @property
     def drops(self) -> Mapping[str, Mapping[str, int]]: ...
+    @property
+    def write_errors(self) -> int: ...
+    @property
+    def problem(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class OutboxHealth(BaseModel):
     bytes: int
     oldest_age_s: float | None
     dead: int
+    problem: str | None = None  # why new upstream records cannot be stored now (disk full); local answers go on
 
 
 class Health(BaseModel):
@@ -112,7 +117,8 @@ def collect_health(probes: Probes) -> Health:
         outbox=None
         if outbox is None
         else OutboxHealth(
-            messages=outbox.messages, bytes=outbox.bytes, oldest_age_s=outbox.oldest_age_s, dead=outbox.dead
+            messages=outbox.messages, bytes=outbox.bytes, oldest_age_s=outbox.oldest_age_s, dead=outbox.dead,
+            problem=outbox.problem,
         ),
         cloud=probes.cloud_state() if probes.cloud_state is not None else None,
     )

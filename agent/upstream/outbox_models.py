@@ -72,3 +72,6 @@ class OutboxStats(BaseModel):
     last_corruption: CorruptionEvent | None
     transactions: int = Field(description="write transactions (fsyncs) committed since this process opened it")
     write_errors: int = Field(description="write transactions failed since this process opened the outbox")
+    problem: str | None = Field(
+        None, description="why new messages cannot be stored now (disk full, the file cannot be opened); None: they can"
+    )

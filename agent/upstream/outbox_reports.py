@@ -6,11 +6,12 @@ Runs on the outbox's writer thread, like every other access to the ledger's conn
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import peewee
 
 from agent.compat import UTC
-from agent.config import MESSAGE_CLASSES
+from agent.config import MESSAGE_CLASSES, OutboxSettings
 from agent.upstream.outbox_file import body_size
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_models import ClassStats, CorruptionEvent, OutboxEntry, OutboxStats
@@ -26,7 +27,7 @@ def clock_shift(ledger: Ledger) -> float:
     return 0.0
 
 
-def stats(ledger: Ledger, *, transactions: int, write_errors: int) -> OutboxStats:
+def stats(ledger: Ledger, *, transactions: int, write_errors: int, problem: str | None = None) -> OutboxStats:
     """Totals per class and state, drops, dead letters and faults, read from the file."""
     tables, row = ledger.tables, ledger.tables.row
     now = ledger.clock.now() - clock_shift(ledger)
@@ -68,6 +69,31 @@ def stats(ledger: Ledger, *, transactions: int, write_errors: int) -> OutboxStat
         last_corruption=CorruptionEvent.model_validate_json(corruption) if corruption else None,
         transactions=transactions,
         write_errors=write_errors,
+        problem=problem,
+    )
+
+
+def unavailable(path: Path, settings: OutboxSettings, problem: str, *, write_errors: int) -> OutboxStats:
+    """What an outbox that could not be opened reports: nothing stored readable, and why."""
+    return OutboxStats(
+        path=str(path),
+        schema_version=0,
+        messages=0,
+        bytes=0,
+        max_messages=settings.max_messages,
+        max_bytes=settings.max_bytes,
+        classes={cls: ClassStats() for cls in MESSAGE_CLASSES},
+        oldest_age_s=None,
+        dead=0,
+        drops={},
+        dead_lettered={},
+        delivered=0,
+        last_delivery_at=None,
+        corruption_events=0,
+        last_corruption=None,
+        transactions=0,
+        write_errors=write_errors,
+        problem=problem,
     )
 
 
