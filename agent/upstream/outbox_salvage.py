@@ -20,6 +20,7 @@ from agent.compat import UTC
 from agent.config import MESSAGE_CLASSES
 from agent.upstream.outbox_file import QUEUED, ROW_COLUMNS, SIDE_FILES, Tables, write_meta
 from agent.upstream.outbox_models import CorruptionEvent
+from agent.upstream.outbox_wal import committed_pages
 
 # Kept from before the split, so logging configuration and log searches keep matching.
 log = logging.getLogger("agent.upstream.outbox_file")
@@ -69,10 +70,14 @@ def salvage(moved: Path) -> Salvage:
     meta: dict[str, str] = {}
     max_id = 0
     try:
-        if moved.exists():
-            shutil.copyfile(moved, scratch)
-        if Path(f"{moved}-wal").exists():
-            shutil.copyfile(f"{moved}-wal", f"{scratch}-wal")
+        wal = Path(f"{moved}-wal")
+        if moved.exists() and moved.stat().st_size == 0 and wal.exists():
+            _rebuild_from_wal(wal, scratch)  # SQLite reads a WAL only beside a database that has a header
+        else:
+            if moved.exists():
+                shutil.copyfile(moved, scratch)
+            if wal.exists():
+                shutil.copyfile(wal, f"{scratch}-wal")
         conn = sqlite3.connect(scratch)
         try:
             rows = _salvage_rows(conn)
@@ -119,6 +124,18 @@ def restore(tables: Tables, salvaged: Salvage, *, path: Path, cause: str, wall: 
         len(salvaged.rows),
     )
     return event
+
+
+def _rebuild_from_wal(wal: Path, scratch: Path) -> None:
+    """A database made of the WAL's committed pages alone (pages it lacks stay zero: salvage reads around them)."""
+    found = committed_pages(wal)
+    if found is None or not found[1]:
+        return
+    page_size, pages = found
+    with open(scratch, "wb") as handle:
+        for number, page in sorted(pages.items()):
+            handle.seek((number - 1) * page_size)
+            handle.write(page)
 
 
 def _read_pairs(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, Any]]:

@@ -22,7 +22,7 @@ from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
-from agent.upstream import outbox_reports, outbox_salvage, outbox_space
+from agent.upstream import outbox_reports, outbox_salvage, outbox_space, outbox_wal
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_space import DiskSpace
 
@@ -357,6 +357,10 @@ class OutboxWriter:
 
     def _connect(self) -> None:
         self._close_ledger()
+        # A reader would see the writer's WAL mid-append; only the writer acts on what it finds.
+        damage = None if self.read_only else outbox_wal.damage_at_rest(self.path)
+        if damage is not None:
+            raise store.CorruptFile(damage)
         store.verify(self.path)
         db = store.connect(
             self.path,
