@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.swtpm",
     "tests.fixtures.agents",
     "tests.fixtures.hostile_cloud",
+    "tests.fixtures.disks",
 ]
