@@ -116,7 +116,7 @@ class OutboxWriter:
                 return
             # Local answers must go on: the outbox opens by itself once there is room (see _retry_open).
             self._unavailable = f"disk full: {exc}"
-            log.error("outbox %s: %s; local answers go on, opening is retried every second", self.path, exc)
+            log.error("%s; local answers go on, opening is retried every second", exc)
         ready.set_result(None)
         stopping = False
         while not stopping:
