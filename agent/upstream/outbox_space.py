@@ -98,6 +98,9 @@ class DiskSpace:
 
     def exhausted(self, cause: str) -> None:
         """A write failed for lack of space: free the reserve and refuse new messages until space returns."""
+        with contextlib.suppress(OSError):
+            if self.reserve_bytes and self.free_bytes() >= 2 * self.reserve_bytes:
+                return  # the file reached max_file_bytes, the disk has room: deliveries make room in the file
         freed = self.release_reserve()
         if self.short is None:
             log.error(
