@@ -13,7 +13,8 @@ import socket
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,23 +147,38 @@ def _hostile_cloud_config(tmp_path: Path, local: MosquittoProcess, cloud: Hostil
     return _config(tmp_path, local, cloud=values)
 
 
+@contextmanager
+def _agent_on(
+    tmp_path: Path, local: MosquittoProcess, cloud: HostileCloud, client_factory: Callable[..., DeviceClient]
+) -> Iterator[tuple[AgentProcess, DeviceClient]]:
+    """The real agent with ``cloud`` as its [cloud] broker, and a local client; the agent is stopped after."""
+    agent = AgentProcess(_hostile_cloud_config(tmp_path, local, cloud), local).start()
+    try:
+        yield agent, client_factory("alice")
+    finally:
+        agent.stop()
+
+
+def _answer_flood(qos: int, count: int = 65_000) -> bytes:
+    """``count`` answers on the fallback topic for a request nobody made, packet ids wrapping around."""
+    answer = b'{"jsonrpc":"2.0","msg_id":"none","result":{}}'
+    topic = topics.cloud_reply_topic("dev1")
+    return b"".join(publish_packet(topic, answer, qos=qos, packet_id=1 + n % 65535) for n in range(count))
+
+
 def test_a_cloud_broker_flooding_qos2_messages_it_never_releases_is_cut_off(
     tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient],
     hostile_cloud: Callable[[Behaviour], HostileCloud],
 ) -> None:  # fmt: skip
     # 65,000 QoS 2 publishes and never a PUBREL: paho keeps every one until its release (724 MB measured).
-    answer = b'{"jsonrpc":"2.0","msg_id":"none","result":{}}'
-    flood = b"".join(
-        publish_packet(topics.cloud_reply_topic("dev1"), answer, qos=2, packet_id=1 + n % 65535) for n in range(65_000)
-    )
+    flood = _answer_flood(qos=2)
 
     def behaviour(connection: Connection) -> None:
         if connection.index < 2:  # then it behaves, so the test can see the agent came back
             connection.send(flood)
 
     cloud = hostile_cloud(behaviour)
-    agent = AgentProcess(_hostile_cloud_config(tmp_path, local_broker, cloud), local_broker).start()
-    try:
+    with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
         assert cloud.wait_for_connections(3)
         first = cloud.connections[0]
         assert first.connect_properties is not None and first.connect_properties.ReceiveMaximum == 16
@@ -170,10 +186,8 @@ def test_a_cloud_broker_flooding_qos2_messages_it_never_releases_is_cut_off(
         log = agent.log_path.read_text()
         assert "cut off the cloud broker" in log and "QoS 2 messages awaiting release" in log, log
         assert _rss_mb(agent) < HOSTILE_CLOUD_RSS_MB
-        _still_serving(agent, client_factory("alice"))
+        _still_serving(agent, client)
         assert "'cloud_peer_violation': 2" in agent.log_path.read_text()
-    finally:
-        agent.stop()
 
 
 def test_a_cloud_answer_far_over_the_maximum_packet_size_is_never_read(
@@ -194,8 +208,7 @@ def test_a_cloud_answer_far_over_the_maximum_packet_size_is_never_read(
                 return
 
     cloud = hostile_cloud(behaviour)
-    agent = AgentProcess(_hostile_cloud_config(tmp_path, local_broker, cloud), local_broker).start()
-    try:
+    with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
         assert cloud.wait_for_connections(4, timeout=60)
         announced = cloud.connections[0].connect_properties
         assert announced is not None and announced.MaximumPacketSize == 4 * 1024 * 1024 + 65536
@@ -204,9 +217,7 @@ def test_a_cloud_answer_far_over_the_maximum_packet_size_is_never_read(
             assert connection.sent < size // 4  # cut off at the header: what got through sat in socket buffers
         assert "over the Maximum Packet Size" in agent.log_path.read_text()
         assert _rss_mb(agent) < HOSTILE_CLOUD_RSS_MB
-        _still_serving(agent, client_factory("alice"))
-    finally:
-        agent.stop()
+        _still_serving(agent, client)
 
 
 def test_a_cloud_broker_flooding_qos1_answers_is_acknowledged_without_holding_them(
@@ -214,10 +225,7 @@ def test_a_cloud_broker_flooding_qos1_answers_is_acknowledged_without_holding_th
     hostile_cloud: Callable[[Behaviour], HostileCloud],
 ) -> None:  # fmt: skip
     # QoS 1 needs no limit of its own: paho acknowledges each publish as it reads it and keeps nothing.
-    answer = b'{"jsonrpc":"2.0","msg_id":"none","result":{}}'
-    flood = b"".join(
-        publish_packet(topics.cloud_reply_topic("dev1"), answer, qos=1, packet_id=1 + n % 65535) for n in range(65_000)
-    )
+    flood = _answer_flood(qos=1)
     delivered = threading.Event()
 
     def behaviour(connection: Connection) -> None:
@@ -225,11 +233,8 @@ def test_a_cloud_broker_flooding_qos1_answers_is_acknowledged_without_holding_th
             delivered.set()
 
     cloud = hostile_cloud(behaviour)
-    agent = AgentProcess(_hostile_cloud_config(tmp_path, local_broker, cloud), local_broker).start()
-    try:
+    with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
         assert delivered.wait(60)  # the agent's socket took the whole flood
         assert _rss_mb(agent) < HOSTILE_CLOUD_RSS_MB
-        _still_serving(agent, client_factory("alice"))
+        _still_serving(agent, client)
         assert len(cloud.connections) == 1 and "cut off the cloud broker" not in agent.log_path.read_text()
-    finally:
-        agent.stop()
