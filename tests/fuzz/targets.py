@@ -24,12 +24,13 @@ from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, Limits, OutboxSettings
 from agent.config_loader import load_settings_with_sources
-from agent.errors import AgentError, RequestError
+from agent.errors import AgentError, PeerViolation, RequestError
 from agent.exchange import InboundRequest
 from agent.models.catalog import build_catalog, load_manifest
 from agent.models.devmodels import copy_bundled_models
 from agent.models.inference import TensorInfo, prepare_input
 from agent.models.manager import ModelManager
+from agent.mqtt.inbound_guard import InboundGuard, InboundLimits
 from agent.serving.fallback import CloudFallback
 from agent.serving.protocol import (
     InferParams,
@@ -195,6 +196,28 @@ def _uplink() -> tuple[Outbox, Uplink]:
     return outbox, Uplink(outbox, cloud, "dev1")
 
 
+def target_cloud_stream(data_bytes: bytes) -> None:
+    """The bytes a cloud broker sends, as the uplink reads them from its socket in pieces of any size: the inbound
+    guard lets them through or refuses them with PeerViolation, the same whatever the pieces, and never leaves
+    more QoS 2 messages unreleased than the Receive Maximum it announced."""
+    data = FuzzedInput(data_bytes)
+    limits = InboundLimits(max_packet_bytes=2 + data.uint(2), receive_maximum=1 + data.byte() % 16)
+    piece = 1 + data.byte()
+    stream = data.rest()
+    outcomes = []
+    for size in (piece, len(stream) or 1):
+        guard = InboundGuard(limits)
+        refused = None
+        try:
+            for start in range(0, len(stream), size):
+                guard.feed(stream[start : start + size])
+        except PeerViolation as exc:
+            refused = str(exc)
+        assert len(guard.awaiting_release) <= limits.receive_maximum, guard.awaiting_release
+        outcomes.append((refused, guard.awaiting_release))
+    assert outcomes[0] == outcomes[1], outcomes
+
+
 def target_puback(data_bytes: bytes) -> None:
     """A PUBACK as the cloud broker sends it: a reason below 0x80 deletes the rows, any other dead-letters them."""
     data = FuzzedInput(data_bytes)
@@ -330,6 +353,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "tensor": target_tensor,
     "tools_call": target_tools_call,
     "cloud_answer": target_cloud_answer,
+    "cloud_stream": target_cloud_stream,
     "puback": target_puback,
     "manifest": target_manifest,
     "config": target_config,
