@@ -50,6 +50,10 @@ from tests.fuzz.fuzzed import FuzzedInput
 from tests.fuzz.intake import target_intake
 
 
+# The outboxes here live in memory (/dev/shm), up to 256 of them: a disk reserve each would hold 1 GiB.
+_NO_RESERVE = OutboxSettings(reserve_bytes=0)
+
+
 @cache
 def _workdir() -> Path:
     # On tmpfs where there is one: the outbox fsyncs every transaction, which on a disk caps a target at ~100 runs/s.
@@ -191,7 +195,7 @@ def target_cloud_answer(data_bytes: bytes) -> None:
 
 @cache
 def _uplink() -> tuple[Outbox, Uplink]:
-    outbox = Outbox(_workdir() / "puback.db", OutboxSettings())
+    outbox = Outbox(_workdir() / "puback.db", _NO_RESERVE)
     cloud = CloudBroker(host="127.0.0.1", port=1, tls=False)
     return outbox, Uplink(outbox, cloud, "dev1")
 
@@ -309,7 +313,7 @@ def target_outbox_rows(data_bytes: bytes) -> None:
     path = _workdir() / f"rows-{data.byte()}.db"
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink(missing_ok=True)  # SQLite may remove its -shm as the last connection closes
-    Outbox(path).close()
+    Outbox(path, _NO_RESERVE).close()
     db = sqlite3.connect(path)
     try:
         for _ in range(1 + data.byte() % 4):
@@ -323,7 +327,7 @@ def target_outbox_rows(data_bytes: bytes) -> None:
     finally:
         db.close()
     try:
-        outbox = Outbox(path)
+        outbox = Outbox(path, _NO_RESERVE)
     except AgentError:
         return  # refused as an OutboxError, never anything else
     try:
