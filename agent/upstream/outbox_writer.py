@@ -114,7 +114,7 @@ class OutboxWriter:
                 self._release_lock()
                 ready.set_exception(exc if isinstance(exc, OutboxError) else OutboxError(f"outbox {self.path}: {exc}"))
                 return
-            # Local answers must go on: the outbox opens by itself once there is room (see _retry_open).
+            # Local answers must go on: the outbox opens by itself once there is room (see _retry_space).
             self._unavailable = f"disk full: {exc}"
             log.error("%s; local answers go on, opening is retried every second", exc)
         ready.set_result(None)
@@ -124,7 +124,8 @@ class OutboxWriter:
                 first = self._queue.get(timeout=self._idle_timeout())
             except queue.Empty:
                 if self._unavailable is not None or self._space.short is not None:
-                    self._retry_space()
+                    with INTERNAL_ERRORS.guard("outbox_writer"):
+                        self._retry_space()
                     continue
                 if self.read_only or self._ledger is None or not self._ledger.count:
                     continue
