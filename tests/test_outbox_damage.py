@@ -3,11 +3,15 @@ corruption event (files moved aside as found, counted, logged) and every row sti
 
 from __future__ import annotations
 
+import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from agent.app import Agent
+from agent.mqtt.localbroker import MosquittoProcess
 from agent.upstream.outbox import Outbox
 from agent.upstream.outbox_wal import wal_damage
 from tests.test_outbox_faults import drain, padded
@@ -96,3 +100,18 @@ def test_an_append_interrupted_between_a_frame_header_and_its_page_is_no_damage(
     with Outbox(crashed) as store:
         assert store.stats().corruption_events == 0
         assert {msg_id: body for _, msg_id, body in drain(store)} == bodies
+
+
+def test_the_agent_audits_and_counts_a_corrupt_outbox_found_at_start(
+    tmp_path: Path, start_agent: Callable[..., Agent], cloud_broker: MosquittoProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "outbox.db").touch()  # found while the outbox opens, before anyone could listen
+    cloud = {"host": cloud_broker.host, "port": cloud_broker.port}
+    with caplog.at_level(logging.ERROR, logger="agent.observe.audit"):
+        agent = start_agent(cloud=cloud)
+    (record,) = [r for r in caplog.records if getattr(r, "audit", {}).get("kind") == "outbox_corrupt"]
+    assert record.audit["detail"]["rows_salvaged"] == 0 and "zero length" in record.audit["detail"]["cause"]
+    assert agent.metrics is not None
+    assert agent.metrics.registry.get_sample_value("edge_agent_outbox_corruption_events_total") == 1

@@ -196,6 +196,11 @@ class Outbox:
         """Call ``callback()`` (on the writer thread; it must not block) whenever rows become queued."""
         self._writer.add_queued_listener(callback)
 
+    def add_corruption_listener(self, callback: Callable[[CorruptionEvent], None]) -> None:
+        """Call ``callback(event)`` for every corrupt file this outbox moved aside and salvaged, those found while
+        opening included (replayed at once); on the writer thread, so it must not block."""
+        self._writer.corruptions.add(callback)
+
     def close(self) -> None:
         """Finish every write already submitted, then close the file. Later calls raise OutboxError."""
         self._writer.close()

@@ -24,6 +24,7 @@ from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
 from agent.upstream import outbox_reports, outbox_salvage, outbox_space, outbox_wal
 from agent.upstream.outbox_ledger import Ledger
+from agent.upstream.outbox_models import CorruptionEvent, Listeners
 from agent.upstream.outbox_space import DiskSpace
 
 # The outbox's logger, shared by all its modules: operators and tests filter on one name.
@@ -65,7 +66,8 @@ class OutboxWriter:
         self._queue: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
         self._closed = False
-        self._listeners: list[Callable[[], None]] = []
+        self._queued: Listeners[None] = Listeners()
+        self.corruptions: Listeners[CorruptionEvent] = Listeners(replay=True)
         self._lock_fd: int | None = None
         self._ledger: Ledger | None = None
         self._transactions = self._write_errors = 0
@@ -95,7 +97,7 @@ class OutboxWriter:
 
     def add_queued_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the writer thread after every commit that queued rows."""
-        self._listeners.append(callback)
+        self._queued.add(lambda _: callback())
 
     def close(self) -> None:
         """Finish every command already submitted, then close the file and end the thread."""
@@ -238,14 +240,7 @@ class OutboxWriter:
                 result = [None if row_id is None or row_id in evicted else row_id for row_id in result]
             command.future.set_result(result)
         if ledger.queued_grew:
-            self._notify_listeners()
-
-    def _notify_listeners(self) -> None:
-        for callback in list(self._listeners):
-            try:
-                callback()
-            except Exception:
-                log.exception("outbox listener failed")
+            self._queued.notify(None)
 
     def _after_failed_write(self, exc: Exception) -> None:
         try:
@@ -289,7 +284,7 @@ class OutboxWriter:
             return
         self._unavailable = None
         log.warning("outbox %s: opened now that the disk has room", self.path)
-        self._notify_listeners()  # the rows stored before are queued for the uplink
+        self._queued.notify(None)  # the rows stored before are queued for the uplink
 
     # -- opening, recovery --------------------------------------------------------------------------
 
@@ -388,7 +383,10 @@ class OutboxWriter:
         self._connect()
         assert self._ledger is not None
         with store.write_transaction(self._ledger.db):
-            outbox_salvage.restore(self._ledger.tables, salvaged, path=self.path, cause=cause, wall=self._clock.wall())
+            event = outbox_salvage.restore(
+                self._ledger.tables, salvaged, path=self.path, cause=cause, wall=self._clock.wall()
+            )
+        self.corruptions.notify(event)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
