@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from agent.errors import PeerViolation
 from agent.mqtt.inbound_guard import GuardedClient, InboundGuard, InboundLimits
-from agent.mqtt.transport import new_client
+from agent.mqtt.transport import new_guarded_client
 from tests.fixtures.hostile_cloud import publish_packet, remaining_length
 
 PACKET_IDS = st.integers(1, 40)
@@ -109,6 +109,6 @@ def test_unreleased_messages_outlive_a_reconnect_as_paho_keeps_them() -> None:
 def test_the_guarded_client_reads_through_pahos_one_receive_call() -> None:
     # GuardedClient overrides paho's private _sock_recv (paho-mqtt 2.x): a paho without it would silently
     # bypass the guard.
-    client = new_client("guarded", inbound=InboundLimits(max_packet_bytes=4096, receive_maximum=16))
-    assert isinstance(client, GuardedClient)
+    client = new_guarded_client("guarded", InboundLimits(max_packet_bytes=4096, receive_maximum=16))
+    assert isinstance(client, GuardedClient) and client.on_socket_open is not None
     assert "_sock_recv" in vars(mqtt.Client)

@@ -29,17 +29,19 @@ def _enable_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def new_client(client_id: str, *, manual_ack: bool = False, inbound: InboundLimits | None = None) -> mqtt.Client:
-    """An MQTT 5 paho client with version-2 callbacks and TCP_NODELAY on its socket.
+def new_client(client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
+    """An MQTT 5 paho client with version-2 callbacks and TCP_NODELAY on its socket."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
+    )
+    client.on_socket_open = _enable_tcp_nodelay
+    return client
 
-    ``inbound``: cut the connection of a peer that breaks these limits (see :mod:`agent.mqtt.inbound_guard`);
-    the client is then a :class:`~agent.mqtt.inbound_guard.GuardedClient`.
-    """
-    options: dict[str, Any] = {"client_id": client_id, "protocol": mqtt.MQTTv5, "manual_ack": manual_ack}
-    if inbound is not None:
-        client: mqtt.Client = GuardedClient(mqtt.CallbackAPIVersion.VERSION2, limits=inbound, **options)
-    else:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **options)
+
+def new_guarded_client(client_id: str, limits: InboundLimits) -> GuardedClient:
+    """Like :func:`new_client`, for a peer that is input too: a peer that breaks ``limits`` is cut off (see
+    :mod:`agent.mqtt.inbound_guard`)."""
+    client = GuardedClient(mqtt.CallbackAPIVersion.VERSION2, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5)
     client.on_socket_open = _enable_tcp_nodelay
     return client
 

@@ -52,14 +52,14 @@ from pydantic import BaseModel
 
 from agent.config import CloudBroker
 from agent.faults import INTERNAL_ERRORS
-from agent.mqtt.inbound_guard import GuardedClient, InboundLimits
+from agent.mqtt.inbound_guard import InboundLimits
 from agent.mqtt.transport import (
     Subscriptions,
     WakeSocket,
     backoff_delay,
     configure_broker_access,
     connect_properties,
-    new_client,
+    new_guarded_client,
     serve_connection,
 )
 from agent.upstream.uplink_drain import Drain, OutboxPort, PublishWindow
@@ -119,11 +119,9 @@ class Uplink:
         self._cloud = cloud
         self._count_event = count
         # The cloud broker is input too: one that ignores the limits announced below is cut off, not obeyed.
-        client = new_client(
-            client_id or device_id, inbound=InboundLimits(cloud.max_packet_bytes, cloud.receive_maximum)
+        self._client = new_guarded_client(
+            client_id or device_id, InboundLimits(cloud.max_packet_bytes, cloud.receive_maximum)
         )
-        assert isinstance(client, GuardedClient)
-        self._client = client
         configure_broker_access(self._client, cloud)
         # A callback's exception would end the connection thread's round; each is guarded instead.
         self._client.on_connect = INTERNAL_ERRORS.wrap("uplink_connect", self._on_connect)
