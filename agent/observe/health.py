@@ -27,24 +27,17 @@ _PROC_SELF = Path("/proc/self")
 class OutboxFigures(Protocol):
     """What health and metrics read from :meth:`agent.upstream.outbox.Outbox.stats` (an ``OutboxStats``)."""
 
+    messages: int
+    bytes: int
+    oldest_age_s: float | None
+    dead: int
+    delivered: int
+    write_errors: int
+    corruption_events: int
+    problem: str | None  # why new records cannot be stored now (disk full); None: they can
+
     @property
-    def messages(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def oldest_age_s(self) -> float | None: ...
-    @property
-    def dead(self) -> int: ...
-    @property
-    def delivered(self) -> int: ...
-    @property
-    def drops(self) -> Mapping[str, Mapping[str, int]]: ...
-    @property
-    def write_errors(self) -> int: ...
-    @property
-    def corruption_events(self) -> int: ...
-    @property
-    def problem(self) -> str | None: ...
+    def drops(self) -> Mapping[str, Mapping[str, int]]: ...  # a property: only a read-only member takes a dict of dicts
 
 
 @dataclass(frozen=True)
