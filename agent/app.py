@@ -215,6 +215,10 @@ class Agent:
             log.warning("no [cloud] section: running local-only, nothing is recorded or sent upstream")
             return
         upstream = self.upstream = Upstream(self.settings, self.signer, self.count)
+        # Its corruption events reach the audit trail, those found while opening too (replayed now).
+        upstream.outbox.add_corruption_listener(
+            lambda event: self.audit.record("outbox_corrupt", **event.model_dump(mode="json"))
+        )
         if cloud.fallback_models:
             self.fallback = CloudFallback(
                 cloud.fallback_models,

@@ -14,13 +14,17 @@ if sys.version_info >= (3, 11):
 else:  # tomli is the library that became tomllib in 3.11
     import tomli as tomllib
 
-__all__ = ["UTC", "SQLITE_CORRUPT", "SQLITE_ERROR", "SQLITE_FULL", "SQLITE_NOTADB", "sqlite_error_code", "tomllib"]
+__all__ = [
+    "UTC", "SQLITE_CORRUPT", "SQLITE_ERROR", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_NOTADB", "sqlite_error_code",
+    "tomllib",
+]  # fmt: skip
 
 # datetime.UTC (3.11+) is this very object.
 UTC = timezone.utc
 
 # SQLite's primary result codes; the sqlite3 module exports them only from 3.11 on, and they never change.
 SQLITE_ERROR = 1
+SQLITE_IOERR = 10
 SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
 SQLITE_NOTADB = 26
@@ -30,6 +34,7 @@ _CODE_OF_MESSAGE = {
     "database disk image is malformed": SQLITE_CORRUPT,
     "file is not a database": SQLITE_NOTADB,
     "database or disk is full": SQLITE_FULL,
+    "disk I/O error": SQLITE_IOERR,
 }
 
 

@@ -84,6 +84,10 @@ class CloudBroker(Section):
         "which must then not send a larger packet; unset: fallback_max_answer_bytes plus 64 KiB"
     )
     inflight_window: int = Field(32, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
+    receive_maximum: int = Field(
+        16, ge=1, le=65535, description="MQTT 5 Receive Maximum announced to the cloud broker: QoS 2 messages it "
+        "may leave unreleased at once; a broker that exceeds it, or Maximum Packet Size, is disconnected"
+    )
     batch: bool = Field(False, description="many records per cloud message, for metered links (docs/cloud.md)")
     batch_max_records: int = Field(100, ge=1, le=10_000, description="records in one batch message")
     batch_max_bytes: int = Field(
@@ -259,6 +263,10 @@ class OutboxSettings(Section):
     max_bytes: int = Field(64 * 1024 * 1024, ge=4096, description="body bytes kept before classes are dropped")
     max_messages: int = Field(100_000, ge=1)
     max_file_bytes: int | None = Field(None, ge=65536, description="hard ceiling on the database file itself")
+    reserve_bytes: int = Field(
+        4 * 1024 * 1024, ge=0, description="disk space held in outbox.db.reserve and given back when the disk is "
+        "full, so the outbox can still deliver and checkpoint; its WAL stays under half of it (0: no reserve)"
+    )
     ttl_s: dict[MessageClass, PositiveFloat] = Field(
         default_factory=lambda: {"fallback": 30.0}, description="per class; a class without one never expires"
     )

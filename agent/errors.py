@@ -26,6 +26,12 @@ class OutboxError(AgentError):
     """The durable outbox cannot store or deliver (disk full, database unusable)."""
 
 
+class PeerViolation(AgentError, ConnectionAbortedError):
+    """An MQTT peer broke a limit we announced (Maximum Packet Size, Receive Maximum): the connection is cut.
+
+    An ``OSError`` too, because paho treats exactly those, raised while it reads, as a lost connection."""
+
+
 class UpstreamFormatError(AgentError):
     """An upstream message (single or batch envelope, docs/cloud.md) cannot be decoded."""
 

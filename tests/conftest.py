@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.swtpm",
     "tests.fixtures.agents",
+    "tests.fixtures.hostile_cloud",
+    "tests.fixtures.disks",
 ]

@@ -7,62 +7,22 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import BUNDLED_MODELS_DIR
 from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess
-from agent.mqtt.transport import connect_properties, new_client
+from agent.mqtt.transport import new_client
 from agent.signing import verify_message
 from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
 from tests.fixtures.generated_models import add_model, sized_model
 
 EXAMPLE = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
-
-
-class CloudSide:
-    """A persistent-session subscriber on the cloud broker: what the cloud received, across its restarts."""
-
-    def __init__(self, broker: MosquittoProcess, name: str = "cloud-consumer") -> None:
-        self.records: list[dict[str, Any]] = []
-        self.user_msg_ids: list[str] = []
-        self._cond = threading.Condition()
-        self._client = new_client(name)
-        self._client.on_connect = lambda c, u, f, r, p: c.subscribe("mcp/up/#", qos=1)
-        self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(0.1, 1)
-        self._client.connect(broker.host, broker.port, clean_start=False, properties=connect_properties(3600))
-        self._client.loop_start()
-
-    def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        envelope = json.loads(message.payload)
-        with self._cond:
-            self.records.append(envelope)
-            self.user_msg_ids.append(dict(message.properties.UserProperty)["msg-id"])
-            self._cond.notify_all()
-
-    def wait_for(self, predicate: Any, timeout: float = 30.0) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self.records), timeout)
-
-    def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-
-@pytest.fixture
-def cloud_side(cloud_broker: MosquittoProcess) -> Iterator[CloudSide]:
-    side = CloudSide(cloud_broker)
-    time.sleep(0.3)
-    yield side
-    side.close()
 
 
 def _cloud(broker: MosquittoProcess, **extra: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ import socket
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,13 @@ from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.mqtt.transport import new_client
 from agent.tools.client import DeviceClient
 from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
+from tests.fixtures.hostile_cloud import Behaviour, Connection, HostileCloud, publish_packet, remaining_length
 
 EXAMPLE = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 # The agent's whole-process ceiling in these tests; it serves the bundled models well below it.
 PROCESS_MEMORY_MB = 512
+# What the agent may hold while a hostile cloud broker floods it: the bounds it announced, not the flood's size.
+HOSTILE_CLOUD_RSS_MB = 200
 
 
 def _config(tmp_path: Path, local: MosquittoProcess, limits: dict[str, Any] | None = None, **extra: Any) -> Path:
@@ -133,3 +137,104 @@ def test_requests_for_an_unreachable_cloud_hold_bounded_memory(
         _still_serving(agent, clients[0])
     finally:
         agent.stop()
+
+
+def _hostile_cloud_config(tmp_path: Path, local: MosquittoProcess, cloud: HostileCloud) -> Path:
+    values = {
+        "host": cloud.host, "port": cloud.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
+        "fallback_models": ["big-vision-model"],  # the agent subscribes to the cloud's answers
+    }  # fmt: skip
+    return _config(tmp_path, local, cloud=values)
+
+
+@contextmanager
+def _agent_on(
+    tmp_path: Path, local: MosquittoProcess, cloud: HostileCloud, client_factory: Callable[..., DeviceClient]
+) -> Iterator[tuple[AgentProcess, DeviceClient]]:
+    """The real agent with ``cloud`` as its [cloud] broker, and a local client; the agent is stopped after."""
+    agent = AgentProcess(_hostile_cloud_config(tmp_path, local, cloud), local).start()
+    try:
+        yield agent, client_factory("alice")
+    finally:
+        agent.stop()
+
+
+def _answer_flood(qos: int, count: int = 65_000) -> bytes:
+    """``count`` answers on the fallback topic for a request nobody made, packet ids wrapping around."""
+    answer = b'{"jsonrpc":"2.0","msg_id":"none","result":{}}'
+    topic = topics.cloud_reply_topic("dev1")
+    return b"".join(publish_packet(topic, answer, qos=qos, packet_id=1 + n % 65535) for n in range(count))
+
+
+def test_a_cloud_broker_flooding_qos2_messages_it_never_releases_is_cut_off(
+    tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient],
+    hostile_cloud: Callable[[Behaviour], HostileCloud],
+) -> None:  # fmt: skip
+    # 65,000 QoS 2 publishes and never a PUBREL: paho keeps every one until its release (724 MB measured).
+    flood = _answer_flood(qos=2)
+
+    def behaviour(connection: Connection) -> None:
+        if connection.index < 2:  # then it behaves, so the test can see the agent came back
+            connection.send(flood)
+
+    cloud = hostile_cloud(behaviour)
+    with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
+        assert cloud.wait_for_connections(3)
+        first = cloud.connections[0]
+        assert first.connect_properties is not None and first.connect_properties.ReceiveMaximum == 16
+        assert first.closed_by_peer.wait(30) and cloud.connections[1].closed_by_peer.wait(30)
+        log = agent.log_path.read_text()
+        assert "cut off the cloud broker" in log and "QoS 2 messages awaiting release" in log, log
+        assert _rss_mb(agent) < HOSTILE_CLOUD_RSS_MB
+        _still_serving(agent, client)
+        assert "'cloud_peer_violation': 2" in agent.log_path.read_text()
+
+
+def test_a_cloud_answer_far_over_the_maximum_packet_size_is_never_read(
+    tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient],
+    hostile_cloud: Callable[[Behaviour], HostileCloud],
+) -> None:  # fmt: skip
+    # Three 200 MB answers on the fallback topic took the agent to 1.5 GB: paho reads a packet whole first.
+    size = 200 * 1024 * 1024
+    name = topics.cloud_reply_topic("dev1").encode()
+    head = b"\x32" + remaining_length(size) + len(name).to_bytes(2, "big") + name + b"\x00\x01\x00"
+    chunk = bytes(1024 * 1024)
+
+    def behaviour(connection: Connection) -> None:
+        if connection.index >= 3 or not connection.subscribed.wait(10) or not connection.send(head):
+            return
+        for _ in range(size // len(chunk)):
+            if not connection.send(chunk):
+                return
+
+    cloud = hostile_cloud(behaviour)
+    with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
+        assert cloud.wait_for_connections(4, timeout=60)
+        announced = cloud.connections[0].connect_properties
+        assert announced is not None and announced.MaximumPacketSize == 4 * 1024 * 1024 + 65536
+        for connection in cloud.connections[:3]:
+            assert connection.closed_by_peer.wait(30)
+            assert connection.sent < size // 4  # cut off at the header: what got through sat in socket buffers
+        assert "over the Maximum Packet Size" in agent.log_path.read_text()
+        assert _rss_mb(agent) < HOSTILE_CLOUD_RSS_MB
+        _still_serving(agent, client)
+
+
+def test_a_cloud_broker_flooding_qos1_answers_is_acknowledged_without_holding_them(
+    tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient],
+    hostile_cloud: Callable[[Behaviour], HostileCloud],
+) -> None:  # fmt: skip
+    # QoS 1 needs no limit of its own: paho acknowledges each publish as it reads it and keeps nothing.
+    flood = _answer_flood(qos=1)
+    delivered = threading.Event()
+
+    def behaviour(connection: Connection) -> None:
+        if connection.subscribed.wait(10) and connection.send(flood):
+            delivered.set()
+
+    cloud = hostile_cloud(behaviour)
+    with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
+        assert delivered.wait(60)  # the agent's socket took the whole flood
+        assert _rss_mb(agent) < HOSTILE_CLOUD_RSS_MB
+        _still_serving(agent, client)
+        assert len(cloud.connections) == 1 and "cut off the cloud broker" not in agent.log_path.read_text()

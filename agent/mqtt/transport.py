@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, LocalBroker, TlsSettings
+from agent.mqtt.inbound_guard import GuardedClient, InboundLimits
 
 
 def _enable_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -98,6 +99,14 @@ def new_client(client_id: str, *, manual_ack: bool = False) -> ChunkedReadClient
     client = ChunkedReadClient(
         mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
     )
+    client.on_socket_open = _enable_tcp_nodelay
+    return client
+
+
+def new_guarded_client(client_id: str, limits: InboundLimits) -> GuardedClient:
+    """Like :func:`new_client`, for a peer that is input too: a peer that breaks ``limits`` is cut off (see
+    :mod:`agent.mqtt.inbound_guard`)."""
+    client = GuardedClient(mqtt.CallbackAPIVersion.VERSION2, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5)
     client.on_socket_open = _enable_tcp_nodelay
     return client
 

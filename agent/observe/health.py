@@ -27,18 +27,17 @@ _PROC_SELF = Path("/proc/self")
 class OutboxFigures(Protocol):
     """What health and metrics read from :meth:`agent.upstream.outbox.Outbox.stats` (an ``OutboxStats``)."""
 
+    messages: int
+    bytes: int
+    oldest_age_s: float | None
+    dead: int
+    delivered: int
+    write_errors: int
+    corruption_events: int
+    problem: str | None  # why new records cannot be stored now (disk full); None: they can
+
     @property
-    def messages(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def oldest_age_s(self) -> float | None: ...
-    @property
-    def dead(self) -> int: ...
-    @property
-    def delivered(self) -> int: ...
-    @property
-    def drops(self) -> Mapping[str, Mapping[str, int]]: ...
+    def drops(self) -> Mapping[str, Mapping[str, int]]: ...  # a property: only a read-only member takes a dict of dicts
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,7 @@ class OutboxHealth(BaseModel):
     bytes: int
     oldest_age_s: float | None
     dead: int
+    problem: str | None = None  # why new upstream records cannot be stored now (disk full); local answers go on
 
 
 class Health(BaseModel):
@@ -112,7 +112,8 @@ def collect_health(probes: Probes) -> Health:
         outbox=None
         if outbox is None
         else OutboxHealth(
-            messages=outbox.messages, bytes=outbox.bytes, oldest_age_s=outbox.oldest_age_s, dead=outbox.dead
+            messages=outbox.messages, bytes=outbox.bytes, oldest_age_s=outbox.oldest_age_s, dead=outbox.dead,
+            problem=outbox.problem,
         ),
         cloud=probes.cloud_state() if probes.cloud_state is not None else None,
     )

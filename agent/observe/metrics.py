@@ -20,7 +20,9 @@ Series (all prefixed ``edge_agent_``):
   caps), ``oversized``.
 * ``intake_depth`` (requests waiting), ``intake_bytes``, ``intake_expected_wait_seconds`` (for a request
   from a new client now); ``outbox_messages``, ``outbox_bytes``, ``outbox_oldest_age_seconds``,
-  ``outbox_dead_messages``, ``outbox_dropped_total{reason,cls}``, ``outbox_delivered_total``;
+  ``outbox_dead_messages``, ``outbox_dropped_total{reason,cls}``, ``outbox_delivered_total``,
+  ``outbox_degraded`` (1 while new upstream records cannot be stored: disk full, or the file cannot be opened),
+  ``outbox_write_errors_total``, ``outbox_corruption_events_total``;
   ``cloud_link_state{state}`` (1 for the current state).
 * ``model_loads_total{model}``, ``model_evictions_total{model}``.
 * ``internal_errors_total{where}``: exceptions nothing expected, caught where a thread or callback would
@@ -198,6 +200,19 @@ class LiveCollector:
             yield dropped
             yield CounterMetricFamily(
                 f"{PREFIX}_outbox_delivered", "Outbox messages acknowledged by the cloud", value=outbox.delivered
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}_outbox_degraded",
+                "1 while the outbox cannot store new messages (disk full, or it cannot be opened); local answers go on",
+                value=int(outbox.problem is not None),
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_outbox_write_errors", "Outbox write transactions that failed", value=outbox.write_errors
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_outbox_corruption_events",
+                "Corrupt outbox files moved aside and salvaged, ever",
+                value=outbox.corruption_events,
             )
         if self.probes.model_accelerators is not None:
             accelerators = GaugeMetricFamily(

@@ -28,10 +28,13 @@ What callers can rely on:
   by reason (``capacity``, ``expired``, ``too_large``) and class.
 * **TTL** per class (``ttl_s``) or per message, measured on the boot clock (see :mod:`agent.upstream.outbox_file`):
   a wall-clock jump never expires anything early.
-* **Faults.** A corrupt file is salvaged as far as SQLite can read it, moved aside with its -wal/-shm under
+* **Faults.** A corrupt file (SQLite's checks, a zero-length file, a damaged or cut-short -wal: see
+  :mod:`agent.upstream.outbox_wal`) is salvaged as far as it can be read, moved aside with its -wal/-shm under
   a timestamped name (kept), and replaced by a fresh file holding the salvaged rows; logged at ERROR and
   counted in ``stats``. Disk full (or ``max_file_bytes``) fails the writes of that transaction with a clear
-  :class:`OutboxError`; stored rows are untouched and writing resumes once space returns.
+  :class:`OutboxError`; stored rows are untouched. On a full disk the outbox gives back its reserve so that
+  deliveries go on, refuses new messages until space returns, and if it could not even open, opens by itself
+  later (:mod:`agent.upstream.outbox_space`); ``stats().problem`` says what is wrong meanwhile.
 """
 
 from __future__ import annotations
@@ -192,6 +195,11 @@ class Outbox:
     def add_queued_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the writer thread; it must not block) whenever rows become queued."""
         self._writer.add_queued_listener(callback)
+
+    def add_corruption_listener(self, callback: Callable[[CorruptionEvent], None]) -> None:
+        """Call ``callback(event)`` for every corrupt file this outbox moved aside and salvaged, those found while
+        opening included (replayed at once); on the writer thread, so it must not block."""
+        self._writer.corruptions.add(callback)
 
     def close(self) -> None:
         """Finish every write already submitted, then close the file. Later calls raise OutboxError."""

@@ -15,7 +15,10 @@ too, for people to read; nothing is computed from it.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -27,7 +30,7 @@ from typing import Any
 
 import peewee
 
-from agent.compat import SQLITE_CORRUPT, SQLITE_ERROR, SQLITE_NOTADB, sqlite_error_code
+from agent.compat import SQLITE_CORRUPT, SQLITE_ERROR, SQLITE_FULL, SQLITE_NOTADB, sqlite_error_code
 from agent.errors import OutboxError
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,16 @@ def bind_tables(db: peewee.SqliteDatabase) -> Tables:
     return Tables(Row, Counter, MetaValue)
 
 
+def body_size(row: Any) -> Any:
+    """The byte size of a row's body, as SQL: what every total and bound is computed from.
+
+    The ``size`` column is written with each row but never trusted when read back: a damaged or hand-edited
+    file can hold any integer there, and a bogus one would evict every other row, or overflow ``SUM`` and keep
+    the outbox from opening. ``length()`` of a blob reads the row's header, not its content.
+    """
+    return peewee.fn.LENGTH(row.body)
+
+
 def sqlite_code(exc: BaseException) -> int | None:
     """The primary SQLite result code behind ``exc`` (Peewee wraps sqlite3 errors), or None."""
     seen: set[int] = set()
@@ -199,8 +212,19 @@ def is_corruption(exc: BaseException) -> bool:
     return isinstance(exc, CorruptFile) or sqlite_code(exc) in (SQLITE_CORRUPT, SQLITE_NOTADB)
 
 
-def connect(path: Path, *, read_only: bool, max_file_bytes: int | None) -> peewee.SqliteDatabase:
-    """Open (creating if needed) the database in WAL mode with ``synchronous=FULL``: a commit is on disk."""
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or ``max_file_bytes``) is full."""
+    return sqlite_code(exc) == SQLITE_FULL or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+
+
+def connect(
+    path: Path, *, read_only: bool, max_file_bytes: int | None, wal_limit_bytes: int | None = None
+) -> peewee.SqliteDatabase:
+    """Open (creating if needed) the database in WAL mode with ``synchronous=FULL``: a commit is on disk.
+
+    ``wal_limit_bytes``: checkpoint once the WAL reaches about this size, and truncate it back to it, so that a
+    checkpoint never needs more free disk than the outbox's reserve (:mod:`agent.upstream.outbox_space`).
+    """
     if read_only:
         db = peewee.SqliteDatabase(
             f"file:{path}?mode=ro", uri=True, timeout=5, autoconnect=False, pragmas={"query_only": 1}
@@ -209,14 +233,57 @@ def connect(path: Path, *, read_only: bool, max_file_bytes: int | None) -> peewe
         pragmas: dict[str, Any] = {
             "journal_mode": "wal",
             "synchronous": "full",
-            "journal_size_limit": 8 * 1024 * 1024,
+            "journal_size_limit": wal_limit_bytes if wal_limit_bytes is not None else 8 * 1024 * 1024,
         }
         db = peewee.SqliteDatabase(str(path), timeout=5, autoconnect=False, pragmas=pragmas)
     db.connect()
+    if wal_limit_bytes is not None and not read_only:
+        page_size = int(db.execute_sql("PRAGMA page_size").fetchone()[0])
+        db.execute_sql(f"PRAGMA wal_autocheckpoint = {max(16, wal_limit_bytes // page_size)}")
     if max_file_bytes is not None and not read_only:
         page_size = int(db.execute_sql("PRAGMA page_size").fetchone()[0])
         db.execute_sql(f"PRAGMA max_page_count = {max(1, max_file_bytes // page_size)}")
     return db
+
+
+def lock_exclusive(path: Path) -> int:
+    """Take the outbox's lock file (one writer process at a time); returns its descriptor, held until closed."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutboxError(f"outbox {path} is in use by another process (lock {path}.lock)") from None
+    return fd
+
+
+def checkpoint(db: peewee.SqliteDatabase | None) -> None:
+    """Copy the WAL into the database and truncate it to nothing: gives its disk space back."""
+    if db is None:
+        return
+    try:
+        db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    except Exception as exc:  # a checkpoint that cannot finish now leaves the WAL as it was: nothing is lost
+        log.warning("outbox: cannot checkpoint the WAL: %s", exc)
+
+
+def compact(db: peewee.SqliteDatabase | None, free_bytes: int, min_gain_bytes: int) -> None:
+    """Give the database file's free pages back to the filesystem (``VACUUM``) when that frees at least
+    ``min_gain_bytes`` and the rows left fit twice into ``free_bytes``: after a full disk, delivering every row
+    leaves the file as large as it grew, and the disk as full."""
+    if db is None:
+        return
+    try:
+        page_size, pages, free_pages = (
+            int(db.execute_sql(f"PRAGMA {name}").fetchone()[0]) for name in ("page_size", "page_count", "freelist_count")
+        )
+        if free_pages * page_size < min_gain_bytes or 2 * (pages - free_pages) * page_size > free_bytes:
+            return
+        db.execute_sql("VACUUM")
+    except Exception as exc:  # VACUUM is all or nothing: the file stays as it was
+        log.warning("outbox: cannot compact the database file: %s", exc)
+        return
+    checkpoint(db)
 
 
 def verify(path: Path) -> None:

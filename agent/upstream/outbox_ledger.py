@@ -97,9 +97,8 @@ class Ledger:
         row = self.tables.row
         self.count = self.bytes = self.in_flight = self.in_flight_bytes = 0
         self.queued = Counter()
-        query = row.select(row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(row.size)).group_by(
-            row.cls, row.state
-        )
+        totals = (row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(store.body_size(row)))
+        query = row.select(*totals).group_by(row.cls, row.state)
         for cls, state, count, size in query.tuples():
             self.count += count
             self.bytes += size or 0
@@ -195,6 +194,7 @@ class Ledger:
             current = row.get_or_none((row.id == row_id) & (row.state == store.CLAIMED))
             if current is None:
                 continue
+            size = len(current.body)
             refusals = current.failures + 1
             retry_at = None
             if refusals < settings.dead_letter_max_attempts:
@@ -203,7 +203,7 @@ class Ledger:
                 self.next_retry = retry_at if self.next_retry is None else min(self.next_retry, retry_at)
             self._set_state([row_id], store.DEAD, failures=refusals, last_reason=reason, retry_clock=retry_at)
             self.in_flight -= 1
-            self.in_flight_bytes -= current.size
+            self.in_flight_bytes -= size
             self._pending[f"dead_lettered:{current.cls}"] += 1
             log.warning("outbox: cloud refused %s (%s) with reason 0x%02x", current.msg_id, current.cls, reason)
 
@@ -317,7 +317,7 @@ class Ledger:
 
     def _select_rows(self, *conditions: Any, limit: int | None = None) -> list[Row]:
         row = self.tables.row
-        query = row.select(row.id, row.cls, row.size, row.state).where(*conditions).order_by(row.id)
+        query = row.select(row.id, row.cls, store.body_size(row), row.state).where(*conditions).order_by(row.id)
         return list((query.limit(limit) if limit else query).tuples())
 
     def _by_ids(self, ids: Sequence[int], *conditions: Any) -> list[Row]:
@@ -328,7 +328,7 @@ class Ledger:
                 found += self._select_rows(self.tables.row.id.in_(chunk), *conditions)
             else:
                 found += self.db.execute_sql(
-                    f"SELECT id, cls, size, state FROM outbox WHERE id IN ({_placeholders(chunk)}) ORDER BY id", chunk
+                    f"SELECT id, cls, length(body), state FROM outbox WHERE id IN ({_placeholders(chunk)}) ORDER BY id", chunk
                 ).fetchall()
         return found
 

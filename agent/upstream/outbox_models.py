@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from datetime import datetime
+from typing import Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
 from agent.config import MessageClass
+
+T = TypeVar("T")
 
 
 class OutboxRecord(BaseModel):
@@ -72,3 +78,41 @@ class OutboxStats(BaseModel):
     last_corruption: CorruptionEvent | None
     transactions: int = Field(description="write transactions (fsyncs) committed since this process opened it")
     write_errors: int = Field(description="write transactions failed since this process opened the outbox")
+    problem: str | None = Field(
+        None, description="why new messages cannot be stored now (disk full, the file cannot be opened); None: they can"
+    )
+
+
+class Listeners(Generic[T]):
+    """Callbacks for an outbox event, run on the thread that reports it (the writer's: they must not block).
+
+    One that raises is logged and the others still run. ``replay``: a callback added later is first called
+    with every event reported before (the outbox reports some while it opens, before anyone could listen).
+    """
+
+    def __init__(self, *, replay: bool = False) -> None:
+        self._callbacks: list[Callable[[T], None]] = []
+        self._past: list[T] | None = [] if replay else None
+        self._lock = threading.Lock()
+
+    def add(self, callback: Callable[[T], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+            past = list(self._past or [])
+        for event in past:
+            self._call(callback, event)
+
+    def notify(self, event: T) -> None:
+        with self._lock:
+            if self._past is not None:
+                self._past.append(event)
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            self._call(callback, event)
+
+    @staticmethod
+    def _call(callback: Callable[[T], None], event: T) -> None:
+        try:
+            callback(event)
+        except Exception:
+            logging.getLogger("agent.upstream.outbox").exception("outbox listener failed")

@@ -6,11 +6,13 @@ Runs on the outbox's writer thread, like every other access to the ledger's conn
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import peewee
 
 from agent.compat import UTC
-from agent.config import MESSAGE_CLASSES
+from agent.config import MESSAGE_CLASSES, OutboxSettings
+from agent.upstream.outbox_file import body_size
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_models import ClassStats, CorruptionEvent, OutboxEntry, OutboxStats
 
@@ -25,13 +27,13 @@ def clock_shift(ledger: Ledger) -> float:
     return 0.0
 
 
-def stats(ledger: Ledger, *, transactions: int, write_errors: int) -> OutboxStats:
+def stats(ledger: Ledger, *, transactions: int, write_errors: int, problem: str | None = None) -> OutboxStats:
     """Totals per class and state, drops, dead letters and faults, read from the file."""
     tables, row = ledger.tables, ledger.tables.row
     now = ledger.clock.now() - clock_shift(ledger)
     classes = {cls: ClassStats() for cls in MESSAGE_CLASSES}
     query = row.select(
-        row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(row.size), peewee.fn.MIN(row.enqueued_clock)
+        row.cls, row.state, peewee.fn.COUNT(row.id), peewee.fn.SUM(body_size(row)), peewee.fn.MIN(row.enqueued_clock)
     ).group_by(row.cls, row.state)
     for cls, state, count, size, oldest in query.tuples():
         entry = classes.setdefault(cls, ClassStats())
@@ -67,6 +69,31 @@ def stats(ledger: Ledger, *, transactions: int, write_errors: int) -> OutboxStat
         last_corruption=CorruptionEvent.model_validate_json(corruption) if corruption else None,
         transactions=transactions,
         write_errors=write_errors,
+        problem=problem,
+    )
+
+
+def unavailable(path: Path, settings: OutboxSettings, problem: str, *, write_errors: int) -> OutboxStats:
+    """What an outbox that could not be opened reports: nothing stored readable, and why."""
+    return OutboxStats(
+        path=str(path),
+        schema_version=0,
+        messages=0,
+        bytes=0,
+        max_messages=settings.max_messages,
+        max_bytes=settings.max_bytes,
+        classes={cls: ClassStats() for cls in MESSAGE_CLASSES},
+        oldest_age_s=None,
+        dead=0,
+        drops={},
+        dead_lettered={},
+        delivered=0,
+        last_delivery_at=None,
+        corruption_events=0,
+        last_corruption=None,
+        transactions=0,
+        write_errors=write_errors,
+        problem=problem,
     )
 
 
@@ -85,7 +112,7 @@ def peek(ledger: Ledger, n: int, cls: str | None, state: str | None) -> list[Out
             msg_id=r.msg_id,
             cls=r.cls,
             state=r.state,
-            size=r.size,
+            size=len(r.body),
             attempts=r.attempts,
             failures=r.failures,
             last_reason=r.last_reason,

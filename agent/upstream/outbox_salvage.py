@@ -10,6 +10,7 @@ import logging
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 
 from agent.compat import UTC
 from agent.config import MESSAGE_CLASSES
-from agent.upstream.outbox_file import QUEUED, ROW_COLUMNS, SIDE_FILES
+from agent.upstream.outbox_file import QUEUED, ROW_COLUMNS, SIDE_FILES, Tables, write_meta
+from agent.upstream.outbox_models import CorruptionEvent
+from agent.upstream.outbox_wal import committed_pages
 
 # Kept from before the split, so logging configuration and log searches keep matching.
 log = logging.getLogger("agent.upstream.outbox_file")
@@ -67,10 +70,14 @@ def salvage(moved: Path) -> Salvage:
     meta: dict[str, str] = {}
     max_id = 0
     try:
-        if moved.exists():
-            shutil.copyfile(moved, scratch)
-        if Path(f"{moved}-wal").exists():
-            shutil.copyfile(f"{moved}-wal", f"{scratch}-wal")
+        wal = Path(f"{moved}-wal")
+        if moved.exists() and moved.stat().st_size == 0 and wal.exists():
+            _rebuild_from_wal(wal, scratch)  # SQLite reads a WAL only beside a database that has a header
+        else:
+            if moved.exists():
+                shutil.copyfile(moved, scratch)
+            if wal.exists():
+                shutil.copyfile(wal, f"{scratch}-wal")
         conn = sqlite3.connect(scratch)
         try:
             rows = _salvage_rows(conn)
@@ -85,6 +92,50 @@ def salvage(moved: Path) -> Salvage:
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return Salvage(moved, rows, {k: v for k, v in counters.items() if isinstance(v, int)}, meta, max_id)
+
+
+def restore(tables: Tables, salvaged: Salvage, *, path: Path, cause: str, wall: float) -> CorruptionEvent:
+    """Write what was salvaged into the fresh file at ``path`` with its corruption event (inside the caller's
+    transaction), and log the event at ERROR."""
+    event = CorruptionEvent(
+        at=datetime.fromtimestamp(wall, UTC), moved_to=str(salvaged.moved_to), rows_salvaged=len(salvaged.rows),
+        cause=cause[:500],
+    )  # fmt: skip
+    db = tables.row._meta.database
+    for start in range(0, len(salvaged.rows), 50):
+        tables.row.insert_many(salvaged.rows[start : start + 50]).execute()
+    counters = Counter(salvaged.counters)
+    counters["corruption_events"] += 1
+    tables.counter.insert_many([{"name": k, "value": v} for k, v in counters.items()]).execute()
+    kept = {k: v for k, v in salvaged.meta.items() if k in ("boot_id", "boot_clock", "last_delivery_wall")}
+    write_meta(tables, **kept, last_corruption=event.model_dump_json())
+    # Ids must keep growing past every id the lost file handed out: they are the upstream `seq`.
+    if not db.execute_sql(
+        "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'outbox'", (salvaged.max_id,)
+    ).rowcount:
+        db.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (salvaged.max_id,))
+    # The writer's logger: operators and tests filter on it.
+    logging.getLogger("agent.upstream.outbox").error(
+        "OUTBOX CORRUPT (%s): moved %s (and its -wal/-shm) to %s; %d message(s) salvaged into a fresh "
+        "outbox; messages SQLite could not read are lost unless recovered by hand from the moved file",
+        cause,
+        path,
+        salvaged.moved_to,
+        len(salvaged.rows),
+    )
+    return event
+
+
+def _rebuild_from_wal(wal: Path, scratch: Path) -> None:
+    """A database made of the WAL's committed pages alone (pages it lacks stay zero: salvage reads around them)."""
+    found = committed_pages(wal)
+    if found is None or not found[1]:
+        return
+    page_size, pages = found
+    with open(scratch, "wb") as handle:
+        for number, page in sorted(pages.items()):
+            handle.seek((number - 1) * page_size)
+            handle.write(page)
 
 
 def _read_pairs(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, Any]]:

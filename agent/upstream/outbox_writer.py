@@ -7,33 +7,31 @@ and recovery of a corrupt file. The guarantees it keeps are documented in :mod:`
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.compat import SQLITE_FULL, UTC
 from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
-from agent.upstream import outbox_reports, outbox_salvage
+from agent.upstream import outbox_reports, outbox_salvage, outbox_space, outbox_wal
 from agent.upstream.outbox_ledger import Ledger
-from agent.upstream.outbox_models import CorruptionEvent
+from agent.upstream.outbox_models import CorruptionEvent, Listeners
+from agent.upstream.outbox_space import DiskSpace
 
 # The outbox's logger, shared by all its modules: operators and tests filter on one name.
 log = logging.getLogger("agent.upstream.outbox")
 
 _MAINTENANCE_S = 30.0
+_SPACE_RETRY_S = 1.0  # how often a full disk is looked at again (opening, taking the reserve back)
 _READ_OPS = frozenset({"stats", "peek"})
 # Claims need no fsync of their own: every claim is undone at open anyway, and the next durable commit
 # syncs the WAL they were written to.
@@ -68,11 +66,15 @@ class OutboxWriter:
         self._queue: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
         self._closed = False
-        self._listeners: list[Callable[[], None]] = []
+        self._queued: Listeners[None] = Listeners()
+        self.corruptions: Listeners[CorruptionEvent] = Listeners(replay=True)
         self._lock_fd: int | None = None
         self._ledger: Ledger | None = None
         self._transactions = self._write_errors = 0
         self._failing = False
+        self._space = DiskSpace(path, 0 if read_only else settings.reserve_bytes)
+        self._next_space_retry = 0.0
+        self._unavailable: str | None = None  # why the file could not be opened (a full disk); retried
         ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="outbox-writer", daemon=True)
         self._thread.start()
@@ -95,7 +97,7 @@ class OutboxWriter:
 
     def add_queued_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the writer thread after every commit that queued rows."""
-        self._listeners.append(callback)
+        self._queued.add(lambda _: callback())
 
     def close(self) -> None:
         """Finish every command already submitted, then close the file and end the thread."""
@@ -110,15 +112,23 @@ class OutboxWriter:
         try:
             self._open()
         except Exception as exc:
-            self._release_lock()
-            ready.set_exception(exc if isinstance(exc, OutboxError) else OutboxError(f"outbox {self.path}: {exc}"))
-            return
+            if self.read_only or not self._space.explains(exc):
+                self._release_lock()
+                ready.set_exception(exc if isinstance(exc, OutboxError) else OutboxError(f"outbox {self.path}: {exc}"))
+                return
+            # Local answers must go on: the outbox opens by itself once there is room (see _retry_space).
+            self._unavailable = f"disk full: {exc}"
+            log.error("%s; local answers go on, opening is retried every second", exc)
         ready.set_result(None)
         stopping = False
         while not stopping:
             try:
                 first = self._queue.get(timeout=self._idle_timeout())
             except queue.Empty:
+                if self._unavailable is not None or self._space.short is not None:
+                    with INTERNAL_ERRORS.guard("outbox_writer"):
+                        self._retry_space()
+                    continue
                 if self.read_only or self._ledger is None or not self._ledger.count:
                     continue
                 first = _Command("maintain", ())
@@ -163,6 +173,8 @@ class OutboxWriter:
         return batch, False
 
     def _idle_timeout(self) -> float:
+        if self._unavailable is not None or self._space.short is not None:
+            return _SPACE_RETRY_S
         due = self._ledger.next_retry if self._ledger is not None else None
         if due is None or self.read_only or self._failing:  # a failing disk is not retried in a tight loop
             return _MAINTENANCE_S
@@ -183,12 +195,27 @@ class OutboxWriter:
                     command.future.set_exception(exc if isinstance(exc, OutboxError) else OutboxError(str(exc)))
 
     def _read(self, command: _Command) -> Any:
+        if self._unavailable is not None and command.op == "stats":
+            return outbox_reports.unavailable(
+                self.path, self.settings, self._unavailable, write_errors=self._write_errors
+            )
         ledger = self._ensure_open()
         if command.op == "stats":
-            return outbox_reports.stats(ledger, transactions=self._transactions, write_errors=self._write_errors)
+            return outbox_reports.stats(
+                ledger, transactions=self._transactions, write_errors=self._write_errors, problem=self._space.short
+            )
         return outbox_reports.peek(ledger, *command.args)
 
     def _execute_writes(self, writes: list[_Command]) -> None:
+        refusal = self._space_refusal()
+        if refusal is not None:
+            # Short of space: what is stored still moves (deliveries free room), new messages wait outside.
+            for command in writes:
+                if command.op == "enqueue" or self._unavailable is not None:
+                    command.future.set_exception(refusal)
+            writes = [c for c in writes if not c.future.done()]
+            if not writes:
+                return
         try:
             ledger = self._ensure_open()
             ledger.begin()
@@ -199,7 +226,9 @@ class OutboxWriter:
         except Exception as exc:
             self._write_errors += 1
             self._failing = True
-            error = self._describe_failure(exc, writes)
+            error = outbox_space.describe_write_failure(
+                self.path, exc, [c.op for c in writes], out_of_space=self._space.explains(exc)
+            )
             self._after_failed_write(exc)
             for command in writes:
                 command.future.set_exception(error)
@@ -211,27 +240,13 @@ class OutboxWriter:
                 result = [None if row_id is None or row_id in evicted else row_id for row_id in result]
             command.future.set_result(result)
         if ledger.queued_grew:
-            for callback in list(self._listeners):
-                try:
-                    callback()
-                except Exception:
-                    log.exception("outbox listener failed")
-
-    def _describe_failure(self, exc: Exception, writes: list[_Command]) -> OutboxError:
-        if isinstance(exc, OutboxError):
-            return exc
-        what = f"{len(writes)} write(s) ({', '.join(sorted({c.op for c in writes}))}) not applied"
-        if store.sqlite_code(exc) == SQLITE_FULL or getattr(exc, "errno", None) == 28:
-            log.error("outbox %s: disk full or max_file_bytes reached; %s", self.path, what)
-            return OutboxError(
-                f"outbox {self.path}: disk full (or max_file_bytes reached): {what}; every message stored "
-                "before is kept, and writing resumes once space is freed"
-            )
-        log.error("outbox %s: %s: %s", self.path, what, exc)
-        return OutboxError(f"outbox {self.path}: {what}: {exc}")
+            self._queued.notify(None)
 
     def _after_failed_write(self, exc: Exception) -> None:
         try:
+            if self._space.explains(exc):
+                self._space.exhausted(str(exc))
+                store.checkpoint(self._ledger.db if self._ledger is not None else None)
             if store.is_corruption(exc):
                 self._recover(f"while writing: {exc}")
             if self._ledger is not None:
@@ -239,17 +254,49 @@ class OutboxWriter:
         except Exception as second:
             log.error("outbox %s: cannot recover after a failed write: %s", self.path, second)
 
+    # -- disk space ---------------------------------------------------------------------------------
+
+    def _space_refusal(self) -> OutboxError | None:
+        """Why writes cannot run now (the file could not be opened, or new messages wait for space), or None."""
+        if self._unavailable is not None or self._space.short is not None:
+            self._retry_space()
+        problem = self._unavailable or self._space.short
+        return None if problem is None else OutboxError(f"outbox {self.path}: {problem}; every stored message is kept")
+
+    def _retry_space(self) -> None:
+        """Open the file if that failed (at most once a second), or take the reserve back if the disk has room."""
+        now = time.monotonic()
+        if self._unavailable is None:
+            if not self._space.recovered() and now >= self._next_space_retry:
+                self._next_space_retry = now + _SPACE_RETRY_S
+                db = self._ledger.db if self._ledger is not None else None
+                store.checkpoint(db)
+                store.compact(db, self._space.free_bytes(), min_gain_bytes=self._space.reserve_bytes)
+                self._space.recovered()
+            return
+        if now < self._next_space_retry:
+            return
+        self._next_space_retry = now + _SPACE_RETRY_S
+        try:
+            self._open()
+        except Exception as exc:
+            self._unavailable = f"disk full: {exc}"
+            return
+        self._unavailable = None
+        log.warning("outbox %s: opened now that the disk has room", self.path)
+        self._queued.notify(None)  # the rows stored before are queued for the uplink
+
     # -- opening, recovery --------------------------------------------------------------------------
 
     def _open(self) -> None:
         if not self.read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._acquire_lock()
+            if self._lock_fd is None:  # held already when opening is retried after a full disk
+                self._lock_fd = store.lock_exclusive(self.path)
         elif not self.path.exists():
             raise OutboxError(f"no outbox at {self.path}")
         try:
-            self._connect()
-            self._prepare()
+            self._connect_and_prepare()
         except Exception as exc:
             # Damage can also surface after the integrity check was skipped (clean shutdown) or passed:
             # the first full read of the rows is part of opening.
@@ -258,6 +305,24 @@ class OutboxWriter:
                     raise
                 raise OutboxError(f"outbox {self.path} cannot be opened: {exc}") from exc
             self._recover(f"at open: {exc}")
+            self._prepare()
+        if not self.read_only and not self._space.take_reserve():
+            self._space.exhausted(f"less than {2 * self._space.reserve_bytes} bytes free at open")
+
+    def _connect_and_prepare(self) -> None:
+        """Open the file; on a full disk give back the reserve and try once more (opening writes a little)."""
+        created = not self.path.exists()
+        try:
+            self._connect()
+            self._prepare()
+        except Exception as exc:
+            self._close_ledger()
+            if created and self.path.exists() and self.path.stat().st_size == 0:
+                self.path.unlink()  # ours, from this attempt: left behind it would look like a destroyed outbox
+            if self.read_only or not self._space.explains(exc) or not self._space.release_reserve():
+                raise
+            log.error("outbox %s: disk full at open, reserve released: %s", self.path, exc)
+            self._connect()
             self._prepare()
 
     def _prepare(self) -> None:
@@ -281,12 +346,24 @@ class OutboxWriter:
             self._ledger.load_accounting()
         return self._ledger
 
-    def _connect(self) -> None:
+    def _close_ledger(self) -> None:
         if self._ledger is not None:
             self._ledger.db.close()
             self._ledger = None
+
+    def _connect(self) -> None:
+        self._close_ledger()
+        # A reader would see the writer's WAL mid-append; only the writer acts on what it finds.
+        damage = None if self.read_only else outbox_wal.damage_at_rest(self.path)
+        if damage is not None:
+            raise store.CorruptFile(damage)
         store.verify(self.path)
-        db = store.connect(self.path, read_only=self.read_only, max_file_bytes=self.settings.max_file_bytes)
+        db = store.connect(
+            self.path,
+            read_only=self.read_only,
+            max_file_bytes=self.settings.max_file_bytes,
+            wal_limit_bytes=self._space.wal_limit_bytes,
+        )
         try:
             version = store.check_and_migrate(db, self.path, read_only=self.read_only)
         except Exception:
@@ -297,9 +374,7 @@ class OutboxWriter:
         )
 
     def _recover(self, cause: str) -> None:
-        if self._ledger is not None:
-            self._ledger.db.close()
-            self._ledger = None
+        self._close_ledger()
         try:
             moved = outbox_salvage.move_aside(self.path, self._clock.wall())
         except OSError as exc:
@@ -307,43 +382,11 @@ class OutboxWriter:
         salvaged = outbox_salvage.salvage(moved)
         self._connect()
         assert self._ledger is not None
-        event = CorruptionEvent(
-            at=datetime.fromtimestamp(self._clock.wall(), UTC),
-            moved_to=str(moved),
-            rows_salvaged=len(salvaged.rows),
-            cause=cause[:500],
-        )
-        tables, db = self._ledger.tables, self._ledger.db
-        with store.write_transaction(db):
-            for start in range(0, len(salvaged.rows), 50):
-                tables.row.insert_many(salvaged.rows[start : start + 50]).execute()
-            counters = Counter(salvaged.counters)
-            counters["corruption_events"] += 1
-            tables.counter.insert_many([{"name": k, "value": v} for k, v in counters.items()]).execute()
-            kept = {k: v for k, v in salvaged.meta.items() if k in ("boot_id", "boot_clock", "last_delivery_wall")}
-            store.write_meta(tables, **kept, last_corruption=event.model_dump_json())
-            # Ids must keep growing past every id the lost file handed out: they are the upstream `seq`.
-            if not db.execute_sql(
-                "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'outbox'", (salvaged.max_id,)
-            ).rowcount:
-                db.execute_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (salvaged.max_id,))
-        log.error(
-            "OUTBOX CORRUPT (%s): moved %s (and its -wal/-shm) to %s; %d message(s) salvaged into a fresh "
-            "outbox; messages SQLite could not read are lost unless recovered by hand from the moved file",
-            cause,
-            self.path,
-            moved,
-            len(salvaged.rows),
-        )
-
-    def _acquire_lock(self) -> None:
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise OutboxError(f"outbox {self.path} is in use by another process (lock {self.path}.lock)") from None
-        self._lock_fd = fd
+        with store.write_transaction(self._ledger.db):
+            event = outbox_salvage.restore(
+                self._ledger.tables, salvaged, path=self.path, cause=cause, wall=self._clock.wall()
+            )
+        self.corruptions.notify(event)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

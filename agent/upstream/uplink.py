@@ -28,6 +28,11 @@ A batch is one QoS 1 publish and settles all its rows together: a success PUBACK
 refusal dead-letters every one. Each record inside keeps its own ``msg_id``, so the cloud still drops
 repeats per record, and batches of a class leave in order, so the guarantees above hold record by record.
 
+A hostile cloud broker. The CONNECT announces ``[cloud] receive_maximum`` (QoS 2 messages the broker may leave
+unreleased) and ``max_packet_bytes``; the client reads through :class:`~agent.mqtt.inbound_guard.InboundGuard`,
+which cuts the connection the moment the broker exceeds either (a 200 MB answer is refused from its header,
+unread), counts it (``cloud_peer_violation``) and backs off as after any short-lived connection.
+
 Envelopes (single and batch) are defined in :mod:`agent.upstream.uplink_wire`; docs/cloud.md is the cloud side's
 contract. MQTT 5 Message Expiry is the remaining TTL (of a batch: the shortest among its records).
 """
@@ -47,13 +52,14 @@ from pydantic import BaseModel
 
 from agent.config import CloudBroker
 from agent.faults import INTERNAL_ERRORS
+from agent.mqtt.inbound_guard import InboundLimits
 from agent.mqtt.transport import (
     Subscriptions,
     WakeSocket,
     backoff_delay,
     configure_broker_access,
     connect_properties,
-    new_client,
+    new_guarded_client,
     serve_connection,
 )
 from agent.upstream.uplink_drain import Drain, OutboxPort, PublishWindow
@@ -87,6 +93,7 @@ class UplinkStats(BaseModel):
     refused: int
     connects: int
     connect_failures: int
+    peer_violations: int
     last_error: str | None
 
 
@@ -100,16 +107,30 @@ class Uplink:
     over through the shared :class:`~agent.upstream.uplink_drain.PublishWindow`.
     """
 
-    def __init__(self, outbox: OutboxPort, cloud: CloudBroker, device_id: str, *, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        outbox: OutboxPort,
+        cloud: CloudBroker,
+        device_id: str,
+        *,
+        client_id: str | None = None,
+        count: Callable[[str], None] = lambda name: None,
+    ) -> None:
         self._cloud = cloud
-        self._client = new_client(client_id or device_id)
+        self._count_event = count
+        # The cloud broker is input too: one that ignores the limits announced below is cut off, not obeyed.
+        self._client = new_guarded_client(
+            client_id or device_id, InboundLimits(cloud.max_packet_bytes, cloud.receive_maximum)
+        )
         configure_broker_access(self._client, cloud)
         # A callback's exception would end the connection thread's round; each is guarded instead.
         self._client.on_connect = INTERNAL_ERRORS.wrap("uplink_connect", self._on_connect)
         self._client.on_disconnect = INTERNAL_ERRORS.wrap("uplink_disconnect", self._on_disconnect)
         self._client.on_publish = INTERNAL_ERRORS.wrap("uplink_publish", self._on_publish)
         self._client.max_inflight_messages_set(cloud.inflight_window)
-        properties = connect_properties(cloud.session_expiry, maximum_packet_size=cloud.max_packet_bytes)
+        properties = connect_properties(
+            cloud.session_expiry, receive_maximum=cloud.receive_maximum, maximum_packet_size=cloud.max_packet_bytes
+        )
         self._client.connect_async(cloud.host, cloud.port, cloud.keepalive, clean_start=False, properties=properties)
         self._waker = WakeSocket()
         self._window = PublishWindow(cloud.inflight_window)
@@ -177,6 +198,7 @@ class Uplink:
             refused=self._drain.counts["refused"],
             connects=self._counts["connects"],
             connect_failures=self._counts["connect_failures"],
+            peer_violations=self._counts["peer_violations"],
             last_error=self._last_error,
         )
 
@@ -247,6 +269,12 @@ class Uplink:
             except Exception as exc:  # any failure to connect means: back off and try again
                 self._last_error = f"cannot connect to {self._cloud.host}:{self._cloud.port}: {exc}"
                 self._counts["connect_failures"] += 1
+            violation = self._client.inbound.violation
+            if violation is not None:
+                self._last_error = f"cut off the cloud broker: {violation}"
+                self._counts["peer_violations"] += 1
+                self._count_event("cloud_peer_violation")
+                log.error("uplink: %s", self._last_error)
             stable = (
                 self._connected_since is not None and time.monotonic() - self._connected_since >= _STABLE_CONNECTION_S
             )

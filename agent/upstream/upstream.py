@@ -39,7 +39,9 @@ class Upstream:
         self._count = count
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(settings.data_dir / OUTBOX_FILE, settings.outbox)
-        self.uplink = Uplink(self.outbox, settings.cloud, self.device_id, client_id=f"edge-agent-{self.device_id}")
+        self.uplink = Uplink(
+            self.outbox, settings.cloud, self.device_id, client_id=f"edge-agent-{self.device_id}", count=count
+        )
         self._failure_logged_at = 0.0
         self._failure_lock = threading.Lock()
 

@@ -9,7 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from tests.fuzz.fuzzed import Raw, encode
+from tests.fixtures.hostile_cloud import publish_packet, remaining_length
+from tests.fuzz.fuzzed import Raw, encode, u16
 from tests.fuzz.intake import STATES
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -117,6 +118,23 @@ def _cloud_answer() -> list[bytes]:
     return seeds
 
 
+def _cloud_stream() -> list[bytes]:
+    # max packet size (2 bytes), receive maximum, piece size, then the stream as the broker sends it
+    answer = b'{"jsonrpc":"2.0","msg_id":"m","result":{}}'
+    flood = b"".join(publish_packet("mcp/cloud/res/dev1", answer, qos=2, packet_id=n) for n in range(1, 21))
+    released = b"".join(
+        publish_packet("t", b"x", qos=2, packet_id=n) + b"\x62\x02" + n.to_bytes(2, "big") for n in range(1, 21)
+    )
+    huge = b"\x32" + remaining_length(200 * 1024 * 1024) + b"\x00\x01t\x00\x01"
+    mixed = publish_packet("a/b", b"{}", qos=1, packet_id=7) + b"\x40\x02\x00\x07\xd0\x00"
+    mixed += publish_packet("c", b"", qos=0)
+    return [
+        encode(u16(4096), 4, 7, Raw(flood)), encode(u16(4096), 1, 3, Raw(released)),
+        encode(u16(4096), 16, 1, Raw(huge)), encode(u16(60_000), 16, 255, Raw(mixed)),
+        encode(u16(4096), 2, 2, Raw(b"\x30\xff\xff\xff\xff\x01")),
+    ]  # fmt: skip
+
+
 def _puback() -> list[bytes]:
     codes = [0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99, 0x05, 0xFF]
     seeds = [encode(1, 0, Raw(bytes([code]))) for code in codes]
@@ -153,7 +171,7 @@ def _outbox_rows() -> list[bytes]:
 
 SEEDS = {
     "intake": _intake, "protocol": _protocol, "tensor": _tensor, "tools_call": _tools_call,
-    "cloud_answer": _cloud_answer, "puback": _puback, "manifest": _manifest, "config": _config,
+    "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "puback": _puback, "manifest": _manifest, "config": _config,
     "outbox_rows": _outbox_rows,
 }  # fmt: skip
 

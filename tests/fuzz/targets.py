@@ -24,12 +24,13 @@ from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, Limits, OutboxSettings
 from agent.config_loader import load_settings_with_sources
-from agent.errors import AgentError, RequestError
+from agent.errors import AgentError, PeerViolation, RequestError
 from agent.exchange import InboundRequest
 from agent.models.catalog import build_catalog, load_manifest
 from agent.models.devmodels import copy_bundled_models
 from agent.models.inference import TensorInfo, prepare_input
 from agent.models.manager import ModelManager
+from agent.mqtt.inbound_guard import InboundGuard, InboundLimits
 from agent.serving.fallback import CloudFallback
 from agent.serving.protocol import (
     InferParams,
@@ -47,6 +48,10 @@ from agent.upstream.uplink import CloudMessage, Uplink
 from agent.upstream.uplink_batch import Publication
 from tests.fuzz.fuzzed import FuzzedInput
 from tests.fuzz.intake import target_intake
+
+
+# The outboxes here live in memory (/dev/shm), up to 256 of them: a disk reserve each would hold 1 GiB.
+_NO_RESERVE = OutboxSettings(reserve_bytes=0)
 
 
 @cache
@@ -190,9 +195,31 @@ def target_cloud_answer(data_bytes: bytes) -> None:
 
 @cache
 def _uplink() -> tuple[Outbox, Uplink]:
-    outbox = Outbox(_workdir() / "puback.db", OutboxSettings())
+    outbox = Outbox(_workdir() / "puback.db", _NO_RESERVE)
     cloud = CloudBroker(host="127.0.0.1", port=1, tls=False)
     return outbox, Uplink(outbox, cloud, "dev1")
+
+
+def target_cloud_stream(data_bytes: bytes) -> None:
+    """The bytes a cloud broker sends, as the uplink reads them from its socket in pieces of any size: the inbound
+    guard lets them through or refuses them with PeerViolation, the same whatever the pieces, and never leaves
+    more QoS 2 messages unreleased than the Receive Maximum it announced."""
+    data = FuzzedInput(data_bytes)
+    limits = InboundLimits(max_packet_bytes=2 + data.uint(2), receive_maximum=1 + data.byte() % 16)
+    piece = 1 + data.byte()
+    stream = data.rest()
+    outcomes = []
+    for size in (piece, len(stream) or 1):
+        guard = InboundGuard(limits)
+        refused = None
+        try:
+            for start in range(0, len(stream), size):
+                guard.feed(stream[start : start + size])
+        except PeerViolation as exc:
+            refused = str(exc)
+        assert len(guard.awaiting_release) <= limits.receive_maximum, guard.awaiting_release
+        outcomes.append((refused, guard.awaiting_release))
+    assert outcomes[0] == outcomes[1], outcomes
 
 
 def target_puback(data_bytes: bytes) -> None:
@@ -286,7 +313,7 @@ def target_outbox_rows(data_bytes: bytes) -> None:
     path = _workdir() / f"rows-{data.byte()}.db"
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink(missing_ok=True)  # SQLite may remove its -shm as the last connection closes
-    Outbox(path).close()
+    Outbox(path, _NO_RESERVE).close()
     db = sqlite3.connect(path)
     try:
         for _ in range(1 + data.byte() % 4):
@@ -300,9 +327,9 @@ def target_outbox_rows(data_bytes: bytes) -> None:
     finally:
         db.close()
     try:
-        outbox = Outbox(path)
+        outbox = Outbox(path, _NO_RESERVE)
     except AgentError:
-        return  # refused as an OutboxError (e.g. sizes whose sum overflows; tests/test_fuzz_findings.py)
+        return  # refused as an OutboxError, never anything else
     try:
         _exercise_outbox(outbox)
     finally:
@@ -318,7 +345,7 @@ def _exercise_outbox(outbox: Outbox) -> None:
         outbox.mark_failed_many([(record.id, 0x80) for record in claimed[1::2]])
         outbox.retry_dead()
         outbox.release_claims()
-        # Refused (OutboxError) while the bogus sizes fill the accounting; see tests/test_fuzz_findings.py.
+        # Bogus size columns no longer count (tests/test_fuzz_findings.py); a refusal is still an OutboxError.
         outbox.enqueue("telemetry", b'{"after":true}')
     except AgentError:
         return
@@ -330,6 +357,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "tensor": target_tensor,
     "tools_call": target_tools_call,
     "cloud_answer": target_cloud_answer,
+    "cloud_stream": target_cloud_stream,
     "puback": target_puback,
     "manifest": target_manifest,
     "config": target_config,

@@ -1,0 +1,114 @@
+"""The inbound guard follows MQTT framing however the bytes are cut, and refuses exactly what breaks a limit."""
+
+from __future__ import annotations
+
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.errors import PeerViolation
+from agent.mqtt.inbound_guard import GuardedClient, InboundGuard, InboundLimits
+from agent.mqtt.transport import new_guarded_client
+from tests.fixtures.hostile_cloud import publish_packet, remaining_length
+
+PACKET_IDS = st.integers(1, 40)
+PACKETS = st.one_of(
+    st.tuples(st.just("publish"), st.integers(0, 2), st.text(max_size=300), PACKET_IDS, st.binary(max_size=300)),
+    st.tuples(st.just("pubrel"), PACKET_IDS),
+    st.tuples(st.just("puback"), PACKET_IDS),
+    st.tuples(st.just("pingresp")),
+)
+
+
+def _encode(packet: tuple) -> bytes:  # type: ignore[type-arg]
+    kind = packet[0]
+    if kind == "publish":
+        _, qos, topic, packet_id, payload = packet
+        return publish_packet(topic, payload, qos=qos, packet_id=packet_id)
+    if kind == "pubrel":
+        return b"\x62\x02" + packet[1].to_bytes(2, "big")
+    if kind == "puback":
+        return b"\x40\x02" + packet[1].to_bytes(2, "big")
+    return b"\xd0\x00"
+
+
+def _feed_in_pieces(guard: InboundGuard, stream: bytes, cuts: list[int]) -> None:
+    bounds = [0, *sorted(cut % (len(stream) + 1) for cut in cuts), len(stream)]
+    for start, end in zip(bounds, bounds[1:]):
+        guard.feed(stream[start:end])
+
+
+@given(st.lists(PACKETS, max_size=40), st.lists(st.integers(0, 1 << 20), max_size=30))
+def test_the_unreleased_qos2_messages_are_tracked_however_the_stream_is_cut(
+    packets: list[tuple], cuts: list[int]  # type: ignore[type-arg]
+) -> None:
+    expected: set[int] = set()
+    for packet in packets:
+        if packet[0] == "publish" and packet[1] == 2:
+            expected.add(packet[3])
+        elif packet[0] == "pubrel":
+            expected.discard(packet[1])
+    guard = InboundGuard(InboundLimits(max_packet_bytes=1 << 20, receive_maximum=65535))
+    _feed_in_pieces(guard, b"".join(_encode(p) for p in packets), cuts)
+    assert guard.awaiting_release == expected
+
+
+@given(st.lists(PACKETS, max_size=60), st.lists(st.integers(0, 1 << 20), max_size=30), st.integers(1, 8))
+def test_a_qos2_message_beyond_receive_maximum_is_refused(
+    packets: list[tuple], cuts: list[int], receive_maximum: int  # type: ignore[type-arg]
+) -> None:
+    guard = InboundGuard(InboundLimits(max_packet_bytes=1 << 20, receive_maximum=receive_maximum))
+    awaiting: set[int] = set()
+    stream = bytearray()
+    for packet in packets:
+        if packet[0] == "publish" and packet[1] == 2:
+            awaiting.add(packet[3])
+        elif packet[0] == "pubrel":
+            awaiting.discard(packet[1])
+        stream += _encode(packet)
+        if len(awaiting) > receive_maximum:
+            with pytest.raises(PeerViolation, match="Receive Maximum"):
+                _feed_in_pieces(guard, bytes(stream), cuts)
+            assert len(guard.awaiting_release) == receive_maximum
+            return
+    _feed_in_pieces(guard, bytes(stream), cuts)
+
+
+def test_a_packet_over_the_maximum_packet_size_is_refused_from_its_header_alone() -> None:
+    guard = InboundGuard(InboundLimits(max_packet_bytes=4096, receive_maximum=16))
+    header = b"\x32" + remaining_length(200 * 1024 * 1024)
+    with pytest.raises(PeerViolation, match="Maximum Packet Size"):
+        for byte in header:  # as paho reads a fixed header: one byte at a time
+            guard.feed(bytes([byte]))
+    assert guard.violation is not None
+
+
+def test_a_packet_of_exactly_the_maximum_size_passes() -> None:
+    packet = publish_packet("t", b"x" * 100, qos=1, packet_id=1)
+    InboundGuard(InboundLimits(max_packet_bytes=len(packet), receive_maximum=1)).feed(packet)
+    with pytest.raises(PeerViolation):
+        InboundGuard(InboundLimits(max_packet_bytes=len(packet) - 1, receive_maximum=1)).feed(packet)
+
+
+def test_a_remaining_length_of_five_bytes_is_refused() -> None:
+    with pytest.raises(PeerViolation, match="four bytes"):
+        InboundGuard(InboundLimits(max_packet_bytes=1 << 30, receive_maximum=1)).feed(b"\x30\xff\xff\xff\xff\x01")
+
+
+def test_unreleased_messages_outlive_a_reconnect_as_paho_keeps_them() -> None:
+    guard = InboundGuard(InboundLimits(max_packet_bytes=4096, receive_maximum=1))
+    guard.feed(publish_packet("t", b"", qos=2, packet_id=1) + b"\x30")  # a packet cut off by the disconnect
+    guard.connection_started()
+    with pytest.raises(PeerViolation):
+        guard.feed(publish_packet("t", b"", qos=2, packet_id=2))
+    guard.feed(b"\x62\x02\x00\x01" + publish_packet("t", b"", qos=2, packet_id=2))
+    assert guard.awaiting_release == {2}
+
+
+def test_the_guarded_client_reads_through_pahos_one_receive_call() -> None:
+    # GuardedClient overrides paho's private _sock_recv (paho-mqtt 2.x): a paho without it would silently
+    # bypass the guard.
+    client = new_guarded_client("guarded", InboundLimits(max_packet_bytes=4096, receive_maximum=16))
+    assert isinstance(client, GuardedClient) and client.on_socket_open is not None
+    assert "_sock_recv" in vars(mqtt.Client)
