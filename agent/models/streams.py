@@ -1,0 +1,170 @@
+"""One interpreter state per (model, client, stream) for stateful models.
+
+A model holding resource variables (a streaming wake-word detector) computes each output from its previous
+invocations, so sharing pooled interpreters between clients mixes their audio. Such a model gets one
+interpreter of its own per stream (:meth:`~agent.models.inference.LoadedModel.open_state`, created fresh,
+so its state starts from the model's initial values, and counted in the model's measured memory and hence
+in the model budget). A stream's requests run one at a time, in the order they arrived (their monotonic
+``received`` time), whichever worker serves them.
+
+A stream ends when it has been idle ``idle_timeout_s``, when its client sends ``reset: true`` (it starts
+over), and when the model version it ran on is no longer the one loaded (a model update, or an unload to
+make room). The agent keeps no state across restarts. Each reply says whether its run started from a
+fresh state, and why (:class:`StreamReport`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from agent.errors import Overloaded
+from agent.models.inference import LoadedModel
+
+ResetReason = Literal["new", "requested", "expired", "model_updated", "model_reloaded"]
+# Streams that ended by idling out, remembered so that their next request is told "expired", not "new".
+EXPIRED_REMEMBERED = 1024
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """What a reply says about its stream: its name, whether this run started from a fresh state and why,
+    and how many runs the current state has seen (this one included)."""
+
+    name: str
+    reset: bool
+    reason: ResetReason | None
+    runs: int
+
+    def as_result(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"id": self.name, "reset": self.reset, "runs": self.runs}
+        if self.reason is not None:
+            result["reason"] = self.reason
+        return result
+
+
+@dataclass(eq=False)
+class _Stream:
+    loaded: LoadedModel | None = None
+    state: Any = None
+    runs: int = 0
+    last_used: float = 0.0
+    busy: bool = False
+    waiting: list[tuple[float, int]] = field(default_factory=list)  # (received, tiebreak), a heap
+
+
+StreamKey = tuple[str, str, str]  # model id, client id, stream name
+
+
+class StreamTable:
+    """Every live stream of every stateful model; safe to use from every worker thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._streams: dict[StreamKey, _Stream] = {}
+        self._expired: OrderedDict[StreamKey, None] = OrderedDict()
+        self._tiebreak = itertools.count()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._streams)
+
+    def run(
+        self, loaded: LoadedModel, client_id: str, name: str, feeds: dict[str, np.ndarray], *, received: float,
+        reset: bool = False,
+    ) -> tuple[dict[str, np.ndarray], StreamReport]:
+        """Run ``feeds`` on the stream's own interpreter, after the stream's earlier arrivals, and report on it."""
+        key = (loaded.entry.id, client_id, name)
+        stream = self._enter(key, loaded, received)
+        try:
+            reason = self._prepare(key, stream, loaded, reset)
+            outputs = loaded.run_state(stream.state, feeds)
+            stream.runs += 1
+            return outputs, StreamReport(name, reason is not None, reason, stream.runs)
+        finally:
+            self._leave(key, stream)
+
+    def sweep(self) -> int:
+        """Drop every stream idle longer than its model's ``idle_timeout_s``; how many were dropped."""
+        with self._cond:
+            return self._expire_idle()
+
+    def _enter(self, key: StreamKey, loaded: LoadedModel, received: float) -> _Stream:
+        with self._cond:
+            self._expire_idle()
+            stream = self._streams.get(key)
+            if stream is None:
+                limit = loaded.entry.streams.max_streams
+                held = sum(1 for model_id, _, _ in self._streams if model_id == key[0])
+                if held >= limit:
+                    raise Overloaded(
+                        f"model {key[0]!r} holds its maximum of {limit} streams; one frees when it has been idle "
+                        f"{loaded.entry.streams.idle_timeout_s:g} s",
+                        data={"retry_after_ms": int(loaded.entry.streams.idle_timeout_s * 1000)},
+                    )
+                stream = self._streams[key] = _Stream(last_used=self._clock())
+            ticket = (received, next(self._tiebreak))
+            heapq.heappush(stream.waiting, ticket)
+            while stream.busy or stream.waiting[0] != ticket:
+                self._cond.wait()
+            heapq.heappop(stream.waiting)
+            stream.busy = True
+            return stream
+
+    def _prepare(self, key: StreamKey, stream: _Stream, loaded: LoadedModel, reset: bool) -> ResetReason | None:
+        """Give the stream a state on ``loaded``, fresh if it has none, asked for one, or ran on another version."""
+        reason: ResetReason | None = None
+        if stream.state is not None and stream.loaded is not loaded:
+            assert stream.loaded is not None
+            same_version = stream.loaded.entry.sha256 == loaded.entry.sha256
+            reason = "model_reloaded" if same_version else "model_updated"
+            self._drop_state(stream)
+        elif stream.state is not None and reset:
+            reason = "requested"
+            self._drop_state(stream)
+        if stream.state is None:
+            state = loaded.open_state()
+            if state is None:
+                raise Overloaded(f"model {key[0]!r}: no memory left in the model budget for another stream's state")
+            stream.state, stream.loaded, stream.runs = state, loaded, 0
+            if reason is None:
+                with self._cond:
+                    reason = "expired" if key in self._expired else "new"
+                    self._expired.pop(key, None)
+        return reason
+
+    def _leave(self, key: StreamKey, stream: _Stream) -> None:
+        with self._cond:
+            stream.busy = False
+            stream.last_used = self._clock()
+            if stream.state is None and not stream.waiting:
+                self._streams.pop(key, None)  # its state could not be made: it holds no place
+            self._cond.notify_all()
+
+    def _drop_state(self, stream: _Stream) -> None:
+        if stream.loaded is not None and stream.state is not None:
+            stream.loaded.close_state(stream.state)
+        stream.state, stream.runs = None, 0
+
+    def _expire_idle(self) -> int:
+        now = self._clock()
+        idle = [
+            key for key, stream in self._streams.items()
+            if not stream.busy and not stream.waiting and stream.loaded is not None
+            and now - stream.last_used > stream.loaded.entry.streams.idle_timeout_s
+        ]
+        for key in idle:
+            self._drop_state(self._streams.pop(key))
+            self._expired[key] = None
+            if len(self._expired) > EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
+        return len(idle)
