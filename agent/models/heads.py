@@ -143,7 +143,8 @@ def _ssd_decoded(
     )
     if head.score_clipping is not None:
         logits = np.clip(logits, -head.score_clipping, head.score_clipping)
-    probabilities = 1.0 / (1.0 + np.exp(-logits)) if head.sigmoid_scores else logits
+    # tanh form of the sigmoid: no overflow for large negative logits when nothing clips them.
+    probabilities = 0.5 * (1.0 + np.tanh(logits / 2)) if head.sigmoid_scores else logits
     classes = np.argmax(probabilities, axis=-1)
     return boxes, keypoints, classes, probabilities[np.arange(len(classes)), classes]
 

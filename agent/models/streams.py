@@ -125,8 +125,7 @@ class StreamTable:
         reason: ResetReason | None = None
         if stream.state is not None and stream.loaded is not loaded:
             assert stream.loaded is not None
-            same_version = stream.loaded.entry.sha256 == loaded.entry.sha256
-            reason = "model_reloaded" if same_version else "model_updated"
+            reason = "model_reloaded" if stream.loaded.entry == loaded.entry else "model_updated"
             self._drop_state(stream)
         elif stream.state is not None and reset:
             reason = "requested"

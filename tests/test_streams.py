@@ -1,0 +1,177 @@
+"""State per stream for stateful models, with the real microWakeWord "okay_nabu" model (int8, resource
+variables): each (client, stream) gets exactly the outputs it would get alone on one fresh interpreter,
+however the streams interleave; reset, idle timeout, the bound on streams and model updates start a
+stream over, and the reply says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.config import Limits
+from agent.errors import Overloaded
+from agent.models.accelerators import load_runtime
+from agent.models.catalog import verified_model_bytes
+from agent.models.devmodels import add_wake_word, wakeword_model_path
+from agent.models.inference import LoadedModel
+from agent.models.manager import ModelManager
+from agent.models.streams import StreamTable
+from agent.serving.protocol import Request
+from agent.serving.service import RequestService, Timing
+from tests.fixtures.generated_models import add_model, constant_classifier
+
+CHUNKS = 48
+
+
+def _audio(seed: int) -> list[np.ndarray]:
+    """Feature chunks as a client streams them: real values the agent quantizes for the int8 input."""
+    rng = np.random.default_rng(seed)
+    # Quiet features: from a fresh state the model's score rises above 0 after about 30 chunks, differently
+    # for each sequence (its answers depend on the whole history).
+    return [rng.uniform(0.0, 3.9, size=(1, 3, 40)) for _ in range(CHUNKS)]
+
+
+def _alone(chunks: list[np.ndarray]) -> list[float]:
+    """The reference: LiteRT (or tflite-runtime) run directly on one fresh interpreter, chunk after chunk."""
+    interpreter = load_runtime().interpreter(model_content=wakeword_model_path().read_bytes())
+    interpreter.allocate_tensors()
+    [source], [target] = interpreter.get_input_details(), interpreter.get_output_details()
+    scale, zero_point = source["quantization"]
+    out_scale, out_zero = target["quantization"]
+    outputs = []
+    for chunk in chunks:
+        interpreter.set_tensor(source["index"], np.clip(np.rint(chunk / scale + zero_point), -128, 127).astype(np.int8))
+        interpreter.invoke()
+        raw = interpreter.get_tensor(target["index"]).astype(np.float32)
+        outputs.append(float(((raw - out_zero) * out_scale).reshape(-1)[0]))
+    return outputs
+
+
+def _service(models: Path) -> RequestService:
+    manager = ModelManager(models)
+    manager.verify_all()  # as the agent does at start: entries completed from their files
+    return RequestService(manager, Limits(), device_id="d", profile="p")
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> RequestService:
+    add_wake_word(tmp_path / "models")
+    return _service(tmp_path / "models")
+
+
+def _infer(service: RequestService, client: str, chunk: np.ndarray | None = None, **params: Any) -> dict[str, Any]:
+    params = {"model": "okay-nabu", "inputs": {"input_audio": (chunk if chunk is not None else np.zeros((1, 3, 40))).tolist()}, **params}
+    request = Request(jsonrpc="2.0", method="infer", params=params, id=1)
+    return service.handle(request, Timing(received=time.monotonic()), client)
+
+
+def _score(result: dict[str, Any]) -> float:
+    return float(np.asarray(result["outputs"]["dense_1"]).reshape(-1)[0])
+
+
+def test_the_wake_word_model_is_detected_as_stateful(service: RequestService) -> None:
+    assert service.models.entry("okay-nabu").stateful is True
+    [tool] = [tool for tool in _tools(service) if tool["name"] == "okay-nabu"]
+    assert {"stream", "reset"} <= set(tool["inputSchema"]["properties"])
+
+
+def _tools(service: RequestService) -> list[dict[str, Any]]:
+    return service.handle(Request(jsonrpc="2.0", method="tools/list", id=1), Timing(received=0.0))["tools"]
+
+
+def test_interleaved_clients_and_streams_get_exactly_what_each_gets_alone(service: RequestService) -> None:
+    streams = {("alice", ""): _audio(1), ("bob", ""): _audio(2), ("alice", "mic-2"): _audio(3)}
+    expected = {key: _alone(chunks) for key, chunks in streams.items()}
+    got: dict[tuple[str, str], list[float]] = {key: [] for key in streams}
+    for index in range(CHUNKS):
+        for (client, stream), chunks in streams.items():
+            got[(client, stream)].append(_score(_infer(service, client, chunks[index], stream=stream)))
+    assert got == expected
+    # Not vacuous: the streams really differ, and one shared interpreter would have mixed them up.
+    assert len({tuple(values) for values in expected.values()}) == len(streams)
+    shared = _alone([chunk for index in range(CHUNKS) for chunks in streams.values() for chunk in [chunks[index]]])
+    assert shared[0::3] != expected[("alice", "")]
+
+
+def test_replies_say_when_a_stream_starts_and_reset_starts_it_over(service: RequestService) -> None:
+    chunks = _audio(4)
+    first = _infer(service, "alice", chunks[0], stream="s")
+    assert first["stream"] == {"id": "s", "reset": True, "reason": "new", "runs": 1}
+    second = _infer(service, "alice", chunks[1], stream="s")
+    assert second["stream"] == {"id": "s", "reset": False, "runs": 2}
+    again = [_infer(service, "alice", chunk, stream="s", reset=index == 0) for index, chunk in enumerate(chunks)]
+    assert again[0]["stream"] == {"id": "s", "reset": True, "reason": "requested", "runs": 1}
+    assert [_score(result) for result in again] == _alone(chunks)
+    assert any(_score(result) > 0 for result in again)
+
+
+def test_a_model_update_starts_every_stream_over(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    add_wake_word(models)
+    service = _service(models)
+    chunks = _audio(5)
+    _infer(service, "alice", chunks[0])
+    add_wake_word(models, version="3")
+    assert service.models.reload()
+    after = _infer(service, "alice", chunks[1])
+    assert after["stream"]["reason"] == "model_updated" and after["stream"]["runs"] == 1
+    assert _score(after) == _alone(chunks[1:2])[0]
+
+
+def test_streams_are_bounded_and_a_refused_one_holds_no_place(tmp_path: Path) -> None:
+    add_wake_word(tmp_path / "models", streams={"max_streams": 2})
+    service = _service(tmp_path / "models")
+    _infer(service, "alice")
+    _infer(service, "bob")
+    with pytest.raises(Overloaded, match="maximum of 2 streams"):
+        _infer(service, "carol")
+    assert _infer(service, "alice")["stream"]["runs"] == 2
+    assert len(service.router.streams) == 2
+
+
+def _loaded(tmp_path: Path, admit: Callable[[int], bool] | None = None, **fields: Any) -> LoadedModel:
+    add_wake_word(tmp_path, **fields)
+    manager = ModelManager(tmp_path)
+    manager.verify_all()
+    entry = manager.entry("okay-nabu")
+    return LoadedModel(
+        entry, verified_model_bytes(tmp_path, entry), runtime=manager.runtime, admit_growth=admit
+    )
+
+
+def test_idle_streams_expire_their_memory_with_them(tmp_path: Path) -> None:
+    now = [0.0]
+    table = StreamTable(clock=lambda: now[0])
+    loaded = _loaded(tmp_path, streams={"idle_timeout_s": 60})
+    pool_only = loaded.memory_bytes
+    feeds = {"input_audio": np.zeros((1, 3, 40), dtype=np.int8)}
+    table.run(loaded, "alice", "", feeds, received=0.0)
+    table.run(loaded, "bob", "", feeds, received=0.0)
+    assert loaded.interpreter_count == 3 and loaded.memory_bytes > pool_only
+    now[0] = 61.0
+    assert table.sweep() == 2
+    assert loaded.memory_bytes == pool_only and len(table) == 0
+    _, report = table.run(loaded, "alice", "", feeds, received=62.0)
+    assert (report.reset, report.reason) == (True, "expired")
+
+
+def test_a_stream_needs_room_in_the_model_budget(tmp_path: Path) -> None:
+    loaded = _loaded(tmp_path, admit=lambda estimated: False)
+    table = StreamTable()
+    with pytest.raises(Overloaded, match="no memory left"):
+        table.run(loaded, "alice", "", {"input_audio": np.zeros((1, 3, 40), dtype=np.int8)}, received=0.0)
+    assert len(table) == 0
+
+
+def test_stateless_models_keep_pooled_interpreters(tmp_path: Path) -> None:
+    add_model(tmp_path, "steady", constant_classifier([0.25, 0.75]), labels=["a", "b"])
+    service = _service(tmp_path)
+    request = Request(jsonrpc="2.0", method="infer", params={"model": "steady", "inputs": {"x": [[0.0, 0.0]]}, "stream": "s"}, id=1)
+    result = service.handle(request, Timing(received=0.0), "alice")
+    assert "stream" not in result and len(service.router.streams) == 0
