@@ -65,7 +65,14 @@ def open_image(b64: object, *, max_pixels: int) -> Image.Image:
             # Pillow warns (and past twice its limit refuses) on large pictures; our own bound comes first.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+    except Image.DecompressionBombError:
+        # Past twice its own limit Pillow refuses in open(), before our bound could name the size.
+        raise InvalidParams(
+            f"image claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, beyond the limit of {max_pixels} pixels "
+            "(decoded pictures are bounded before decoding)",
+            data={"max_pixels": max_pixels},
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidParams("image.b64 holds no JPEG or PNG picture") from None
     width, height = image.size
     if width * height > max_pixels:

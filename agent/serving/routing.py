@@ -153,9 +153,8 @@ class Router:
         """
         call = call or Call()
         with self.models.lease(model_id) as loaded:
+            feeds, frame, input_hw, preprocess_ms = self._feeds(loaded, inputs, raw=raw, call=call)
             started = time.monotonic()
-            feeds, frame, input_hw = self._feeds(loaded, inputs, raw=raw, call=call)
-            prepared = time.monotonic()
             report = None
             if loaded.entry.stateful:
                 raw_outputs, report = self.streams.run(
@@ -163,16 +162,16 @@ class Router:
                 )
             else:
                 raw_outputs = loaded.run(feeds)
-            finished = time.monotonic()
-        elapsed_ms, preprocess_ms = (finished - prepared) * 1000, (prepared - started) * 1000
+            elapsed_ms = (time.monotonic() - started) * 1000
         self.models.measurements.record_latency(model_id, loaded.entry.sha256, elapsed_ms + preprocess_ms)
         outputs = {info.name: decode_output(info, raw_outputs[info.name], raw=raw) for info in loaded.outputs}
         return ModelRun(loaded.entry, outputs, elapsed_ms, preprocess_ms, frame, input_hw, report)
 
     def _feeds(
         self, loaded: LoadedModel, inputs: dict[str, Any], *, raw: bool, call: Call
-    ) -> tuple[dict[str, np.ndarray], Frame, tuple[int, int]]:
-        """The input tensors, where the picture (if any) landed in its input, and that input's height and width."""
+    ) -> tuple[dict[str, np.ndarray], Frame, tuple[int, int], float]:
+        """The input tensors, where the picture (if any) landed in its input, that input's height and width, and
+        how long the picture took to decode (ms)."""
         model_id = loaded.entry.id
         image_spec = next((spec for spec in loaded.entry.inputs if spec.preprocess is not None), None)
         if call.image_b64 is not None and image_spec is None:
@@ -184,18 +183,20 @@ class Router:
             raise InvalidParams(f"model {model_id!r} needs input(s) {missing}")
         for name in inputs:
             loaded.input_info(name)
-        feeds, frame, input_hw = {}, Frame(), (0, 0)
+        feeds, frame, input_hw, decode_ms = {}, Frame(), (0, 0), 0.0
         for info in loaded.inputs:
             if info.name in inputs:
                 feeds[info.name] = prepare_input(info, inputs[info.name], raw=raw, max_elements=self.max_input_elements)
             else:
                 assert image_spec is not None and image_spec.preprocess is not None
+                started = time.monotonic()
                 feeds[info.name], frame = image_tensor(
                     info, image_spec.preprocess, call.image_b64, max_pixels=self.max_image_pixels
                 )
+                decode_ms = (time.monotonic() - started) * 1000
             if len(info.shape) == 4:
                 input_hw = (info.shape[1], info.shape[2])
-        return feeds, frame, input_hw
+        return feeds, frame, input_hw, decode_ms
 
     def _serve_ensemble(self, ensemble: EnsembleEntry, inputs: dict[str, Any], *, raw: bool, call: Call) -> Served:
         if ensemble.strategy == "fastest":
