@@ -24,11 +24,9 @@ from agent.models.taskspec import AnchorConfig, DetectionHead
 from agent.serving.protocol import Request
 from agent.serving.service import RequestService, Timing
 from tests.fixtures.generated_models import add_model, constant_classifier, detection_postprocess_model
+from tests.fixtures.real_models import ASTRONAUT, ASTRONAUT_FACE, box_iou
 
 LABELS = ["cat", "dog", "bird"]
-ASTRONAUT = Path(__import__("skimage").__file__).parent / "data" / "astronaut.png"
-# Hand-labelled on the 512 x 512 picture: the astronaut's face from the hairline to the chin, ear to ear.
-ASTRONAUT_FACE = np.array([172, 70, 272, 182]) / 512
 
 
 def _service(models: Path) -> RequestService:
@@ -175,19 +173,15 @@ def _b64(image: Image.Image, kind: str, **options: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _iou(box: list[float], truth: np.ndarray) -> float:
-    return float(iou(np.asarray(box), truth[None])[0])
-
-
 def test_the_face_in_a_real_photograph_is_found(faces: RequestService) -> None:
     photo = Image.open(ASTRONAUT).convert("RGB")
     as_png = _call(faces, "infer", {"model": "faces", "image": {"b64": _b64(photo, "PNG")}})
     [face] = as_png["detections"]
-    assert face["label"] == "face" and face["score"] > 0.8 and _iou(face["box"], ASTRONAUT_FACE) >= 0.5
+    assert face["label"] == "face" and face["score"] > 0.8 and box_iou(face["box"], ASTRONAUT_FACE) >= 0.5
     assert len(face["keypoints"]) == 6 and "outputs" not in as_png
     # 640 x 480 JPEG: stretched, so the face's relative box is unchanged.
     as_jpeg = _call(faces, "infer", {"model": "faces", "image": {"b64": _b64(photo.resize((640, 480)), "JPEG", quality=85)}})
-    assert _iou(as_jpeg["detections"][0]["box"], ASTRONAUT_FACE) >= 0.5
+    assert box_iou(as_jpeg["detections"][0]["box"], ASTRONAUT_FACE) >= 0.5
 
 
 def test_letterboxed_boxes_are_in_the_pictures_own_coordinates(faces: RequestService) -> None:
@@ -196,7 +190,7 @@ def test_letterboxed_boxes_are_in_the_pictures_own_coordinates(faces: RequestSer
     wide.paste(Image.open(ASTRONAUT).convert("RGB").crop((96, 0, 352, 256)), (256, 0))
     truth = (ASTRONAUT_FACE * 512 + [256 - 96, 0, 256 - 96, 0]) / [512, 256, 512, 256]
     [face] = _call(faces, "infer", {"model": "faces", "image": {"b64": _b64(wide, "PNG")}})["detections"]
-    assert _iou(face["box"], truth) >= 0.5
+    assert box_iou(face["box"], truth) >= 0.5
 
 
 def test_nothing_is_found_in_a_blank_picture(faces: RequestService) -> None:
@@ -213,7 +207,7 @@ def test_the_mcp_tool_takes_a_picture_and_returns_detections(faces: RequestServi
     photo = _b64(Image.open(ASTRONAUT).convert("RGB"), "JPEG", quality=85)
     called = _call(faces, "tools/call", {"name": "faces", "arguments": {"image": {"b64": photo}, "max_detections": 1}})
     assert called["isError"] is False and "1 detection(s): face" in called["content"][0]["text"]
-    assert _iou(called["structuredContent"]["detections"][0]["box"], ASTRONAUT_FACE) >= 0.5
+    assert box_iou(called["structuredContent"]["detections"][0]["box"], ASTRONAUT_FACE) >= 0.5
     refused = _call(faces, "tools/call", {"name": "faces", "arguments": {"image": {"b64": "bm90IGFuIGltYWdl"}}})
     assert refused["isError"] is True and "no JPEG or PNG" in refused["content"][0]["text"]
 

@@ -16,41 +16,17 @@ import pytest
 
 from agent.config import Limits
 from agent.errors import Overloaded
-from agent.models.accelerators import load_runtime
 from agent.models.catalog import verified_model_bytes
-from agent.models.devmodels import add_wake_word, wakeword_model_path
+from agent.models.devmodels import add_wake_word
 from agent.models.inference import LoadedModel
 from agent.models.manager import ModelManager
 from agent.models.streams import StreamTable
 from agent.serving.protocol import Request
 from agent.serving.service import RequestService, Timing
 from tests.fixtures.generated_models import add_model, constant_classifier
+from tests.fixtures.real_models import audio_features, wake_word_alone
 
-CHUNKS = 48
-
-
-def _audio(seed: int) -> list[np.ndarray]:
-    """Feature chunks as a client streams them: real values the agent quantizes for the int8 input."""
-    rng = np.random.default_rng(seed)
-    # Quiet features: from a fresh state the model's score rises above 0 after about 30 chunks, differently
-    # for each sequence (its answers depend on the whole history).
-    return [rng.uniform(0.0, 3.9, size=(1, 3, 40)) for _ in range(CHUNKS)]
-
-
-def _alone(chunks: list[np.ndarray]) -> list[float]:
-    """The reference: LiteRT (or tflite-runtime) run directly on one fresh interpreter, chunk after chunk."""
-    interpreter = load_runtime().interpreter(model_content=wakeword_model_path().read_bytes())
-    interpreter.allocate_tensors()
-    [source], [target] = interpreter.get_input_details(), interpreter.get_output_details()
-    scale, zero_point = source["quantization"]
-    out_scale, out_zero = target["quantization"]
-    outputs = []
-    for chunk in chunks:
-        interpreter.set_tensor(source["index"], np.clip(np.rint(chunk / scale + zero_point), -128, 127).astype(np.int8))
-        interpreter.invoke()
-        raw = interpreter.get_tensor(target["index"]).astype(np.float32)
-        outputs.append(float(((raw - out_zero) * out_scale).reshape(-1)[0]))
-    return outputs
+CHUNKS = len(audio_features(0))
 
 
 def _service(models: Path) -> RequestService:
@@ -85,9 +61,9 @@ def _tools(service: RequestService) -> list[dict[str, Any]]:
     return service.handle(Request(jsonrpc="2.0", method="tools/list", id=1), Timing(received=0.0))["tools"]
 
 
-def test_interleaved_clients_and_streams_get_exactly_what_each_gets_alone(service: RequestService) -> None:
-    streams = {("alice", ""): _audio(1), ("bob", ""): _audio(2), ("alice", "mic-2"): _audio(3)}
-    expected = {key: _alone(chunks) for key, chunks in streams.items()}
+def test_interleaved_clients_and_streams_get_exactly_what_each_getswake_word_alone(service: RequestService) -> None:
+    streams = {("alice", ""): audio_features(1), ("bob", ""): audio_features(2), ("alice", "mic-2"): audio_features(3)}
+    expected = {key: wake_word_alone(chunks) for key, chunks in streams.items()}
     got: dict[tuple[str, str], list[float]] = {key: [] for key in streams}
     for index in range(CHUNKS):
         for (client, stream), chunks in streams.items():
@@ -95,19 +71,19 @@ def test_interleaved_clients_and_streams_get_exactly_what_each_gets_alone(servic
     assert got == expected
     # Not vacuous: the streams really differ, and one shared interpreter would have mixed them up.
     assert len({tuple(values) for values in expected.values()}) == len(streams)
-    shared = _alone([chunk for index in range(CHUNKS) for chunks in streams.values() for chunk in [chunks[index]]])
+    shared = wake_word_alone([chunk for index in range(CHUNKS) for chunks in streams.values() for chunk in [chunks[index]]])
     assert shared[0::3] != expected[("alice", "")]
 
 
 def test_replies_say_when_a_stream_starts_and_reset_starts_it_over(service: RequestService) -> None:
-    chunks = _audio(4)
+    chunks = audio_features(4)
     first = _infer(service, "alice", chunks[0], stream="s")
     assert first["stream"] == {"id": "s", "reset": True, "reason": "new", "runs": 1}
     second = _infer(service, "alice", chunks[1], stream="s")
     assert second["stream"] == {"id": "s", "reset": False, "runs": 2}
     again = [_infer(service, "alice", chunk, stream="s", reset=index == 0) for index, chunk in enumerate(chunks)]
     assert again[0]["stream"] == {"id": "s", "reset": True, "reason": "requested", "runs": 1}
-    assert [_score(result) for result in again] == _alone(chunks)
+    assert [_score(result) for result in again] == wake_word_alone(chunks)
     assert any(_score(result) > 0 for result in again)
 
 
@@ -115,13 +91,13 @@ def test_a_model_update_starts_every_stream_over(tmp_path: Path) -> None:
     models = tmp_path / "models"
     add_wake_word(models)
     service = _service(models)
-    chunks = _audio(5)
+    chunks = audio_features(5)
     _infer(service, "alice", chunks[0])
     add_wake_word(models, version="3")
     assert service.models.reload()
     after = _infer(service, "alice", chunks[1])
     assert after["stream"]["reason"] == "model_updated" and after["stream"]["runs"] == 1
-    assert _score(after) == _alone(chunks[1:2])[0]
+    assert _score(after) == wake_word_alone(chunks[1:2])[0]
 
 
 def test_streams_are_bounded_and_a_refused_one_holds_no_place(tmp_path: Path) -> None:
