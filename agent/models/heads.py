@@ -98,14 +98,11 @@ def detections(
     if head.format == "tflite_postprocess":
         boxes, classes, scores = _postprocessed(outputs)
         keypoints = np.zeros((len(scores), 0, 2), dtype=np.float32)
-    else:
-        boxes, keypoints, classes, scores = _ssd_decoded(head, outputs, input_hw)
-    keep = np.flatnonzero(scores >= score_threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")]
-    if head.format == "ssd_anchors":
-        boxes, keypoints, classes, scores = _suppressed(head, boxes[keep], keypoints[keep], classes[keep], scores[keep])
-    else:
+        keep = np.flatnonzero(scores >= score_threshold)
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
         boxes, keypoints, classes, scores = boxes[keep], keypoints[keep], classes[keep], scores[keep]
+    else:
+        boxes, keypoints, classes, scores = _suppressed(head, *_ssd_decoded(head, outputs, input_hw, score_threshold))
     count = min(max_detections, len(scores))
     return [
         _detection(labels, head.label_offset, frame, boxes[i], keypoints[i], int(classes[i]), float(scores[i]))
@@ -122,13 +119,22 @@ def _postprocessed(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, n
 
 
 def _ssd_decoded(
-    head: DetectionHead, outputs: list[np.ndarray], input_hw: tuple[int, int]
+    head: DetectionHead, outputs: list[np.ndarray], input_hw: tuple[int, int], score_threshold: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every anchor's box (corners), keypoints, best class and its score."""
+    """Box (corners), keypoints, best class and its score of each anchor scoring at least ``score_threshold``,
+    best first; only those are decoded (a face detector has hundreds of anchors and a handful of hits)."""
     assert head.anchors is not None
-    anchors = ssd_anchors(head.anchors.model_dump_json())
-    raw = np.asarray(outputs[0], dtype=np.float32)[0]
     logits = np.asarray(outputs[1], dtype=np.float32)[0]
+    if head.score_clipping is not None:
+        logits = np.clip(logits, -head.score_clipping, head.score_clipping)
+    # tanh form of the sigmoid: no overflow for large negative logits when nothing clips them.
+    probabilities = 0.5 * (1.0 + np.tanh(logits / 2)) if head.sigmoid_scores else logits
+    classes = np.argmax(probabilities, axis=-1)
+    scores = probabilities[np.arange(len(classes)), classes]
+    keep = np.flatnonzero(scores >= score_threshold)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    anchors = ssd_anchors(head.anchors.model_dump_json())[keep]
+    raw = np.asarray(outputs[0], dtype=np.float32)[0][keep]
     height, width = input_hw
     x_scale, y_scale, w_scale, h_scale = head.box_scale or (width, height, width, height)
     anchor_x, anchor_y, anchor_w, anchor_h = anchors.T
@@ -141,12 +147,7 @@ def _ssd_decoded(
         [points[..., 0] / x_scale * anchor_w[:, None] + anchor_x[:, None],
          points[..., 1] / y_scale * anchor_h[:, None] + anchor_y[:, None]], axis=-1,
     )
-    if head.score_clipping is not None:
-        logits = np.clip(logits, -head.score_clipping, head.score_clipping)
-    # tanh form of the sigmoid: no overflow for large negative logits when nothing clips them.
-    probabilities = 0.5 * (1.0 + np.tanh(logits / 2)) if head.sigmoid_scores else logits
-    classes = np.argmax(probabilities, axis=-1)
-    return boxes, keypoints, classes, probabilities[np.arange(len(classes)), classes]
+    return boxes, keypoints, classes[keep], scores[keep]
 
 
 def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:

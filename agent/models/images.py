@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import binascii
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -91,7 +92,8 @@ def image_tensor(info: TensorInfo, spec: Preprocess, b64: object, *, max_pixels:
     mode = "L" if spec.color == "grayscale" else "RGB"
     try:
         if image.format == "JPEG":
-            image.draft(mode, (width, height))  # decode at 1/2, 1/4 or 1/8 scale when still larger than needed
+            # Decode at 1/2, 1/4 or 1/8 scale while that still covers what the resize will keep.
+            image.draft(mode, _needed_size(spec, image.size, width, height))
         image = image.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise InvalidParams("image.b64: the picture cannot be decoded (truncated or corrupt)") from None
@@ -99,6 +101,17 @@ def image_tensor(info: TensorInfo, spec: Preprocess, b64: object, *, max_pixels:
     if spec.color == "bgr":
         pixels = pixels[..., ::-1]
     return _as_input(info, spec, pixels.reshape(info.shape)), frame
+
+
+def _needed_size(spec: Preprocess, source: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """The smallest picture size from which ``spec.resize`` still makes the tensor without upscaling."""
+    source_w, source_h = source
+    if spec.resize == "stretch":
+        return width, height
+    # letterbox fits the whole picture inside; crop covers the tensor with the picture's centre.
+    pick = min if spec.resize == "letterbox" else max
+    scale = pick(width / source_w, height / source_h)
+    return max(1, math.ceil(source_w * scale)), max(1, math.ceil(source_h * scale))
 
 
 def _fit(image: Image.Image, spec: Preprocess, width: int, height: int) -> tuple[np.ndarray, Frame]:
