@@ -104,10 +104,7 @@ def detections(
     else:
         boxes, keypoints, classes, scores = _suppressed(head, *_ssd_decoded(head, outputs, input_hw, score_threshold))
     count = min(max_detections, len(scores))
-    return [
-        _detection(labels, head.label_offset, frame, boxes[i], keypoints[i], int(classes[i]), float(scores[i]))
-        for i in range(count)
-    ]
+    return _as_json(labels, head.label_offset, frame, boxes[:count], keypoints[:count], classes[:count], scores[:count])
 
 
 def _postprocessed(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,42 +160,46 @@ def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
 def _suppressed(
     head: DetectionHead, boxes: np.ndarray, keypoints: np.ndarray, classes: np.ndarray, scores: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Non-maximum suppression over candidates sorted best first (per class)."""
-    kept: list[tuple[np.ndarray, np.ndarray, int, float]] = []
-    remaining = np.arange(len(scores))
-    while len(remaining):
-        best = remaining[0]
-        overlap = iou(boxes[best], boxes[remaining])
-        cluster = remaining[(overlap > head.iou_threshold) & (classes[remaining] == classes[best])]
-        cluster = np.union1d(cluster, [best])
-        box, points = boxes[best], keypoints[best]
+    """Non-maximum suppression (per class) over candidates sorted best first; they stay in that order."""
+    alive = np.ones(len(scores), dtype=bool)
+    kept_boxes, kept_points, kept = [], [], []
+    for best in range(len(scores)):
+        if not alive[best]:
+            continue
+        cluster = alive & (iou(boxes[best], boxes) > head.iou_threshold) & (classes == classes[best])
+        cluster[best] = True
+        alive &= ~cluster
         if head.nms == "weighted":
             weights = scores[cluster] / scores[cluster].sum()
-            box = weights @ boxes[cluster]
-            points = np.tensordot(weights, keypoints[cluster], axes=1)
-        kept.append((box, points, int(classes[best]), float(scores[best])))
-        remaining = np.setdiff1d(remaining, cluster, assume_unique=True)
-        remaining = remaining[np.argsort(-scores[remaining], kind="stable")]
+            kept_boxes.append(weights @ boxes[cluster])
+            kept_points.append((weights @ keypoints[cluster].reshape(len(weights), -1)).reshape(-1, 2))
+        else:
+            kept_boxes.append(boxes[best])
+            kept_points.append(keypoints[best])
+        kept.append(best)
     if not kept:
         return boxes[:0], keypoints[:0], classes[:0], scores[:0]
-    return (
-        np.stack([item[0] for item in kept]), np.stack([item[1] for item in kept]),
-        np.asarray([item[2] for item in kept]), np.asarray([item[3] for item in kept]),
-    )
+    return np.stack(kept_boxes), np.stack(kept_points), classes[kept], scores[kept]
 
 
-def _detection(
-    labels: list[str], label_offset: int, frame: Frame, box: np.ndarray, keypoints: np.ndarray, klass: int, score: float
-) -> dict[str, Any]:
-    xs, ys = frame.to_picture(np.asarray([box[0], box[2]]), np.asarray([box[1], box[3]]))
-    xs, ys = np.clip(xs, 0.0, 1.0), np.clip(ys, 0.0, 1.0)
-    index = klass + label_offset
-    detection: dict[str, Any] = {
-        "label": labels[index] if 0 <= index < len(labels) else str(index),
-        "score": round(score, 6),
-        "box": [round(float(xs[0]), 6), round(float(ys[0]), 6), round(float(xs[1]), 6), round(float(ys[1]), 6)],
-    }
-    if len(keypoints):
-        point_xs, point_ys = frame.to_picture(keypoints[:, 0], keypoints[:, 1])
-        detection["keypoints"] = [[round(float(x), 6), round(float(y), 6)] for x, y in zip(point_xs, point_ys)]
-    return detection
+def _as_json(
+    labels: list[str], label_offset: int, frame: Frame, boxes: np.ndarray, keypoints: np.ndarray, classes: np.ndarray,
+    scores: np.ndarray,
+) -> list[dict[str, Any]]:
+    """Detections as the reply carries them, boxes and keypoints mapped onto the picture (all at once: a
+    per-detection numpy call costs more than the arithmetic)."""
+    xs, ys = frame.to_picture(boxes[:, [0, 2]], boxes[:, [1, 3]])
+    corners = np.round(np.clip(np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=-1), 0.0, 1.0), 6).tolist()
+    point_xs, point_ys = frame.to_picture(keypoints[..., 0], keypoints[..., 1])
+    points = np.round(np.stack([point_xs, point_ys], axis=-1), 6).tolist()
+    found = []
+    for index, klass in enumerate((classes.astype(np.int64) + label_offset).tolist()):
+        detection: dict[str, Any] = {
+            "label": labels[klass] if 0 <= klass < len(labels) else str(klass),
+            "score": round(float(scores[index]), 6),
+            "box": corners[index],
+        }
+        if points[index]:
+            detection["keypoints"] = points[index]
+        found.append(detection)
+    return found
