@@ -125,6 +125,7 @@ class Agent:
         self.memory_watchdog.start()
         if self.model_watcher is not None:
             self.model_watcher.start()
+        self.service.router.streams.start()
         self._start_upstream()
         dispatcher = self.dispatcher = self._build_dispatcher()
         dispatcher.start()
@@ -190,6 +191,7 @@ class Agent:
             self.dispatcher.stop()
         if self.model_watcher is not None:
             self.model_watcher.stop()
+        self.service.router.streams.stop()
         self.memory_watchdog.stop()
         if self.fallback is not None:
             self.fallback.stop()

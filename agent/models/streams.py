@@ -28,10 +28,13 @@ import numpy as np
 
 from agent.errors import Overloaded
 from agent.models.inference import LoadedModel
+from agent.periodic import PeriodicTask
 
 ResetReason = Literal["new", "requested", "expired", "model_updated", "model_reloaded"]
 # Streams that ended by idling out, remembered so that their next request is told "expired", not "new".
 EXPIRED_REMEMBERED = 1024
+# How often idle streams are looked for when no stream request does it (their interpreters hold memory).
+SWEEP_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,14 @@ class StreamTable:
         self._streams: dict[StreamKey, _Stream] = {}
         self._expired: OrderedDict[StreamKey, None] = OrderedDict()
         self._tiebreak = itertools.count()
+        self._sweeper = PeriodicTask("stream-sweeper", "stream_sweeper", SWEEP_INTERVAL_S, self.sweep)
+
+    def start(self) -> None:
+        """Sweep idle streams every ``SWEEP_INTERVAL_S`` on a thread of its own, until :meth:`stop`."""
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._sweeper.stop()
 
     def __len__(self) -> int:
         with self._cond:
