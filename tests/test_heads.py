@@ -179,6 +179,8 @@ def test_the_face_in_a_real_photograph_is_found(faces: RequestService) -> None:
     [face] = as_png["detections"]
     assert face["label"] == "face" and face["score"] > 0.8 and box_iou(face["box"], ASTRONAUT_FACE) >= 0.5
     assert len(face["keypoints"]) == 6 and "outputs" not in as_png
+    # Six decimals on the wire, not a float32's seventeen digits.
+    assert all(round(value, 6) == value for value in [*face["box"], *sum(face["keypoints"], [])])
     # 640 x 480 JPEG: stretched, so the face's relative box is unchanged.
     as_jpeg = _call(faces, "infer", {"model": "faces", "image": {"b64": _b64(photo.resize((640, 480)), "JPEG", quality=85)}})
     assert box_iou(as_jpeg["detections"][0]["box"], ASTRONAUT_FACE) >= 0.5

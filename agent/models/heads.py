@@ -188,6 +188,8 @@ def _as_json(
 ) -> list[dict[str, Any]]:
     """Detections as the reply carries them, boxes and keypoints mapped onto the picture (all at once: a
     per-detection numpy call costs more than the arithmetic)."""
+    # float64 before rounding: a rounded float32 prints as 0.34625500440597534, not 0.346255.
+    boxes, keypoints = boxes.astype(np.float64), keypoints.astype(np.float64)
     xs, ys = frame.to_picture(boxes[:, [0, 2]], boxes[:, [1, 3]])
     corners = np.round(np.clip(np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=-1), 0.0, 1.0), 6).tolist()
     point_xs, point_ys = frame.to_picture(keypoints[..., 0], keypoints[..., 1])
