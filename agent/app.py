@@ -175,6 +175,7 @@ class Agent:
             inline_allowed=not (signing.backend == "tpm" and signing.mode == "strict"),
             count=self.count,
             count_rejection=self._count_rejection,
+            arrivals=self.service.router.streams.order,
         )
 
     def stop(self) -> None:

@@ -54,6 +54,18 @@ def test_two_clients_streaming_at_once_each_get_what_they_getwake_word_alone(age
     assert scores == {name: wake_word_alone(chunks) for name, chunks in audio.items()}
 
 
+def test_streams_sent_back_to_back_still_run_in_arrival_order(agents, client_factory) -> None:
+    """Every chunk published at once: two workers take a client's consecutive requests together, and the
+    stream must still run them in the order they arrived."""
+    agents()
+    clients = {name: client_factory(name) for name in ("alice", "bob")}
+    audio = {"alice": audio_features(14), "bob": audio_features(15)}
+    pending = {name: [clients[name].send("infer", _chunk_params(chunk)) for chunk in audio[name]] for name in clients}
+    scores = {name: [future.result(60)["result"]["outputs"]["dense_1"][0][0] for future in futures]
+              for name, futures in pending.items()}
+    assert scores == {name: wake_word_alone(chunks) for name, chunks in audio.items()}
+
+
 def test_a_restart_starts_every_stream_over_and_the_reply_says_so(agents, client_factory) -> None:
     chunks = audio_features(13)
     first = agents()

@@ -6,6 +6,7 @@ stream over, and the reply says so.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from agent.models.catalog import verified_model_bytes
 from agent.models.devmodels import add_wake_word
 from agent.models.inference import LoadedModel
 from agent.models.manager import ModelManager
-from agent.models.streams import StreamTable
+from agent.models.streams import ArrivalOrder, StreamTable
 from agent.serving.protocol import Request
 from agent.serving.service import RequestService, Timing
 from tests.fixtures.generated_models import add_model, constant_classifier
@@ -151,3 +152,23 @@ def test_stateless_models_keep_pooled_interpreters(tmp_path: Path) -> None:
     request = Request(jsonrpc="2.0", method="infer", params={"model": "steady", "inputs": {"x": [[0.0, 0.0]]}, "stream": "s"}, id=1)
     result = service.handle(request, Timing(received=0.0), "alice")
     assert "stream" not in result and len(service.router.streams) == 0
+
+
+def test_a_request_waits_for_its_clients_earlier_requests_to_reach_their_place() -> None:
+    order = ArrivalOrder()
+    order.taken("alice", 1.0)
+    order.taken("bob", 0.5)
+    order.taken("alice", 2.0)
+    passed = threading.Event()
+    later = threading.Thread(target=lambda: (order.wait_for_earlier("alice", 2.0), passed.set()))
+    later.start()
+    order.wait_for_earlier("alice", 1.0)  # nothing of alice's arrived before it
+    order.placed("bob", 0.5)  # another client's request changes nothing for alice's
+    assert not passed.is_set()
+    order.placed("alice", 1.0)
+    later.join(10)
+    assert passed.is_set()
+    order.finished("alice", 1.0)
+    order.finished("alice", 2.0)
+    order.finished("bob", 0.5)
+    order.wait_for_earlier("alice", 3.0)

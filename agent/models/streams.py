@@ -5,7 +5,8 @@ invocations, so sharing pooled interpreters between clients mixes their audio. S
 interpreter of its own per stream (:meth:`~agent.models.inference.LoadedModel.open_state`, created fresh,
 so its state starts from the model's initial values, and counted in the model's measured memory and hence
 in the model budget). A stream's requests run one at a time, in the order they arrived (their monotonic
-``received`` time), whichever worker serves them.
+``received`` time), whichever worker serves them: a request first waits for its client's earlier requests
+still on their way through the agent (:class:`ArrivalOrder`), then lines up in its stream's queue.
 
 A stream ends when it has been idle ``idle_timeout_s``, when its client sends ``reset: true`` (it starts
 over), and when the model version it ran on is no longer the one loaded (a model update, or an unload to
@@ -67,11 +68,57 @@ class _Stream:
 StreamKey = tuple[str, str, str]  # model id, client id, stream name
 
 
+class ArrivalOrder:
+    """Which requests of each client are being served and have not yet reached their place (a stream's queue,
+    or a stateless model): a stream request waits for those that arrived before it, so two workers that
+    took a client's consecutive requests cannot run them out of arrival order.
+
+    The intake reports every request a worker takes (:meth:`taken`) and finishes (:meth:`finished`); the
+    serving path reports when one has reached its place (:meth:`placed`). A request served inline on the
+    network thread is never reported: it is only served so while nothing else is in flight.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: dict[str, list[list[Any]]] = {}  # client -> [received, placed] of each taken request
+
+    def taken(self, client_id: str, received: float) -> None:
+        with self._cond:
+            self._pending.setdefault(client_id, []).append([received, False])
+
+    def placed(self, client_id: str, received: float) -> None:
+        with self._cond:
+            for request in self._pending.get(client_id, ()):
+                if request[0] == received and not request[1]:
+                    request[1] = True
+                    self._cond.notify_all()
+                    return
+
+    def finished(self, client_id: str, received: float) -> None:
+        with self._cond:
+            requests = self._pending.get(client_id, [])
+            for request in requests:
+                if request[0] == received:
+                    requests.remove(request)
+                    if not requests:
+                        del self._pending[client_id]
+                    self._cond.notify_all()
+                    return
+
+    def wait_for_earlier(self, client_id: str, received: float) -> None:
+        """Return once every request of ``client_id`` that arrived before ``received`` is placed or finished."""
+        with self._cond:
+            self._cond.wait_for(lambda: not any(
+                earlier < received and not placed for earlier, placed in self._pending.get(client_id, ())
+            ))
+
+
 class StreamTable:
     """Every live stream of every stateful model; safe to use from every worker thread."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, order: ArrivalOrder | None = None) -> None:
         self._clock = clock
+        self.order = order or ArrivalOrder()
         self._cond = threading.Condition()
         self._streams: dict[StreamKey, _Stream] = {}
         self._expired: OrderedDict[StreamKey, None] = OrderedDict()
@@ -93,7 +140,11 @@ class StreamTable:
         self, loaded: LoadedModel, client_id: str, name: str, feeds: dict[str, np.ndarray], *, received: float,
         reset: bool = False,
     ) -> tuple[dict[str, np.ndarray], StreamReport]:
-        """Run ``feeds`` on the stream's own interpreter, after the stream's earlier arrivals, and report on it."""
+        """Run ``feeds`` on the stream's own interpreter, after the stream's earlier arrivals, and report on it.
+
+        The caller first waits for its client's earlier requests (``order.wait_for_earlier``), before it
+        holds anything they might need (a model lease).
+        """
         key = (loaded.entry.id, client_id, name)
         stream = self._enter(key, loaded, received)
         try:
@@ -125,6 +176,8 @@ class StreamTable:
                 stream = self._streams[key] = _Stream(last_used=self._clock())
             ticket = (received, next(self._tiebreak))
             heapq.heappush(stream.waiting, ticket)
+            # In the stream's queue now: later requests of the client may come in and line up behind it.
+            self.order.placed(key[1], received)
             while stream.busy or stream.waiting[0] != ticket:
                 self._cond.wait()
             heapq.heappop(stream.waiting)

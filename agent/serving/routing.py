@@ -152,6 +152,9 @@ class Router:
         to serve a request inline on the network thread must weigh.
         """
         call = call or Call()
+        if self.models.entry(model_id).stateful:
+            # Before the lease: an earlier request may be loading a model that needs this one unloaded.
+            self.streams.order.wait_for_earlier(call.client_id, call.received)
         with self.models.lease(model_id) as loaded:
             feeds, frame, input_hw, preprocess_ms = self._feeds(loaded, inputs, raw=raw, call=call)
             started = time.monotonic()
@@ -161,6 +164,7 @@ class Router:
                     loaded, call.client_id, call.stream, feeds, received=call.received, reset=call.reset
                 )
             else:
+                self.streams.order.placed(call.client_id, call.received)  # no stream: later requests need not wait
                 raw_outputs = loaded.run(feeds)
             elapsed_ms = (time.monotonic() - started) * 1000
         self.models.measurements.record_latency(model_id, loaded.entry.sha256, elapsed_ms + preprocess_ms)
