@@ -43,7 +43,10 @@ def head_problem(head: DetectionHead, outputs: list[list[int]]) -> str | None:
         return None
     assert head.anchors is not None
     if len(outputs) != 2 or len(outputs[0]) != 3 or len(outputs[1]) != 3:
-        return f"ssd_anchors needs outputs regressors [1, anchors, values] and scores [1, anchors, classes]; the model has {outputs}"
+        return (
+            "ssd_anchors needs outputs regressors [1, anchors, values] and scores [1, anchors, classes]; "
+            f"the model has {outputs}"
+        )
     anchors = len(ssd_anchors(head.anchors.model_dump_json()))
     if outputs[0][1] != anchors or outputs[1][1] != anchors:
         return f"the anchor config makes {anchors} anchors, the outputs have {outputs[0][1]}"

@@ -126,7 +126,8 @@ class RequestService:
                     for run, weight in served.members
                 ],
             }
-        top = None if detection or not served.outputs else top_labels(served.labels, next(iter(served.outputs.values())), params.top_k)
+        first_output = next(iter(served.outputs.values()), None)
+        top = None if detection or first_output is None else top_labels(served.labels, first_output, params.top_k)
         if top is not None:
             result["top"] = top
         result["timing_ms"] = timing.as_result()
