@@ -125,6 +125,7 @@ class Agent:
         self.memory_watchdog.start()
         if self.model_watcher is not None:
             self.model_watcher.start()
+        self.service.router.streams.start()
         self._start_upstream()
         dispatcher = self.dispatcher = self._build_dispatcher()
         dispatcher.start()
@@ -175,6 +176,7 @@ class Agent:
             inline_allowed=not (signing.backend == "tpm" and signing.mode == "strict"),
             count=self.count,
             count_rejection=self._count_rejection,
+            arrivals=self.service.router.streams.order,
         )
 
     def stop(self) -> None:
@@ -191,6 +193,7 @@ class Agent:
             self.dispatcher.stop()
         if self.model_watcher is not None:
             self.model_watcher.stop()
+        self.service.router.streams.stop()
         self.memory_watchdog.stop()
         if self.fallback is not None:
             self.fallback.stop()

@@ -132,6 +132,9 @@ class Limits(Section):
     )
     max_nesting_depth: int = Field(32, ge=2, le=512)
     max_input_elements: int = Field(1_000_000, ge=1)
+    max_image_pixels: int = Field(
+        16_777_216, ge=1, description="width x height of a picture sent to an image input, checked before decoding"
+    )
     max_json_values: int = Field(
         2_004_096, ge=16, description="JSON values a request may hold, counted before parsing; "
         "unset: twice max_input_elements plus 4096 (an input at its limit beside others, and the envelope)"

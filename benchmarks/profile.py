@@ -35,6 +35,8 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("upstream copy: envelope + enqueue", ("Upstream.record_response", "Upstream.enqueue")),
     ("inference (LiteRT set/invoke/get)", ("LoadedModel.run",)),
     ("input decode (b64/list to tensor)", ("prepare_input",)),
+    ("picture decode and preprocess (Pillow)", ("image_tensor",)),
+    ("task head (detections)", ("detections",)),
     ("outputs to JSON values (tolist)", ("decode_output", "encode_b64_tensor", "run_inference.<locals>.<dictcomp>")),
     ("normalise + JCS + sign", ("sign_reply", "encode_signed_reply")),
     ("reply serialise (json) + binding", ("encode_reply", "encode_unsigned", "encode_message", "encode_record")),
@@ -98,7 +100,7 @@ def profile(
         settings = {**configurations[config](DEVICE_ID), **(overrides or {})}
         agent = bench.start_agent(DEVICE_ID, settings)
         described = bench.describe_agent(agent)
-        payload = bench.tiny_payload if model == "tiny" else bench.face_payload
+        payload = {"tiny": bench.tiny_payload, "face": bench.face_payload, "face-image": bench.face_image_payload}[model]
         load = start_load(bench.broker, agent.device_id, payload, inflight=inflight, duration=seconds + 2.0, warmup=0.5)
         time.sleep(1.5)
         with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", choices=("full", "signed", "bare"), default="full",
         help="full: signing and cloud (outbox); signed: signing only; bare: neither",
     )
-    parser.add_argument("--model", choices=("tiny", "face"), default="tiny")
+    parser.add_argument("--model", choices=("tiny", "face", "face-image"), default="tiny")
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--json", action="store_true", help="print the JSON result instead of the table")

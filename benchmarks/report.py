@@ -67,7 +67,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator to three decimals; None when either is missing or zero."""
     if not numerator or not denominator:
         return None
     return round(numerator / denominator, 3)
@@ -79,28 +80,31 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, float | None]
     face = results["face"]
     fairness = results["fairness"]
     ratios = {
-        "agent_full/baseline req/s @32": _ratio(compare["agent_full"]["req_per_s"], compare["baseline"]["req_per_s"]),
-        "agent_signed/baseline req/s @32": _ratio(
+        "agent_full/baseline req/s @32": ratio(compare["agent_full"]["req_per_s"], compare["baseline"]["req_per_s"]),
+        "agent_signed/baseline req/s @32": ratio(
             compare["agent_signed"]["req_per_s"], compare["baseline"]["req_per_s"]
         ),
-        "agent_bare/baseline req/s @32": _ratio(compare["agent_bare"]["req_per_s"], compare["baseline"]["req_per_s"]),
-        "agent_full/baseline p99 @32": _ratio(compare["agent_full"]["p99_ms"], compare["baseline"]["p99_ms"]),
-        "agent_bare/baseline p99 @32": _ratio(compare["agent_bare"]["p99_ms"], compare["baseline"]["p99_ms"]),
-        "baseline/ceiling req/s @32": _ratio(compare["baseline"]["req_per_s"], compare["ceiling"]["req_per_s"]),
-        "agent_full/ceiling req/s @32": _ratio(compare["agent_full"]["req_per_s"], compare["ceiling"]["req_per_s"]),
-        "face agent_full/raw invoke": _ratio(face["agent_full"]["req_per_s"], face["raw"]["invokes_per_s"]),
-        "face agent_bare/raw invoke": _ratio(face["agent_bare"]["req_per_s"], face["raw"]["invokes_per_s"]),
-        "face echo ceiling/raw invoke": _ratio(face["ceiling"]["req_per_s"], face["raw"]["invokes_per_s"]),
-        "agent_full/baseline server CPU per reply @32": _ratio(
+        "agent_bare/baseline req/s @32": ratio(compare["agent_bare"]["req_per_s"], compare["baseline"]["req_per_s"]),
+        "agent_full/baseline p99 @32": ratio(compare["agent_full"]["p99_ms"], compare["baseline"]["p99_ms"]),
+        "agent_bare/baseline p99 @32": ratio(compare["agent_bare"]["p99_ms"], compare["baseline"]["p99_ms"]),
+        "baseline/ceiling req/s @32": ratio(compare["baseline"]["req_per_s"], compare["ceiling"]["req_per_s"]),
+        "agent_full/ceiling req/s @32": ratio(compare["agent_full"]["req_per_s"], compare["ceiling"]["req_per_s"]),
+        "face agent_full/raw invoke": ratio(face["agent_full"]["req_per_s"], face["raw"]["invokes_per_s"]),
+        "face agent_bare/raw invoke": ratio(face["agent_bare"]["req_per_s"], face["raw"]["invokes_per_s"]),
+        "face echo ceiling/raw invoke": ratio(face["ceiling"]["req_per_s"], face["raw"]["invokes_per_s"]),
+        "face JPEG->detections agent_full/raw invoke": ratio(
+            face["agent_full_image"]["req_per_s"], face["raw"]["invokes_per_s"]
+        ),
+        "agent_full/baseline server CPU per reply @32": ratio(
             compare["agent_full"]["server_cpu_us_per_reply"], compare["baseline"]["server_cpu_us_per_reply"]
         ),
-        "agent_signed/baseline server CPU per reply @32": _ratio(
+        "agent_signed/baseline server CPU per reply @32": ratio(
             compare["agent_signed"]["server_cpu_us_per_reply"], compare["baseline"]["server_cpu_us_per_reply"]
         ),
-        "agent_bare/baseline server CPU per reply @32": _ratio(
+        "agent_bare/baseline server CPU per reply @32": ratio(
             compare["agent_bare"]["server_cpu_us_per_reply"], compare["baseline"]["server_cpu_us_per_reply"]
         ),
-        "fairness p99 beside flood/alone": fairness.get("ratio_median", _ratio(
+        "fairness p99 beside flood/alone": fairness.get("ratio_median", ratio(
             fairness["normal_beside_flood"]["p99_ms"], fairness["normal_alone"]["p99_ms"]
         )),
     }
@@ -112,6 +116,7 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, float | None]
         ("3 full / 2 p99 @32", ratios["agent_full/baseline p99 @32"], "<=", 2.0),
         ("3 no signing, no cloud / 2 throughput @32", ratios["agent_bare/baseline req/s @32"], ">=", 0.9),
         ("4 face, full / raw invoke rate", ratios["face agent_full/raw invoke"], ">=", 0.8),
+        ("4 face JPEG in, detections out, full / raw invoke", ratios["face JPEG->detections agent_full/raw invoke"], ">=", 0.5),
         ("peak RSS after load, bundled models (MB)", memory["after_tiny_load"]["VmHWM"], "<", 120.0),
         ("startup to online, median (s)", startup, "<", 1.5),
         ("8 fairness: normal p99 beside flood / alone", ratios["fairness p99 beside flood/alone"], "<=", 2.0),
@@ -171,6 +176,7 @@ def throughput_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     rows.append(("4 face, echo ceiling (262 KB)", results["face"]["ceiling"]))
     rows.append(("4 face, agent full", results["face"]["agent_full"]))
     rows.append(("4 face, agent no signing", results["face"]["agent_bare"]))
+    rows.append(("4 face, full, JPEG in, detections", results["face"]["agent_full_image"]))
     fairness = results["fairness"]
     rows.append(("8 normal client alone (paced)", fairness["normal_alone"]))
     rows.append(("8 normal client beside flood", fairness["normal_beside_flood"]))
@@ -198,6 +204,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"4 face raw invoke: {raw['invokes_per_s']:,.0f} invokes/s with {raw['threads']} threads x "
         f"{raw['num_threads']} LiteRT thread(s), {raw['mean_invoke_ms']} ms each"
     )
+    out.append(face_bytes_line(results["face"]))
     for name, memory in results["memory"].items():
         stages = (f"{stage} {values['VmHWM']} MB peak ({values['VmRSS']} MB now)" for stage, values in memory.items())
         out.append(f"6 memory {name}: " + ", ".join(stages))
@@ -220,3 +227,12 @@ def format_report(results: dict[str, Any]) -> str:
         out.append(f"note: {note}")
     out.append(f"\nwall time {results['wall_time_s']} s")
     return "\n".join(out)
+
+
+def face_bytes_line(face: dict[str, Any]) -> str:
+    """Bytes on the wire per face request and reply: raw tensors (b64) against a JPEG in, detections out."""
+    sent, tensor, image = face["request_bytes"], face["agent_full"], face["agent_full_image"]
+    return (
+        f"4 face bytes per request / reply: tensors {sent['tensor']:,} / {tensor['mean_reply_bytes']:,}, "
+        f"JPEG and detections {sent['image']:,} / {image['mean_reply_bytes']:,}"
+    )

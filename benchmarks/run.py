@@ -2,7 +2,7 @@
 
 Scenarios (issue 7): 1 ceiling (echo responder), 2 baseline (plain paho + LiteRT), 3 the agent with the
 shipped defaults (signed, cloud broker and outbox), signed without cloud, and without either, 4 the face detector
-against its raw invoke rate, 5 the concurrency sweep, 6 peak memory, 7 startup, 8 fairness. Everything
+against its raw invoke rate (raw tensors, and a JPEG in with detections out), 5 the concurrency sweep, 6 peak memory, 7 startup, 8 fairness. Everything
 talks QoS 1 over a private mosquitto on loopback; every process is separate.
 """
 
@@ -76,7 +76,9 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
         "agent_full": bench.face(full.device_id),
         "agent_bare": bench.face(bare.device_id),
         "ceiling": face_ceiling,
+        "agent_full_image": bench.face_image(full.device_id),
         "raw": bench.raw_face(threads=config["workers"], num_threads=config["num_threads"]),
+        "request_bytes": bench.face_request_bytes(),
     }
     memory["agent_full"]["after_face_load"] = full.memory_mb()
     memory["agent_bare"]["after_face_load"] = bare.memory_mb()

@@ -8,6 +8,7 @@ signing) instead of being minutes apart. Numbers are medians over the rounds.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 import statistics
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from agent.config import BUNDLED_MODELS_DIR, LocalBroker
 from agent.models.devmodels import FACE_INPUT_SHAPE, FACE_MODEL_FILE, add_face_detector, copy_bundled_models
@@ -38,6 +40,10 @@ from benchmarks.harness import (
 
 TINY_MODEL = "vibration-anomaly"
 FACE_MODEL = "face-detector"
+# The same detector as MediaPipe serves it: a picture in (letterboxed), detections out.
+FACE_IMAGE_MODEL = "faces"
+CAMERA_FRAME = (640, 480)
+CAMERA_JPEG_QUALITY = 85
 TINY_REQUEST = {
     "method": "infer",
     "params": {"model": TINY_MODEL, "inputs": {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]}},
@@ -76,6 +82,7 @@ class Bench:
     models_dir: Path = field(init=False)
     tiny_payload: Path = field(init=False)
     face_payload: Path = field(init=False)
+    face_image_payload: Path = field(init=False)
     agents: list[AgentUnderTest] = field(init=False, default_factory=list)
     server_pids: dict[str, int] = field(init=False, default_factory=dict)  # device id -> responding process
     notes: list[str] = field(init=False, default_factory=list)
@@ -94,6 +101,7 @@ class Bench:
         self.cloud.start()
         self.models_dir = copy_bundled_models(self.workdir / "models")
         add_face_detector(self.models_dir, FACE_MODEL)
+        add_face_detector(self.models_dir, FACE_IMAGE_MODEL, head=True)
         self.tiny_payload = self.workdir / "tiny.json"
         self.tiny_payload.write_text(json.dumps(TINY_REQUEST))
         image = np.random.default_rng(7).uniform(-1, 1, FACE_INPUT_SHAPE).astype("<f4")
@@ -107,6 +115,9 @@ class Bench:
         }
         self.face_payload = self.workdir / "face.json"
         self.face_payload.write_text(json.dumps(face_request))
+        image_request = {"method": "infer", "params": {"model": FACE_IMAGE_MODEL, "image": {"b64": camera_frame_b64()}}}
+        self.face_image_payload = self.workdir / "face-image.json"
+        self.face_image_payload.write_text(json.dumps(image_request))
         if shutil.which("swtpm") is not None:
             self.tpm = SwtpmProcess(self.workdir / "swtpm").start()
         else:
@@ -216,6 +227,14 @@ class Bench:
     def face(self, device_id: str) -> dict[str, Any]:
         return self.load(device_id, self.face_payload, FACE_INFLIGHT)
 
+    def face_image(self, device_id: str) -> dict[str, Any]:
+        """The face detector fed 640 x 480 JPEGs, answering detections, at the raw-tensor run's in-flight count."""
+        return self.load(device_id, self.face_image_payload, FACE_INFLIGHT)
+
+    def face_request_bytes(self) -> dict[str, int]:
+        """Request sizes on the wire (without the id) of the raw-tensor and the JPEG face requests."""
+        return {"tensor": self.face_payload.stat().st_size, "image": self.face_image_payload.stat().st_size}
+
     def raw_face(self, threads: int, num_threads: int) -> dict[str, Any]:
         model = self.models_dir / FACE_MODEL_FILE
         return raw_invoke_rate(model, threads=threads, num_threads=num_threads, duration=self.timings.raw_invoke_s)
@@ -308,3 +327,11 @@ def start_reference_responders(bench: Bench) -> tuple[Responder, Responder]:
     bench.responders += [echo, baseline]
     bench.server_pids.update({"ceiling": echo.pid, "baseline": baseline.pid})
     return echo, baseline
+
+
+def camera_frame_b64() -> str:
+    """A 640 x 480 JPEG (quality 85) of a real photograph with a face (scikit-image's astronaut), as base64."""
+    photo = Path(__import__("skimage").__file__).parent / "data" / "astronaut.png"
+    buffer = io.BytesIO()
+    Image.open(photo).convert("RGB").resize(CAMERA_FRAME).save(buffer, "JPEG", quality=CAMERA_JPEG_QUALITY)
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -13,6 +13,11 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 pkg-config --exists tss2-tcti-swtpm 2>/dev/null || need+=(libtss2-tcti-swtpm0)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# Pillow has no PyPI wheel for armv7l: where piwheels is not configured pip builds it, against these headers.
+if [ "$(uname -m)" = armv7l ]; then
+    [ -e /usr/include/jpeglib.h ] || need+=(libjpeg-dev)
+    [ -e /usr/include/zlib.h ] || need+=(zlib1g-dev)
+fi
 # lavapipe (Mesa's CPU Vulkan driver) is a real Vulkan device for LiteRT's WebGPU GPU accelerator. The WebGPU
 # layer refuses bookworm's Mesa 22, so on bookworm it comes from bookworm-backports (25.x).
 backports=""

@@ -6,6 +6,8 @@ bridge forwards to an in-process agent ("dev1") through the ``local_broker`` mos
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 import sys
@@ -19,9 +21,12 @@ import pytest
 from mcp import Client, ClientSession, MCPError, StdioServerParameters, stdio_client
 from mcp.types import CallToolResult, TextContent
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from PIL import Image
 
+from agent.models.devmodels import add_face_detector
 from agent.mqtt.localbroker import MosquittoProcess
 from tests.fixtures.agents import REPO_ROOT
+from tests.fixtures.real_models import ASTRONAUT, ASTRONAUT_FACE, box_iou
 
 
 def bridge_parameters(port: int, device: str = "dev1", *extra: str) -> StdioServerParameters:
@@ -144,5 +149,29 @@ def test_unreachable_broker_gives_a_tool_error() -> None:
             result = await session.call_tool("vibration-anomaly", {"features": [[0.0] * 8]})
             assert result.is_error is True
             assert f"127.0.0.1:{closed_port}" in text_of(result)
+
+    anyio.run(scenario)
+
+
+def test_a_detector_tool_takes_a_picture_and_answers_detections(
+    start_agent: Callable[..., Any], local_broker: MosquittoProcess, models_dir: Path
+) -> None:
+    """The SDK checks structuredContent against the tool's outputSchema: both follow the detection head."""
+    add_face_detector(models_dir, "faces", head=True)
+    start_agent()
+    buffer = io.BytesIO()
+    Image.open(ASTRONAUT).convert("RGB").save(buffer, "JPEG", quality=85)
+    picture = {"b64": base64.b64encode(buffer.getvalue()).decode()}
+
+    async def scenario() -> None:
+        async with Client(bridge_parameters(local_broker.port), mode="legacy") as client:
+            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+            assert tools["faces"].input_schema["required"] == ["image"]
+            assert tools["faces"].output_schema is not None and "detections" in tools["faces"].output_schema["required"]
+            result = await client.call_tool("faces", {"image": picture, "max_detections": 1})
+            assert result.is_error is not True and result.structured_content is not None
+            [face] = result.structured_content["detections"]
+            assert face["label"] == "face" and box_iou(face["box"], ASTRONAUT_FACE) >= 0.5
+            assert "1 detection(s)" in text_of(result)
 
     anyio.run(scenario)

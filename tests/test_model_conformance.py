@@ -6,8 +6,6 @@ Uses a real third-party model, microWakeWord's int8 "okay_nabu" (pymicro-wakewor
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +13,11 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from agent.models.devmodels import WAKEWORD_MODEL_FILE, wakeword_model_path
+from agent.models.devmodels import add_wake_word, wakeword_model_path
 from agent.models.inference import prepare_input
 from agent.models.manager import ModelManager
 from agent.models.tflite_file import read_file_facts
-from tests.fixtures.generated_models import add_model, constant_classifier, read_manifest, write_manifest
+from tests.fixtures.generated_models import add_model, constant_classifier
 from tests.fixtures.tflite_metadata import TensorMeta, metadata_flatbuffer, with_metadata
 
 WAKEWORD_INPUT = {"name": "input_audio", "shape": [1, 3, 40], "dtype": "int8"}
@@ -28,19 +26,7 @@ WAKEWORD_OUTPUT = {"name": "dense_1", "shape": [1, 1], "dtype": "uint8"}
 
 def _add_wakeword(models_dir: Path, **fields: Any) -> None:
     """The wake word model with a minimal entry (id, version, task, file, sha256) plus ``fields``."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(wakeword_model_path(), models_dir / WAKEWORD_MODEL_FILE)
-    entry = {
-        "id": "okay-nabu",
-        "version": "2",
-        "task": "wake-word",
-        "file": WAKEWORD_MODEL_FILE,
-        "sha256": hashlib.sha256(wakeword_model_path().read_bytes()).hexdigest(),
-        **fields,
-    }
-    manifest = read_manifest(models_dir)
-    manifest["models"] = [model for model in manifest["models"] if model["id"] != entry["id"]] + [entry]
-    write_manifest(models_dir, manifest)
+    add_wake_word(models_dir, **fields)
 
 
 def _features(seed: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.config import BUNDLED_MODELS_DIR, AcceleratorChoice
 from agent.errors import ModelError
+from agent.models.taskspec import Head, Preprocess, StreamSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class TensorSpec(BaseModel):
     dtype: TensorDType | None = None
     quantization: Quantization | None = None
     normalization: Normalization | None = None
+    preprocess: Preprocess | None = None
 
 
 class ModelExample(BaseModel):
@@ -104,11 +106,17 @@ class ModelEntry(BaseModel):
     # None: [inference] accelerator (the profile's default); "gpu" and a delegate exclude each other.
     accelerator: AcceleratorChoice | None = None
     delegate: DelegateSpec | None = None
+    head: Head | None = None
+    # None: stateful when the file holds resource variables (filled in when the entry is completed).
+    stateful: bool | None = None
+    streams: StreamSettings = Field(default_factory=StreamSettings)
 
     @model_validator(mode="after")
     def _one_accelerator(self) -> ModelEntry:
         if self.delegate is not None and self.accelerator == "gpu":
             raise ValueError("a model runs on accelerator = \"gpu\" or on a delegate, not both")
+        if sum(spec.preprocess is not None for spec in self.inputs) > 1:
+            raise ValueError("at most one input takes an image (has preprocess)")
         return self
 
 

@@ -235,15 +235,40 @@ class LoadedModel:
         with self._gate:
             interpreter = self._checkout()
             try:
-                for info in self.inputs:
-                    interpreter.set_tensor(info.index, feeds[info.name])
-                interpreter.invoke()
-                # get_tensor copies, so the interpreter can go back to the pool before the caller reads.
-                return {info.name: interpreter.get_tensor(info.index) for info in self.outputs}
-            except (ValueError, RuntimeError) as exc:
-                raise InferenceFailed(f"model {self.entry.id!r} failed while running: {exc}") from None
+                return self._invoke(interpreter, feeds)
             finally:
                 self._checkin(interpreter)
+
+    def open_state(self) -> Any | None:
+        """A fresh interpreter of its own for one stream of a stateful model (never pooled: it holds that
+        stream's state), counted in ``memory_bytes``; None if the memory budget has no room for it."""
+        with self._cond:
+            if self._closed:
+                raise ModelUnavailable(f"model {self.entry.id!r} was unloaded")
+        try:
+            return self._create_interpreter(admit=True)
+        except (ValueError, RuntimeError, AcceleratorUnavailable) as exc:
+            raise InferenceFailed(f"model {self.entry.id!r}: could not create an interpreter: {exc}") from None
+
+    def run_state(self, state: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference on a stream's own interpreter (:meth:`open_state`); one caller at a time."""
+        with self._gate:
+            return self._invoke(state, feeds)
+
+    def close_state(self, state: Any) -> None:
+        """Drop a stream's interpreter and its share of ``memory_bytes``."""
+        with self._cond:
+            self._costs.pop(id(state), None)
+
+    def _invoke(self, interpreter: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            for info in self.inputs:
+                interpreter.set_tensor(info.index, feeds[info.name])
+            interpreter.invoke()
+            # get_tensor copies, so the interpreter can be used again before the caller reads.
+            return {info.name: interpreter.get_tensor(info.index) for info in self.outputs}
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceFailed(f"model {self.entry.id!r} failed while running: {exc}") from None
 
 
 def encode_b64_tensor(array: np.ndarray) -> dict[str, Any]:
@@ -312,10 +337,7 @@ def prepare_input(info: TensorInfo, value: Any, *, raw: bool, max_elements: int)
         else:
             raise InvalidParams(f"input {info.name!r}: shape {list(array.shape)} given, model expects {list(info.shape)}")
     if info.quantized and not raw:
-        real = array.astype(np.float64)
-        limits = np.iinfo(info.dtype)
-        quantized = np.rint(real / info.scale + info.zero_point)
-        return np.clip(quantized, limits.min, limits.max).astype(info.dtype)
+        return quantize(info, array)
     if info.dtype.kind in "iu":
         if array.dtype.kind == "f" and not np.array_equal(array, np.rint(array)):
             raise InvalidParams(f"input {info.name!r}: model expects integers ({info.dtype.name})")
@@ -330,6 +352,13 @@ def prepare_input(info: TensorInfo, value: Any, *, raw: bool, max_elements: int)
     if not np.isfinite(converted).all():
         raise InvalidParams(f"input {info.name!r}: values overflow {info.dtype.name}")
     return converted
+
+
+def quantize(info: TensorInfo, real: np.ndarray) -> np.ndarray:
+    """Real values in a quantized tensor's integers: ``q = round(real / scale + zero_point)``, clipped to its range."""
+    limits = np.iinfo(info.dtype)
+    quantized = np.rint(real.astype(np.float64) / info.scale + info.zero_point)
+    return np.clip(quantized, limits.min, limits.max).astype(info.dtype)
 
 
 def decode_output(info: TensorInfo, array: np.ndarray, *, raw: bool) -> np.ndarray:

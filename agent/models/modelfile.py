@@ -20,6 +20,9 @@ from pydantic import ValidationError
 from agent.errors import ModelError
 from agent.models.accelerators import Runtime
 from agent.models.catalog import ModelEntry, Normalization, Quantization, TensorSpec, verified_model_bytes
+from agent.models.heads import head_problem
+from agent.models.images import image_shape
+from agent.models.taskspec import ClassificationHead, DetectionHead
 from agent.models.tflite_file import FileFacts, TensorMetadata, read_file_facts
 
 
@@ -93,7 +96,29 @@ def complete_entry(entry: ModelEntry, description: ModelDescription) -> ModelEnt
     outputs = _complete_tensors(entry, "output", entry.outputs, description.outputs, metadata.outputs if metadata else [])
     labels = entry.labels or next((tensor.labels for tensor in (metadata.outputs if metadata else []) if tensor.labels), [])
     model_description = entry.description or (metadata.description if metadata else "")
-    return entry.model_copy(update={"inputs": inputs, "outputs": outputs, "labels": labels, "description": model_description})
+    stateful = entry.stateful if entry.stateful is not None else description.facts.has_resource_variables
+    completed = entry.model_copy(update={
+        "inputs": inputs, "outputs": outputs, "labels": labels, "description": model_description, "stateful": stateful,
+    })
+    problem = task_problem(completed)
+    if problem is not None:
+        raise ModelError(f"model {entry.id!r}: {problem}; refused")
+    return completed
+
+
+def task_problem(entry: ModelEntry) -> str | None:
+    """Why a completed entry's ``preprocess`` or ``head`` does not fit its tensors, or None."""
+    for spec in entry.inputs:
+        if spec.preprocess is not None:
+            try:
+                image_shape(spec.name, spec.shape or [], spec.preprocess)
+            except ValueError as exc:
+                return str(exc)
+    if isinstance(entry.head, ClassificationHead) and not entry.labels:
+        return "a classification head needs labels"
+    if isinstance(entry.head, DetectionHead):
+        return head_problem(entry.head, [spec.shape or [] for spec in entry.outputs])
+    return None
 
 
 def _complete_tensors(
@@ -119,6 +144,7 @@ def _complete_tensors(
                 dtype=tensor.dtype,  # type: ignore[arg-type]  # validated here: a dtype the wire cannot carry refuses
                 quantization=tensor.quantization,
                 normalization=spec.normalization if spec and spec.normalization else normalization,
+                preprocess=spec.preprocess if spec else None,
             ))
         except ValidationError:
             raise ModelError(f"model {entry.id!r}: {kind} {_show(tensor)} has a dtype the agent cannot serve; refused") from None

@@ -28,6 +28,7 @@ from agent.config import Limits
 from agent.errors import DeadlineUnmeetable, Overloaded, RequestError
 from agent.exchange import InboundRequest, ReplyLink
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS, Where
+from agent.models.streams import ArrivalOrder
 from agent.observe.metrics import Rejection
 from agent.serving.admission import Admission
 from agent.serving.intake import CostKey, FairIntake, Queued
@@ -114,6 +115,7 @@ class Dispatcher:
         inline_allowed: bool,
         count: Callable[[str], None],
         count_rejection: Callable[[Rejection], None],
+        arrivals: ArrivalOrder | None = None,
     ) -> None:
         self._limits = limits
         self._pipeline = pipeline
@@ -126,7 +128,7 @@ class Dispatcher:
         self._count_rejection = count_rejection
         self._intake = FairIntake(
             max_requests=limits.intake_queue, max_bytes=limits.intake_max_bytes,
-            parallelism=limits.max_concurrent_inferences,
+            parallelism=limits.max_concurrent_inferences, arrivals=arrivals,
         )  # fmt: skip
         self.costs = ServiceCosts()
         self._workers: list[threading.Thread] = []

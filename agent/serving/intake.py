@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from agent.exchange import InboundRequest
+from agent.models.streams import ArrivalOrder
 
 # What a request's service time is measured under: (method, model) as read from its head.
 CostKey = tuple[bytes | None, bytes | None]
@@ -68,7 +69,10 @@ class IntakeFigures:
 class FairIntake:
     """Per-client queues served fairly; ``offer`` on arrival, ``take`` on a worker, ``finished`` after."""
 
-    def __init__(self, *, max_requests: int, max_bytes: int, parallelism: int, quantum_s: float = 0.005) -> None:
+    def __init__(
+        self, *, max_requests: int, max_bytes: int, parallelism: int, quantum_s: float = 0.005,
+        arrivals: ArrivalOrder | None = None,
+    ) -> None:
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.parallelism = max(1, parallelism)
@@ -91,6 +95,8 @@ class FairIntake:
         self._serving_cost_s = 0.0
         self._closed = False
         self._ready = threading.Condition()
+        # Told of each request taken and finished, so stateful streams keep their arrival order.
+        self._arrivals = arrivals
 
     # ---- the network thread ----------------------------------------------------------------------
 
@@ -146,12 +152,16 @@ class FairIntake:
                 return None
             item = self._next_fair()
             self._serving_cost_s += item.cost_s
+            if self._arrivals is not None:  # under the lock: reported in the order taken, which is arrival order
+                self._arrivals.taken(item.inbound.client_id, item.inbound.received)
             return item
 
     def finished(self, item: Queued) -> None:
         """A taken request is done: it no longer counts towards the expected wait."""
         with self._ready:
             self._serving_cost_s = max(0.0, self._serving_cost_s - item.cost_s)
+        if self._arrivals is not None:
+            self._arrivals.finished(item.inbound.client_id, item.inbound.received)
 
     def close(self) -> None:
         """Make every ``take`` return None; what still waits is left unacknowledged, redelivered after a restart."""

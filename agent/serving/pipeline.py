@@ -126,7 +126,7 @@ class RequestPipeline:
                 if self._forward_to_cloud(inbound, request, too_large=False):
                     outcome = "forwarded"
                     return Delivery(inbound)
-                reply = result_reply(request.id, self._service.handle(request, timing))
+                reply = result_reply(request.id, self._service.handle(request, timing, inbound.client_id))
                 outcome = "ok"
             except ModelTooLarge as error:
                 if self._forward_to_cloud(inbound, request, too_large=True):

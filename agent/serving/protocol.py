@@ -41,14 +41,28 @@ class Request(BaseModel):
     is_notification: bool = Field(default=False, exclude=True)
 
 
+class ImageParam(BaseModel):
+    """A JPEG or PNG for the model's image input (the one with ``preprocess`` in the manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    b64: str
+
+
 class InferParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     task: str | None = None
-    inputs: dict[str, Any]
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    image: ImageParam | None = None
     raw: bool = False
+    raw_outputs: bool = False
     top_k: int = Field(3, ge=0, le=1000)
+    score_threshold: float | None = Field(None, ge=0, le=1)
+    max_detections: int | None = Field(None, ge=1, le=10_000)
+    stream: str = Field("", max_length=128, pattern=r"^[\x20-\x7e]*$")
+    reset: bool = False
     prefer: Literal["local", "cloud"] = "local"
     timeout_ms: int = Field(30_000, ge=1, le=3_600_000)
     output_encoding: Literal["list", "b64"] = "list"

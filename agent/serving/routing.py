@@ -28,19 +28,38 @@ import numpy as np
 
 from agent.errors import InferenceFailed, InvalidParams, ModelTooLarge
 from agent.models.catalog import Catalog, EnsembleEntry, EnsembleMember, ModelEntry
-from agent.models.inference import decode_output, prepare_input
+from agent.models.images import Frame, image_tensor
+from agent.models.inference import LoadedModel, decode_output, prepare_input
 from agent.models.manager import ModelManager
+from agent.models.streams import StreamReport, StreamTable
 
 VOTE_OUTPUT = "probabilities"
 
 
+@dataclass(frozen=True)
+class Call:
+    """What a request brings beside its tensors: who sent it and when (streams are per client, in arrival
+    order), its stream, and a picture for the model's image input."""
+
+    client_id: str = ""
+    received: float = 0.0
+    stream: str = ""
+    reset: bool = False
+    image_b64: str | None = None
+
+
 @dataclass
 class ModelRun:
-    """One model's run: the version that served, its (decoded) outputs and its inference time."""
+    """One model's run: the version that served, its (decoded) outputs and its inference time (with the
+    image decode, ``preprocess_ms``); where the picture landed in the input, and the stream's report."""
 
     entry: ModelEntry
     outputs: dict[str, np.ndarray]
     inference_ms: float
+    preprocess_ms: float = 0.0
+    frame: Frame = field(default_factory=Frame)
+    input_hw: tuple[int, int] = (0, 0)
+    stream: StreamReport | None = None
 
 
 @dataclass
@@ -54,14 +73,17 @@ class Served:
     inference_ms: float
     strategy: str | None = None
     members: list[tuple[ModelRun, float]] = field(default_factory=list)  # ensembles: (run, weight)
+    run: ModelRun | None = None  # the one model run whose outputs these are (None for a vote)
 
 
 class Router:
     """Resolves ``model``/``task`` to something servable and runs it."""
 
-    def __init__(self, models: ModelManager, *, max_input_elements: int) -> None:
+    def __init__(self, models: ModelManager, *, max_input_elements: int, max_image_pixels: int) -> None:
         self.models = models
         self.max_input_elements = max_input_elements
+        self.max_image_pixels = max_image_pixels
+        self.streams = StreamTable()
 
     def resolve(self, model: str | None, task: str | None) -> str:
         """The id of the model or ensemble to run; ``model`` wins, and must then be of ``task`` if both are given."""
@@ -113,47 +135,89 @@ class Router:
             target.id,
         )
 
-    def serve(self, target_id: str, inputs: dict[str, Any], *, raw: bool) -> Served:
+    def serve(self, target_id: str, inputs: dict[str, Any], *, raw: bool, call: Call | None = None) -> Served:
         """Run the model or ensemble ``target_id`` on the client's inputs."""
+        call = call or Call()
         ensemble = self.models.catalog.ensembles.get(target_id)
         if ensemble is not None:
-            return self._serve_ensemble(ensemble, inputs, raw=raw)
-        run = self.run_model(target_id, inputs, raw=raw)
-        return Served(run.entry.id, run.entry.version, run.entry.labels, run.outputs, run.inference_ms)
+            return self._serve_ensemble(ensemble, inputs, raw=raw, call=call)
+        run = self.run_model(target_id, inputs, raw=raw, call=call)
+        return Served(run.entry.id, run.entry.version, run.entry.labels, run.outputs, run.inference_ms, run=run)
 
-    def run_model(self, model_id: str, inputs: dict[str, Any], *, raw: bool) -> ModelRun:
-        """Validate inputs against the model, run it on a leased interpreter, and decode its outputs."""
+    def run_model(self, model_id: str, inputs: dict[str, Any], *, raw: bool, call: Call | None = None) -> ModelRun:
+        """Validate inputs (and decode the picture) against the model, run it on a leased interpreter (a stateful
+        model: on the stream's own), and decode its outputs.
+
+        The latency recorded for the model includes the picture's decode: it is what routing and the choice
+        to serve a request inline on the network thread must weigh.
+        """
+        call = call or Call()
+        if self.models.entry(model_id).stateful:
+            # Before the lease: an earlier request may be loading a model that needs this one unloaded.
+            self.streams.order.wait_for_earlier(call.client_id, call.received)
         with self.models.lease(model_id) as loaded:
-            missing = [info.name for info in loaded.inputs if info.name not in inputs]
-            if missing:
-                raise InvalidParams(f"model {model_id!r} needs input(s) {missing}")
-            for name in inputs:
-                loaded.input_info(name)
-            feeds = {
-                info.name: prepare_input(info, inputs[info.name], raw=raw, max_elements=self.max_input_elements)
-                for info in loaded.inputs
-            }
+            feeds, frame, input_hw, preprocess_ms = self._feeds(loaded, inputs, raw=raw, call=call)
             started = time.monotonic()
-            raw_outputs = loaded.run(feeds)
+            report = None
+            if loaded.entry.stateful:
+                raw_outputs, report = self.streams.run(
+                    loaded, call.client_id, call.stream, feeds, received=call.received, reset=call.reset
+                )
+            else:
+                self.streams.order.placed(call.client_id, call.received)  # no stream: later requests need not wait
+                raw_outputs = loaded.run(feeds)
             elapsed_ms = (time.monotonic() - started) * 1000
-        self.models.measurements.record_latency(model_id, loaded.entry.sha256, elapsed_ms)
+        self.models.measurements.record_latency(model_id, loaded.entry.sha256, elapsed_ms + preprocess_ms)
         outputs = {info.name: decode_output(info, raw_outputs[info.name], raw=raw) for info in loaded.outputs}
-        return ModelRun(loaded.entry, outputs, elapsed_ms)
+        return ModelRun(loaded.entry, outputs, elapsed_ms, preprocess_ms, frame, input_hw, report)
 
-    def _serve_ensemble(self, ensemble: EnsembleEntry, inputs: dict[str, Any], *, raw: bool) -> Served:
+    def _feeds(
+        self, loaded: LoadedModel, inputs: dict[str, Any], *, raw: bool, call: Call
+    ) -> tuple[dict[str, np.ndarray], Frame, tuple[int, int], float]:
+        """The input tensors, where the picture (if any) landed in its input, that input's height and width, and
+        how long the picture took to decode (ms)."""
+        model_id = loaded.entry.id
+        image_spec = next((spec for spec in loaded.entry.inputs if spec.preprocess is not None), None)
+        if call.image_b64 is not None and image_spec is None:
+            raise InvalidParams(f"model {model_id!r} takes no image (no input has preprocess in its manifest)")
+        # The picture feeds the image input unless that input is also given as a tensor.
+        image_input = image_spec.name if image_spec is not None and call.image_b64 is not None else None
+        missing = [info.name for info in loaded.inputs if info.name not in inputs and info.name != image_input]
+        if missing:
+            raise InvalidParams(f"model {model_id!r} needs input(s) {missing}")
+        for name in inputs:
+            loaded.input_info(name)
+        feeds, frame, input_hw, decode_ms = {}, Frame(), (0, 0), 0.0
+        for info in loaded.inputs:
+            if info.name in inputs:
+                feeds[info.name] = prepare_input(info, inputs[info.name], raw=raw, max_elements=self.max_input_elements)
+            else:
+                assert image_spec is not None and image_spec.preprocess is not None
+                started = time.monotonic()
+                feeds[info.name], frame = image_tensor(
+                    info, image_spec.preprocess, call.image_b64, max_pixels=self.max_image_pixels
+                )
+                decode_ms = (time.monotonic() - started) * 1000
+            if len(info.shape) == 4:
+                input_hw = (info.shape[1], info.shape[2])
+        return feeds, frame, input_hw, decode_ms
+
+    def _serve_ensemble(self, ensemble: EnsembleEntry, inputs: dict[str, Any], *, raw: bool, call: Call) -> Served:
         if ensemble.strategy == "fastest":
             member = self._fastest_member(ensemble)
-            run = self.run_model(member.model, inputs, raw=raw)
+            run = self.run_model(member.model, inputs, raw=raw, call=call)
             served = Served(
                 ensemble.id, ensemble.version, run.entry.labels, run.outputs, run.inference_ms,
-                ensemble.strategy, [(run, member.weight)],
+                ensemble.strategy, [(run, member.weight)], run,
             )
         else:
             if raw:
                 raise InvalidParams(f"ensemble {ensemble.id!r} votes on probabilities; raw outputs cannot be combined")
             # One member at a time: each lease ends before the next begins, so members that do not fit in
             # memory together still vote (one evicting the other) and two ensembles never wait on each other.
-            runs = [(self.run_model(member.model, inputs, raw=False), member.weight) for member in ensemble.members]
+            runs = [
+                (self.run_model(member.model, inputs, raw=False, call=call), member.weight) for member in ensemble.members
+            ]
             labels = runs[0][0].entry.labels
             served = Served(
                 ensemble.id, ensemble.version, labels, {VOTE_OUTPUT: weighted_vote(ensemble.id, labels, runs)},

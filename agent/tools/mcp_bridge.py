@@ -150,7 +150,9 @@ def build_server(link: DeviceLink) -> Server[Any]:
         instructions=(
             f"Each tool runs one TensorFlow Lite model on edge device {link.device_id!r}, reached over MQTT "
             f"through the broker at {link.broker.host}:{link.broker.port}. Pass every input as a nested list "
-            "of numbers with the shape its input schema gives; top_k sets how many labels a classifier ranks."
+            "of numbers with the shape its input schema gives, or a picture as image.b64 (JPEG or PNG) where the "
+            "schema asks for one; top_k sets how many labels a classifier ranks, score_threshold and "
+            "max_detections what a detector reports, stream which of your streams a stateful model continues."
         ),
         on_list_tools=list_tools,
         on_call_tool=call_tool,
