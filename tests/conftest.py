@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.swtpm",
     "tests.fixtures.agents",
+    "tests.fixtures.ingest",
 ]

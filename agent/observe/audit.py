@@ -30,7 +30,8 @@ from agent.faults import INTERNAL_ERRORS
 log = logging.getLogger(__name__)
 
 AuditKind = Literal[
-    "response_topic_refused", "rate_limited", "signing_key_rotated", "model_swapped", "model_removed", "model_refused"
+    "response_topic_refused", "rate_limited", "signing_key_rotated", "model_swapped", "model_removed", "model_refused",
+    "delegation_certificate",
 ]
 # What a client can trigger as often as it likes: throttled per client.
 CLIENT_CAUSED: frozenset[AuditKind] = frozenset({"response_topic_refused", "rate_limited"})
@@ -41,6 +42,7 @@ _LOG_LEVEL: dict[AuditKind, int] = {
     "model_swapped": logging.INFO,
     "model_removed": logging.INFO,
     "model_refused": logging.ERROR,
+    "delegation_certificate": logging.INFO,
 }
 
 
