@@ -144,6 +144,7 @@ class IngestWorker:
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         if all(not reason.is_failure for reason in reasons):
+            log.info("subscribed to %s as %s", self.settings.topic_filter, self.settings.client_id)
             self._subscribed.set()
         else:
             log.error("broker refused the subscription %s: %s", self.settings.topic_filter, reasons)
