@@ -98,6 +98,11 @@ class MosquittoProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (benchmarks read its CPU time)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def start(self, timeout: float = 10.0) -> "MosquittoProcess":
         """Start the broker and wait until it accepts connections."""
         if self.running:

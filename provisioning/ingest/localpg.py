@@ -73,6 +73,18 @@ class PostgresServer:
     def running(self) -> bool:
         return (self.data_dir / "postmaster.pid").exists()
 
+    def process_ids(self) -> list[int]:
+        """The postmaster and its children (one backend per connection), for reading their CPU time."""
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+        return [postmaster, *children]
+
     def create_database(self, name: str) -> str:
         """Create database ``name`` and return its URL."""
         self._run(str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)

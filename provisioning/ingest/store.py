@@ -69,7 +69,9 @@ class Tally:
 
 
 @dataclass
-class _Writes:
+class Planned:
+    """The rows one message (or a whole batch, merged) adds to each table."""
+
     records: list[dict[str, Any]] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     held: list[dict[str, Any]] = field(default_factory=list)
@@ -87,41 +89,58 @@ class RecordStore:
         self.max_decoded_bytes = max_decoded_bytes
         self.verifier = Verifier(keys, CertificateCache(_load_certificate))
 
-    def commit(self, batch: Sequence[Incoming]) -> Tally:
-        """Write everything the batch holds in one transaction; raises a connection error having written nothing.
+    def prepare(self, batch: Sequence[Incoming]) -> list[tuple[Incoming, Planned]]:
+        """Decode and verify a batch (reading certificates from the database): what :meth:`write` stores."""
+        self._refresh_keys()
+        prepared = []
+        for item in batch:
+            writes = Planned()
+            self._decode_into(item, writes)
+            prepared.append((item, writes))
+        return prepared
+
+    def write(self, prepared: list[tuple[Incoming, Planned]]) -> Tally:
+        """Store a prepared batch in one transaction; raises a connection error having written nothing.
 
         A batch the database refuses for its content (not for being unreachable) is written message by
         message, and a message that still cannot be written is quarantined as ``unstorable``: one bad
         message must not stall the subscription behind it.
         """
-        self._refresh_keys()
         try:
-            return self._commit(batch)
+            return self._write_transaction(_merged(writes for _, writes in prepared))
         except DATABASE_ERRORS:
             raise
         except peewee.DatabaseError as exc:
-            log.error("the database refused a batch of %d messages (%s); writing them one by one", len(batch), exc)
+            log.error("the database refused a batch of %d messages (%s); writing them one by one", len(prepared), exc)
         tally = Tally()
-        for item in batch:
+        for item, writes in prepared:
             try:
-                tally.add(self._commit([item]))
+                tally.add(self._write_transaction(writes))
             except DATABASE_ERRORS:
                 raise
             except peewee.DatabaseError as exc:
-                with self.database.atomic():
+                with self._transaction():
                     _insert(Quarantined, [_undecodable(item, None, f"the database refused it: {exc}", "unstorable")])
                 tally.quarantined["unstorable"] += 1
         return tally
 
-    def _commit(self, batch: Sequence[Incoming]) -> Tally:
-        writes = _Writes()
-        for item in batch:
-            self._decode_into(item, writes)
-        with self.database.atomic():
+    def commit(self, batch: Sequence[Incoming]) -> Tally:
+        """:meth:`prepare` and :meth:`write` a batch."""
+        return self.write(self.prepare(batch))
+
+    def _write_transaction(self, writes: Planned) -> Tally:
+        with self._transaction():
             tally = self._write(writes)
             if writes.certificates:
                 tally.add(self._release(Held.thumbprint.in_(list(writes.certificates))))
         return tally
+
+    def _transaction(self) -> Any:
+        # SQLite: take the write lock at BEGIN (waiting up to the busy timeout). A deferred transaction that
+        # reads first fails at once with SQLITE_BUSY when another worker has committed meanwhile.
+        if isinstance(self.database, peewee.SqliteDatabase):
+            return self.database.atomic(lock_type="IMMEDIATE")
+        return self.database.atomic()
 
     def drop_connection(self) -> None:
         """Close this thread's connection (one that failed, or at the end); the next statement opens a new one."""
@@ -132,7 +151,7 @@ class RecordStore:
 
     def release_held(self) -> Tally:
         """Verify and store held records whose certificate has meanwhile arrived (through any worker)."""
-        with self.database.atomic():
+        with self._transaction():
             waiting = Held.select(Held.thumbprint).join(Certificate, on=(Held.thumbprint == Certificate.thumbprint))
             return self._release(Held.thumbprint.in_(waiting))
 
@@ -143,7 +162,7 @@ class RecordStore:
             # An inventory being rewritten by hand must not stop the ingest: keep the keys read last.
             log.error("cannot read the fleet inventory, keeping the device keys read before: %s", exc)
 
-    def _decode_into(self, item: Incoming, writes: _Writes) -> None:
+    def _decode_into(self, item: Incoming, writes: Planned) -> None:
         topic_device, topic_class = _topic_parts(item.topic)
         try:
             if topic_device is None:
@@ -164,7 +183,7 @@ class RecordStore:
                 verdict = self.verifier.check(topic_device, record, time.time())
             _plan(verdict, item, writes)
 
-    def _write(self, writes: _Writes) -> Tally:
+    def _write(self, writes: Planned) -> Tally:
         tally = Tally()
         if writes.certificates:
             _insert(Certificate, list(writes.certificates.values()))
@@ -189,7 +208,7 @@ class RecordStore:
         rows = list(Held.select().where(which).limit(SWEEP_LIMIT))
         if not rows:
             return Tally()
-        writes = _Writes()
+        writes = Planned()
         for row in rows:
             record = UpstreamRecord.model_validate_json(row.envelope)
             verdict = self.verifier.check(row.device_id, record, time.time())
@@ -201,7 +220,17 @@ class RecordStore:
         return tally
 
 
-def _plan(verdict: Verdict, item: Incoming, writes: _Writes) -> None:
+def _merged(parts: Iterable[Planned]) -> Planned:
+    merged = Planned()
+    for part in parts:
+        merged.records += part.records
+        merged.quarantine += part.quarantine
+        merged.held += part.held
+        merged.certificates.update(part.certificates)
+    return merged
+
+
+def _plan(verdict: Verdict, item: Incoming, writes: Planned) -> None:
     record = verdict.record
     if verdict.certificate is not None:
         writes.certificates.setdefault(*_certificate_row(verdict.certificate, record.device_id, item.received_at))

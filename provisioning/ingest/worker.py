@@ -221,9 +221,12 @@ class IngestWorker:
     def _commit(self, batch: list[tuple[Incoming, int | None, int]]) -> Tally | None:
         """Commit the batch, retrying while the database is unreachable; None if the stop gave up on it."""
         attempt = 0
+        prepared = None
         while True:
             try:
-                return self.store.commit([incoming for incoming, _, _ in batch])
+                if prepared is None:  # verified once, however often the write is retried
+                    prepared = self.store.prepare([incoming for incoming, _, _ in batch])
+                return self.store.write(prepared)
             except DATABASE_ERRORS as exc:
                 with self._lock:
                     self._retries += 1
