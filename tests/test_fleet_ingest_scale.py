@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from provisioning.ingest.schema import Record, open_database
-from tests.fixtures.ingest import Carried, IngestProcess, Site, Traffic, database_url, drained, eventually, infer, stored_ids
+from tests.fixtures.ingest import (
+    Carried,
+    IngestProcess,
+    Site,
+    Traffic,
+    database_url,
+    drained,
+    eventually,
+    infer,
+    stored_ids,
+)
 
 
 @pytest.mark.parametrize("kind,count", [("sqlite", 2), ("postgresql", 2), ("sqlite", 4), ("postgresql", 4)])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, cast
 
 import peewee
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, NaiveDatetime
@@ -12,6 +13,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, NaiveDatetime
 from provisioning.ingest.schema import Certificate, Held, Quarantined, Record
 
 Table = Literal["records", "quarantine", "held"]
+_TABLES: dict[Table, type[Record] | type[Quarantined] | type[Held]] = {
+    "records": Record, "quarantine": Quarantined, "held": Held
+}  # fmt: skip
 
 
 class RecordFilter(BaseModel):
@@ -33,9 +37,7 @@ class RecordFilter(BaseModel):
 
 def query(selection: RecordFilter) -> list[dict[str, Any]]:
     """Rows of the selected table matching the filter, oldest arrival first."""
-    model: type[Record] | type[Quarantined] | type[Held] = {
-        "records": Record, "quarantine": Quarantined, "held": Held
-    }[selection.table]  # fmt: skip
+    model = _TABLES[selection.table]
     conditions = []
     if selection.device is not None:
         conditions.append(model.device_id == selection.device)
@@ -55,13 +57,15 @@ def query(selection: RecordFilter) -> list[dict[str, Any]]:
 def totals() -> dict[str, Any]:
     """Counts: records by device and kind, quarantined by reason, held, certificates."""
     records: dict[str, dict[str, int]] = {}
-    by_kind = Record.select(Record.device_id, Record.kind, peewee.fn.COUNT(Record.msg_id).alias("n"))
-    for row in by_kind.group_by(Record.device_id, Record.kind).order_by(Record.device_id, Record.kind):
-        records.setdefault(row.device_id, {})[row.kind] = row.n
-    reasons = Quarantined.select(Quarantined.reason, peewee.fn.COUNT(Quarantined.id).alias("n"))
+    by_kind = Record.select(Record.device_id, Record.kind, peewee.fn.COUNT(Record.msg_id))
+    by_kind = by_kind.group_by(Record.device_id, Record.kind).order_by(Record.device_id, Record.kind)
+    rows = cast(Iterable[tuple[str, str, int]], by_kind.tuples())
+    for device_id, kind, count in rows:
+        records.setdefault(device_id, {})[kind] = count
+    reasons = Quarantined.select(Quarantined.reason, peewee.fn.COUNT(Quarantined.id)).group_by(Quarantined.reason)
     return {
         "records": records,
-        "quarantined": {row.reason: row.n for row in reasons.group_by(Quarantined.reason).order_by(Quarantined.reason)},
+        "quarantined": dict(cast(Iterable[tuple[str, int]], reasons.order_by(Quarantined.reason).tuples())),
         "held": Held.select().count(),
         "certificates": Certificate.select().count(),
     }

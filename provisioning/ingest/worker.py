@@ -160,7 +160,7 @@ class IngestWorker:
         if self._draining.is_set():
             return  # unacknowledged: the broker delivers it again to this session
         properties = getattr(message.properties, "UserProperty", None) or []
-        incoming = Incoming(message.topic, message.payload, dict(properties), time.time())
+        incoming = Incoming(message.topic, bytes(message.payload), dict(properties), time.time())
         mid = message.mid if message.qos > 0 else None
         if mid is not None:
             self._acks.received(mid)
