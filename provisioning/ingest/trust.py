@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.errors import SignatureInvalid
 from agent.signing import load_public_key, verify_message
-from agent.signing.delegation import certificate_thumbprint, check_delegation_certificate
+from agent.signing.delegation import certificate_thumbprint, check_certificate_at, check_issued_by_device
 from agent.signing.jws import parse_detached
 from agent.signing.message import SIG, signature_holders
+from agent.signing.verify import CheckedCertificates
 from agent.upstream.uplink_wire import UpstreamRecord
 from provisioning.records import Inventory, load_document
 
@@ -107,6 +108,7 @@ class Verifier:
     def __init__(self, keys: DeviceKeys, certificates: CertificateCache) -> None:
         self.keys = keys
         self.certificates = certificates
+        self.checked = CheckedCertificates()  # x5c: each certificate's issuer checked once, not per record
 
     def check(self, topic_device: str, record: UpstreamRecord, now: float) -> Verdict:
         """Verify one record that arrived on a topic of ``topic_device``."""
@@ -137,7 +139,9 @@ class Verifier:
             if found is None:
                 return Verdict("hold", record, thumbprint=thumbprint, certificate=certificate)
             known.append(found)
-        verified = verify_message(message, key, expected_device_id=record.device_id, certificates=known, now=now)
+        verified = verify_message(
+            message, key, expected_device_id=record.device_id, certificates=known, now=now, checked=self.checked
+        )
         client_id = method = None
         if record.cls == "res":
             binding = verified.binding or {}
@@ -203,8 +207,7 @@ def _carried_certificate(
         certificate = x509.load_pem_x509_certificate(pem.encode("ascii"))
     except ValueError as exc:
         raise SignatureInvalid("certificate_invalid", f"not a PEM certificate: {exc}") from None
-    check_delegation_certificate(
-        certificate, device_key, at=certificate.not_valid_before_utc, device_id=record.device_id
-    )
+    check_issued_by_device(certificate, device_key)
+    check_certificate_at(certificate, at=certificate.not_valid_before_utc, device_id=record.device_id)
     return certificate
 
