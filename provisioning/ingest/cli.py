@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import peewee
 from pydantic import ValidationError
 
 from agent.config import CloudBroker, TlsSettings
@@ -116,6 +117,6 @@ def run_command(args: argparse.Namespace) -> int:
     """Run ``ingest`` or ``query``; errors are printed as ``fleet: ...`` with exit status 1."""
     try:
         return int(args.handler(args))
-    except (AgentError, ValidationError, OSError) as exc:
+    except (AgentError, ValidationError, OSError, peewee.PeeweeException) as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,8 @@ from typing import Any
 import peewee
 from playhouse.db_url import connect
 
+from agent.errors import ProvisioningError
+
 # The ingest acknowledges to the broker only after its commit: SQLite must have fsynced by then (WAL with
 # synchronous=FULL), and workers in other processes share the file (busy_timeout in ms, via ``timeout``).
 SQLITE_PRAGMAS = {"journal_mode": "wal", "synchronous": "full", "foreign_keys": 1}
@@ -115,7 +117,10 @@ def open_database(url: str, *, create: bool = True) -> peewee.Database:
     url = database_url(url)
     options: dict[str, Any] = {}
     if url.startswith("sqlite"):
-        Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url.split(":///", 1)[1])
+        if not create and not path.exists():
+            raise ProvisioningError(f"no fleet database at {path}: run `fleet ingest` first, or give --db")
+        path.parent.mkdir(parents=True, exist_ok=True)
         options = {"pragmas": SQLITE_PRAGMAS, "timeout": SQLITE_BUSY_TIMEOUT_S}
     database = connect(url, **options)
     database.bind(MODELS, bind_refs=False, bind_backrefs=False)
