@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.errors import AgentError, UpstreamFormatError
-from agent.mqtt.topics import UPSTREAM_PREFIX
+from agent.mqtt.topics import upstream_topic_parts
 from agent.signing.delegation import certificate_thumbprint
 from agent.upstream.uplink_wire import DEFAULT_MAX_DECODED_BYTES, UpstreamRecord, decode_upstream
 from provisioning.ingest.schema import DATABASE_ERRORS, Certificate, Held, Quarantined, Record
@@ -163,14 +163,15 @@ class RecordStore:
             log.error("cannot read the fleet inventory, keeping the device keys read before: %s", exc)
 
     def _decode_into(self, item: Incoming, writes: Planned) -> None:
-        topic_device, topic_class = _topic_parts(item.topic)
+        parts = upstream_topic_parts(item.topic)
         try:
-            if topic_device is None:
+            if parts is None:
                 raise UpstreamFormatError(f"not an upstream topic: {item.topic!r}")
             records = decode_upstream(item.topic, item.payload, item.user_properties, self.max_decoded_bytes)
         except UpstreamFormatError as exc:
-            writes.quarantine.append(_undecodable(item, topic_device, str(exc)))
+            writes.quarantine.append(_undecodable(item, parts[0] if parts else None, str(exc)))
             return
+        topic_device, topic_class = parts
         # A certificate may arrive in the same batch as the records it signs: check certificates first.
         records.sort(key=lambda record: 0 if record.cls == "audit" else 1)
         for record in records:
@@ -288,16 +289,6 @@ def _insert(model: type[peewee.Model], rows: list[dict[str, Any]]) -> None:
     # Ignoring conflicts makes two workers storing the same msg_id at once harmless: one row wins.
     for chunk in peewee.chunked(rows, ROWS_PER_INSERT):
         model.insert_many(chunk).on_conflict_ignore().execute()
-
-
-def _topic_parts(topic: str) -> tuple[str | None, str | None]:
-    """(device, class) of ``mcp/up/{device}/{class}`` or ``.../batch``; (None, None) for anything else."""
-    parts = topic.split("/")
-    if "/".join(parts[:2]) != UPSTREAM_PREFIX or len(parts) not in (4, 5) or not parts[2] or not parts[3]:
-        return None, None
-    if len(parts) == 5 and parts[4] != "batch":
-        return None, None
-    return parts[2], parts[3]
 
 
 def _undecodable(item: Incoming, device_id: str | None, detail: str, reason: str = "undecodable") -> dict[str, Any]:
