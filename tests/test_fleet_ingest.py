@@ -26,7 +26,8 @@ from provisioning import fleet
 from provisioning.fleet import Fleet
 from provisioning.ingest.devfleet import enrol_software_device
 from provisioning.ingest.localpg import PostgresServer
-from provisioning.ingest.schema import Certificate, Held, Quarantined
+from provisioning.ingest.schema import Certificate, Held, Quarantined, open_database
+from provisioning.ingest.store import Incoming, Planned, RecordStore
 from provisioning.ingest.trust import CertificateCache, DeviceKeys, Verifier
 from tests.fixtures.ingest import Carried, Site, database_url, drained, eventually, infer, stored_ids
 
@@ -242,3 +243,19 @@ def test_any_change_to_a_signed_record_is_quarantined(
     envelope = {"msg_id": "m-1", "class": "telemetry", "seq": 1, "device_id": "dev1", "enqueued_at": 0, "age_ms": 0}
     verdict = verifier.check("dev1", UpstreamRecord.model_validate({**envelope, "body": changed}), time.time())
     assert verdict.outcome == ("store" if changed == signed else "quarantine"), verdict
+
+
+def test_a_message_the_database_refuses_is_quarantined_as_unstorable_and_the_rest_stored(tmp_path: Path) -> None:
+    database = open_database(str(tmp_path / "records.db"))
+    store = RecordStore(database, DeviceKeys(tmp_path / "no-inventory.json"))
+    good, bad = Planned(), Planned()
+    row = {"msg_id": "m-1", "device_id": "dev1", "kind": "telemetry", "seq": 1, "enqueued_at": 0.0,
+           "received_at": 0.0, "signed_at": 0, "signer": "strict", "kid": None, "client_id": None, "method": None,
+           "body": "{}"}  # fmt: skip
+    good.records.append(row)
+    bad.records.append({**row, "msg_id": "m-2", "seq": 2**70})  # beyond SQLite's 64-bit integers
+    incoming = Incoming("mcp/up/dev1/telemetry", b"{}", {"msg-id": "m-2"}, 0.0)
+    tally = store.write([(incoming, good), (incoming, bad)])
+    assert tally.stored == 1 and tally.quarantined == {"unstorable": 1}
+    assert stored_ids() == ["m-1"] and Quarantined.get().msg_id == "m-2"
+    database.close()

@@ -1,8 +1,9 @@
 """One group commit: a batch of upstream messages decoded, verified and written in one transaction.
 
-:meth:`RecordStore.commit` either writes every record of the batch (stored, duplicate, quarantined or
-held) or raises one of :data:`~provisioning.ingest.schema.DATABASE_ERRORS` having written nothing, so the
-caller may acknowledge the batch's messages exactly when it returns. Storing is idempotent on ``msg_id``:
+:meth:`RecordStore.prepare` decodes and verifies a batch; :meth:`RecordStore.write` then either writes
+every record of it (stored, duplicate, quarantined or held) or raises one of
+:data:`~provisioning.ingest.schema.DATABASE_ERRORS` having written nothing, so the caller may acknowledge
+the batch's messages exactly when it returns. Storing is idempotent on ``msg_id``:
 a record already stored (a resend, a copy another worker took) is counted as a duplicate and left alone.
 """
 
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 ROWS_PER_INSERT = 100  # well under SQLite's bound on variables in one statement
 SWEEP_LIMIT = 500
+# What a database (or its driver, before sending) raises for a value it cannot take, connection errors aside:
+# psycopg2 refuses NUL in text with ValueError, sqlite3 integers beyond 64 bits with OverflowError.
+REFUSED_CONTENT: tuple[type[Exception], ...] = (peewee.DatabaseError, ValueError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,6 @@ class Tally:
         self.held += other.held
         self.released += other.released
         self.quarantined.update(other.quarantined)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "stored": self.stored, "duplicates": self.duplicates, "held": self.held, "released": self.released,
-            "quarantined": dict(self.quarantined),
-        }  # fmt: skip
 
 
 @dataclass
@@ -110,7 +108,7 @@ class RecordStore:
             return self._write_transaction(_merged(writes for _, writes in prepared))
         except DATABASE_ERRORS:
             raise
-        except peewee.DatabaseError as exc:
+        except REFUSED_CONTENT as exc:
             log.error("the database refused a batch of %d messages (%s); writing them one by one", len(prepared), exc)
         tally = Tally()
         for item, writes in prepared:
@@ -118,15 +116,11 @@ class RecordStore:
                 tally.add(self._write_transaction(writes))
             except DATABASE_ERRORS:
                 raise
-            except peewee.DatabaseError as exc:
+            except REFUSED_CONTENT as exc:
                 with self._transaction():
                     _insert(Quarantined, [_undecodable(item, None, f"the database refused it: {exc}", "unstorable")])
                 tally.quarantined["unstorable"] += 1
         return tally
-
-    def commit(self, batch: Sequence[Incoming]) -> Tally:
-        """:meth:`prepare` and :meth:`write` a batch."""
-        return self.write(self.prepare(batch))
 
     def _write_transaction(self, writes: Planned) -> Tally:
         with self._transaction():

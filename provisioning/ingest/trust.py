@@ -118,8 +118,8 @@ class Verifier:
             return Verdict("quarantine", record, reason=exc.reason, detail=str(exc))
 
     def _check(self, topic_device: str, record: UpstreamRecord, now: float) -> Verdict:
-        if len(record.msg_id) > MAX_MSG_ID or len(record.cls) > MAX_CLASS:
-            raise SignatureInvalid("malformed", "msg_id or class longer than any device sends")
+        if len(record.msg_id) > MAX_MSG_ID or len(record.cls) > MAX_CLASS or not 0 <= record.seq < 2**63:
+            raise SignatureInvalid("malformed", "msg_id, class or seq out of the range devices send")
         if record.device_id != topic_device:
             raise SignatureInvalid("device_mismatch", f"the envelope names {record.device_id!r}, the topic {topic_device!r}")
         key = self.keys.key(record.device_id)
@@ -150,6 +150,8 @@ class Verifier:
                 raise SignatureInvalid(
                     "envelope_mismatch", f"the record names client {client_id!r}, its reply {binding.get('client_id')!r}"
                 )
+        if any("\x00" in value for value in (client_id, method, verified.kid) if isinstance(value, str)):
+            raise SignatureInvalid("malformed", "a NUL character in client_id, method or kid")
         return Verdict(
             "store",
             record,
