@@ -24,6 +24,8 @@ from provisioning.ingest.trust import DeviceKeys
 from provisioning.ingest.worker import IngestSettings, IngestWorker
 
 DEFAULT_DB = "records.db"
+# A batch inflates to at most this: a device's batch_max_bytes is at most 16 MiB (agent.config.CloudBroker).
+MAX_DECODED_BYTES = 16 << 20
 PASSWORD_VARIABLE = "EDGE_FLEET_BROKER_PASSWORD"
 
 
@@ -42,6 +44,9 @@ def add_commands(commands: Any) -> None:
     ingest.add_argument("--session-expiry", type=int, default=7 * 86400, help="seconds the broker keeps our session")
     ingest.add_argument("--buffer", type=int, default=256, help="messages held unacknowledged (Receive Maximum)")
     ingest.add_argument("--batch-max", type=int, default=256, help="messages per transaction")
+    ingest.add_argument(
+        "--max-packet-bytes", type=int, default=4 << 20, help="MQTT 5 Maximum Packet Size: the broker drops larger ones"
+    )
     _add_db(ingest)
     ingest.set_defaults(handler=_run_ingest)
 
@@ -90,6 +95,7 @@ def ingest_settings(args: argparse.Namespace) -> IngestSettings:
     broker = CloudBroker(
         host=args.host, port=args.port, username=args.username, password=os.environ.get(PASSWORD_VARIABLE),
         tls=tls, session_expiry=args.session_expiry, reconnect_min_s=0.5, reconnect_max_s=30.0,
+        max_packet_bytes=args.max_packet_bytes,
     )  # fmt: skip
     return IngestSettings(
         broker=broker, client_id=args.client_id, group=args.group, buffer=args.buffer, batch_max=args.batch_max
@@ -101,7 +107,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
     settings = ingest_settings(args)
     keys = DeviceKeys(Path(args.dir) / "inventory.json")
     keys.refresh()
-    store = RecordStore(open_database(_database(args)), keys)
+    store = RecordStore(open_database(_database(args)), keys, max_decoded_bytes=MAX_DECODED_BYTES)
     worker = IngestWorker(settings, store)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

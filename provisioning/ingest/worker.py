@@ -181,7 +181,8 @@ class IngestWorker:
             self.store.drop_connection()
 
     def _commit_until_stopped(self) -> None:
-        sweep_due = report_due = time.monotonic()
+        sweep_due = time.monotonic()
+        report_due = sweep_due + _REPORT_EVERY_S
         while not self._abandon.is_set():
             batch = self._take()
             if batch:
