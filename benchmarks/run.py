@@ -17,7 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_accelerators, bench_clients, bench_models, bench_outbox, bench_signing, bench_uplink_bytes
+from benchmarks import (
+    bench_accelerators,
+    bench_clients,
+    bench_ingest,
+    bench_models,
+    bench_outbox,
+    bench_signing,
+    bench_uplink_bytes,
+)
 from benchmarks.report import format_report, machine, ratios_and_targets
 from benchmarks.scenarios import COMPARE_INFLIGHT, SWEEP, Bench, Timings, start_reference_responders
 
@@ -38,6 +46,7 @@ COMPONENT_BENCHES = {
     "uplink_bytes": bench_uplink_bytes,
     "accelerators": bench_accelerators,
     "clients": bench_clients,
+    "ingest": bench_ingest,
 }
 
 

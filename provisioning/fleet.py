@@ -34,6 +34,7 @@ from agent.compat import UTC
 from agent.config import DEVICE_ID_PATTERN
 from agent.errors import AgentError, ProvisioningError
 from provisioning import ca as x509ca
+from provisioning.ingest import cli as ingest_cli
 from provisioning.records import (
     CA_NAMES,
     CaName,
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     crl = commands.add_parser("crl", help="re-issue both CRLs (do so before they expire)")
     crl.add_argument("--days", type=int, default=CRL_DAYS)
     commands.add_parser("show", help="print the inventory")
+    ingest_cli.add_commands(commands)
     return parser
 
 
@@ -402,6 +404,8 @@ def run(args: argparse.Namespace) -> Fleet:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "handler"):
+        return ingest_cli.run_command(args)
     try:
         if args.command == "show":
             sys.stdout.write(dump_document(load_document(Inventory, Fleet(args.dir).inventory_path)).decode())

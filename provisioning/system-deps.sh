@@ -18,6 +18,8 @@ if [ "$(uname -m)" = armv7l ]; then
     [ -e /usr/include/jpeglib.h ] || need+=(libjpeg-dev)
     [ -e /usr/include/zlib.h ] || need+=(zlib1g-dev)
 fi
+# PostgreSQL's binaries for the fleet ingest tests and benchmark, which run private servers (initdb, pg_ctl).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # lavapipe (Mesa's CPU Vulkan driver) is a real Vulkan device for LiteRT's WebGPU GPU accelerator. The WebGPU
 # layer refuses bookworm's Mesa 22, so on bookworm it comes from bookworm-backports (25.x).
 backports=""
@@ -33,6 +35,11 @@ echo "installing system packages: ${need[*]} ${backports:+$backports (bookworm-b
 export DEBIAN_FRONTEND=noninteractive
 if [ -n "$backports" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
     echo 'deb http://deb.debian.org/debian bookworm-backports main' | $sudo tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+fi
+if [[ " ${need[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    # Only the binaries are wanted: no system cluster started on 5432.
+    $sudo mkdir -p /etc/postgresql-common
+    echo 'create_main_cluster = false' | $sudo tee /etc/postgresql-common/createcluster.conf >/dev/null
 fi
 $sudo apt-get update -qq
 [ ${#need[@]} -eq 0 ] || $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

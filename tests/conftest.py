@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.agents",
     "tests.fixtures.hostile_cloud",
     "tests.fixtures.disks",
+    "tests.fixtures.ingest",
 ]

@@ -31,6 +31,21 @@ def test_valid_request_and_notification() -> None:
     assert null_id.id is None and not null_id.is_notification
 
 
+@given(st.text(max_size=12), st.sampled_from(["res", "audit", "telemetry", "x/y", "", "+"]), st.booleans())
+def test_upstream_topic_parts_round_trip(device_id: str, record_class: str, batch: bool) -> None:
+    topic = topics.upstream_topic(device_id, record_class) + ("/batch" if batch else "")
+    usable = topics.is_valid_segment(device_id) and topics.is_valid_segment(record_class) and record_class != "fallback"
+    assert topics.upstream_topic_parts(topic) == ((device_id, record_class) if usable else None)
+
+
+@given(st.text(alphabet="mcpu/+#ab", max_size=30))
+def test_upstream_topic_parts_accepts_only_upstream_topics(topic: str) -> None:
+    parts = topics.upstream_topic_parts(topic)
+    if parts is not None:
+        device_id, record_class = parts
+        assert topic in (topics.upstream_topic(device_id, record_class), topics.upstream_topic(device_id, record_class) + "/batch")
+
+
 @pytest.mark.parametrize(
     ("payload", "error"),
     [

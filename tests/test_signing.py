@@ -58,6 +58,7 @@ from agent.signing.canonical import canonical_bytes
 from agent.signing.delegation import Delegation, issue_delegation
 from agent.signing.jws import sign_detached
 from agent.signing.roots import SoftwareRootKey
+from agent.signing.verify import CheckedCertificates
 from agent.signing.signer import DelegatedSigner, Signer
 from agent.signing.swtpm import SwtpmProcess
 
@@ -430,6 +431,11 @@ def test_an_expired_delegation_certificate_fails(tpm_signer: Signer) -> None:
     verify_message(timely, device_pem, now=time.time() + 86400)
     independent_verify(timely, device_pem)
 
+    # A verifier remembering checked certificates still checks each message's iat against the validity.
+    checked = CheckedCertificates()
+    verify_message(timely, device_pem, checked=checked)
+    assert reason_of(lambda: verify_message(stale, device_pem, checked=checked)) == "certificate_expired"
+
 
 def test_a_foreign_delegation_certificate_fails(tpm_signer: Signer, tmp_path: Path) -> None:
     impostor = SoftwareRootKey.open(tmp_path / "impostor.pem", create=True)
@@ -443,6 +449,10 @@ def test_a_foreign_delegation_certificate_fails(tpm_signer: Signer, tmp_path: Pa
     other_device = issue_delegation(tpm_signer.root, "pi-garage-02", now=datetime.now(UTC), lifetime=timedelta(hours=1))
     named_wrong = forged_reply(other_device, iat=int(time.time()))
     assert reason_of(lambda: verify_message(named_wrong, device_pem, expected_device_id=DEVICE)) == "device_mismatch"
+    # A certificate remembered as issued by one key is not thereby trusted for another.
+    checked = CheckedCertificates()
+    verify_message(raw, impostor.public_key, checked=checked)
+    assert reason_of(lambda: verify_message(raw, device_pem, checked=checked)) == "foreign_certificate"
 
 
 # ---------------------------------------------------------------- delegated mode: the TPM off the hot path

@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.errors import AgentError
 
@@ -35,6 +36,17 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.02)
     raise AgentError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
+    """SIGTERM a child process still running and wait for it; SIGKILL it after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class MosquittoProcess:
@@ -98,6 +110,11 @@ class MosquittoProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (benchmarks read its CPU time)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def start(self, timeout: float = 10.0) -> "MosquittoProcess":
         """Start the broker and wait until it accepts connections."""
         if self.running:
@@ -117,15 +134,7 @@ class MosquittoProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker gracefully (SIGTERM), saving its persistence file."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, timeout)
         self._proc = None
 
     def kill(self) -> None:

@@ -8,6 +8,7 @@ STATUS_PREFIX = "mcp/status"
 UPSTREAM_PREFIX = "mcp/up"
 CLOUD_PREFIX = "mcp/cloud"
 IDENTITY_PREFIX = "mcp/identity"
+UPSTREAM_BATCH_SUFFIX = "batch"
 _FORBIDDEN_IN_SEGMENT = ("+", "#", "\x00", "/")
 
 
@@ -33,6 +34,19 @@ def upstream_topic(device_id: str, record_class: str) -> str:
     if record_class == "fallback":
         return cloud_request_topic(device_id)
     return f"{UPSTREAM_PREFIX}/{device_id}/{record_class}"
+
+
+def upstream_topic_parts(topic: str) -> tuple[str, str] | None:
+    """(device, class) of ``mcp/up/{device}/{class}`` or of its batch topic ``.../batch``; None otherwise."""
+    parts = topic.split("/")
+    if len(parts) not in (4, 5) or f"{parts[0]}/{parts[1]}" != UPSTREAM_PREFIX:
+        return None
+    if len(parts) == 5 and parts[4] != UPSTREAM_BATCH_SUFFIX:
+        return None
+    device_id, record_class = parts[2], parts[3]
+    if not (is_valid_segment(device_id) and is_valid_segment(record_class)):
+        return None
+    return device_id, record_class
 
 
 def cloud_request_topic(device_id: str) -> str:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 AuditKind = Literal[
     "response_topic_refused", "rate_limited", "signing_key_rotated", "model_swapped", "model_removed", "model_refused",
     "outbox_corrupt",
+    "delegation_certificate",
 ]
 # What a client can trigger as often as it likes: throttled per client.
 CLIENT_CAUSED: frozenset[AuditKind] = frozenset({"response_topic_refused", "rate_limited"})
@@ -43,6 +44,7 @@ _LOG_LEVEL: dict[AuditKind, int] = {
     "model_removed": logging.INFO,
     "model_refused": logging.ERROR,
     "outbox_corrupt": logging.ERROR,
+    "delegation_certificate": logging.INFO,
 }
 
 

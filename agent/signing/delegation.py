@@ -142,22 +142,22 @@ def check_delegation_certificate(
 ) -> None:
     """Check a delegation certificate against the device key; raise :class:`SignatureInvalid` with a reason.
 
-    Issued by ``device_public_key`` (else ``foreign_certificate``), valid at ``at`` (else
-    ``certificate_expired``), an end-entity signing certificate for a P-256 key (else
-    ``certificate_invalid``), and, if ``device_id`` is given, for that device (else ``device_mismatch``).
+    Issued by ``device_public_key`` (else ``foreign_certificate``), an end-entity signing certificate for a
+    P-256 key (else ``certificate_invalid``), valid at ``at`` (else ``certificate_expired``) and, if
+    ``device_id`` is given, for that device (else ``device_mismatch``).
     """
+    check_issued_by_device(certificate, device_public_key)
+    check_certificate_at(certificate, at=at, device_id=device_id)
+
+
+def check_issued_by_device(certificate: x509.Certificate, device_public_key: ec.EllipticCurvePublicKey) -> None:
+    """What does not depend on the message: issued by the device key, an end-entity P-256 signing certificate."""
     try:
         _require_issued_by(certificate, device_public_key)
     except SigningError:
         raise SignatureInvalid(
             "foreign_certificate", "the delegation certificate was not issued by this device's key"
         ) from None
-    if not certificate.not_valid_before_utc <= at <= certificate.not_valid_after_utc:
-        raise SignatureInvalid(
-            "certificate_expired",
-            f"the message was signed at {at.isoformat()}, outside the delegation certificate's validity "
-            f"{certificate.not_valid_before_utc.isoformat()} .. {certificate.not_valid_after_utc.isoformat()}",
-        )
     public_key = certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
         raise SignatureInvalid("certificate_invalid", "the delegation certificate is not for a P-256 key")
@@ -170,6 +170,16 @@ def check_delegation_certificate(
         ) from None
     if constraints.ca or not usage.digital_signature:
         raise SignatureInvalid("certificate_invalid", "the delegation certificate is not an end-entity signing cert")
+
+
+def check_certificate_at(certificate: x509.Certificate, *, at: datetime, device_id: str | None = None) -> None:
+    """What depends on the message: the certificate valid at its signing time, and for the device it names."""
+    if not certificate.not_valid_before_utc <= at <= certificate.not_valid_after_utc:
+        raise SignatureInvalid(
+            "certificate_expired",
+            f"the message was signed at {at.isoformat()}, outside the delegation certificate's validity "
+            f"{certificate.not_valid_before_utc.isoformat()} .. {certificate.not_valid_after_utc.isoformat()}",
+        )
     if device_id is not None and certificate_device_id(certificate) != device_id:
         raise SignatureInvalid(
             "device_mismatch",

@@ -19,6 +19,7 @@ import binascii
 import copy
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,14 +36,36 @@ from agent.signing.canonical import canonical_bytes, parse_json
 from agent.signing.delegation import (
     certificate_device_id,
     certificate_thumbprint,
-    check_delegation_certificate,
+    check_certificate_at,
+    check_issued_by_device,
 )
 from agent.signing.jws import parse_detached, verify_detached
 from agent.signing.message import SIG, signature_holders
-from agent.signing.roots import load_public_key
+from agent.signing.roots import load_public_key, public_key_der
 
 # A message stamped further ahead of the verifier's clock than this was not signed by an honest device.
 MAX_CLOCK_SKEW_S = 300
+
+
+class CheckedCertificates:
+    """Delegation certificates already found issued by a device key, for a verifier of many messages (the
+    fleet ingest): the issuer's signature is then checked once per certificate instead of once per message.
+    Validity at each message's ``iat`` is still checked every time. Bounded; for one thread."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._checked: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+
+    def check(self, certificate: x509.Certificate, device_key: ec.EllipticCurvePublicKey) -> None:
+        """:func:`check_issued_by_device`, remembered when it passes."""
+        key = (certificate.signature, public_key_der(device_key))
+        if key in self._checked:
+            self._checked.move_to_end(key)
+            return
+        check_issued_by_device(certificate, device_key)
+        self._checked[key] = None
+        if len(self._checked) > self._capacity:
+            self._checked.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -66,13 +89,15 @@ def verify_message(
     expected_device_id: str | None = None,
     certificates: Iterable[x509.Certificate] = (),
     now: float | None = None,
+    checked: CheckedCertificates | None = None,
 ) -> VerifiedMessage:
     """Verify ``message`` (raw bytes as published, or parsed) against the device public key (PEM/DER/key).
 
     Raises :class:`SignatureInvalid` whose ``reason`` says why: unsigned, malformed, bad_signature,
     certificate_invalid, certificate_expired, foreign_certificate, request_mismatch, device_mismatch.
     ``certificates`` are the delegation certificates known out of band, for messages that reference theirs
-    by ``x5t#S256``; ``now`` (POSIX seconds) bounds how far in the future ``iat`` may be.
+    by ``x5t#S256``; ``now`` (POSIX seconds) bounds how far in the future ``iat`` may be; ``checked``
+    remembers certificates already found issued by the device key.
     """
     device_key = load_public_key(device_public_key)
     parsed = _parse(message)
@@ -99,11 +124,13 @@ def verify_message(
 
     certificate = _delegation_certificate(header, certificates)
     if certificate is not None:
-        check_delegation_certificate(
-            certificate, device_key, at=datetime.fromtimestamp(iat, UTC), device_id=expected_device_id
-        )
+        if checked is not None:
+            checked.check(certificate, device_key)
+        else:
+            check_issued_by_device(certificate, device_key)
+        check_certificate_at(certificate, at=datetime.fromtimestamp(iat, UTC), device_id=expected_device_id)
         signing_key = certificate.public_key()
-        assert isinstance(signing_key, ec.EllipticCurvePublicKey)  # checked by check_delegation_certificate
+        assert isinstance(signing_key, ec.EllipticCurvePublicKey)  # checked by check_issued_by_device
     else:
         signing_key = device_key
     verify_detached(token, payload, signing_key)

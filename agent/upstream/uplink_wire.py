@@ -23,10 +23,10 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import UpstreamFormatError
-from agent.mqtt.topics import UPSTREAM_PREFIX, upstream_topic
+from agent.mqtt.topics import UPSTREAM_BATCH_SUFFIX, UPSTREAM_PREFIX, upstream_topic
 
 Compression = Literal["zlib", "none"]
-BATCH_SUFFIX = "batch"
+BATCH_SUFFIX = UPSTREAM_BATCH_SUFFIX
 ENCODING_PROPERTY = "encoding"
 DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
 
