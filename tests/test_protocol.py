@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agent.errors import InvalidRequest, ParseError, RequestError
 from agent.mqtt import topics
-from agent.serving.protocol import Request, nesting_depth, parse_request, plain_request, result_reply
+from agent.serving.protocol import nesting_depth, parse_request, result_reply
 from agent.signing import normalise
 from agent.signing.outgoing import encode_unsigned
 
@@ -143,46 +143,3 @@ def test_request_topic_round_trip(client_id: str) -> None:
 )
 def test_response_topic_steering(topic: str, allowed: bool) -> None:
     assert topics.response_topic_allowed(topic, "dev1", "alice", max_bytes=256) is allowed
-
-
-_JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
-_JSON_VALUES = st.recursive(
-    _JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=8,
-)  # fmt: skip
-_MEMBER_VALUES = {
-    "jsonrpc": st.sampled_from(["2.0", "1.0", "2", ""]) | _JSON_VALUES,
-    "method": st.sampled_from(["infer", "ping", ""]) | _JSON_VALUES,
-    "params": st.dictionaries(st.text(max_size=4), _JSON_VALUES, max_size=3) | st.lists(_JSON_VALUES, max_size=3) | _JSON_VALUES,
-    "id": st.integers() | st.text(max_size=6) | _JSON_VALUES,
-    "extra": _JSON_VALUES,
-}
-
-
-@st.composite
-def _documents(draw: st.DrawFn) -> dict[str, object]:
-    members = draw(st.lists(st.sampled_from(sorted(_MEMBER_VALUES)), unique=True))
-    return {member: draw(_MEMBER_VALUES[member]) for member in members}
-
-
-@settings(max_examples=600)
-@given(_documents())
-def test_the_plain_request_check_agrees_with_the_pydantic_model(document: dict[str, object]) -> None:
-    plain = plain_request(document)
-    if plain is None:
-        return  # left to pydantic, which then decides (and words any error)
-    validated = Request.model_validate(document)
-    assert plain.model_dump() == validated.model_dump()
-    assert (plain.jsonrpc, plain.method, plain.params, plain.id) == (
-        validated.jsonrpc, validated.method, validated.params, validated.id,
-    )  # fmt: skip
-    assert type(plain.id) is type(validated.id) and type(plain.params) is type(validated.params)
-
-
-def test_well_formed_requests_take_the_plain_path() -> None:
-    for document in (
-        {"jsonrpc": "2.0", "id": 7, "method": "infer", "params": {"model": "m", "inputs": {}}},
-        {"jsonrpc": "2.0", "id": "a", "method": "ping"},
-        {"jsonrpc": "2.0", "method": "notifications/initialized", "params": []},
-    ):
-        assert plain_request(document) is not None

@@ -39,9 +39,7 @@ def encode_reply(reply: Mapping[str, Any], signer: Signer | None, *, client_id: 
     """
     if signer is None:
         return encode_unsigned(reply)
-    # Built from the agent's own values (a digest it computed, an id it parsed): validating them again cost
-    # more than the rest of binding a small reply.
-    binding = ReplyBinding.model_construct(client_id=client_id, request_id=reply.get("id"), request_sha256=request_sha256)
+    binding = ReplyBinding(client_id=client_id, request_id=reply.get("id"), request_sha256=request_sha256)
     return encode_signed_reply(reply, signer, binding)
 
 
