@@ -31,7 +31,7 @@ def top_labels(labels: list[str], scores: np.ndarray, top_k: int) -> list[dict[s
     if not labels or top_k == 0 or len(values) != len(labels):
         return None
     # Plain Python: for a handful of labels this is several times cheaper than numpy's argsort.
-    order = sorted(range(len(values)), key=lambda index: -values[index])[:top_k]
+    order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:top_k]  # stable, as by -value
     return [{"label": labels[index], "score": round(float(values[index]), 6)} for index in order]
 
 

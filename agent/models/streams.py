@@ -87,6 +87,10 @@ class ArrivalOrder:
             self._pending.setdefault(client_id, []).append([received, False])
 
     def placed(self, client_id: str, received: float) -> None:
+        if client_id not in self._pending:
+            # Nearly every request: served inline, or its client has nothing else taken. The request itself was
+            # recorded by taken() before it ran, on this thread's side of the lock, so nothing is missed.
+            return
         with self._cond:
             for request in self._pending.get(client_id, ()):
                 if request[0] == received and not request[1]:
