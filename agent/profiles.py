@@ -91,7 +91,10 @@ def available_profiles(search_dirs: tuple[Path, ...] = PROFILE_DIRS) -> list[str
 def find_profile(reference: str, *, search_dirs: tuple[Path, ...] = PROFILE_DIRS, base_dir: Path | None = None) -> Path:
     """The file a profile reference points to: a path (relative to ``base_dir``) or a shipped name."""
     if is_profile_path(reference):
-        path = Path(reference).expanduser()
+        try:
+            path = Path(reference).expanduser()
+        except RuntimeError:  # "~name/...": pathlib cannot find that user's home
+            raise ConfigError(f"profile file {reference!r}: no home directory for that user") from None
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.is_file():

@@ -56,6 +56,14 @@ def test_a_profile_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> No
         load_settings(config)
 
 
+def test_a_profile_under_an_unknown_users_home_is_a_config_error(tmp_path: Path) -> None:
+    # Found by `make fuzz` (config): pathlib's expanduser raises RuntimeError for "~nosuchuser/...".
+    config = tmp_path / "agent.toml"
+    config.write_text('profile = "~no-such-user-here/board.toml"\n')
+    with pytest.raises(ConfigError, match="no home directory"):
+        load_settings(config)
+
+
 def test_a_deeply_nested_manifest_is_a_model_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_bytes(b"[" * 100_000)
     with pytest.raises(ModelError, match="invalid manifest"):
