@@ -74,6 +74,13 @@ class BatchObserver:
         with self._lock:
             self.arrivals.append(arrival)
 
+    def restart_broker(self, broker: MosquittoProcess) -> None:
+        """Restart ``broker`` and return once this observer is subscribed again (it reconnects by itself):
+        what is published before that would miss it when the broker keeps no sessions across restarts."""
+        self._subscribed.clear()
+        broker.restart()
+        assert self._subscribed.wait(30), "the observer did not resubscribe after the broker restart"
+
     def snapshot(self) -> list[Arrival]:
         with self._lock:
             return list(self.arrivals)
@@ -217,7 +224,7 @@ def test_a_refused_batch_dead_letters_every_row_in_it(tmp_path: Path) -> None:
         wait_until(lambda: uplink.stats().refused == 7)
 
         acl.write_text("topic readwrite mcp/up/#\n")
-        broker.restart()
+        observer.restart_broker(broker)
         assert outbox.retry_dead() == 7
         wait_until(lambda: outbox.stats().messages == 0, what="dead letters delivered")
         wait_until(lambda: observer.msg_ids() == set(enqueued["res"] + enqueued["audit"]))
