@@ -6,8 +6,11 @@ Seeds are realistic and hostile inputs in each target's :class:`~tests.fuzz.fuzz
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
+
+from PIL import Image
 
 from tests.fixtures.hostile_cloud import publish_packet, remaining_length
 from tests.fuzz.fuzzed import Raw, encode, u16
@@ -93,6 +96,16 @@ def _tensor() -> list[bytes]:
     return seeds[:48]
 
 
+def _image() -> list[bytes]:
+    pictures = []
+    for kind in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (5, 3), (200, 40, 90)).save(buffer, kind)
+        pictures.append(buffer.getvalue())
+    # variant, dtype, height, width, then the picture bytes
+    return [bytes([0, 0, 3, 5]) + pictures[0], bytes([4, 1, 7, 2]) + pictures[1], bytes([8, 2, 15, 15]) + pictures[1]]
+
+
 def _tools_call() -> list[bytes]:
     arguments = [
         {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]}, {"features": [[0] * 8], "top_k": 1001},
@@ -170,7 +183,7 @@ def _outbox_rows() -> list[bytes]:
 
 
 SEEDS = {
-    "intake": _intake, "protocol": _protocol, "tensor": _tensor, "tools_call": _tools_call,
+    "intake": _intake, "protocol": _protocol, "tensor": _tensor, "image": _image, "tools_call": _tools_call,
     "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "puback": _puback, "manifest": _manifest, "config": _config,
     "outbox_rows": _outbox_rows,
 }  # fmt: skip

@@ -8,6 +8,7 @@ is a finding. Heavy fixtures (model folders, outboxes) are built once per proces
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import tempfile
@@ -24,12 +25,14 @@ from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, Limits, OutboxSettings
 from agent.config_loader import load_settings_with_sources
-from agent.errors import AgentError, PeerViolation, RequestError
+from agent.errors import AgentError, InvalidParams, PeerViolation, RequestError
 from agent.exchange import InboundRequest
 from agent.models.catalog import build_catalog, load_manifest
 from agent.models.devmodels import copy_bundled_models
+from agent.models.images import image_tensor
 from agent.models.inference import TensorInfo, prepare_input
 from agent.models.manager import ModelManager
+from agent.models.taskspec import Preprocess
 from agent.mqtt.inbound_guard import InboundGuard, InboundLimits
 from agent.serving.fallback import CloudFallback
 from agent.serving.protocol import (
@@ -118,6 +121,28 @@ def target_tensor(data_bytes: bytes) -> None:
     except RequestError:
         return
     assert array.shape == shape and array.dtype == dtype, (array.shape, array.dtype)
+
+
+# ---- image inputs -------------------------------------------------------------------------------------
+
+_PREPROCESS_VARIANTS = tuple(
+    Preprocess(resize=resize, color=color) for resize in ("stretch", "letterbox", "crop") for color in ("rgb", "bgr", "grayscale")
+)
+
+
+def target_image(data_bytes: bytes) -> None:
+    """A client's picture (``params.image.b64``): the input tensor of exactly the input's shape and dtype, or
+    InvalidParams; never another exception, never more pixels decoded than allowed."""
+    data = FuzzedInput(data_bytes)
+    spec = data.pick(_PREPROCESS_VARIANTS)
+    channels = 1 if spec.color == "grayscale" else 3
+    dtype = np.dtype(data.pick(["float32", "uint8", "int8"]))
+    info = TensorInfo("image", 0, (1, 1 + data.byte() % 16, 1 + data.byte() % 16, channels), dtype, 0.0, 0)
+    try:
+        tensor, _ = image_tensor(info, spec, base64.b64encode(data.rest()).decode(), max_pixels=4096)
+    except InvalidParams:
+        return
+    assert tensor.shape == info.shape and tensor.dtype == dtype, (tensor.shape, tensor.dtype)
 
 
 # ---- tools/call arguments -----------------------------------------------------------------------------
@@ -355,6 +380,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "intake": target_intake,
     "protocol": target_protocol,
     "tensor": target_tensor,
+    "image": target_image,
     "tools_call": target_tools_call,
     "cloud_answer": target_cloud_answer,
     "cloud_stream": target_cloud_stream,
