@@ -51,6 +51,10 @@ class SignatureInvalid(SigningError):
         self.detail = message
 
 
+class DeployError(AgentError):
+    """A deployment step refused or failed; the message is the one-line reason reported upstream."""
+
+
 class ProvisioningError(AgentError):
     """A fleet or device provisioning step cannot proceed: missing CA, bad CSR, unknown or revoked device."""
 

@@ -7,7 +7,7 @@ verifies (trust, documents, transfer, journal), ``agent.deploy.activation`` warm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -49,3 +49,45 @@ class StagedModel(BaseModel):
     entry: ModelEntry = Field(description="the manifest entry the bundle carries (its `file` is rewritten on install)")
     references: tuple[ReferenceCase, ...] = ()
     probation: ProbationPolicy = ProbationPolicy()
+
+
+class ProbationVerdict(BaseModel):
+    """Where a probation stands: still ``watching``, ``passed``, or ``failed`` with the reason reported upstream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state: Literal["watching", "passed", "failed"]
+    reason: str | None = None
+    requests: int = 0
+    errors: int = 0
+
+
+class PreviousVersion(BaseModel):
+    """What was serving before an activation (None when the model is new): enough to roll back to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_id: str
+    entry: ModelEntry | None = Field(description="the manifest entry that served before; None: the model was new")
+
+
+class Activation(Protocol):
+    """The activation half of a deployment, as the deployment state machine drives it.
+
+    Every method is safe to call again after a crash and restart with the same arguments (the state machine
+    resumes a journaled step by repeating it).
+    """
+
+    def warm(self, staged: StagedModel) -> None:
+        """Build and allocate the new interpreter beside the serving one, within the memory budget, and run the
+        reference cases; raises :class:`agent.errors.DeployError` with the reason if the model is refused."""
+
+    def activate(self, staged: StagedModel) -> PreviousVersion:
+        """Install the file and entry into ``models_dir`` and swap it in (in-flight requests finish on the old
+        version); the previous version's file stays on disk. Returns what served before."""
+
+    def probation(self, staged: StagedModel, since: float) -> ProbationVerdict:
+        """The verdict so far for ``staged`` activated at monotonic time ``since`` (polled by the state machine)."""
+
+    def roll_back(self, previous: PreviousVersion) -> None:
+        """Serve ``previous`` again (or remove the model if it was new)."""
