@@ -193,6 +193,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"load average (1, 5, 15 min) at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}",
         f"source: commit {m['source']['commit']}, "
         f"uncommitted changes: {', '.join(m['source']['uncommitted_changes']) or 'none'}",
+        placement_line(results["placement"]),
         "",
         "configurations measured:",
     ]
@@ -236,3 +237,13 @@ def face_bytes_line(face: dict[str, Any]) -> str:
         f"4 face bytes per request / reply: tensors {sent['tensor']:,} / {tensor['mean_reply_bytes']:,}, "
         f"JPEG and detections {sent['image']:,} / {image['mean_reply_bytes']:,}"
     )
+
+
+def placement_line(placement: dict[str, Any]) -> str:
+    """Where the processes ran: the pinning plan and each process's CPUs as the kernel reported them."""
+    if not placement["pinned"]:
+        head = f"not pinned ({placement['reason']})"
+    else:
+        head = f"pinned: responder under test on CPU {placement['responder_cpus']}, the rest on {placement['other_cpus']}"
+    processes = placement.get("process_cpus", {})
+    return head + ("; CPUs per process: " + ", ".join(f"{name} {cpus}" for name, cpus in processes.items()) if processes else "")
