@@ -214,7 +214,12 @@ def start_load(
 
 
 def load_result(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> dict[str, Any]:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException:  # interrupted or timed out: the generator must not outlive the run
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode != 0:
         raise AgentError(f"load generator failed with exit code {proc.returncode}")
     return json.loads(out)
