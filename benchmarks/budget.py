@@ -44,18 +44,20 @@ def verdicts(model: str, row: dict[str, Any]) -> list[dict[str, Any]]:
 def run_budget(timings: Timings, cpus: float = DEFAULT_CPUS, placement: Placement | None = None) -> dict[str, Any]:
     """The scenario's figures, or ``{"skipped": reason}`` where no cgroup CPU quota can be set here."""
     try:
-        controller = CpuController.find()
+        return measure_confined(CpuController.find(), timings, cpus, placement)
     except CpuQuotaUnavailable as exc:
         print(f"Pi 4 budget scenario skipped: {exc}")
         return {"skipped": str(exc)}
+
+
+def measure_confined(
+    controller: CpuController, timings: Timings, cpus: float, placement: Placement | None
+) -> dict[str, Any]:
+    """Every row of the scenario, the agent and its broker each in a cgroup of ``cpus`` CPUs."""
     prefix = f"edge-agent-bench-{os.getpid()}"
     with ExitStack() as stack:
-        try:
-            broker_quota = stack.enter_context(CpuQuota(controller, f"{prefix}-broker", cpus))
-            agent_quota = stack.enter_context(CpuQuota(controller, f"{prefix}-agent", cpus))
-        except CpuQuotaUnavailable as exc:
-            print(f"Pi 4 budget scenario skipped: {exc}")
-            return {"skipped": str(exc)}
+        broker_quota = stack.enter_context(CpuQuota(controller, f"{prefix}-broker", cpus))
+        agent_quota = stack.enter_context(CpuQuota(controller, f"{prefix}-agent", cpus))
         # Entered last, so closed first: every process stops before its cgroup is removed.
         bench = stack.enter_context(closing(Bench(timings, placement or Placement(None, None, "not asked"))))
         assert bench.broker.pid is not None

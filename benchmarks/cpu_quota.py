@@ -122,7 +122,10 @@ class CpuQuota:
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into the cgroup."""
-        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+        try:
+            (self.path / "cgroup.procs").write_text(f"{pid}\n")
+        except OSError as exc:  # e.g. v2 without write access to the common ancestor
+            raise CpuQuotaUnavailable(f"cannot move process {pid} into {self.path}: {exc}") from exc
 
     def pids(self) -> list[int]:
         return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]

@@ -242,8 +242,11 @@ def face_bytes_line(face: dict[str, Any]) -> str:
 def placement_line(placement: dict[str, Any]) -> str:
     """Where the processes ran: the pinning plan and each process's CPUs as the kernel reported them."""
     if not placement["pinned"]:
-        head = f"not pinned ({placement['reason']})"
+        line = f"not pinned ({placement['reason']})"
     else:
-        head = f"pinned: responder under test on CPU {placement['responder_cpus']}, the rest on {placement['other_cpus']}"
+        responder, others = placement["responder_cpus"], placement["other_cpus"]
+        line = f"pinned: responder under test on CPU {responder}, the rest on {others}"
     processes = placement.get("process_cpus", {})
-    return head + ("; CPUs per process: " + ", ".join(f"{name} {cpus}" for name, cpus in processes.items()) if processes else "")
+    if processes:
+        line += "; CPUs per process: " + ", ".join(f"{name} {cpus}" for name, cpus in processes.items())
+    return line

@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         f"on this CPU, {DEFAULT_CPUS}; see BENCHMARKS.md)",
     )
     parser.add_argument("--only", choices=("budget",), help="run only this scenario (no component benchmarks)")
-    parser.add_argument("--output", type=Path, help=f"default {RESULTS_PATH} ({BUDGET_RESULTS_PATH} with --only budget)")
+    parser.add_argument(
+        "--output", type=Path, help=f"default {RESULTS_PATH} ({BUDGET_RESULTS_PATH} with --only budget)"
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every process is stopped and every cgroup removed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if placement.reason_unpinned and not args.no_pin:
         print(f"not pinning: {placement.reason_unpinned}")
     if args.only == "budget":
-        return run_budget_only(results, timings, placement, args.budget_cpus, args.output or BUDGET_RESULTS_PATH, started)
+        output = args.output or BUDGET_RESULTS_PATH
+        return run_budget_only(results, timings, placement, args.budget_cpus, output, started)
     bench = Bench(timings, placement)
     try:
         results.update(run_scenarios(bench))
