@@ -6,6 +6,8 @@ The cgroup tests use the kernel's own /sys/fs/cgroup and are skipped where it is
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -14,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.budget import run_budget
 from benchmarks.cpu_quota import CpuController, CpuQuota, CpuQuotaUnavailable, pi4_core_cpus, quota_us
 from benchmarks.harness import process_cpu_s
 from benchmarks.placement import plan_placement
+from benchmarks.scenarios import Timings
 
 BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
 
@@ -110,3 +114,27 @@ def test_a_cpu_quota_is_removed_and_its_processes_given_back_on_an_exception(
             raise RuntimeError("interrupted")
     assert not quota.path.exists()
     assert _cgroup_of(busy_loop.pid, controller) == home
+
+
+def test_without_write_access_to_the_cgroups_the_budget_scenario_is_skipped_with_its_reason() -> None:
+    """As an unprivileged user (a forked child of a root run drops to nobody; a non-root run already is one)."""
+    if os.geteuid() != 0:
+        result = run_budget(Timings())
+        assert "skipped" in result
+        return
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe and never returns
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            payload = json.dumps(run_budget(Timings())).encode()
+        except BaseException as exc:
+            payload = json.dumps({"error": repr(exc)}).encode()
+        os.write(write_end, payload)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        result = json.loads(pipe.read())
+    os.waitpid(child, 0)
+    assert "not writable" in result.get("skipped", ""), result
