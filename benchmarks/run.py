@@ -31,6 +31,7 @@ from benchmarks import (
     bench_uplink_bytes,
 )
 from benchmarks.budget import DEFAULT_CPUS, budget_report, run_budget
+from benchmarks.cpu_quota import quota_us
 from benchmarks.placement import Placement, plan_placement
 from benchmarks.report import format_report, machine, ratios_and_targets
 from benchmarks.scenarios import COMPARE_INFLIGHT, SWEEP, Bench, Timings, start_reference_responders
@@ -119,6 +120,16 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
     return results
 
 
+def budget_cpus(text: str) -> float:
+    """``--budget-cpus``: a CPU share the kernel accepts as a quota per 10 ms period."""
+    try:
+        cpus = float(text)
+        quota_us(cpus)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return cpus
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=Timings.duration_s, help="measured seconds per load run")
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-components", action="store_true", help="skip the signing and outbox micro-benchmarks")
     parser.add_argument("--no-pin", action="store_true", help="let every process run on every CPU (no taskset)")
     parser.add_argument(
-        "--budget-cpus", type=float, default=DEFAULT_CPUS,
+        "--budget-cpus", type=budget_cpus, default=DEFAULT_CPUS,
         help=f"CPU quota of the agent and of its broker in the Pi 4 budget scenario (default: one Pi 4 core "
         f"on this CPU, {DEFAULT_CPUS}; see BENCHMARKS.md)",
     )

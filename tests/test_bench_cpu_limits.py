@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.budget import run_budget
+from benchmarks.budget import run_budget, verdicts
 from benchmarks.cpu_quota import CpuController, CpuQuota, CpuQuotaUnavailable, pi4_core_cpus, quota_us
 from benchmarks.harness import process_cpu_s
 from benchmarks.placement import plan_placement
@@ -39,6 +39,13 @@ def test_quota_is_the_share_of_the_period_and_never_below_the_kernels_minimum() 
     assert quota_us(1.5, period_us=100_000) == 150_000
     with pytest.raises(ValueError, match="minimum"):
         quota_us(0.05)
+
+
+def test_budget_rows_are_checked_against_the_seeds_targets() -> None:
+    tiny = verdicts("tiny", {"req_per_s": 460.0, "p99_ms": 139.0})
+    assert [(v["figure"], v["met"], v["verdict"]) for v in tiny] == [("req_per_s", False, "missed")]
+    face = verdicts("face_image", {"req_per_s": 89.0, "p99_ms": None})
+    assert [(v["figure"], v["met"], v["verdict"]) for v in face] == [("req_per_s", True, "ok"), ("p99_ms", None, "n/a")]
 
 
 def test_placement_puts_the_responder_alone_on_the_last_cpu() -> None:
