@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks.cpu_quota import CpuController, CpuQuota, CpuQuotaUnavailable, pi4_core_cpus
 from benchmarks.harness import process_cpu_s
-from benchmarks.placement import Placement
+from benchmarks.placement import NOT_PINNED, Placement
 from benchmarks.report import load_table
 from benchmarks.scenarios import Bench, Timings
 
@@ -41,7 +41,7 @@ def verdicts(model: str, row: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
-def run_budget(timings: Timings, cpus: float = DEFAULT_CPUS, placement: Placement | None = None) -> dict[str, Any]:
+def run_budget(timings: Timings, cpus: float = DEFAULT_CPUS, placement: Placement = NOT_PINNED) -> dict[str, Any]:
     """The scenario's figures, or ``{"skipped": reason}`` where no cgroup CPU quota can be set here."""
     try:
         return measure_confined(CpuController.find(), timings, cpus, placement)
@@ -51,7 +51,7 @@ def run_budget(timings: Timings, cpus: float = DEFAULT_CPUS, placement: Placemen
 
 
 def measure_confined(
-    controller: CpuController, timings: Timings, cpus: float, placement: Placement | None
+    controller: CpuController, timings: Timings, cpus: float, placement: Placement
 ) -> dict[str, Any]:
     """Every row of the scenario, the agent and its broker each in a cgroup of ``cpus`` CPUs."""
     prefix = f"edge-agent-bench-{os.getpid()}"
@@ -59,7 +59,7 @@ def measure_confined(
         broker_quota = stack.enter_context(CpuQuota(controller, f"{prefix}-broker", cpus))
         agent_quota = stack.enter_context(CpuQuota(controller, f"{prefix}-agent", cpus))
         # Entered last, so closed first: every process stops before its cgroup is removed.
-        bench = stack.enter_context(closing(Bench(timings, placement or Placement(None, None, "not asked"))))
+        bench = stack.enter_context(closing(Bench(timings, placement)))
         assert bench.broker.pid is not None
         broker_quota.add(bench.broker.pid)
         agent = bench.start_agent("agent-budget", bench.full_settings("agent-budget"))

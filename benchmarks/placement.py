@@ -82,6 +82,9 @@ class Placement:
         return {"pinned": True, "responder_cpus": cpu_list(self.responder), "other_cpus": cpu_list(self.others)}
 
 
+NOT_PINNED = Placement(None, None, "not asked")
+
+
 def plan_placement(pin: bool, available: Iterable[int] | None = None) -> Placement:
     """Pinning for the CPUs this process may use (``available``, default its affinity): the last one for the
     responder under test, the rest for everything else; not pinned when asked not to or with a single CPU."""

@@ -38,7 +38,14 @@ from benchmarks.harness import (
     run_load,
     start_load,
 )
-from benchmarks.placement import Placement, PinnedOrchestrator, allowed_cpus, child_processes, process_name
+from benchmarks.placement import (
+    NOT_PINNED,
+    PinnedOrchestrator,
+    Placement,
+    allowed_cpus,
+    child_processes,
+    process_name,
+)
 
 TINY_MODEL = "vibration-anomaly"
 FACE_MODEL = "face-detector"
@@ -76,7 +83,7 @@ class Bench:
     """One run's brokers, working directory, payload files and the processes started so far."""
 
     timings: Timings
-    placement: Placement = field(default_factory=lambda: Placement(None, None, "not asked"))
+    placement: Placement = NOT_PINNED
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edge-agent-bench-")))
     broker: MosquittoProcess = field(init=False)
     cloud: MosquittoProcess = field(init=False)
@@ -146,7 +153,9 @@ class Bench:
     def process_cpus(self) -> dict[str, str | None]:
         """The CPUs the kernel lets each process of this run use, by role, read from ``/proc`` now."""
         roles = {pid: device_id for device_id, pid in self.server_pids.items()}
-        roles.update({self.broker.pid: "local broker", self.cloud.pid: "cloud broker"})
+        for broker, role in ((self.broker, "local broker"), (self.cloud, "cloud broker")):
+            if broker.pid is not None:
+                roles[broker.pid] = role
         cpus = {"benchmark runner": allowed_cpus(os.getpid())}
         for pid in child_processes(os.getpid()):
             cpus[roles.get(pid) or f"{process_name(pid)} ({pid})"] = allowed_cpus(pid)
