@@ -150,7 +150,10 @@ def _candidate_bound(head: DetectionHead, score_threshold: float) -> float:
     """A raw score every anchor that can clear ``score_threshold`` reaches (after clipping): -inf if all can."""
     if head.sigmoid_scores:
         lowest = score_threshold - _CANDIDATE_MARGIN
-        bound = math.log(lowest / (1.0 - lowest)) if 0.0 < lowest < 1.0 else (math.inf if lowest >= 1.0 else -math.inf)
+        if 0.0 < lowest < 1.0:
+            bound = math.log(lowest / (1.0 - lowest))
+        else:
+            bound = math.inf if lowest >= 1.0 else -math.inf
     else:
         bound = score_threshold - _CANDIDATE_MARGIN * (1.0 + abs(score_threshold))
     # A logit clipped up to -score_clipping scores as that: if that clears the bound, any anchor may.
@@ -183,7 +186,7 @@ def _ssd_decoded(
     decoder = _ssd_decoder(head.anchors.model_dump_json(), tuple(head.box_scale or (width, height, width, height)))
     centre, size = decoder.centre[anchor_rows], decoder.size[anchor_rows]
     raw = np.asarray(outputs[0], dtype=np.float32)[0][anchor_rows]
-    # Divided, then multiplied (no precomputed factor): MediaPipe's per-anchor rounding, to the last bit.
+    # Divided, then multiplied (no precomputed factor): the per-anchor formula's float32 rounding, to the bit.
     box_centre = raw[:, 0:2] / decoder.offset_scale * size + centre
     half = raw[:, 2:4] / decoder.size_scale * size / 2
     boxes = np.concatenate([box_centre - half, box_centre + half], axis=-1)
