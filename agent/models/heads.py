@@ -130,7 +130,7 @@ class _SsdDecoder:
 
 
 @lru_cache(maxsize=32)
-def _ssd_decoder(config_json: str, scales: tuple[float, float, float, float]) -> _SsdDecoder:
+def _ssd_decoder(config_json: str, scales: tuple[float, ...]) -> _SsdDecoder:
     anchors = ssd_anchors(config_json)
     x_scale, y_scale, w_scale, h_scale = scales
     return _SsdDecoder(
