@@ -3,6 +3,8 @@
 ``python -m benchmarks.rawinvoke --model FILE --threads 2 --num-threads 1 --duration 5`` prints JSON.
 Each invoke sets the input and reads every output, the minimum an agent must also do per request. The
 ceiling the agent is compared against when it serves the same model with as many workers as threads here.
+``cpu_us_per_invoke`` (the process's CPU time over the window, per invoke) is the same ceiling in CPU: on a
+shared machine it moves far less than the rate, which also counts the time other processes took the CPU.
 """
 
 from __future__ import annotations
@@ -58,17 +60,18 @@ def measure(model: bytes, threads: int, num_threads: int, duration: float) -> di
         worker.start()
     deadline[0] = time.perf_counter() + duration + 60  # replaced once every interpreter is ready
     barrier.wait()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     deadline[0] = started + duration
     for worker in workers:
         worker.join()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     total = sum(counts)
     return {
         "threads": threads,
         "num_threads": num_threads,
         "invokes_per_s": round(total / elapsed, 1),
         "mean_invoke_ms": round(1000 * elapsed * threads / max(1, total), 3),
+        "cpu_us_per_invoke": round(1e6 * cpu / max(1, total), 1),
     }
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from agent.config import Limits
@@ -24,7 +26,7 @@ from agent.models.taskspec import AnchorConfig, DetectionHead
 from agent.serving.protocol import Request
 from agent.serving.service import RequestService, Timing
 from tests.fixtures.generated_models import add_model, constant_classifier, detection_postprocess_model
-from tests.fixtures.real_models import ASTRONAUT, ASTRONAUT_FACE, box_iou
+from tests.fixtures.real_models import ASTRONAUT, ASTRONAUT_FACE, box_iou, face_detector_outputs, face_detector_pictures
 
 LABELS = ["cat", "dog", "bird"]
 
@@ -109,30 +111,72 @@ def test_face_detector_anchors_are_mediapipes() -> None:
     assert (anchors[:, 2:] == 1.0).all() and len(anchors) == 896
 
 
-def _reference_ssd(
+def _reference_score(head: DetectionHead, logit: float) -> float:
+    if head.score_clipping is not None:
+        logit = min(max(logit, -head.score_clipping), head.score_clipping)
+    if not head.sigmoid_scores:
+        return logit
+    return 1 / (1 + math.exp(-logit)) if logit > -700 else 0.0
+
+
+def _reference_candidates(
     head: DetectionHead, anchors: np.ndarray, raw: np.ndarray, logits: np.ndarray, threshold: float
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """MediaPipe's TensorsToDetections then weighted NMS, one anchor at a time."""
+    """MediaPipe's TensorsToDetections, one anchor at a time in float64: (box, keypoints, score), best first."""
     decoded = []
-    for (ax, ay, aw, ah), values, logit in zip(anchors, raw, logits[:, 0]):
-        score = 1 / (1 + math.exp(-min(max(float(logit), -100.0), 100.0)))
+    points = head.num_keypoints
+    for (ax, ay, aw, ah), values, logit in zip(anchors.astype(np.float64), raw.astype(np.float64), logits[:, 0]):
+        score = _reference_score(head, float(logit))
         if score < threshold:
             continue
         cx, cy = values[0] / 128 * aw + ax, values[1] / 128 * ah + ay
         w, h = values[2] / 128 * aw, values[3] / 128 * ah
-        points = np.array([[values[4 + 2 * k] / 128 * aw + ax, values[5 + 2 * k] / 128 * ah + ay] for k in range(6)])
-        decoded.append((np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]), points, score))
+        keypoints = [[values[4 + 2 * k] / 128 * aw + ax, values[5 + 2 * k] / 128 * ah + ay] for k in range(points)]
+        box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        decoded.append((box, np.array(keypoints).reshape(points, 2), score))
     decoded.sort(key=lambda item: -item[2])
+    return decoded
+
+
+def _reference_iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - width * height
+    return width * height / union if union > 0 else 0.0
+
+
+def _reference_suppression(
+    head: DetectionHead, decoded: list[tuple[np.ndarray, np.ndarray, float]]
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Non-maximum suppression, hard or MediaPipe's weighted blending, over candidates sorted best first."""
     kept = []
     while decoded:
         best = decoded[0]
-        cluster = [item for item in decoded if iou(best[0], item[0][None])[0] > head.iou_threshold or item is best]
-        total = sum(item[2] for item in cluster)
-        box = sum(item[0] * item[2] for item in cluster) / total
-        points = sum(item[1] * item[2] for item in cluster) / total
-        kept.append((box, points, best[2]))
+        cluster = [item for item in decoded if item is best or _reference_iou(best[0], item[0]) > head.iou_threshold]
+        if head.nms == "weighted":
+            total = sum(item[2] for item in cluster)
+            box = sum(item[0] * item[2] for item in cluster) / total
+            points = sum(item[1] * item[2] for item in cluster) / total
+            kept.append((box, points, best[2]))
+        else:
+            kept.append(best)
         decoded = [item for item in decoded if not any(item is other for other in cluster)]
     return kept
+
+
+def _reference_ssd(
+    head: DetectionHead, anchors: np.ndarray, raw: np.ndarray, logits: np.ndarray, threshold: float
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """MediaPipe's TensorsToDetections then non-maximum suppression, one anchor at a time."""
+    return _reference_suppression(head, _reference_candidates(head, anchors, raw, logits, threshold))
+
+
+def _assert_detections_are(found: list[dict[str, Any]], expected: list[tuple[np.ndarray, np.ndarray, float]]) -> None:
+    assert len(found) == len(expected)
+    for item, (box, points, score) in zip(found, expected):
+        assert item["score"] == pytest.approx(score, abs=1e-6)
+        assert item["box"] == pytest.approx(np.clip(box, 0, 1).tolist(), abs=1e-5)
+        np.testing.assert_allclose(item.get("keypoints", np.zeros((0, 2))), points, atol=1e-5)
 
 
 def test_ssd_anchor_head_matches_the_reference_with_weighted_suppression() -> None:
@@ -149,14 +193,59 @@ def test_ssd_anchor_head_matches_the_reference_with_weighted_suppression() -> No
     found = detections(head, ["face"], [raw[None], logits[None]], Frame(), (128, 128), score_threshold=0.5,
                        max_detections=10)
     expected = _reference_ssd(head, anchors, raw, logits, 0.5)
-    assert len(found) == len(expected) == 3
-    for item, (box, points, score) in zip(found, expected):
-        assert item["score"] == pytest.approx(score, abs=1e-6)
-        assert item["box"] == pytest.approx(np.clip(box, 0, 1).tolist(), abs=1e-5)
-        np.testing.assert_allclose(item["keypoints"], points, atol=1e-5)
+    assert len(expected) == 3
+    _assert_detections_are(found, expected)
     hard = detections(head.model_copy(update={"nms": "hard"}), ["face"], [raw[None], logits[None]], Frame(), (128, 128),
                       score_threshold=0.5, max_detections=2)
     assert [item["score"] for item in hard] == [item["score"] for item in found[:2]]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    picture=st.sampled_from(sorted(face_detector_pictures())),
+    threshold=st.floats(0.02, 0.98),
+    nms=st.sampled_from(["hard", "weighted"]),
+    iou_threshold=st.floats(0.05, 0.95),
+    clipping=st.sampled_from([None, 100.0, 3.0]),
+    sigmoid=st.booleans(),
+    limit=st.integers(1, 60),
+)
+def test_ssd_head_on_real_face_detector_outputs_matches_the_reference(
+    picture: str, threshold: float, nms: str, iou_threshold: float, clipping: float | None, sigmoid: bool, limit: int
+) -> None:
+    """Any threshold, suppression and scoring on the real detector's outputs for real photographs: the same
+    detections as the one-anchor-at-a-time reference (candidates are picked on raw logits before scoring)."""
+    head = DetectionHead.model_validate(
+        {**FACE_DETECTION_HEAD, "nms": nms, "iou_threshold": iou_threshold, "score_clipping": clipping,
+         "sigmoid_scores": sigmoid}
+    )
+    assert head.anchors is not None
+    anchors = ssd_anchors(head.anchors.model_dump_json())
+    raw, logits = face_detector_outputs()[picture]
+    # No anchor's score and no candidate pair's overlap within float32 rounding of a threshold: there the
+    # float64 reference and the float32 head may rightly disagree.
+    scores = np.array([_reference_score(head, float(logit)) for logit in logits[0, :, 0]])
+    assume(np.abs(scores - threshold).min() > 1e-5)
+    candidates = _reference_candidates(head, anchors, raw[0], logits[0], threshold)
+    assume(len(candidates) <= 300)  # the reference's suppression is quadratic in Python
+    overlaps = [_reference_iou(a[0], b[0]) for index, a in enumerate(candidates) for b in candidates[index + 1:]]
+    assume(all(abs(overlap - iou_threshold) > 1e-5 for overlap in overlaps))
+    found = detections(head, ["face"], [raw, logits], Frame(), (128, 128), score_threshold=threshold,
+                       max_detections=limit)
+    _assert_detections_are(found, _reference_suppression(head, candidates)[:limit])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 1.0])
+def test_every_anchor_or_none_is_a_candidate_at_the_extreme_thresholds(threshold: float) -> None:
+    # Clipped at 2, every logit scores at least sigmoid(-2) = 0.119: at 0.0 and 0.1 every anchor is a candidate.
+    head = DetectionHead.model_validate({**FACE_DETECTION_HEAD, "score_clipping": 2.0, "nms": "hard"})
+    assert head.anchors is not None
+    raw, logits = face_detector_outputs()["nine faces"]
+    found = detections(head, ["face"], [raw, logits], Frame(), (128, 128), score_threshold=threshold,
+                       max_detections=10_000)
+    expected = _reference_ssd(head, ssd_anchors(head.anchors.model_dump_json()), raw[0], logits[0], threshold)
+    assert (len(expected) > 0) == (threshold < 1.0)
+    _assert_detections_are(found, expected)
 
 
 # ---- the face detector on real photographs --------------------------------------------------------------

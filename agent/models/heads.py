@@ -14,6 +14,7 @@ padding or a crop through the :class:`~agent.models.images.Frame`), clipped to t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -118,52 +119,99 @@ def _postprocessed(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, n
     return np.stack([x_min, y_min, x_max, y_max], axis=-1), classes.reshape(-1)[:valid], scores.reshape(-1)[:valid]
 
 
+@dataclass(frozen=True)
+class _SsdDecoder:
+    """What decoding depends on besides the outputs, computed once per (anchors, scales)."""
+
+    centre: np.ndarray  # [N, 2] anchor x, y
+    size: np.ndarray  # [N, 2] anchor width, height
+    offset_scale: np.ndarray  # [2] x, y scales of the regressors' centre offsets and keypoints
+    size_scale: np.ndarray  # [2] w, h scales of their box sizes
+
+
+@lru_cache(maxsize=32)
+def _ssd_decoder(config_json: str, scales: tuple[float, ...]) -> _SsdDecoder:
+    anchors = ssd_anchors(config_json)
+    x_scale, y_scale, w_scale, h_scale = scales
+    return _SsdDecoder(
+        centre=np.ascontiguousarray(anchors[:, :2]),
+        size=np.ascontiguousarray(anchors[:, 2:]),
+        offset_scale=np.asarray([x_scale, y_scale], dtype=np.float32),
+        size_scale=np.asarray([w_scale, h_scale], dtype=np.float32),
+    )
+
+
+# Candidates are picked on the raw logits first, against a bound a little below the threshold's logit: the
+# exact float32 sigmoid of the few picked is then compared with the threshold itself, as for every anchor.
+_CANDIDATE_MARGIN = 1e-5
+
+
+def _candidate_bound(head: DetectionHead, score_threshold: float) -> float:
+    """A raw score every anchor that can clear ``score_threshold`` reaches (after clipping): -inf if all can."""
+    if head.sigmoid_scores:
+        lowest = score_threshold - _CANDIDATE_MARGIN
+        if 0.0 < lowest < 1.0:
+            bound = math.log(lowest / (1.0 - lowest))
+        else:
+            bound = math.inf if lowest >= 1.0 else -math.inf
+    else:
+        bound = score_threshold - _CANDIDATE_MARGIN * (1.0 + abs(score_threshold))
+    # A logit clipped up to -score_clipping scores as that: if that clears the bound, any anchor may.
+    if head.score_clipping is not None and -head.score_clipping >= bound:
+        return -math.inf
+    return bound
+
+
 def _ssd_decoded(
     head: DetectionHead, outputs: list[np.ndarray], input_hw: tuple[int, int], score_threshold: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Box (corners), keypoints, best class and its score of each anchor scoring at least ``score_threshold``,
-    best first; only those are decoded (a face detector has hundreds of anchors and a handful of hits)."""
+    best first; only those are scored and decoded (a face detector has hundreds of anchors and a handful of hits)."""
     assert head.anchors is not None
     logits = np.asarray(outputs[1], dtype=np.float32)[0]
+    bound = _candidate_bound(head, score_threshold)
+    best_logits = logits[:, 0] if logits.shape[1] == 1 else logits.max(axis=-1)
+    rows = np.flatnonzero(best_logits >= bound) if bound > -math.inf else np.arange(len(logits))
+    picked = logits[rows]
     if head.score_clipping is not None:
-        logits = np.clip(logits, -head.score_clipping, head.score_clipping)
+        picked = np.clip(picked, -head.score_clipping, head.score_clipping)
     # tanh form of the sigmoid: no overflow for large negative logits when nothing clips them.
-    probabilities = 0.5 * (1.0 + np.tanh(logits / 2)) if head.sigmoid_scores else logits
+    probabilities = 0.5 * (1.0 + np.tanh(picked / 2)) if head.sigmoid_scores else picked
     classes = np.argmax(probabilities, axis=-1)
     scores = probabilities[np.arange(len(classes)), classes]
     keep = np.flatnonzero(scores >= score_threshold)
     keep = keep[np.argsort(-scores[keep], kind="stable")]
-    anchors = ssd_anchors(head.anchors.model_dump_json())[keep]
-    raw = np.asarray(outputs[0], dtype=np.float32)[0][keep]
+    anchor_rows = rows[keep]
     height, width = input_hw
-    x_scale, y_scale, w_scale, h_scale = head.box_scale or (width, height, width, height)
-    anchor_x, anchor_y, anchor_w, anchor_h = anchors.T
-    center_x = raw[:, 0] / x_scale * anchor_w + anchor_x
-    center_y = raw[:, 1] / y_scale * anchor_h + anchor_y
-    half_w, half_h = raw[:, 2] / w_scale * anchor_w / 2, raw[:, 3] / h_scale * anchor_h / 2
-    boxes = np.stack([center_x - half_w, center_y - half_h, center_x + half_w, center_y + half_h], axis=-1)
+    decoder = _ssd_decoder(head.anchors.model_dump_json(), tuple(head.box_scale or (width, height, width, height)))
+    centre, size = decoder.centre[anchor_rows], decoder.size[anchor_rows]
+    raw = np.asarray(outputs[0], dtype=np.float32)[0][anchor_rows]
+    # Divided, then multiplied (no precomputed factor): the per-anchor formula's float32 rounding, to the bit.
+    box_centre = raw[:, 0:2] / decoder.offset_scale * size + centre
+    half = raw[:, 2:4] / decoder.size_scale * size / 2
+    boxes = np.concatenate([box_centre - half, box_centre + half], axis=-1)
     points = raw[:, 4:4 + 2 * head.num_keypoints].reshape(len(raw), head.num_keypoints, 2)
-    keypoints = np.stack(
-        [points[..., 0] / x_scale * anchor_w[:, None] + anchor_x[:, None],
-         points[..., 1] / y_scale * anchor_h[:, None] + anchor_y[:, None]], axis=-1,
-    )
+    keypoints = points / decoder.offset_scale * size[:, None, :] + centre[:, None, :]
     return boxes, keypoints, classes[keep], scores[keep]
 
 
 def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Intersection over union of one ``[x_min, y_min, x_max, y_max]`` box with each of ``others``."""
-    width = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
-    height = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    """Intersection over union of one ``[x_min, y_min, x_max, y_max]`` box with each of ``others`` (0 where
+    the union is empty)."""
+    width = np.maximum(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0)
+    height = np.maximum(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0)
     intersection = width * height
     areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
     union = (box[2] - box[0]) * (box[3] - box[1]) + areas - intersection
-    return np.where(union > 0, intersection / np.where(union > 0, union, 1), 0.0)
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
 
 
 def _suppressed(
     head: DetectionHead, boxes: np.ndarray, keypoints: np.ndarray, classes: np.ndarray, scores: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Non-maximum suppression (per class) over candidates sorted best first; they stay in that order."""
+    if len(scores) <= 1:
+        return boxes, keypoints, classes, scores
     alive = np.ones(len(scores), dtype=bool)
     kept_boxes, kept_points, kept = [], [], []
     for best in range(len(scores)):
@@ -191,20 +239,22 @@ def _as_json(
 ) -> list[dict[str, Any]]:
     """Detections as the reply carries them, boxes and keypoints mapped onto the picture (all at once: a
     per-detection numpy call costs more than the arithmetic)."""
+    # Every x, y of a detection in one float64 row (box corners, then keypoints): one mapping, one rounding.
     # float64 before rounding: a rounded float32 prints as 0.34625500440597534, not 0.346255.
-    boxes, keypoints = boxes.astype(np.float64), keypoints.astype(np.float64)
-    xs, ys = frame.to_picture(boxes[:, [0, 2]], boxes[:, [1, 3]])
-    corners = np.round(np.clip(np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=-1), 0.0, 1.0), 6).tolist()
-    point_xs, point_ys = frame.to_picture(keypoints[..., 0], keypoints[..., 1])
-    points = np.round(np.stack([point_xs, point_ys], axis=-1), 6).tolist()
+    flat_points = keypoints.reshape(len(boxes), 2 * keypoints.shape[1])
+    coordinates = np.concatenate([boxes, flat_points], axis=-1, dtype=np.float64)
+    coordinates[:, 0::2], coordinates[:, 1::2] = frame.to_picture(coordinates[:, 0::2], coordinates[:, 1::2])
+    np.clip(coordinates[:, :4], 0.0, 1.0, out=coordinates[:, :4])
+    rows = np.round(coordinates, 6).tolist()
     found = []
     for index, klass in enumerate((classes.astype(np.int64) + label_offset).tolist()):
+        row = rows[index]
         detection: dict[str, Any] = {
             "label": labels[klass] if 0 <= klass < len(labels) else str(klass),
             "score": round(float(scores[index]), 6),
-            "box": corners[index],
+            "box": row[:4],
         }
-        if points[index]:
-            detection["keypoints"] = points[index]
+        if len(row) > 4:
+            detection["keypoints"] = [row[at:at + 2] for at in range(4, len(row), 2)]
         found.append(detection)
     return found
