@@ -264,8 +264,8 @@ class DeploySettings(Section):
     """``[deploy]``: fleet model deployment over the cloud link (docs/deploy.md); needs ``[cloud]``."""
 
     trusted_keys: list[str] = Field(
-        min_length=1, description="release public keys (P-256 PEM text, or PEM file paths) that sign bundles and "
-        "deployment documents"
+        default_factory=list, description="release public keys (P-256 PEM text, or PEM file paths) that sign "
+        "bundles and deployment documents; none: deployments are off"
     )
     root_key: str | None = Field(
         None, description="the root public key (PEM text or path) that signs key lists; unset: key lists refused"
@@ -273,10 +273,6 @@ class DeploySettings(Section):
     groups: list[str] = Field(default_factory=list, description="the groups whose deployment documents apply here")
     staging_budget_bytes: int = Field(
         256 * 1024 * 1024, ge=65_536, description="disk bytes staged bundles may use in data_dir/deploy/staging"
-    )
-    maintenance_window: str | None = Field(
-        None, pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$",
-        description="UTC HH:MM-HH:MM when documents with activation = maintenance_window may activate",
     )
     chunk_request_window: int = Field(8, ge=1, le=256, description="chunks requested and awaited at once")
     chunk_timeout_s: float = Field(10.0, gt=0, description="an unanswered chunk request is repeated after this")
@@ -370,7 +366,7 @@ class Settings(BaseSettings):
     cloud: CloudBroker | None = None
     signing: Signing = Field(default_factory=Signing)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
-    deploy: DeploySettings | None = None
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
 
     @field_validator("device_id")
     @classmethod

@@ -128,7 +128,7 @@ class DeploymentDocument(Frozen):
     target: Target
     action: Literal["deploy", "cancel"]
     bundle: SignedEnvelope | None = Field(None, description="the signed bundle manifest; required to deploy")
-    activation: Literal["immediate", "maintenance_window"] = "immediate"
+    activation: Literal["immediately", "maintenance_window"] = "immediately"
     probation: ProbationPolicy = ProbationPolicy()
     deadlines: Deadlines = Deadlines()
     sequence: int = Field(ge=0, le=2**53 - 1)
