@@ -73,6 +73,7 @@ class ScriptedActivation:
     def __init__(self) -> None:
         self.serving: dict[str, str] = {"vibration-anomaly": "1.0.0"}
         self.fail_probation: set[str] = set()
+        self.replaced: dict[str, str | None] = {}
 
     def warm(self, staged: StagedModel) -> None:
         assert staged.file.read_bytes()  # the staged file is complete and readable
@@ -80,7 +81,8 @@ class ScriptedActivation:
             raise DeployError("reference case 0: probabilities differ by 0.4 (tolerance 0.0001)")
 
     def activate(self, staged: StagedModel) -> PreviousVersion:
-        previous = self.serving.get(staged.model_id)
+        # As the contract asks: repeated after a crash, the same previous version.
+        previous = self.replaced.setdefault(staged.deployment_id, self.serving.get(staged.model_id))
         self.serving[staged.model_id] = staged.version
         return PreviousVersion(model_id=staged.model_id, entry=None if previous is None else _entry(previous))
 
@@ -119,10 +121,7 @@ class Rig:
         self.link.transfer = transfer
         deployer = Deployer(
             device_id="dev1", groups=["line-3"], journal=journal, trust=trust, transfer=transfer,
-            activation=self.activation, report=self.reports.append,
-            serving_entry=lambda model_id: _entry(self.activation.serving[model_id])
-            if model_id in self.activation.serving else None,
-            runtime="litert", agent_version="1.0",
+            activation=self.activation, report=self.reports.append, runtime="litert", agent_version="1.0",
         )  # fmt: skip
         deployer.resume()
         return deployer

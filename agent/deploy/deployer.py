@@ -37,7 +37,6 @@ from agent.deploy.transfer import Transfer
 from agent.deploy.trust import Trust
 from agent.errors import DeployError
 from agent.faults import INTERNAL_ERRORS
-from agent.models.catalog import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ class Deployer:
         transfer: Transfer,
         activation: Activation,
         report: Report,
-        serving_entry: Callable[[str], ModelEntry | None],
         runtime: str,
         agent_version: str,
         may_activate: Callable[[DeploymentDocument], bool] = lambda document: True,
@@ -72,7 +70,6 @@ class Deployer:
         self._transfer = transfer
         self._activation = activation
         self._report = report
-        self._serving_entry = serving_entry
         self._runtime = runtime
         self._agent_version = agent_version
         self._may_activate = may_activate
@@ -262,8 +259,7 @@ class Deployer:
         elif record.state == "staged":
             if not self._may_activate(document):
                 return  # outside the maintenance window: staged until it opens (or the deadline passes)
-            previous = PreviousVersion(model_id=manifest.model_id, entry=self._serving_entry(manifest.model_id))
-            self._move(record, "activating", None, previous=previous.model_dump(mode="json"))
+            self._move(record, "activating", None)
         elif record.state == "activating":
             self._activate(record, document, manifest)
         elif record.state == "probation":
@@ -307,13 +303,14 @@ class Deployer:
             self._move(record, "failed", f"refused before activation: {exc}")
             return
         try:
-            self._activation.activate(staged)
+            # Repeated after a crash, it returns the same previous version (the Activation contract).
+            previous = self._activation.activate(staged)
         except DeployError as exc:
-            self._roll_back(record)
             self._move(record, "failed", f"activation failed: {exc}")
             return
         self._probation_since[record.deployment_id] = time.monotonic()
-        self._move(record, "probation", f"serving {manifest.version}; watching {document.probation.model_dump()}")
+        self._move(record, "probation", f"serving {manifest.version}; watching {document.probation.model_dump()}",
+                   previous=previous.model_dump(mode="json"))  # fmt: skip
 
     def _watch(self, record: DeploymentRecord, document: DeploymentDocument, manifest: BundleManifest) -> None:
         # After a restart the probation window starts again: the process it watched is gone.
@@ -333,8 +330,6 @@ class Deployer:
             self._activation.roll_back(PreviousVersion.model_validate(record.previous))
 
     def _time_out(self, record: DeploymentRecord, reason: str) -> None:
-        if record.state in ("activating",):
-            self._roll_back(record)
         self._move(record, "timed_out", reason)
         if record.bundle_id:
             self._transfer.discard(record.bundle_id)
