@@ -10,10 +10,11 @@ import ipaddress
 import re
 import socket
 from importlib import resources
+from datetime import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_serializer, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -317,6 +318,49 @@ class InferenceSettings(Section):
         False,
         description="a model whose accelerator (gpu or delegate) is missing or refuses it stops the agent at start "
         "instead of being served on CPU",
+    )
+
+
+WINDOW_PATTERN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class MaintenanceWindow(BaseModel):
+    """A daily stretch of local time, written ``"HH:MM-HH:MM"``; it may cross midnight (``"23:00-01:00"``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: time
+    end: time
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        match = WINDOW_PATTERN.match(value.strip())
+        if match is None:
+            raise ValueError(f"{value!r} is not a window: write it as HH:MM-HH:MM in local time, e.g. \"02:00-04:00\"")
+        start_h, start_m, end_h, end_m = (int(part) for part in match.groups())
+        return {"start": time(start_h, start_m), "end": time(end_h, end_m)}
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> MaintenanceWindow:
+        if self.start == self.end:
+            raise ValueError("a maintenance window must not start and end at the same minute")
+        return self
+
+    @model_serializer
+    def _as_text(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+class DeploySettings(Section):
+    """``[deploy]``: fleet model deployments (docs/deploy.md)."""
+
+    maintenance_window: MaintenanceWindow | None = Field(
+        None,
+        description="local time, \"HH:MM-HH:MM\" (may cross midnight): a deployment whose activation policy is "
+        "maintenance_window is swapped in only inside it; unset: such deployments activate at once",
     )
 
 

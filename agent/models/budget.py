@@ -57,19 +57,32 @@ class ModelSlot:
 
 @dataclass
 class SlotTable:
-    """The model versions in memory: the one serving each model id, and retired ones requests still hold."""
+    """The model versions in memory: the one serving each model id, retired ones requests still hold, and new
+    versions warmed beside the serving ones until the catalogue names them (a deployment's activation)."""
 
     serving: dict[str, ModelSlot] = field(default_factory=dict)
     draining: set[ModelSlot] = field(default_factory=set)
+    warming: dict[str, ModelSlot] = field(default_factory=dict)
 
     def forget(self, slot: ModelSlot) -> None:
-        """Stop serving ``slot`` (if it still serves its model id); it may still be draining."""
+        """Stop serving (or warming) ``slot``; it may still be draining."""
         if self.serving.get(slot.entry.id) is slot:
             del self.serving[slot.entry.id]
+        if self.warming.get(slot.entry.id) is slot:
+            del self.warming[slot.entry.id]
+
+    def adopt_warm(self, entry: ModelEntry) -> ModelSlot | None:
+        """The version warmed for ``entry``, now serving it; None if none was warmed (or it is still loading)."""
+        slot = self.warming.get(entry.id)
+        if slot is None or slot.entry != entry or slot.loaded is None:
+            return None
+        del self.warming[entry.id]
+        self.serving[entry.id] = slot
+        return slot
 
     def used_bytes(self) -> int:
-        """Memory of every slot, serving or draining."""
-        return sum(slot.memory_bytes for slot in self.serving.values()) + sum(slot.memory_bytes for slot in self.draining)
+        """Memory of every slot, serving, draining or warming."""
+        return sum(slot.memory_bytes for slot in [*self.serving.values(), *self.draining, *self.warming.values()])
 
     def pinned_bytes(self, excluding: str) -> int:
         """Memory of the pinned models serving, but for ``excluding``'s."""

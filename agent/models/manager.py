@@ -194,6 +194,54 @@ class ModelManager:
         if closed:
             return_freed_memory()
 
+    def warm(self, declared: ModelEntry) -> LoadedModel:
+        """Load a new version of a model beside the one serving, before the manifest names it.
+
+        ``declared`` is its manifest entry as it will be written, its file already in ``models_dir``; it is checked
+        against the file and completed as a reload would, and loaded within the model memory budget and the
+        process soft limit beside everything loaded now (idle models may be unloaded to make room). The
+        version stays loaded, outside the catalogue, until a reload swaps in the same entry (its first request
+        then finds it loaded) or :meth:`discard_warm`. Raises :class:`ModelError` for an entry that does not
+        match its file, :class:`ModelTooLarge` for a version that can never fit, :class:`Overloaded` when no
+        room is made within ``load_wait_s``, and :class:`ModelUnavailable` if the runtime cannot load it.
+        """
+        entry = self._complete(declared)
+        deadline = time.monotonic() + self.load_wait_s
+        closed = False
+        with self._cond:
+            warmed = self._slots.warming.get(entry.id)
+            if warmed is not None and warmed.entry == entry and warmed.loaded is not None:
+                return warmed.loaded
+            if warmed is not None:
+                closed = self._budget.retire(warmed, "replaced by another version being warmed")
+            while True:
+                reserve, freed = self._budget.make_room_to_load(entry)
+                closed |= freed
+                if reserve is not None:
+                    slot = ModelSlot(entry, reserved_bytes=reserve, last_used=time.monotonic())
+                    self._slots.warming[entry.id] = slot
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(
+                        f"no room to load model {entry.id!r} {entry.version} beside the models requests hold now"
+                    )
+                self._cond.wait(remaining)
+        if closed:
+            return_freed_memory()
+        loaded = self._load_into(slot).loaded
+        assert loaded is not None
+        return loaded
+
+    def discard_warm(self, model_id: str) -> None:
+        """Unload a version of ``model_id`` warmed by :meth:`warm` that will not be swapped in (if any)."""
+        with self._cond:
+            slot = self._slots.warming.get(model_id)
+            closed = slot is not None and self._budget.retire(slot, "warmed, but not activated")
+            self._cond.notify_all()
+        if closed:
+            return_freed_memory()
+
     def load_pinned(self) -> None:
         """Load every pinned model (at start); one that cannot be served or does not fit is a :class:`ModelError`."""
         for model_id in self._catalog.pinned_ids:
@@ -254,7 +302,7 @@ class ModelManager:
                 reason = self._catalog.refused.get(model_id) or self._load_failures.get((model_id, entry.sha256))
                 if reason is not None:
                     raise ModelUnavailable(reason)
-                slot = self._slots.serving.get(model_id)
+                slot = self._slots.serving.get(model_id) or self._slots.adopt_warm(entry)
                 if slot is not None and slot.loaded is not None:
                     slot.leases += 1
                     slot.last_used = time.monotonic()
