@@ -261,24 +261,6 @@ MessageClass = Literal["res", "telemetry", "audit", "fallback", "deploy"]
 MESSAGE_CLASSES: tuple[MessageClass, ...] = ("res", "telemetry", "audit", "fallback", "deploy")
 
 
-class DeploySettings(Section):
-    """``[deploy]``: fleet model deployment over the cloud link (docs/deploy.md); needs ``[cloud]``."""
-
-    trusted_keys: list[str] = Field(
-        default_factory=list, description="release public keys (P-256 PEM text, or PEM file paths) that sign "
-        "bundles and deployment documents; none: deployments are off"
-    )
-    root_key: str | None = Field(
-        None, description="the root public key (PEM text or path) that signs key lists; unset: key lists refused"
-    )
-    groups: list[str] = Field(default_factory=list, description="the groups whose deployment documents apply here")
-    staging_budget_bytes: int = Field(
-        256 * 1024 * 1024, ge=65_536, description="disk bytes staged bundles may use in data_dir/deploy/staging"
-    )
-    chunk_request_window: int = Field(8, ge=1, le=256, description="chunks requested and awaited at once")
-    chunk_timeout_s: float = Field(10.0, gt=0, description="an unanswered chunk request is repeated after this")
-
-
 class OutboxSettings(Section):
     """Bounds and durability of the outbox (``data_dir/outbox.db``); policies are documented in agent/upstream/outbox.py."""
 
@@ -355,8 +337,21 @@ class MaintenanceWindow(BaseModel):
 
 
 class DeploySettings(Section):
-    """``[deploy]``: fleet model deployments (docs/deploy.md)."""
+    """``[deploy]``: fleet model deployments over the cloud link (docs/deploy.md); needs ``[cloud]``."""
 
+    trusted_keys: list[str] = Field(
+        default_factory=list, description="release public keys (P-256 PEM text, or PEM file paths) that sign "
+        "bundles and deployment documents; none: deployments are off"
+    )
+    root_key: str | None = Field(
+        None, description="the root public key (PEM text or path) that signs key lists; unset: key lists refused"
+    )
+    groups: list[str] = Field(default_factory=list, description="the groups whose deployment documents apply here")
+    staging_budget_bytes: int = Field(
+        256 * 1024 * 1024, ge=65_536, description="disk bytes staged bundles may use in data_dir/deploy/staging"
+    )
+    chunk_request_window: int = Field(8, ge=1, le=256, description="chunks requested and awaited at once")
+    chunk_timeout_s: float = Field(10.0, gt=0, description="an unanswered chunk request is repeated after this")
     maintenance_window: MaintenanceWindow | None = Field(
         None,
         description="local time, \"HH:MM-HH:MM\" (may cross midnight): a deployment whose activation policy is "

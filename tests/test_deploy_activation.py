@@ -424,7 +424,7 @@ def test_the_maintenance_window_setting_reads_back_as_written(start: int, end: i
         with pytest.raises(ValidationError, match="must not start and end at the same minute"):
             DeploySettings(maintenance_window=text)
     else:
-        assert DeploySettings(maintenance_window=text).model_dump() == {"maintenance_window": text}
+        assert DeploySettings(maintenance_window=text).model_dump()["maintenance_window"] == text
 
 
 @pytest.mark.parametrize("text", ["2:00-4:00", "02:00", "24:00-01:00", "02:00-04:60", "02:00 - 04:00x"])

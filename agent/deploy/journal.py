@@ -241,6 +241,17 @@ class Journal:
             rows = table.select().where(table.state == "active").order_by(table.sequence)
             return {row.model_id: row.version for row in rows if row.model_id is not None}
 
+    def report(self, limit: int = 20) -> dict[str, Any]:
+        """What ``edge-agent deploy status`` prints: the latest deployments with their transitions."""
+        with self._lock:
+            return {
+                "journal": str(self.path),
+                "last_sequence": self.last_sequence(),
+                "active": self.active_versions(),
+                "in_progress": [r.deployment_id for r in self.unfinished()],
+                "deployments": [r.model_dump(mode="json", exclude={"document"}) for r in self.recent(limit)],
+            }
+
     # -- chunk progress -----------------------------------------------------------------------------
 
     def chunks_done(self, bundle_id: str, file: str) -> set[int]:
