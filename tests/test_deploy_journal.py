@@ -58,3 +58,13 @@ def test_a_committed_transition_survives_kill_9(tmp_path: Path) -> None:
     assert result.returncode == -9
     journal = Journal(path)
     assert journal.get("d1").state == "verified" and journal.last_sequence() == 7
+
+
+def test_any_thread_may_use_one_journal(tmp_path: Path) -> None:
+    import threading
+
+    journal = Journal(tmp_path / "journal.db")
+    worker = threading.Thread(target=lambda: journal.accept("d1", 1, "t", "{}", None))
+    worker.start()
+    worker.join()
+    assert journal.get("d1").state == "received"

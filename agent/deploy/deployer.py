@@ -318,7 +318,7 @@ class Deployer:
         verdict = self._activation.probation(self._staged(record, document, manifest), since)
         if verdict.state == "passed":
             self._probation_since.pop(record.deployment_id, None)
-            self._move(record, "active", f"probation passed ({verdict.requests} requests, {verdict.errors} errors)")
+            self._move(record, "active", f"probation passed: {verdict.reason or f'{verdict.requests} requests'}")
             self._transfer.discard(manifest.bundle_id)
         elif verdict.state == "failed":
             self._probation_since.pop(record.deployment_id, None)

@@ -138,13 +138,14 @@ class Journal:
             if not self.path.exists():
                 raise DeployError(f"no deployment journal at {self.path}")
             self._db = peewee.SqliteDatabase(
-                f"file:{self.path}?mode=ro", uri=True, timeout=5, thread_safe=False, pragmas={"query_only": 1}
+                f"file:{self.path}?mode=ro", uri=True, timeout=5, thread_safe=False, check_same_thread=False,
+                pragmas={"query_only": 1},
             )
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = _lock_exclusive(self.path)
             self._db = peewee.SqliteDatabase(
-                str(self.path), timeout=5, thread_safe=False, autoconnect=False,
+                str(self.path), timeout=5, thread_safe=False, check_same_thread=False, autoconnect=False,
                 pragmas={"journal_mode": "wal", "synchronous": "full"},
             )  # fmt: skip
         self._db.connect()
