@@ -116,6 +116,13 @@ def wait_state(cloud: CloudSide, deployment_id: str, state: str, device_id: str 
     assert reached, f"{deployment_id} never reported {state}; got {seen}"
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
 def deploy_status(process: AgentProcess) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "-m", "agent", "deploy", "status", "--config", str(process.config_path)],
@@ -175,13 +182,13 @@ def test_kill_9_in_a_state_then_restart_completes(
         hold = {"activation": "maintenance_window"}
         extra = {"maintenance_window": _window_not_now()}
     else:
-        probation = {"requests": None, "seconds": 6.0}
+        probation = {"requests": None, "seconds": 3.0}
     agent = agents(**extra)
     operator.retain("mcp/deploy/device/dev1",
                     publisher.deployment(bundle, deployment_id="dk", probation=probation, **hold))  # fmt: skip
     wait_state(cloud, "dk", state)
     if state == "downloading":
-        assert cloud.wait_for(lambda _: files.served >= 5, 30)
+        wait_until(lambda: files.served >= 5)
     agent.signal(signal.SIGKILL)
     agent.wait()
     files.pause_after = None
@@ -201,7 +208,7 @@ def test_a_cloud_outage_mid_transfer_resumes(
     agents()
     operator.retain("mcp/deploy/device/dev1", publisher.deployment(bundle, deployment_id="do", probation=QUICK_PROBATION))
     wait_state(cloud, "do", "downloading")
-    assert cloud.wait_for(lambda _: files.served >= 6, 30)
+    wait_until(lambda: files.served >= 6)
     cloud_broker.stop()
     time.sleep(1.0)
     files.pause_after = None
