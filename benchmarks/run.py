@@ -20,6 +20,7 @@ from typing import Any
 from benchmarks import (
     bench_accelerators,
     bench_clients,
+    bench_deploy,
     bench_ingest,
     bench_models,
     bench_outbox,
@@ -47,6 +48,7 @@ COMPONENT_BENCHES = {
     "accelerators": bench_accelerators,
     "clients": bench_clients,
     "ingest": bench_ingest,
+    "deploy": bench_deploy,
 }
 
 

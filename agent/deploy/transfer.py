@@ -129,6 +129,14 @@ class Transfer:
             paths[described.name] = path
         return paths
 
+    def missing_chunks(self, manifest: BundleManifest) -> int:
+        """How many chunks are still to fetch, journaled ones checked on disk (what a resume starts with)."""
+        self.reserve(manifest)
+        return sum(
+            len(self._missing_on_disk(manifest.bundle_id, described, self.bundle_dir(manifest) / described.name))
+            for described in manifest.files
+        )
+
     def _fetch_file(
         self, bundle_id: str, described: BundleFile, path: Path, stop: Callable[[], str | None]
     ) -> str | None:
