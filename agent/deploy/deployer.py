@@ -253,7 +253,8 @@ class Deployer:
             except DeployError as exc:
                 self._move(record, "failed", str(exc))
                 return
-            self._move(record, "downloading", f"{manifest.total_bytes} bytes in {sum(len(f.chunks) for f in manifest.files)} chunks")
+            chunks = sum(len(f.chunks) for f in manifest.files)
+            self._move(record, "downloading", f"{manifest.total_bytes} bytes in {chunks} chunks")
         elif record.state == "downloading":
             self._download(record, document, manifest)
         elif record.state == "staged":

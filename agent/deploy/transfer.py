@@ -150,7 +150,8 @@ class Transfer:
                     return reason
                 now = time.monotonic()
                 due = [i for i in sorted(missing) if now - asked.get(i, -1e18) >= self._chunk_timeout]
-                room = self._window - sum(1 for i, at in asked.items() if i in missing and now - at < self._chunk_timeout)
+                awaited = sum(1 for i, at in asked.items() if i in missing and now - at < self._chunk_timeout)
+                room = self._window - awaited
                 if due and room > 0:
                     wanted = due[:room]
                     body = {"bundle": bundle_id, "file": described.name, "chunks": wanted}
