@@ -339,7 +339,25 @@ def _crash_and_repeat(restarted: Any, models_dir: Path, v1_manifest: bytes, v1: 
     fourth.activator.roll_back(previous, "probation failed")  # repeated after a crash
     assert manifest_path.read_bytes() == rolled_back
     assert fourth.infer("switch", X)["model_version"] == "1.0.0"
-    assert (models_dir / f"switch-2.0.0-{staged.entry.sha256[:12]}.tflite").is_file()
+    # The version rolled back is deleted; the operator's own file of version 1 was never touched.
+    assert sorted(path.name for path in models_dir.glob("*.tflite")) == ["switch.tflite"]
+
+
+def test_a_deployed_file_is_kept_while_a_roll_back_may_need_it_and_deleted_after(device: Device) -> None:
+    def deploy(version: str, p_on: float) -> str:
+        staged = stage(device.staging, "switch", version, constant_classifier([1 - p_on, p_on]), labels=LABELS,
+                       deployment=f"deployment-{version}")
+        device.activator.warm(staged)
+        device.activator.activate(staged)
+        return device.activator.installed_entry(staged).file
+
+    files = lambda: sorted(path.name for path in device.models.models_dir.glob("*.tflite"))  # noqa: E731
+    v2 = deploy("2.0.0", 0.8)
+    v3 = deploy("3.0.0", 0.7)
+    assert files() == sorted(["switch.tflite", v2, v3])  # version 1 is the operator's: never deleted
+    v4 = deploy("4.0.0", 0.6)
+    assert files() == sorted(["switch.tflite", v3, v4])  # version 2 is no one's previous any more
+    assert device.infer("switch", X)["model_version"] == "4.0.0"
 
 
 # ---- probation verdicts (pure) -----------------------------------------------------------------------

@@ -199,11 +199,11 @@ class ModelManager:
 
         ``declared`` is its manifest entry as it will be written, its file already in ``models_dir``; it is checked
         against the file and completed as a reload would, and loaded within the model memory budget and the
-        process soft limit beside everything loaded now (idle models may be unloaded to make room). The
-        version stays loaded, outside the catalogue, until a reload swaps in the same entry (its first request
-        then finds it loaded) or :meth:`discard_warm`. Raises :class:`ModelError` for an entry that does not
-        match its file, :class:`ModelTooLarge` for a version that can never fit, :class:`Overloaded` when no
-        room is made within ``load_wait_s``, and :class:`ModelUnavailable` if the runtime cannot load it.
+        process soft limit beside everything loaded now (idle models may be unloaded to make room). It stays
+        loaded, outside the catalogue, until a reload swaps in the same entry (whose first request then finds
+        it loaded), :meth:`discard_warm`, or another version is warmed: one at a time. Raises
+        :class:`ModelError` (entry and file differ), :class:`ModelTooLarge`, :class:`Overloaded` (no room made
+        within ``load_wait_s``) or :class:`ModelUnavailable` (the runtime cannot load it).
         """
         entry = self._complete(declared)
         deadline = time.monotonic() + self.load_wait_s
@@ -212,8 +212,8 @@ class ModelManager:
             warmed = self._slots.warming.get(entry.id)
             if warmed is not None and warmed.entry == entry and warmed.loaded is not None:
                 return warmed.loaded
-            if warmed is not None:
-                closed = self._budget.retire(warmed, "replaced by another version being warmed")
+            for other in list(self._slots.warming.values()):
+                closed |= self._budget.retire(other, f"{entry.id} {entry.version} is warmed instead")
             while True:
                 reserve, freed = self._budget.make_room_to_load(entry)
                 closed |= freed
