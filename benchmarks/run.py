@@ -24,6 +24,7 @@ from benchmarks import (
     bench_models,
     bench_outbox,
     bench_signing,
+    bench_swap,
     bench_uplink_bytes,
 )
 from benchmarks.report import format_report, machine, ratios_and_targets
@@ -47,6 +48,7 @@ COMPONENT_BENCHES = {
     "accelerators": bench_accelerators,
     "clients": bench_clients,
     "ingest": bench_ingest,
+    "swap": bench_swap,
 }
 
 

@@ -65,7 +65,8 @@ class ModelManager:
         self.max_concurrent_inferences = max_concurrent_inferences
         self.load_wait_s = load_wait_s
         # Verifying an entry also checks it against its file and fills in what it leaves out.
-        self._complete = partial(complete_from_file, models_dir, self.runtime)
+        self._complete_from_file = partial(complete_from_file, models_dir, self.runtime)
+        self._warmed_from: dict[str, ModelEntry] = {}  # model id -> the declared entry of the version warmed
         manifest = read_manifest(self.models_dir, self.defaults_dir)
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
@@ -205,13 +206,15 @@ class ModelManager:
         :class:`ModelError` (entry and file differ), :class:`ModelTooLarge`, :class:`Overloaded` (no room made
         within ``load_wait_s``) or :class:`ModelUnavailable` (the runtime cannot load it).
         """
-        entry = self._complete(declared)
+        with self._cond:
+            warmed = self._slots.warming.get(declared.id)
+            if warmed is not None and warmed.loaded is not None and self._warmed_from.get(declared.id) == declared:
+                return warmed.loaded
+        entry = self._complete_from_file(declared)
         deadline = time.monotonic() + self.load_wait_s
         closed = False
         with self._cond:
-            warmed = self._slots.warming.get(entry.id)
-            if warmed is not None and warmed.entry == entry and warmed.loaded is not None:
-                return warmed.loaded
+            self._warmed_from[declared.id] = declared
             for other in list(self._slots.warming.values()):
                 closed |= self._budget.retire(other, f"{entry.id} {entry.version} is warmed instead")
             while True:
@@ -232,6 +235,15 @@ class ModelManager:
         loaded = self._load_into(slot).loaded
         assert loaded is not None
         return loaded
+
+    def _complete(self, declared: ModelEntry) -> ModelEntry:
+        """``declared`` checked against its (verified) file and completed; for the version warmed from the same
+        entry, what the warm found, so that the swap does not read the file with the runtime again."""
+        with self._cond:
+            warmed = self._slots.warming.get(declared.id)
+            if warmed is not None and self._warmed_from.get(declared.id) == declared:
+                return warmed.entry
+        return self._complete_from_file(declared)
 
     def discard_warm(self, model_id: str) -> None:
         """Unload a version of ``model_id`` warmed by :meth:`warm` that will not be swapped in (if any)."""
