@@ -199,8 +199,9 @@ def test_one_version_is_warmed_at_a_time_and_a_discarded_one_leaves_nothing_behi
     device.activator.warm(switch_v2(device))  # another deployment's version: the first one is unloaded
     unloaded = [detail for kind, detail in device.events if kind == "model_unloaded"]
     assert unloaded == [{"model": "lookup", "version": "1.0.0", "reason": "switch 2.0.0 is warmed instead"}]
+    device.activator.discard(lookup)  # its deployment was superseded: its copy goes, the other stays warm
+    assert device.models.memory_used_bytes > 0
     device.activator.discard(switch_v2(device))
-    device.activator.discard(lookup)  # its deployment was superseded: its copy goes too
     assert device.models.memory_used_bytes == 0
     assert sorted(path.name for path in device.models.models_dir.glob("*.tflite")) == ["switch.tflite"]
     assert device.infer("switch", X)["model_version"] == "1.0.0"

@@ -181,7 +181,7 @@ class ModelActivator:
         declared = self.installed_entry(staged)
         if self._serves(declared):
             return
-        self.models.discard_warm(declared.id)
+        self.models.discard_warm(declared.id, declared)
         self._remove_installed(declared)
 
     # ---- probation -------------------------------------------------------------------------------

@@ -246,10 +246,13 @@ class ModelManager:
                 return warmed.entry
         return self._complete_from_file(declared)
 
-    def discard_warm(self, model_id: str) -> None:
-        """Unload a version of ``model_id`` warmed by :meth:`warm` that will not be swapped in (if any)."""
+    def discard_warm(self, model_id: str, declared: ModelEntry | None = None) -> None:
+        """Unload the version of ``model_id`` warmed by :meth:`warm` (if any; with ``declared``, only if it was
+        warmed from that entry): it will not be swapped in."""
         with self._cond:
             slot = self._slots.warming.get(model_id)
+            if declared is not None and self._warmed_from.get(model_id) != declared:
+                slot = None
             closed = slot is not None and self._budget.retire(slot, "warmed, but not activated")
             self._cond.notify_all()
         if closed:
