@@ -171,6 +171,16 @@ def test_a_signed_deployment_is_fetched_activated_and_reported(
     assert cloud.wait_for(lambda records: sum(r.get("event") == "refused" for r in deploy_records(records)) >= 2, 30)
     reasons = [r["reason"] for r in deploy_records(cloud.records) if r.get("event") == "refused"]
     assert any("replayed or older" in reason for reason in reasons) and any("not trusted" in reason for reason in reasons)
+    # A bundle whose reference outputs do not match is refused before activation; 2.0.0 goes on serving.
+    wrong = {"inputs": {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]},
+             "expected": {"probabilities": [[0.0, 0.0, 1.0]]}, "tolerance": 1e-6}  # fmt: skip
+    mismatched = build_bundle(publisher.release, version="3.0.0", data=PADDED, chunk_size=65_536, references=[wrong])
+    files.add(mismatched)
+    operator.retain("mcp/deploy/device/dev1", publisher.deployment(mismatched, deployment_id="dr", sequence=100))
+    wait_state(cloud, "dr", "failed")
+    [failure] = [r for r in deploy_records(cloud.records) if r.get("deployment_id") == "dr" and r.get("state") == "failed"]
+    assert "refused before activation" in failure["reason"] and "probabilities" in failure["reason"]
+    assert served_version(local_broker) == "2.0.0"
 
 
 @pytest.mark.parametrize("state", ["downloading", "staged", "probation"])

@@ -353,6 +353,6 @@ class Interleavings(RuleBasedStateMachine):
 
 
 Interleavings.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=20, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
 )
 test_interleavings = Interleavings.TestCase

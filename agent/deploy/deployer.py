@@ -126,12 +126,17 @@ class Deployer:
     def _run(self) -> None:
         with INTERNAL_ERRORS.guard("deployer"):
             self.resume()
+        progressed = False
         while not self._stopping.is_set():
             with INTERNAL_ERRORS.guard("deployer"):
-                self._take_documents(wait_s=_POLL_S)
+                # Waits only while nothing moved (a window, a probation, no deployment): steps follow at once.
+                self._take_documents(wait_s=0.0 if progressed else _POLL_S)
                 current = self._current()
+                progressed = False
                 if current is not None and not self._stopping.is_set():
                     self._advance_guarded(current)
+                    after = self.journal.get(current.deployment_id)
+                    progressed = (after.state, after.entered_at) != (current.state, current.entered_at)
                 self._refresh_snapshot()
 
     def _current(self) -> DeploymentRecord | None:
