@@ -201,6 +201,9 @@ def test_the_same_document_twice_does_nothing_twice_and_a_replayed_older_one_is_
     assert rig.reports[-1]["event"] == "refused" and "replayed or older document" in rig.reports[-1]["reason"]
     with pytest.raises(DeployError):
         rig.deployer.journal.get("dOld")
+    rig.send(PUBLISHER.deployment(BUNDLES["B"], deployment_id="dNew"))  # a newer sequence, an old id
+    rig.step()
+    assert "was used before" in rig.reports[-1]["reason"] and rig.state("dNew") == "active"
 
 
 def test_a_newer_document_mid_download_supersedes_and_the_newest_wins(rig: Rig) -> None:
@@ -234,6 +237,7 @@ def test_a_bundle_refused_at_warm_fails_and_one_failing_probation_is_rolled_back
     rig.send(PUBLISHER.deployment(BUNDLES["BAD"], deployment_id="dBad"))
     rig.settle()
     assert rig.state("dBad") == "failed" and "refused before activation" in (rig.deployer.journal.get("dBad").reason or "")
+    assert list((rig.data_dir / "deploy" / "staging").iterdir()) == []  # nothing left staged
     rig.activation.fail_probation.add("3.0.0")
     rig.send(PUBLISHER.deployment(BUNDLES["B"], deployment_id="dB"))
     rig.settle()
