@@ -78,16 +78,25 @@ class ScriptedActivation:
         self.fail_probation: set[str] = set()
         self.replaced: dict[str, str | None] = {}
         self.discarded: list[str] = []
+        self.crash_after: set[str] = set()
+
+    def _maybe_crash(self, step: str) -> None:
+        """kill -9 right after ``step`` did its work, before the state machine could journal it."""
+        if step in self.crash_after:
+            self.crash_after.discard(step)
+            raise Crash()
 
     def warm(self, staged: StagedModel) -> None:
         assert staged.file.read_bytes()  # the staged file is complete and readable
         if staged.version == "9.9.9":
             raise DeployError("reference case 0: probabilities differ by 0.4 (tolerance 0.0001)")
+        self._maybe_crash("warm")
 
     def activate(self, staged: StagedModel) -> PreviousVersion:
         # As the contract asks: repeated after a crash, the same previous version.
         previous = self.replaced.setdefault(staged.deployment_id, self.serving.get(staged.model_id))
         self.serving[staged.model_id] = staged.version
+        self._maybe_crash("activate")
         return PreviousVersion(model_id=staged.model_id, entry=None if previous is None else _entry(previous))
 
     def probation(self, staged: StagedModel, since: float) -> ProbationVerdict:
@@ -160,6 +169,7 @@ class Rig:
         return True
 
     def settle(self, rounds: int = 30) -> None:
+        self.activation.crash_after.clear()
         for _ in range(rounds):
             self.step()
             if not self.deployer.journal.unfinished():
@@ -334,6 +344,11 @@ class Interleavings(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.rig.restart()
+
+    @rule(step=st.sampled_from(["warm", "activate"]))
+    def crash_inside_activation(self, step: str) -> None:
+        """The next warm or swap is killed right after it did its work."""
+        self.rig.activation.crash_after.add(step)
 
     @invariant()
     def at_most_one_unfinished(self) -> None:
