@@ -19,7 +19,7 @@ import pytest
 from agent.models.devmodels import copy_bundled_models
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.mqtt.transport import new_client
-from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, write_config
+from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, started_agents, write_config
 from tests.fixtures.brokers import CloudSide
 from tests.fixtures.deploy_bundles import MODEL_BYTES, Bundle, Publisher, build_bundle, deploy_section
 from tests.fixtures.file_service import FileService
@@ -270,3 +270,14 @@ def test_three_agents_take_the_same_group_deployment(
 def _window_not_now() -> str:
     hour = (time.localtime().tm_hour + 12) % 24
     return f"{hour:02d}:00-{hour:02d}:30"
+
+
+def test_an_unusable_release_key_turns_deployments_off_not_the_agent(
+    local_broker: MosquittoProcess, cloud_broker: MosquittoProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = copy_bundled_models(tmp_path / "models")
+    cloud = {"host": cloud_broker.host, "port": cloud_broker.port}
+    with started_agents(local_broker, models, tmp_path / "data") as start:
+        agent = start(cloud=cloud, deploy={"trusted_keys": ["-----BEGIN PUBLIC KEY-----\nnot a key\n"]})
+        assert agent.deployments is None and "vibration-anomaly" in agent.models.servable_ids
+    assert "deployments are off: unusable deployment key" in caplog.text
