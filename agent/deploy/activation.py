@@ -40,7 +40,7 @@ from agent.config import BUNDLED_MODELS_DIR
 from agent.deploy.probation import Observation, judge
 from agent.deploy.staged import PreviousVersion, ProbationVerdict, ReferenceCase, StagedModel
 from agent.errors import DeployError, ModelError, RequestError
-from agent.models.authoring import manifest_with_entry, write_atomically, write_manifest
+from agent.models.authoring import manifest_with_entry, read_manifest_json, write_atomically, write_manifest
 from agent.models.catalog import ModelEntry
 from agent.models.inference import LoadedModel, decode_output, prepare_input
 from agent.models.manager import ModelManager
@@ -270,11 +270,13 @@ class ModelActivator:
 
     def _write_entry(self, model_id: str, entry: ModelEntry | None) -> None:
         try:
-            write_manifest(self.models_dir, manifest_with_entry(self.models_dir, model_id, entry))
+            manifest = manifest_with_entry(self.models_dir, model_id, entry)
+            if manifest != read_manifest_json(self.models_dir):
+                write_manifest(self.models_dir, manifest)
         except ModelError as exc:
             raise DeployError(str(exc)) from None
-        except OSError as exc:
-            raise DeployError(f"cannot write the manifest in {self.models_dir}: {exc.strerror}") from None
+        except (OSError, ValueError) as exc:  # ValueError: the manifest changed under us, half written
+            raise DeployError(f"cannot rewrite the manifest in {self.models_dir}: {exc}") from None
 
     def _record_path(self, model_id: str) -> Path:
         return self.models_dir / RECORDS_DIR / f"{model_id}.json"
