@@ -206,6 +206,7 @@ class Deployer:
         bundle = (manifest.bundle_id, manifest.model_id, manifest.version) if manifest is not None else None
         previous = self._current()
         record = self.journal.accept(document.deployment_id, document.sequence, topic, payload.decode(), bundle)
+        self._refresh_snapshot()
         self._send(record)
         log.info("deploy: accepted %s (sequence %d, %s) from %s", record.deployment_id, record.sequence,
                  document.action, topic)  # fmt: skip
@@ -380,8 +381,8 @@ class Deployer:
             self._transfer.discard(moved.bundle_id)
         log.log(logging.ERROR if state in ("failed", "rolled_back", "timed_out") else logging.INFO,
                 "deploy: %s -> %s%s", moved.deployment_id, state, f": {reason}" if reason else "")  # fmt: skip
+        self._refresh_snapshot()  # before reporting: the report republishes the status, which shows it
         self._send(moved)
-        self._refresh_snapshot()
 
     def _send(self, record: DeploymentRecord) -> None:
         self._report({
