@@ -31,7 +31,8 @@ from sdnotify import SystemdNotifier
 from agent import __version__
 from agent.compat import UTC
 from agent.config import Settings
-from agent.errors import AgentError, SigningError
+from agent.deploy.service import Deployments, disabled_reason
+from agent.errors import AgentError, DeployError, SigningError
 from agent.exchange import InboundRequest
 from agent.faults import HEARTBEATS, stall_limit_s
 from agent.models.manager import ModelManager
@@ -85,6 +86,7 @@ class Agent:
         self.signer: Signer | None = None
         self.upstream: Upstream | None = None
         self.fallback: CloudFallback | None = None
+        self.deployments: Deployments | None = None
         self.dispatcher: Dispatcher | None = None
         self.probes: Probes | None = None
         self.metrics: AgentMetrics | None = None
@@ -200,6 +202,8 @@ class Agent:
         self.memory_watchdog.stop()
         if self.fallback is not None:
             self.fallback.stop()
+        if self.deployments is not None:
+            self.deployments.stop()
         self.audit.close()  # its queued events reach the outbox before it closes
         if self.upstream is not None:
             self.upstream.stop()
@@ -235,7 +239,19 @@ class Agent:
                 max_answer_bytes=cloud.fallback_max_answer_bytes,
             )
             upstream.subscribe(topics.cloud_reply_topic(self.device_id), self.fallback.on_cloud_message)
+        off = disabled_reason(self.settings)
+        if off is None:
+            try:
+                self.deployments = Deployments(
+                    self.settings, upstream, self.models, on_change=lambda: self.refresh_status(telemetry=False)
+                )
+            except DeployError as exc:  # a bad key must not keep the device from serving what it has
+                log.error("deployments are off: %s", exc)
+        elif self.settings.deploy.trusted_keys:
+            log.error("%s", off)
         upstream.start()
+        if self.deployments is not None:
+            self.deployments.start()
         if self._certificate_pem is not None and isinstance(self.signer, DelegatedSigner):
             self._send_certificate_upstream(self.signer.certificate)
         log.info("cloud link to %s:%d; outbox at %s", cloud.host, cloud.port, upstream.outbox.path)
@@ -262,6 +278,8 @@ class Agent:
             runtime=self.models.runtime.name,
             profile=self.settings.profile,
         )
+        if self.deployments is not None:
+            self.metrics.registry.register(self.deployments.collector())
         self._status_payload = encode_record(self.status_document(), self.signer)
         config = self.settings.metrics
         if config.enabled:
@@ -307,10 +325,10 @@ class Agent:
         elif kind in ("model_swapped", "model_removed", "model_refused"):
             self.audit.record(kind, **detail)
 
-    def refresh_status(self) -> None:
+    def refresh_status(self, telemetry: bool = True) -> None:
         """Re-sign the retained status with fresh health figures and publish it; send the same upstream."""
         document = self.status_document()
-        if self.upstream is not None:
+        if self.upstream is not None and telemetry:
             self.upstream.enqueue("telemetry", {"health": document.get("health"), "counters": dict(self.counters)})
         try:
             self._status_payload = encode_record(document, self.signer)
@@ -376,6 +394,8 @@ class Agent:
         }
         if self.probes is not None:
             document["health"] = collect_health(self.probes).model_dump(mode="json")
+        if self.deployments is not None:
+            document["deployments"] = self.deployments.status()
         return document
 
     # ---- signing ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.compat import UTC
-from agent.config import LocalBroker, Settings
+from agent.config import MESSAGE_CLASSES, LocalBroker, Settings
 from agent.config_loader import describe_effective_config, load_settings, load_settings_with_sources
 from agent.errors import AgentError, ConfigError, SignatureInvalid
 from agent.models.catalog import ModelEntry
@@ -243,6 +243,18 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from agent.deploy.journal import JOURNAL_FILE, Journal
+
+    settings = load_settings(args.config)
+    journal = Journal(settings.data_dir / "deploy" / JOURNAL_FILE, read_only=True)
+    try:
+        print(json.dumps(journal.report(args.limit), indent=2))
+    finally:
+        journal.close()
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.tools.demo import run_demo
 
@@ -309,9 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("action", choices=["status", "peek"], help="status: depth, bytes, ages, drops; peek: rows")
     outbox.add_argument("--config", type=Path)
     outbox.add_argument("--limit", type=int, default=20, help="peek: how many rows")
-    outbox.add_argument("--cls", choices=["res", "telemetry", "audit", "fallback"], help="peek: one class only")
+    outbox.add_argument("--cls", choices=list(MESSAGE_CLASSES), help="peek: one class only")
     outbox.add_argument("--state", choices=["queued", "claimed", "dead"], help="peek: one state only")
     outbox.set_defaults(handler=_cmd_outbox)
+
+    deploy = commands.add_parser("deploy", help="the deployment journal (safe while the agent runs)")
+    deploy.add_argument("action", choices=["status"], help="status: recent deployments, their states and reasons")
+    deploy.add_argument("--config", type=Path)
+    deploy.add_argument("--limit", type=int, default=20, help="how many deployments")
+    deploy.set_defaults(handler=_cmd_deploy)
 
     demo = commands.add_parser("demo", help="start a private broker and an agent, send example requests")
     demo.set_defaults(handler=_cmd_demo)

@@ -10,10 +10,11 @@ import ipaddress
 import re
 import socket
 from importlib import resources
+from datetime import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_serializer, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -256,8 +257,8 @@ class MetricsSettings(Section):
     )
 
 
-MessageClass = Literal["res", "telemetry", "audit", "fallback"]
-MESSAGE_CLASSES: tuple[MessageClass, ...] = ("res", "telemetry", "audit", "fallback")
+MessageClass = Literal["res", "telemetry", "audit", "fallback", "deploy"]
+MESSAGE_CLASSES: tuple[MessageClass, ...] = ("res", "telemetry", "audit", "fallback", "deploy")
 
 
 class OutboxSettings(Section):
@@ -299,6 +300,64 @@ class InferenceSettings(Section):
         False,
         description="a model whose accelerator (gpu or delegate) is missing or refuses it stops the agent at start "
         "instead of being served on CPU",
+    )
+
+
+WINDOW_PATTERN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class MaintenanceWindow(BaseModel):
+    """A daily stretch of local time, written ``"HH:MM-HH:MM"``; it may cross midnight (``"23:00-01:00"``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: time
+    end: time
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        match = WINDOW_PATTERN.match(value.strip())
+        if match is None:
+            raise ValueError(f"{value!r} is not a window: write it as HH:MM-HH:MM in local time, e.g. \"02:00-04:00\"")
+        start_h, start_m, end_h, end_m = (int(part) for part in match.groups())
+        return {"start": time(start_h, start_m), "end": time(end_h, end_m)}
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> MaintenanceWindow:
+        if self.start == self.end:
+            raise ValueError("a maintenance window must not start and end at the same minute")
+        return self
+
+    @model_serializer
+    def _as_text(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+class DeploySettings(Section):
+    """``[deploy]``: fleet model deployments over the cloud link (docs/deploy.md); needs ``[cloud]``."""
+
+    trusted_keys: list[str] = Field(
+        default_factory=list, description="release public keys (P-256 PEM text, or PEM file paths) that sign "
+        "bundles and deployment documents; none: deployments are off"
+    )
+    root_key: str | None = Field(
+        None, description="the root public key (PEM text or path) that signs key lists; unset: key lists refused"
+    )
+    groups: list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]] = Field(
+        default_factory=list, description="the groups whose deployment documents apply here (topic segments)"
+    )
+    staging_budget_bytes: int = Field(
+        256 * 1024 * 1024, ge=65_536, description="disk bytes staged bundles may use in data_dir/deploy/staging"
+    )
+    chunk_request_window: int = Field(8, ge=1, le=256, description="chunks requested and awaited at once")
+    chunk_timeout_s: float = Field(10.0, gt=0, description="an unanswered chunk request is repeated after this")
+    maintenance_window: MaintenanceWindow | None = Field(
+        None,
+        description="local time, \"HH:MM-HH:MM\" (may cross midnight): a deployment whose activation policy is "
+        "maintenance_window is swapped in only inside it; unset: such deployments activate at once",
     )
 
 
@@ -348,6 +407,7 @@ class Settings(BaseSettings):
     cloud: CloudBroker | None = None
     signing: Signing = Field(default_factory=Signing)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
 
     @field_validator("device_id")
     @classmethod

@@ -24,10 +24,12 @@ from typing import Any
 from benchmarks import (
     bench_accelerators,
     bench_clients,
+    bench_deploy,
     bench_ingest,
     bench_models,
     bench_outbox,
     bench_signing,
+    bench_swap,
     bench_uplink_bytes,
 )
 from benchmarks.budget import DEFAULT_CPUS, budget_report, run_budget
@@ -55,6 +57,8 @@ COMPONENT_BENCHES = {
     "accelerators": bench_accelerators,
     "clients": bench_clients,
     "ingest": bench_ingest,
+    "deploy": bench_deploy,
+    "swap": bench_swap,
 }
 
 

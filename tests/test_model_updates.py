@@ -4,8 +4,6 @@ each answer comes whole from one version, bad files are refused and the old vers
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +11,17 @@ import numpy as np
 import pytest
 
 from agent.config import Limits
-from agent.errors import InvalidParams, RequestError
+from agent.errors import InvalidParams
 from agent.models.manager import ModelManager
 from agent.models.watcher import ModelWatcher
-from agent.serving.protocol import Request
-from agent.serving.service import RequestService, Timing
+from agent.serving.service import RequestService
 from tests.fixtures.generated_models import (
     add_model,
     constant_classifier,
     read_manifest,
     write_manifest,
 )
+from tests.fixtures.hammer import Hammer, infer, wait_for
 
 LABELS = ["off", "on"]
 X = {"x": [[1.0, 2.0]]}
@@ -32,48 +30,11 @@ VERSIONS = {"1.0.0": [0.9, 0.1], "2.0.0": [0.2, 0.8]}
 
 
 def _infer(service: RequestService, model_id: str) -> dict[str, Any]:
-    request = Request(jsonrpc="2.0", method="infer", params={"model": model_id, "inputs": X}, id=1)
-    return service.handle(request, Timing(received=time.monotonic()))
+    return infer(service, model_id, X)
 
 
-def _wait_for(predicate: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-class Hammer:
-    """Client threads sending requests back to back, recording every answer (or failure) in order."""
-
-    def __init__(self, service: RequestService, model_id: str, threads: int = 3) -> None:
-        self.answers: list[list[tuple[str, list[float]]]] = [[] for _ in range(threads)]
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(service, model_id, self.answers[index])) for index in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self, service: RequestService, model_id: str, answers: list[tuple[str, list[float]]]) -> None:
-        while not self._stop.is_set():
-            try:
-                result = _infer(service, model_id)
-            except RequestError as exc:
-                self.failures.append(f"{type(exc).__name__}: {exc.message}")
-                continue
-            answers.append((result["model_version"], result["outputs"]["probabilities"][0]))
-
-    def latest_versions(self) -> set[str]:
-        return {answers[-1][0] for answers in self.answers if answers}
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
+def _hammer(service: RequestService, model_id: str) -> Hammer:
+    return Hammer(service, model_id, lambda _: X)
 
 
 @pytest.fixture
@@ -93,9 +54,9 @@ def _check_answers(hammer: Hammer) -> None:
     assert hammer.failures == []
     for answers in hammer.answers:
         assert answers, "a client thread got no answer at all"
-        for version, probabilities in answers:
-            assert probabilities == pytest.approx(VERSIONS[version], abs=1e-6)
-        versions = [version for version, _ in answers]
+        for version, outputs, _ in answers:
+            assert outputs["probabilities"][0] == pytest.approx(VERSIONS[version], abs=1e-6)
+        versions = [version for version, _, _ in answers]
         switched = versions.index("2.0.0") if "2.0.0" in versions else len(versions)
         assert set(versions[:switched]) <= {"1.0.0"} and set(versions[switched:]) <= {"2.0.0"}, "went back to v1"
 
@@ -104,14 +65,14 @@ def test_new_version_is_swapped_in_under_load_and_a_bad_one_is_refused(served: t
     service, _ = served
     manager = service.models
     models = manager.models_dir
-    hammer = Hammer(service, "switch")
+    hammer = _hammer(service, "switch")
     try:
-        assert _wait_for(lambda: all(hammer.answers))
+        assert wait_for(lambda: all(hammer.answers))
         assert hammer.latest_versions() == {"1.0.0"}
         # The updater writes the new file first, then replaces the manifest (both atomically).
         add_model(models, "switch", constant_classifier(VERSIONS["2.0.0"]), version="2.0.0", labels=LABELS, file="switch-2.tflite")
-        assert _wait_for(lambda: hammer.latest_versions() == {"2.0.0"}), "the new version was never served"
-        assert _wait_for(lambda: manager.loaded_ids == ["switch"] and manager.memory_used_bytes > 0)
+        assert wait_for(lambda: hammer.latest_versions() == {"2.0.0"}), "the new version was never served"
+        assert wait_for(lambda: manager.loaded_ids == ["switch"] and manager.memory_used_bytes > 0)
 
         # A third version whose file does not match its sha256: refused, version 2 keeps serving.
         manifest = read_manifest(models)
@@ -120,9 +81,9 @@ def test_new_version_is_swapped_in_under_load_and_a_bad_one_is_refused(served: t
         entry.update(version="3.0.0", file="switch-3.tflite", sha256=hashlib.sha256(b"something else").hexdigest())
         with caplog.at_level("ERROR", logger="agent.models.catalog"):
             write_manifest(models, manifest)
-            assert _wait_for(lambda: "still serving version 2.0.0" in caplog.text)
+            assert wait_for(lambda: "still serving version 2.0.0" in caplog.text)
         counts = [len(answers) for answers in hammer.answers]
-        assert _wait_for(lambda: all(len(a) > c + 5 for a, c in zip(hammer.answers, counts, strict=True))), (
+        assert wait_for(lambda: all(len(a) > c + 5 for a, c in zip(hammer.answers, counts, strict=True))), (
             f"answers per client {[len(a) for a in hammer.answers]} (from {counts}); failures {hammer.failures[:3]}"
         )
     finally:
@@ -141,7 +102,7 @@ def test_removed_models_stop_being_served_and_their_memory_goes(served: tuple[Re
     manifest = read_manifest(manager.models_dir)
     manifest["models"] = [model for model in manifest["models"] if model["id"] != "spare"]
     write_manifest(manager.models_dir, manifest)
-    assert _wait_for(lambda: "spare" not in manager.servable_ids)
+    assert wait_for(lambda: "spare" not in manager.servable_ids)
     with pytest.raises(InvalidParams, match="unknown model 'spare'"):
         _infer(service, "spare")
     assert manager.loaded_ids == ["switch"] and manager.memory_used_bytes < held

@@ -4,7 +4,8 @@
 shapes, dtypes, quantization) and its TFLite Metadata (labels, normalization, descriptions), copied into the
 writable models folder and its entry written into that folder's manifest. Both writes are atomic (a
 temporary file renamed over the old), the file first, so a running agent's hot update (:mod:`agent.models.watcher`)
-never sees a manifest naming a file that is not complete.
+never sees a manifest naming a file that is not complete. A deployment's activation (:mod:`agent.deploy.activation`)
+writes its files and manifest entries with the same functions.
 """
 
 from __future__ import annotations
@@ -62,21 +63,39 @@ def add_model_file(
     file = f"{model_id}-{version}{source.suffix or '.tflite'}"
     entry = entry_for_file(content, file, model_id=model_id, version=version, task=task, labels=labels, runtime=runtime)
     models_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = models_dir / MANIFEST_NAME
-    if manifest_path.exists():
+    new_manifest = manifest_with_entry(models_dir, model_id, entry)
+    write_atomically(models_dir / file, content)
+    write_manifest(models_dir, new_manifest)
+    return entry
+
+
+def manifest_with_entry(models_dir: Path, model_id: str, entry: ModelEntry | None) -> dict[str, Any]:
+    """``models_dir``'s manifest (as written, nothing completed) with ``model_id``'s entry replaced by ``entry``,
+    or removed if None; :class:`ModelError` if the manifest there, or the new one, is invalid."""
+    if (models_dir / MANIFEST_NAME).exists():
         load_manifest(models_dir)  # an invalid manifest is reported, not overwritten
-        raw: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
-    else:
-        raw = {"models": []}
-    raw["models"] = [model for model in raw["models"] if model.get("id") != model_id]
-    raw["models"].append(entry.model_dump(mode="json", exclude_defaults=True))
+    raw = read_manifest_json(models_dir)
+    kept = [model for model in raw["models"] if model.get("id") != model_id]
+    raw["models"] = kept if entry is None else [*kept, entry.model_dump(mode="json", exclude_defaults=True)]
     try:
         Manifest.model_validate(raw)
     except ValidationError as exc:
         raise ModelError(f"the new manifest would be invalid: {exc}") from None
-    _write_atomically(models_dir / file, content)
-    _write_atomically(manifest_path, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
-    return entry
+    return raw
+
+
+def read_manifest_json(models_dir: Path) -> dict[str, Any]:
+    """``models_dir``'s manifest as JSON, as written (an empty one if there is none yet)."""
+    manifest_path = models_dir / MANIFEST_NAME
+    if not manifest_path.exists():
+        return {"models": []}
+    raw: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return raw
+
+
+def write_manifest(models_dir: Path, raw: dict[str, Any]) -> None:
+    """Replace ``models_dir``'s manifest atomically (a running agent's hot update sees the old or the new one)."""
+    write_atomically(models_dir / MANIFEST_NAME, (json.dumps(raw, indent=2) + "\n").encode("utf-8"))
 
 
 def read_labels(path: Path) -> list[str]:
@@ -87,7 +106,8 @@ def read_labels(path: Path) -> list[str]:
         raise ModelError(f"cannot read labels from {path}: {exc}") from None
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write ``content`` to a temporary file, fsync it, rename it over ``path`` and fsync the folder."""
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as handle:
         handle.write(content)

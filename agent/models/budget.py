@@ -57,19 +57,32 @@ class ModelSlot:
 
 @dataclass
 class SlotTable:
-    """The model versions in memory: the one serving each model id, and retired ones requests still hold."""
+    """The model versions in memory: the one serving each model id, retired ones requests still hold, and new
+    versions warmed beside the serving ones until the catalogue names them (a deployment's activation)."""
 
     serving: dict[str, ModelSlot] = field(default_factory=dict)
     draining: set[ModelSlot] = field(default_factory=set)
+    warming: dict[str, ModelSlot] = field(default_factory=dict)
 
     def forget(self, slot: ModelSlot) -> None:
-        """Stop serving ``slot`` (if it still serves its model id); it may still be draining."""
+        """Stop serving (or warming) ``slot``; it may still be draining."""
         if self.serving.get(slot.entry.id) is slot:
             del self.serving[slot.entry.id]
+        if self.warming.get(slot.entry.id) is slot:
+            del self.warming[slot.entry.id]
+
+    def adopt_warm(self, entry: ModelEntry) -> ModelSlot | None:
+        """The version warmed for ``entry``, now serving it; None if none was warmed (or it is still loading)."""
+        slot = self.warming.get(entry.id)
+        if slot is None or slot.entry != entry or slot.loaded is None:
+            return None
+        del self.warming[entry.id]
+        self.serving[entry.id] = slot
+        return slot
 
     def used_bytes(self) -> int:
-        """Memory of every slot, serving or draining."""
-        return sum(slot.memory_bytes for slot in self.serving.values()) + sum(slot.memory_bytes for slot in self.draining)
+        """Memory of every slot, serving, draining or warming."""
+        return sum(slot.memory_bytes for slot in [*self.serving.values(), *self.draining, *self.warming.values()])
 
     def pinned_bytes(self, excluding: str) -> int:
         """Memory of the pinned models serving, but for ``excluding``'s."""
@@ -81,12 +94,12 @@ class SlotTable:
         """Memory of every unpinned slot, serving or draining: what unloading could ever give back."""
         return sum(slot.memory_bytes for slot in [*self.serving.values(), *self.draining] if not slot.entry.pinned)
 
-    def idle_unpinned(self, keep: ModelSlot | None = None) -> list[ModelSlot]:
-        """Slots that may be unloaded, least recently used first."""
+    def idle_unpinned(self, *keep: ModelSlot | None) -> list[ModelSlot]:
+        """Slots that may be unloaded (but for ``keep``), least recently used first."""
         idle = [
             slot
             for slot in self.serving.values()
-            if slot is not keep and not slot.entry.pinned and slot.leases == 0 and slot.loaded is not None
+            if slot not in keep and not slot.entry.pinned and slot.leases == 0 and slot.loaded is not None
         ]
         return sorted(idle, key=lambda slot: slot.last_used)
 
@@ -141,8 +154,9 @@ class MemoryBudget:
         """Whether the models hold more than the model memory budget."""
         return self.budget_bytes is not None and self.slots.used_bytes() > self.budget_bytes
 
-    def make_room_to_load(self, entry: ModelEntry) -> tuple[int | None, bool]:
-        """Unload idle models to make room for loading ``entry``: (bytes to reserve, whether any was closed).
+    def make_room_to_load(self, entry: ModelEntry, keep: ModelSlot | None = None) -> tuple[int | None, bool]:
+        """Unload idle models (never ``keep``) to make room for loading ``entry``: (bytes to reserve, whether any
+        was closed).
 
         Room means both within the model budget and, measured now, under the process soft limit (so a
         load never pushes the process over it, whatever else the process holds). The reservation is None
@@ -163,7 +177,7 @@ class MemoryBudget:
         if self.process_limit_bytes is not None:
             process_free = self.process_free()
             unpinned = self.slots.unpinned_bytes()
-            idle = self.slots.idle_unpinned()
+            idle = self.slots.idle_unpinned(keep)
             if process_free + unpinned < estimate and idle:
                 # Measured costs can under-count what an unload gives back (allocator slack, interpreter
                 # arenas): unload the idle models and measure again rather than refuse with them loaded.
@@ -182,7 +196,7 @@ class MemoryBudget:
         if not frees:
             return 0, False
         free = min(frees)
-        idle = self.slots.idle_unpinned()
+        idle = self.slots.idle_unpinned(keep)
         if free + sum(slot.memory_bytes for slot in idle) < estimate:
             return None, False
         closed = False
@@ -201,12 +215,13 @@ class MemoryBudget:
         loading = sum(slot.reserved_bytes for slot in self.slots.serving.values() if slot.loaded is None)
         return self.process_limit_bytes - anon_rss_bytes() - loading
 
-    def evict_over_budget(self, keep: ModelSlot | None = None) -> bool:
-        """Unload idle models until the measured total is back within budget; True if any was closed."""
+    def evict_over_budget(self, *keep: ModelSlot | None) -> bool:
+        """Unload idle models (but for ``keep``) until the measured total is back within budget; True if any was
+        closed."""
         closed = False
         if self.budget_bytes is None:
             return closed
-        for slot in self.slots.idle_unpinned(keep):
+        for slot in self.slots.idle_unpinned(*keep):
             if self.slots.used_bytes() <= self.budget_bytes:
                 break
             closed |= self.retire(slot, "to stay within the model memory budget")

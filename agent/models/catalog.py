@@ -200,7 +200,9 @@ class Catalog:
 
     def file_size(self, models_dir: Path, entry: ModelEntry) -> int | None:
         """The size of ``entry``'s file as last verified, else on disk now; None if it cannot be read."""
-        stamp = self.stamps.get(entry.id)
+        verified = self.models.get(entry.id)
+        # Another version of the model (one being warmed beside it) has its own file.
+        stamp = self.stamps.get(entry.id) if verified is not None and verified.sha256 == entry.sha256 else None
         if stamp is not None:
             return stamp.size
         try:

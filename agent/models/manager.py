@@ -66,7 +66,8 @@ class ModelManager:
         self.max_concurrent_inferences = max_concurrent_inferences
         self.load_wait_s = load_wait_s
         # Verifying an entry also checks it against its file and fills in what it leaves out.
-        self._complete = partial(complete_from_file, models_dir, self.runtime)
+        self._complete_from_file = partial(complete_from_file, models_dir, self.runtime)
+        self._warmed_from: dict[str, ModelEntry] = {}  # model id -> the declared entry of the version warmed
         manifest = read_manifest(self.models_dir, self.defaults_dir)
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
@@ -195,6 +196,70 @@ class ModelManager:
         if closed:
             return_freed_memory()
 
+    def warm(self, declared: ModelEntry) -> LoadedModel:
+        """Load a new version of a model beside the one serving, before the manifest names it.
+
+        ``declared`` is its manifest entry as it will be written, its file already in ``models_dir``; it is checked
+        against the file and completed as a reload would, and loaded within the model memory budget and the
+        process soft limit beside everything loaded now (idle models may be unloaded to make room). It stays
+        loaded, outside the catalogue, until a reload swaps in the same entry (whose first request then finds
+        it loaded), :meth:`discard_warm`, or another version is warmed: one at a time. Raises
+        :class:`ModelError` (entry and file differ), :class:`ModelTooLarge`, :class:`Overloaded` (no room made
+        within ``load_wait_s``) or :class:`ModelUnavailable` (the runtime cannot load it).
+        """
+        with self._cond:
+            warmed = self._slots.warming.get(declared.id)
+            if warmed is not None and warmed.loaded is not None and self._warmed_from.get(declared.id) == declared:
+                return warmed.loaded
+        entry = self._complete_from_file(declared)
+        deadline = time.monotonic() + self.load_wait_s
+        closed = False
+        with self._cond:
+            self._warmed_from[declared.id] = declared
+            for other in list(self._slots.warming.values()):
+                closed |= self._budget.retire(other, f"{entry.id} {entry.version} is warmed instead")
+            while True:
+                # The version serving now keeps serving while the new one loads: it is never unloaded for it.
+                reserve, freed = self._budget.make_room_to_load(entry, keep=self._slots.serving.get(entry.id))
+                closed |= freed
+                if reserve is not None:
+                    slot = ModelSlot(entry, reserved_bytes=reserve, last_used=time.monotonic())
+                    self._slots.warming[entry.id] = slot
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(
+                        f"no room within the model memory budget to load model {entry.id!r} {entry.version} beside "
+                        "the version serving now and the models requests hold"
+                    )
+                self._cond.wait(remaining)
+        if closed:
+            return_freed_memory()
+        loaded = self._load_into(slot).loaded
+        assert loaded is not None
+        return loaded
+
+    def _complete(self, declared: ModelEntry) -> ModelEntry:
+        """``declared`` checked against its (verified) file and completed; for the version warmed from the same
+        entry, what the warm found, so that the swap does not read the file with the runtime again."""
+        with self._cond:
+            warmed = self._slots.warming.get(declared.id)
+            if warmed is not None and self._warmed_from.get(declared.id) == declared:
+                return warmed.entry
+        return self._complete_from_file(declared)
+
+    def discard_warm(self, model_id: str, declared: ModelEntry | None = None) -> None:
+        """Unload the version of ``model_id`` warmed by :meth:`warm` (if any; with ``declared``, only if it was
+        warmed from that entry): it will not be swapped in."""
+        with self._cond:
+            slot = self._slots.warming.get(model_id)
+            if declared is not None and self._warmed_from.get(model_id) != declared:
+                slot = None
+            closed = slot is not None and self._budget.retire(slot, "warmed, but not activated")
+            self._cond.notify_all()
+        if closed:
+            return_freed_memory()
+
     def load_pinned(self) -> None:
         """Load every pinned model (at start); one that cannot be served or does not fit is a :class:`ModelError`."""
         for model_id in self._catalog.pinned_ids:
@@ -255,7 +320,7 @@ class ModelManager:
                 reason = self._catalog.refused.get(model_id) or self._load_failures.get((model_id, entry.sha256))
                 if reason is not None:
                     raise ModelUnavailable(reason)
-                slot = self._slots.serving.get(model_id)
+                slot = self._slots.serving.get(model_id) or self._slots.adopt_warm(entry)
                 if slot is not None and slot.loaded is not None:
                     slot.leases += 1
                     slot.last_used = time.monotonic()
@@ -311,15 +376,23 @@ class ModelManager:
             slot.loaded, slot.reserved_bytes = loaded, 0
             measured = loaded.memory_bytes
             self.measurements.record_load(entry.id, entry.sha256, measured, load_ms)
-            too_large = self._budget.too_large(entry)
-            if too_large is None:
-                self._budget.evict_over_budget(keep=slot)
-            else:
+            refused: RequestError | None = self._budget.too_large(entry)
+            # A version warmed beside the serving one never has that one unloaded to fit.
+            beside = self._slots.serving.get(entry.id) if self._slots.warming.get(entry.id) is slot else None
+            if refused is None:
+                self._budget.evict_over_budget(slot, beside)
+                if beside is not None and self._budget.over_budget():
+                    refused = Overloaded(
+                        f"model {entry.id!r} {entry.version} measured {measured / MB:.1f} MB: with the version "
+                        f"serving now ({beside.memory_bytes / MB:.1f} MB) it does not fit in the model memory "
+                        f"budget of {(self._budget.budget_bytes or 0) // MB} MB"
+                    )
+            if refused is not None:
                 loaded.close()
                 self._drop(slot)
-        if too_large is not None:
+        if refused is not None:
             return_freed_memory()
-            raise too_large
+            raise refused
         log.info(
             "model %s %s loaded on %s in %.0f ms: %.1f MB measured (file %.1f MB, interpreter %.1f MB)",
             entry.id, entry.version, loaded.accelerator_in_use, load_ms, measured / MB, loaded.size_bytes / MB,

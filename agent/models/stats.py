@@ -1,15 +1,33 @@
-"""What this device has measured about its models: memory, load time and latency.
+"""What this device has measured about its models: memory, load time, latency, and runs answered and failed.
 
 Figures are kept per model version (id and sha256) so that a new version starts afresh, and they outlive
-unloading: the budget and the router keep using a model's measured memory after it was evicted.
+unloading: the budget and the router keep using a model's measured memory after it was evicted. The runs
+answered and failed, and the median of the recent latencies, are what a deployment's probation watches
+(:mod:`agent.deploy.probation`).
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 LATENCY_EWMA_ALPHA = 0.2
+# Recent run latencies kept per model version for its median: enough for a probation window's comparison.
+LATENCY_SAMPLES = 256
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """Runs of one model version since the process started: answered, and failed in the model itself."""
+
+    answered: int = 0
+    failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.answered + self.failed
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,8 @@ class Measurements:
         self._memory: dict[tuple[str, str], int] = {}
         self._load_ms: dict[tuple[str, str], float] = {}
         self._latency: dict[str, tuple[str, float]] = {}  # servable id -> (version, average ms)
+        self._runs: dict[tuple[str, str], RunCounts] = {}
+        self._recent: dict[tuple[str, str], deque[float]] = {}
 
     def record_load(self, model_id: str, version: str, memory_bytes: int, load_ms: float) -> None:
         with self._lock:
@@ -49,13 +69,43 @@ class Measurements:
     def record_latency(self, servable_id: str, version: str, milliseconds: float) -> None:
         """Fold one run's duration into an exponentially weighted average (restarted for a new version)."""
         with self._lock:
-            previous = self._latency.get(servable_id)
-            if previous is None or previous[0] != version:
-                self._latency[servable_id] = (version, milliseconds)
-            else:
-                self._latency[servable_id] = (version, previous[1] + LATENCY_EWMA_ALPHA * (milliseconds - previous[1]))
+            self._fold_latency(servable_id, version, milliseconds)
+
+    def _fold_latency(self, servable_id: str, version: str, milliseconds: float) -> None:
+        previous = self._latency.get(servable_id)
+        if previous is None or previous[0] != version:
+            self._latency[servable_id] = (version, milliseconds)
+        else:
+            self._latency[servable_id] = (version, previous[1] + LATENCY_EWMA_ALPHA * (milliseconds - previous[1]))
 
     def latency_ms(self, servable_id: str, version: str) -> float | None:
         with self._lock:
             recorded = self._latency.get(servable_id)
         return recorded[1] if recorded is not None and recorded[0] == version else None
+
+    def record_run(self, model_id: str, version: str, milliseconds: float) -> None:
+        """One run of a model version answered in ``milliseconds``: counted, and folded into its latencies."""
+        key = (model_id, version)
+        with self._lock:
+            self._fold_latency(model_id, version, milliseconds)
+            counts = self._runs.get(key, RunCounts())
+            self._runs[key] = RunCounts(counts.answered + 1, counts.failed)
+            self._recent.setdefault(key, deque(maxlen=LATENCY_SAMPLES)).append(milliseconds)
+
+    def record_failure(self, model_id: str, version: str) -> None:
+        """One run of a model version failed in the model (it would not load, or the interpreter raised)."""
+        key = (model_id, version)
+        with self._lock:
+            counts = self._runs.get(key, RunCounts())
+            self._runs[key] = RunCounts(counts.answered, counts.failed + 1)
+
+    def runs(self, model_id: str, version: str) -> RunCounts:
+        """Runs of a model version answered and failed since the process started."""
+        with self._lock:
+            return self._runs.get((model_id, version), RunCounts())
+
+    def median_latency_ms(self, model_id: str, version: str) -> float | None:
+        """The median of a model version's recent run latencies (None before its first run)."""
+        with self._lock:
+            recent = list(self._recent.get((model_id, version), ()))
+        return statistics.median(recent) if recent else None

@@ -93,3 +93,32 @@ def response_topic_allowed(topic: str, device_id: str, client_id: str, max_bytes
     if not topic.startswith(base + "/"):
         return False
     return all(topic.split("/")[4:])
+
+
+DEPLOY_PREFIX = "mcp/deploy"
+FILES_PREFIX = "mcp/files"
+
+
+def device_deployment_topic(device_id: str) -> str:
+    """Where the retained deployment document for one device lives (docs/deploy.md)."""
+    return f"{DEPLOY_PREFIX}/device/{device_id}"
+
+
+def group_deployment_topic(group: str) -> str:
+    """Where the retained deployment document for a group of devices lives."""
+    return f"{DEPLOY_PREFIX}/group/{group}"
+
+
+def key_list_topic() -> str:
+    """Where the fleet's root-signed release key list is retained."""
+    return f"{DEPLOY_PREFIX}/keys"
+
+
+def file_request_topic(device_id: str) -> str:
+    """Where a device asks the file service for bundle chunks."""
+    return f"{FILES_PREFIX}/req/{device_id}"
+
+
+def file_reply_topic(device_id: str) -> str:
+    """Where the file service answers a device's chunk requests."""
+    return f"{FILES_PREFIX}/res/{device_id}"

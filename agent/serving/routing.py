@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import InferenceFailed, InvalidParams, ModelTooLarge
+from agent.errors import InferenceFailed, InvalidParams, ModelTooLarge, ModelUnavailable
 from agent.models.catalog import Catalog, EnsembleEntry, EnsembleMember, ModelEntry
 from agent.models.images import Frame, image_tensor
 from agent.models.inference import LoadedModel, decode_output, prepare_input
@@ -155,19 +155,27 @@ class Router:
         if self.models.entry(model_id).stateful:
             # Before the lease: an earlier request may be loading a model that needs this one unloaded.
             self.streams.order.wait_for_earlier(call.client_id, call.received)
-        with self.models.lease(model_id) as loaded:
-            feeds, frame, input_hw, preprocess_ms = self._feeds(loaded, inputs, raw=raw, call=call)
-            started = time.monotonic()
-            report = None
-            if loaded.entry.stateful:
-                raw_outputs, report = self.streams.run(
-                    loaded, call.client_id, call.stream, feeds, received=call.received, reset=call.reset
-                )
-            else:
-                self.streams.order.placed(call.client_id, call.received)  # no stream: later requests need not wait
-                raw_outputs = loaded.run(feeds)
-            elapsed_ms = (time.monotonic() - started) * 1000
-        self.models.measurements.record_latency(model_id, loaded.entry.sha256, elapsed_ms + preprocess_ms)
+        version = self.models.entry(model_id).sha256
+        try:
+            with self.models.lease(model_id) as loaded:
+                version = loaded.entry.sha256
+                feeds, frame, input_hw, preprocess_ms = self._feeds(loaded, inputs, raw=raw, call=call)
+                started = time.monotonic()
+                report = None
+                if loaded.entry.stateful:
+                    raw_outputs, report = self.streams.run(
+                        loaded, call.client_id, call.stream, feeds, received=call.received, reset=call.reset
+                    )
+                else:
+                    self.streams.order.placed(call.client_id, call.received)  # no stream: later requests need not wait
+                    raw_outputs = loaded.run(feeds)
+                elapsed_ms = (time.monotonic() - started) * 1000
+        except (InferenceFailed, ModelUnavailable):
+            # The version's own failures (it would not load, its interpreter raised), which a deployment's
+            # probation weighs; a client's invalid inputs or a full budget are not the version's doing.
+            self.models.measurements.record_failure(model_id, version)
+            raise
+        self.models.measurements.record_run(model_id, loaded.entry.sha256, elapsed_ms + preprocess_ms)
         outputs = {info.name: decode_output(info, raw_outputs[info.name], raw=raw) for info in loaded.outputs}
         return ModelRun(loaded.entry, outputs, elapsed_ms, preprocess_ms, frame, input_hw, report)
 

@@ -13,7 +13,7 @@ What callers can rely on:
   fsync per window of acknowledgements, not two.
 * **Order.** Row ids come from ``AUTOINCREMENT`` (never reused, never from a clock). Within a class,
   ``claim_batch`` hands rows out oldest id first, including rows released back after a disconnect or crash.
-  Across classes it serves ``fallback``, ``res``, ``audit``, then ``telemetry``, so a telemetry backlog
+  Across classes it serves ``fallback``, ``deploy``, ``res``, ``audit``, then ``telemetry``, so a telemetry backlog
   never delays a deadline-bound fallback request.
 * **Dead letters.** ``mark_failed`` (a PUBACK of 0x80 or more) parks a row as *dead*. It is queued again
   after ``dead_letter_retry_s``, doubling per refusal up to ``dead_letter_retry_max_s``; after
@@ -21,7 +21,7 @@ What callers can rely on:
   or until capacity or TTL removes it. A retried row is sent after rows that overtook it: it keeps its
   ``msg_id`` and id (``seq`` upstream) so the cloud can put it back in place.
 * **Bounds.** When ``max_messages`` or ``max_bytes`` (sum of bodies) would be exceeded, expired rows go
-  first, then the oldest unclaimed rows of ``telemetry``, ``fallback``, ``res`` and finally ``audit``. A new
+  first, then the oldest unclaimed rows of ``telemetry``, ``fallback``, ``res``, ``deploy`` and finally ``audit``. A new
   message can be the one that goes (e.g. telemetry into a store full of audit records): its ``enqueue``
   raises :class:`OutboxError`. A body larger than ``max_bytes`` is refused. Rows in flight (claimed, at
   most the uplink's window) are never evicted and do not count against the bounds. Every drop is counted

@@ -20,8 +20,8 @@ from agent.upstream.outbox_models import OutboxRecord
 
 log = logging.getLogger("agent.upstream.outbox")
 
-EVICTION_ORDER: tuple[MessageClass, ...] = ("telemetry", "fallback", "res", "audit")
-SEND_ORDER: tuple[MessageClass, ...] = ("fallback", "res", "audit", "telemetry")
+EVICTION_ORDER: tuple[MessageClass, ...] = ("telemetry", "fallback", "res", "deploy", "audit")
+SEND_ORDER: tuple[MessageClass, ...] = ("fallback", "deploy", "res", "audit", "telemetry")
 _HEARTBEAT_S = 1.0
 _SQL_CHUNK = 500
 _EVICTION_CHUNK = 256

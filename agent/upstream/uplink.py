@@ -150,6 +150,7 @@ class Uplink:
         self._counts = collections.Counter[str]()
         self._last_error: str | None = None
         self._threads: list[threading.Thread] = []
+        self._transient: collections.deque[tuple[str, bytes]] = collections.deque()
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -226,6 +227,17 @@ class Uplink:
         self._subscriptions.add(topic_filter, qos, deliver)
         self._wake_connection()
 
+    def publish_transient(self, topic: str, payload: bytes) -> bool:
+        """Publish a message that is not worth storing (QoS 0, e.g. a request the caller repeats on timeout).
+
+        Sent on the connection thread if the link is up; returns False at once (dropped) when it is not.
+        """
+        if self._state != "connected":
+            return False
+        self._transient.append((topic, payload))
+        self._wake_connection()
+        return True
+
     # -- paho callbacks (connection thread) ---------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
@@ -293,6 +305,9 @@ class Uplink:
         if self._state == "connected":
             self._subscriptions.send_pending()
             self._publish_handed_over()
+            while self._transient:
+                topic, payload = self._transient.popleft()
+                self._client.publish(topic, payload, qos=0)
 
     def _publish_handed_over(self) -> None:
         window = self._window

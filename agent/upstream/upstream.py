@@ -55,6 +55,10 @@ class Upstream:
     def subscribe(self, topic_filter: str, handler: Callable[[CloudMessage], None]) -> None:
         self.uplink.subscribe(topic_filter, handler)
 
+    def publish_transient(self, topic: str, payload: bytes) -> bool:
+        """Publish on the cloud link without storing (QoS 0); False when the link is down."""
+        return self.uplink.publish_transient(topic, payload)
+
     def enqueue(self, cls: MessageClass, record: dict[str, Any], *, ttl_s: float | None = None) -> str | None:
         """Sign and durably store one record; returns its msg-id, or None if it could not be stored.
 
