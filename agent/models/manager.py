@@ -26,11 +26,12 @@ from pathlib import Path
 
 from agent.config import BUNDLED_MODELS_DIR, AcceleratorChoice, InferenceSettings, Limits, RuntimeChoice
 from agent.errors import InvalidParams, ModelError, ModelTooLarge, ModelUnavailable, Overloaded, RequestError
-from agent.models.accelerators import CPU, AcceleratorHistory, accelerator_for, load_runtime
+from agent.models.accelerators import load_runtime
 from agent.models.budget import MemoryBudget, ModelSlot, SlotTable
-from agent.models.catalog import Catalog, ModelEntry, build_catalog, read_manifest, verified_model_bytes
-from agent.models.inference import LoadedModel
+from agent.models.catalog import Catalog, ModelEntry, build_catalog, read_manifest
 from agent.models.gate import FairGate
+from agent.models.inference import LoadedModel
+from agent.models.loader import ModelLoader
 from agent.models.modelfile import complete_from_file
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory
@@ -60,9 +61,6 @@ class ModelManager:
         self.models_dir = models_dir
         self.defaults_dir = defaults_dir
         self.runtime = load_runtime(runtime)
-        self.default_accelerator: AcceleratorChoice = accelerator
-        self.accelerator_required = accelerator_required
-        self.num_threads = num_threads
         self.max_concurrent_inferences = max_concurrent_inferences
         self.load_wait_s = load_wait_s
         # Verifying an entry also checks it against its file and fills in what it leaves out.
@@ -72,12 +70,19 @@ class ModelManager:
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
         )
-        self._gate = FairGate(max_concurrent_inferences)
+        self._loader = ModelLoader(
+            models_dir,
+            self.runtime,
+            num_threads=num_threads,
+            gate=FairGate(max_concurrent_inferences),
+            max_interpreters=max_concurrent_inferences,
+            default_accelerator=accelerator,
+            accelerator_required=accelerator_required,
+        )
         self._cond = threading.Condition()
         self._reload_lock = threading.Lock()
         self._slots = SlotTable()
         self._load_failures: dict[tuple[str, str], str] = {}
-        self._accelerators = AcceleratorHistory()
         # Told of every load, unload, refusal and version swap, e.g. for metrics and the audit trail; it is
         # called with the manager's lock held at times, so it must only hand the event on.
         self.on_event: Callable[..., None] = lambda kind, **detail: None
@@ -278,7 +283,7 @@ class ModelManager:
         """Load every model that asks for an accelerator (at start, with ``[inference] required = true``): one whose
         accelerator is missing or refuses it is a :class:`ModelError`."""
         for entry in list(self._catalog.models.values()):
-            if entry.id in self._catalog.refused or accelerator_for(entry, self.default_accelerator) == CPU:
+            if entry.id in self._catalog.refused or not self._loader.wants_accelerator(entry):
                 continue
             try:
                 with self.lease(entry.id):
@@ -288,7 +293,7 @@ class ModelManager:
 
     def accelerator_report(self, entry: ModelEntry) -> dict[str, str | None]:
         """The accelerator ``entry`` asks for, the one it runs on (None until loaded) and why they differ."""
-        return self._accelerators.report(entry, self.default_accelerator)
+        return self._loader.accelerator_report(entry)
 
     def accelerators_in_use(self) -> dict[str, str]:
         """Each loaded model's accelerator, as the status and /metrics report it."""
@@ -343,22 +348,7 @@ class ModelManager:
         entry = slot.entry
         started = time.monotonic()
         try:
-            content = verified_model_bytes(self.models_dir, entry)
-            accelerator, known_problem = self._accelerators.choose(entry, self.default_accelerator)
-            loaded = LoadedModel(
-                entry,
-                content,
-                self.num_threads,
-                runtime=self.runtime,
-                max_interpreters=self.max_concurrent_inferences,
-                admit_growth=partial(self._admits_growth, slot),
-                gate=self._gate,
-                accelerator=accelerator,
-                accelerator_required=self.accelerator_required,
-            )
-            if loaded.accelerator_problem is not None:
-                log.warning("model %s %s runs on CPU instead: %s", entry.id, entry.version, loaded.accelerator_problem)
-            self._accelerators.record(entry, loaded.accelerator_in_use, known_problem or loaded.accelerator_problem)
+            loaded = self._loader.load(entry, partial(self._admits_growth, slot))
         except (ModelError, ModelUnavailable) as exc:
             message = exc.message if isinstance(exc, RequestError) else str(exc)
             log.error("model refused: %s", message)
