@@ -1,4 +1,4 @@
-"""The running agent: builds every component, starts and stops them in order, and owns the retained status.
+"""The running agent: builds every component, starts and stops them in order (the retained status: agent/status.py).
 
 Components and the threads each owns:
 - :class:`~agent.mqtt.local_link.LocalLink`: the paho client and its network thread (where requests arrive);
@@ -21,15 +21,12 @@ import signal
 import threading
 import time
 from collections import Counter
-from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from sdnotify import SystemdNotifier
 
 from agent import __version__
-from agent.compat import UTC
 from agent.config import Settings
 from agent.deploy.service import Deployments, disabled_reason
 from agent.errors import AgentError, DeployError, SigningError
@@ -49,14 +46,11 @@ from agent.serving.fallback import CloudFallback
 from agent.serving.pipeline import RequestPipeline
 from agent.serving.replay import ReplayCache
 from agent.serving.service import RequestService
-from agent.signing import DelegatedSigner, Signer, StrictSigner, create_signer
-from agent.signing.delegation import certificate_thumbprint
-from agent.signing.outgoing import encode_record
+from agent.signing import DelegatedSigner, Signer, create_signer
+from agent.status import RetainedStatus, delegation_certificate_event
 from agent.upstream.upstream import Upstream
 
 log = logging.getLogger(__name__)
-
-OFFLINE: dict[str, Any] = {"status": "offline"}
 
 
 class Agent:
@@ -79,7 +73,7 @@ class Agent:
             self.device_id,
             receive_maximum=settings.limits.receive_maximum,
             max_packet_bytes=settings.limits.max_packet_bytes,
-            on_connected=self._publish_identity_and_status,
+            on_connected=lambda: self.status.publish(),
             count=self.count,
         )
         # Built by start(), once the signer is open and the outbox exists.
@@ -94,9 +88,7 @@ class Agent:
         self._started_clock = time.monotonic()
         self.started_at = time.time()
         self._stopped = threading.Event()
-        self._status_payload: bytes | None = None
-        self._will_payload: bytes | None = None
-        self._certificate_pem: bytes | None = None
+        self.status = RetainedStatus(self.device_id, self.link, self.status_document)
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add to a named event counter (reported in the status, telemetry and the stop log)."""
@@ -119,8 +111,7 @@ class Agent:
             self.models.load_pinned()
             if self.settings.inference.required:
                 self.models.load_accelerated()
-            self._status_payload = encode_record(self.status_document(), self.signer)
-            self._set_will()
+            self.status.sign_first(self.signer)
         except BaseException:
             if self.signer is not None:
                 self.signer.close()
@@ -209,12 +200,7 @@ class Agent:
             self.upstream.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
-        offline = self._will_payload
-        try:
-            offline = encode_record(OFFLINE, self.signer)
-        except SigningError as exc:
-            log.error("could not sign the offline status, publishing the will instead: %s", exc)
-        self.link.close((topics.status_topic(self.device_id), offline) if offline is not None else None)
+        self.link.close(self.status.offline_message())
         if self.signer is not None:
             self.signer.close()
         log.info("stopped; counters: %s", dict(self.counters))
@@ -252,7 +238,7 @@ class Agent:
         upstream.start()
         if self.deployments is not None:
             self.deployments.start()
-        if self._certificate_pem is not None and isinstance(self.signer, DelegatedSigner):
+        if self.status.certificate_pem is not None and isinstance(self.signer, DelegatedSigner):
             self._send_certificate_upstream(self.signer.certificate)
         log.info("cloud link to %s:%d; outbox at %s", cloud.host, cloud.port, upstream.outbox.path)
 
@@ -280,7 +266,7 @@ class Agent:
         )
         if self.deployments is not None:
             self.metrics.registry.register(self.deployments.collector())
-        self._status_payload = encode_record(self.status_document(), self.signer)
+        self.status.refresh()  # now with health figures; not yet connected, so only signed
         config = self.settings.metrics
         if config.enabled:
             server = MetricsServer(
@@ -327,16 +313,10 @@ class Agent:
 
     def refresh_status(self, telemetry: bool = True) -> None:
         """Re-sign the retained status with fresh health figures and publish it; send the same upstream."""
-        document = self.status_document()
         if self.upstream is not None and telemetry:
-            self.upstream.enqueue("telemetry", {"health": document.get("health"), "counters": dict(self.counters)})
-        try:
-            self._status_payload = encode_record(document, self.signer)
-        except SigningError as exc:
-            log.error("could not sign the status, keeping the previous one: %s", exc)
-            return
-        if self.link.is_connected():
-            self.link.publish_retained(topics.status_topic(self.device_id), self._status_payload)
+            health = self.status_document().get("health")
+            self.upstream.enqueue("telemetry", {"health": health, "counters": dict(self.counters)})
+        self.status.refresh()
 
     def _relay_cloud_answer(self, inbound: InboundRequest, reply: dict[str, Any]) -> None:
         if self.dispatcher is not None:
@@ -413,50 +393,20 @@ class Agent:
         except SigningError as exc:
             raise SigningError(f"signing backend {signing.backend!r} is unusable, not starting: {exc}") from None
 
-    def _set_will(self) -> None:
-        # The broker publishes the will at some later disconnect, perhaps after the delegation certificate
-        # it would carry has been replaced: signed by the device key itself, it verifies with that key alone.
-        signer = self.signer
-        if signer is not None and signer.mode != "strict":
-            signer = StrictSigner(signer.root, self.device_id)  # shares the root; closed with self.signer
-        self._will_payload = encode_record(OFFLINE, signer)
-        self.link.set_will(topics.status_topic(self.device_id), self._will_payload)
-
     def _on_certificate_rotated(self, certificate: x509.Certificate) -> None:
-        """A new delegated key whose messages name their certificate by thumbprint: retain it, re-sign the status.
-
-        Runs on whichever thread rotated: the one creating the signer, the rotation thread, or a worker
-        whose message outlived the certificate. Until start() has signed the first status, only remember it.
-        """
+        """A new delegated key whose messages name their certificate by thumbprint: audit it, retain it,
+        re-sign the status and send the certificate upstream. Runs on whichever thread rotated: the one
+        creating the signer, the rotation thread, or a worker whose message outlived the certificate."""
         self._audit_rotation(certificate)
-        self._certificate_pem = certificate.public_bytes(Encoding.PEM)
+        self.status.certificate_rotated(certificate)
         self._send_certificate_upstream(certificate)
-        if self._status_payload is None or self._stopped.is_set():
-            return
-        self._status_payload = encode_record(self.status_document(), self.signer)
-        if self.link.is_connected():
-            self._publish_identity_and_status()
 
     def _send_certificate_upstream(self, certificate: x509.Certificate) -> None:
-        """Queue a delegation certificate for the cloud, which needs it to verify records naming it by thumbprint.
-
-        Stored durably in the outbox as an audit record; the cloud may see records signed with the key before
-        the certificate (classes are sent in their own order) and holds them until it arrives. Called at each
-        rotation and once the outbox exists (the first certificate is issued before it does).
-        """
-        if self.upstream is None or self._stopped.is_set():
-            return
-        event = AuditEvent(
-            kind="delegation_certificate",
-            at=datetime.now(UTC),
-            device_id=self.device_id,
-            detail={
-                "certificate_pem": certificate.public_bytes(Encoding.PEM).decode("ascii"),
-                "x5t#S256": certificate_thumbprint(certificate.public_bytes(Encoding.DER)),
-                "not_after": certificate.not_valid_after_utc.isoformat(),
-            },
-        )
-        self.upstream.enqueue("audit", event.model_dump(mode="json", exclude={"device_id"}))
+        """Queue the certificate durably for the cloud (an audit record; classes are sent in their own order, so
+        the cloud may see records signed with the key first). At each rotation and once the outbox exists."""
+        if self.upstream is not None and not self._stopped.is_set():
+            event = delegation_certificate_event(self.device_id, certificate)
+            self.upstream.enqueue("audit", event.model_dump(mode="json", exclude={"device_id"}))
 
     def _audit_rotation(self, certificate: x509.Certificate) -> None:
         self.audit.record(
@@ -464,12 +414,3 @@ class Agent:
             serial=format(certificate.serial_number, "x"),
             not_after=certificate.not_valid_after_utc.isoformat(),
         )
-
-    def _publish_identity_and_status(self) -> None:
-        # The certificate first, so that a verifier that sees the new status can already find it.
-        if self._certificate_pem is not None:
-            self.link.publish_retained(topics.identity_topic(self.device_id), self._certificate_pem)
-        assert self._status_payload is not None, "start() signs the status before connecting"
-        self.link.publish_retained(topics.status_topic(self.device_id), self._status_payload)
-
-
