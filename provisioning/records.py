@@ -43,6 +43,7 @@ class DeviceRecord(Document):
     agent_tls_csr_pem: str = Field(description="the agent's TLS client key on its own broker")
     broker_tls_csr_pem: str = Field(description="the device broker's TLS server key")
     broker_names: list[str] = Field(description="host names and addresses clients reach the device broker by")
+    groups: list[Name] = Field(default_factory=list, description="deployment groups ([deploy] groups)")
 
 
 class IssuedCertificate(Document):
@@ -54,6 +55,7 @@ class IssuedCertificate(Document):
 class DeviceEntry(Document):
     device_id: Name
     profile: str
+    groups: list[Name] = Field(default_factory=list, description="deployment groups, from the device's record")
     status: Status = "active"
     public_key_pem: str
     public_key_sha256: str
