@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.deploy.staged import ProbationPolicy
 from provisioning.ingest.schema import DeployEvent
 from provisioning.rollout.plan import RolloutPlan
 from provisioning.rollout.rollout import Rollout
@@ -27,7 +28,7 @@ from tests.fixtures.rollout import wait_until
 DEVICES = ["dev1", "dev2", "dev3", "dev4"]
 # dev4's staging budget (the smallest allowed) cannot hold a padded 200 KB bundle: a device-specific failure.
 SMALL_BUDGET = 65_536
-CANARY_THEN_REST = RolloutPlan(rings=("1", "100%"), probation=QUICK_PROBATION, device_deadline_s=60, deadline_s=300)
+CANARY_THEN_REST = RolloutPlan(rings=("1", "100%"), probation=ProbationPolicy(**QUICK_PROBATION), device_deadline_s=60, deadline_s=300)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_a_device_that_never_reports_times_out_as_its_document_says(site: Rollou
 
 def test_cancel_sends_a_signed_cancel_to_devices_on_their_way(site: RolloutSite, tmp_path: Path) -> None:
     site.bundle("8.0.0")
-    plan = CANARY_THEN_REST.model_copy(update={"probation": {"requests": None, "seconds": 30.0}})
+    plan = CANARY_THEN_REST.model_copy(update={"probation": ProbationPolicy(requests=None, seconds=30.0)})
     rollout = Rollout.create("r8", "vibration-anomaly@8.0.0", ["dev1", "dev2"], plan, site.issuer, site.store)
     drive(rollout, until=lambda: devices("r8")["dev1"].state == "probation")
     cancelled = run_fleet(site.fleet_command("cancel", "r8", *site.broker_args(), "--db", site.database_url),
