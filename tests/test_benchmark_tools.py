@@ -13,6 +13,7 @@ from agent.models.catalog import load_manifest, verified_model_bytes
 from agent.models.devmodels import FACE_MODEL_FILE, add_face_detector, copy_bundled_models
 from agent.models.inference import LoadedModel
 from agent.mqtt.localbroker import MosquittoProcess
+from benchmarks import bench_swap
 from benchmarks.bench_uplink_bytes import Responder as ReplyMaker
 from benchmarks.harness import AgentUnderTest, Responder, run_load
 from benchmarks.load import request_template
@@ -105,3 +106,11 @@ def test_profile_stages_attribute_a_sample_to_the_first_matching_stage() -> None
 def test_uplink_bytes_responder_builds_replies_bound_to_their_request() -> None:
     reply = json.loads(ReplyMaker().reply(None))
     assert reply["result"]["model"] == "vibration-anomaly" and reply["id"] == 1
+
+
+def test_swap_benchmark_puts_every_version_in_with_no_failed_request() -> None:
+    results = bench_swap.run(rounds=1)
+    assert set(results["models"]) == set(bench_swap.MODELS)
+    for figures in results["models"].values():
+        assert set(figures["modes"]) == set(bench_swap.MODES)
+        assert all(row["failed"] == 0 and row["longest_gap_ms_max"] > 0 for row in figures["modes"].values())

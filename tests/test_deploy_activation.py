@@ -193,6 +193,28 @@ def test_an_entry_that_does_not_match_its_file_is_refused_before_activation(devi
     assert device.infer("switch", X)["model_version"] == "1.0.0"
 
 
+def test_one_version_is_warmed_at_a_time_and_a_discarded_one_leaves_nothing_behind(device: Device) -> None:
+    lookup = stage(device.staging, "lookup", "1.0.0", lookup_model(TABLE))
+    device.activator.warm(lookup)
+    device.activator.warm(switch_v2(device))  # another deployment's version: the first one is unloaded
+    unloaded = [detail for kind, detail in device.events if kind == "model_unloaded"]
+    assert unloaded == [{"model": "lookup", "version": "1.0.0", "reason": "switch 2.0.0 is warmed instead"}]
+    device.activator.discard(lookup)  # its deployment was superseded: its copy goes, the other stays warm
+    assert device.models.memory_used_bytes > 0
+    device.activator.discard(switch_v2(device))
+    assert device.models.memory_used_bytes == 0
+    assert sorted(path.name for path in device.models.models_dir.glob("*.tflite")) == ["switch.tflite"]
+    assert device.infer("switch", X)["model_version"] == "1.0.0"
+
+
+def test_without_a_writable_models_dir_nothing_is_activated(tmp_path: Path) -> None:
+    bundled_only = ModelManager.for_limits(None, Limits())
+    staged = stage(tmp_path, "switch", "2.0.0", constant_classifier(VERSIONS["2.0.0"]), labels=LABELS)
+    for step in (ModelActivator(bundled_only).warm, ModelActivator(bundled_only).activate):
+        with pytest.raises(DeployError, match="no models_dir is configured"):
+            step(staged)
+
+
 # ---- swap under load -------------------------------------------------------------------------------
 
 
@@ -229,6 +251,26 @@ def test_a_new_model_is_activated_and_rolled_back_to_nothing(device: Device) -> 
     device.activator.roll_back(previous, "operator cancelled")
     with pytest.raises(InvalidParams, match="unknown model 'lookup'"):
         device.infer("lookup", {"index": [5]})
+
+
+def test_probation_counts_the_runs_since_its_own_activation(device: Device) -> None:
+    window = ProbationPolicy(requests=5, seconds=None)
+    staged = switch_v2(device, probation=window)
+    device.activator.warm(staged)
+    previous = device.activator.activate(staged)
+    for _ in range(3):
+        device.infer("switch", X)
+    assert device.activator.probation(staged, time.monotonic()) == ProbationVerdict(state="watching", requests=3)
+    device.activator.roll_back(previous, "cancelled")
+    # The same version deployed again: the runs it made before do not count towards its new window.
+    again = staged.model_copy(update={"deployment_id": "deployment-2"})
+    device.activator.warm(again)
+    device.activator.activate(again)
+    assert device.activator.probation(again, time.monotonic()).requests == 0
+    for _ in range(5):
+        device.infer("switch", X)
+    verdict = device.activator.probation(again, time.monotonic())
+    assert (verdict.state, verdict.requests, verdict.reason) == ("passed", 5, "version 2.0.0: 5 runs, 0 failed")
 
 
 # ---- probation fails: rolled back ------------------------------------------------------------------
@@ -339,7 +381,25 @@ def _crash_and_repeat(restarted: Any, models_dir: Path, v1_manifest: bytes, v1: 
     fourth.activator.roll_back(previous, "probation failed")  # repeated after a crash
     assert manifest_path.read_bytes() == rolled_back
     assert fourth.infer("switch", X)["model_version"] == "1.0.0"
-    assert (models_dir / f"switch-2.0.0-{staged.entry.sha256[:12]}.tflite").is_file()
+    # The version rolled back is deleted; the operator's own file of version 1 was never touched.
+    assert sorted(path.name for path in models_dir.glob("*.tflite")) == ["switch.tflite"]
+
+
+def test_a_deployed_file_is_kept_while_a_roll_back_may_need_it_and_deleted_after(device: Device) -> None:
+    def deploy(version: str, p_on: float) -> str:
+        staged = stage(device.staging, "switch", version, constant_classifier([1 - p_on, p_on]), labels=LABELS,
+                       deployment=f"deployment-{version}")
+        device.activator.warm(staged)
+        device.activator.activate(staged)
+        return device.activator.installed_entry(staged).file
+
+    files = lambda: sorted(path.name for path in device.models.models_dir.glob("*.tflite"))  # noqa: E731
+    v2 = deploy("2.0.0", 0.8)
+    v3 = deploy("3.0.0", 0.7)
+    assert files() == sorted(["switch.tflite", v2, v3])  # version 1 is the operator's: never deleted
+    v4 = deploy("4.0.0", 0.6)
+    assert files() == sorted(["switch.tflite", v3, v4])  # version 2 is no one's previous any more
+    assert device.infer("switch", X)["model_version"] == "4.0.0"
 
 
 # ---- probation verdicts (pure) -----------------------------------------------------------------------

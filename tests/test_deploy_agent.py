@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.models.devmodels import copy_bundled_models
-from agent.mqtt.localbroker import MosquittoProcess
+from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.mqtt.transport import new_client
 from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, write_config
 from tests.fixtures.brokers import CloudSide
@@ -79,7 +80,9 @@ def agents(
 ) -> Iterator[AgentFactory]:
     started: list[AgentProcess] = []
 
-    def start(device_id: str = "dev1", restart_of: AgentProcess | None = None, **deploy: Any) -> AgentProcess:
+    def start(
+        device_id: str = "dev1", restart_of: AgentProcess | None = None, metrics_port: int = 0, **deploy: Any
+    ) -> AgentProcess:
         home = tmp_path / device_id
         if restart_of is None:
             copy_bundled_models(home / "models")
@@ -88,7 +91,7 @@ def agents(
             cloud={"host": cloud_broker.host, "port": cloud_broker.port, "reconnect_min_s": 0.05,
                    "reconnect_max_s": 0.5},
             deploy=deploy_section(publisher, chunk_timeout_s=1.0, **deploy), models_poll_s=0.2,
-            outbox={"reserve_bytes": 0},
+            outbox={"reserve_bytes": 0}, metrics={"port": metrics_port},
         )  # fmt: skip
         process = AgentProcess(write_config(home / "agent.toml", values), local_broker, device_id).start()
         started.append(process)
@@ -116,6 +119,13 @@ def wait_state(cloud: CloudSide, deployment_id: str, state: str, device_id: str 
     assert reached, f"{deployment_id} never reported {state}; got {seen}"
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
 def deploy_status(process: AgentProcess) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "-m", "agent", "deploy", "status", "--config", str(process.config_path)],
@@ -140,7 +150,8 @@ def test_a_signed_deployment_is_fetched_activated_and_reported(
 ) -> None:  # fmt: skip
     bundle = build_bundle(publisher.release, data=PADDED, chunk_size=32_768)
     files.add(bundle)
-    agent = agents()
+    port = free_port()
+    agent = agents(metrics_port=port)
     operator.retain("mcp/deploy/device/dev1", publisher.deployment(bundle, deployment_id="d1", probation=QUICK_PROBATION))
     wait_state(cloud, "d1", "active")
     states = [r["state"] for r in deploy_records(cloud.records) if r.get("deployment_id") == "d1"]
@@ -149,6 +160,9 @@ def test_a_signed_deployment_is_fetched_activated_and_reported(
     assert status["active"] == {"vibration-anomaly": "2.0.0"} and status["in_progress"] == []
     assert [t["state"] for t in status["deployments"][0]["history"]][-1] == "active"
     assert served_version(local_broker) == "2.0.0"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'edge_agent_model_version{model="vibration-anomaly",version="2.0.0"} 1.0' in metrics
+    assert "edge_agent_deploy_chunks_total 7.0" in metrics and "edge_agent_deployment_in_progress{" not in metrics
     # Refusals are reported too: an older sequence replayed, a bad signature.
     operator.retain("mcp/deploy/device/dev1", publisher.deployment(bundle, deployment_id="d0", sequence=0))
     forged = Publisher().deployment(bundle, deployment_id="d9", sequence=99)
@@ -175,13 +189,13 @@ def test_kill_9_in_a_state_then_restart_completes(
         hold = {"activation": "maintenance_window"}
         extra = {"maintenance_window": _window_not_now()}
     else:
-        probation = {"requests": None, "seconds": 6.0}
+        probation = {"requests": None, "seconds": 3.0}
     agent = agents(**extra)
     operator.retain("mcp/deploy/device/dev1",
                     publisher.deployment(bundle, deployment_id="dk", probation=probation, **hold))  # fmt: skip
     wait_state(cloud, "dk", state)
     if state == "downloading":
-        assert cloud.wait_for(lambda _: files.served >= 5, 30)
+        wait_until(lambda: files.served >= 5)
     agent.signal(signal.SIGKILL)
     agent.wait()
     files.pause_after = None
@@ -201,12 +215,33 @@ def test_a_cloud_outage_mid_transfer_resumes(
     agents()
     operator.retain("mcp/deploy/device/dev1", publisher.deployment(bundle, deployment_id="do", probation=QUICK_PROBATION))
     wait_state(cloud, "do", "downloading")
-    assert cloud.wait_for(lambda _: files.served >= 6, 30)
+    wait_until(lambda: files.served >= 6)
     cloud_broker.stop()
     time.sleep(1.0)
     files.pause_after = None
     cloud_broker.start()
     wait_state(cloud, "do", "active")
+
+
+def test_a_newer_document_mid_download_supersedes_it(
+    agents: AgentFactory, operator: Operator, files: FileService, cloud: CloudSide, publisher: Publisher,
+    local_broker: MosquittoProcess,
+) -> None:  # fmt: skip
+    first = build_bundle(publisher.release, data=PADDED, chunk_size=8192)
+    newer = build_bundle(publisher.release, version="3.0.0", data=PADDED + b"\0", chunk_size=8192)
+    files.add(first)
+    files.add(newer)
+    files.pause_after = 4
+    agents()
+    operator.retain("mcp/deploy/device/dev1", publisher.deployment(first, deployment_id="d1", probation=QUICK_PROBATION))
+    wait_state(cloud, "d1", "downloading")
+    wait_until(lambda: files.served >= 4)
+    files.pause_after = None
+    operator.retain("mcp/deploy/group/line-3", b"")  # noise on a topic the device does not follow
+    operator.retain("mcp/deploy/device/dev1", publisher.deployment(newer, deployment_id="d2", probation=QUICK_PROBATION))
+    wait_state(cloud, "d1", "superseded")
+    wait_state(cloud, "d2", "active")
+    assert served_version(local_broker) == "3.0.0"
 
 
 def test_three_agents_take_the_same_group_deployment(

@@ -47,8 +47,11 @@ class ScriptedLink:
         self.transfer: Transfer | None = None
         self.served = 0
         self.after_chunk: Any = None  # called with the count of chunks served so far
+        self.silent = False  # requests go unanswered (a file service that is down)
 
     def request(self, body: bytes) -> bool:
+        if self.silent:
+            return True
         asked = json.loads(body)
         bundle = next(b for b in BUNDLES.values() if b.manifest.bundle_id == asked["bundle"])
         described = bundle.manifest.file(asked["file"])
@@ -74,6 +77,7 @@ class ScriptedActivation:
         self.serving: dict[str, str] = {"vibration-anomaly": "1.0.0"}
         self.fail_probation: set[str] = set()
         self.replaced: dict[str, str | None] = {}
+        self.discarded: list[str] = []
 
     def warm(self, staged: StagedModel) -> None:
         assert staged.file.read_bytes()  # the staged file is complete and readable
@@ -90,6 +94,9 @@ class ScriptedActivation:
         if staged.version in self.fail_probation:
             return ProbationVerdict(state="failed", reason="error rate 0.5 above 0.05", requests=4, errors=2)
         return ProbationVerdict(state="passed", requests=50)
+
+    def discard(self, staged: StagedModel) -> None:
+        self.discarded.append(staged.version)
 
     def roll_back(self, previous: PreviousVersion) -> None:
         if previous.entry is None:
@@ -111,6 +118,7 @@ class Rig:
         self.activation = ScriptedActivation()
         self.reports: list[dict[str, Any]] = []
         self.retained: dict[str, bytes] = {}
+        self.window_open = False
         self.deployer = self._build()
 
     def _build(self) -> Deployer:
@@ -122,6 +130,7 @@ class Rig:
         deployer = Deployer(
             device_id="dev1", groups=["line-3"], journal=journal, trust=trust, transfer=transfer,
             activation=self.activation, report=self.reports.append, runtime="litert", agent_version="1.0",
+            may_activate=lambda document: document.activation == "immediately" or self.window_open,
         )  # fmt: skip
         deployer.resume()
         return deployer
@@ -231,6 +240,35 @@ def test_a_bundle_refused_at_warm_fails_and_one_failing_probation_is_rolled_back
     record = rig.deployer.journal.get("dB")
     assert record.state == "rolled_back" and "error rate" in (record.reason or "")
     assert rig.activation.serving["vibration-anomaly"] == "1.0.0"
+
+
+def test_a_version_waiting_warmed_for_the_window_is_given_up_when_superseded(rig: Rig) -> None:
+    rig.send(PUBLISHER.deployment(BUNDLES["A"], deployment_id="dW", activation="maintenance_window"))
+    for _ in range(6):
+        rig.step()
+    assert rig.state("dW") == "staged" and rig.activation.serving["vibration-anomaly"] == "1.0.0"
+    rig.send(PUBLISHER.deployment(BUNDLES["B"], deployment_id="dB"))
+    rig.settle()
+    assert rig.state("dW") == "superseded" and rig.activation.discarded == ["2.0.0"]
+    assert rig.state("dB") == "active" and rig.activation.serving["vibration-anomaly"] == "3.0.0"
+
+
+def test_the_maintenance_window_opening_lets_a_staged_version_activate(rig: Rig) -> None:
+    rig.send(PUBLISHER.deployment(BUNDLES["A"], deployment_id="dW", activation="maintenance_window"))
+    for _ in range(6):
+        rig.step()
+    assert rig.state("dW") == "staged"
+    rig.window_open = True
+    rig.settle()
+    assert rig.state("dW") == "active"
+
+
+def test_a_download_that_stalls_past_its_step_deadline_times_out(rig: Rig) -> None:
+    rig.link.silent = True
+    rig.send(PUBLISHER.deployment(BUNDLES["A"], deployment_id="dS", deadlines={"download_s": 0.5}))
+    rig.settle()
+    record = rig.deployer.journal.get("dS")
+    assert record.state == "timed_out" and "step downloading took longer than" in (record.reason or "")
 
 
 def test_deadlines_end_in_timed_out(rig: Rig) -> None:

@@ -44,6 +44,7 @@ from agent.models.authoring import manifest_with_entry, write_atomically, write_
 from agent.models.catalog import ModelEntry
 from agent.models.inference import LoadedModel, decode_output, prepare_input
 from agent.models.manager import ModelManager
+from agent.models.stats import RunCounts
 from agent.observe.memory import MB, anon_rss_bytes
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class ModelActivator:
         self.models_dir = models.models_dir
         self._clock = clock
         self._process_memory = process_memory
+        # Runs a version had already made in this process when a deployment swapped it in (a version deployed
+        # again after a roll back): probation counts from there.
+        self._baselines: dict[tuple[str, str], RunCounts] = {}
 
     # ---- warm ------------------------------------------------------------------------------------
 
@@ -95,8 +99,7 @@ class ModelActivator:
             self._check_references(staged, loaded)
         except DeployError as exc:
             log.warning("model %s %s refused before activation: %s", declared.id, declared.version, exc)
-            self.models.discard_warm(declared.id)
-            (self.models_dir / declared.file).unlink(missing_ok=True)
+            self.discard(staged)
             raise
 
     def _warm_load(self, declared: ModelEntry) -> LoadedModel:
@@ -121,13 +124,18 @@ class ModelActivator:
         self._require_writable()
         declared = self.installed_entry(staged)
         record = self._read_record(staged.model_id)
+        stale = None  # the version before the previous one: no roll back reaches it after this activation
         if record is None or (record.deployment_id, record.sha256) != (staged.deployment_id, declared.sha256):
+            stale = record.previous.entry if record is not None else None
             record = ActivationRecord(
                 deployment_id=staged.deployment_id, version=declared.version, sha256=declared.sha256,
                 previous=PreviousVersion(model_id=staged.model_id, entry=self.models.catalog.declared.get(staged.model_id)),
             )
             self._write_record(staged.model_id, record)
         self._place_file(staged, declared)
+        self._baselines.setdefault(
+            (staged.deployment_id, declared.sha256), self.models.measurements.runs(declared.id, declared.sha256)
+        )
         if not self._serves(declared):
             self._warm_load(declared)
             self._write_entry(staged.model_id, declared)
@@ -136,6 +144,8 @@ class ModelActivator:
             reason = self.models.catalog.refused.get(staged.model_id) or "the manifest change was not taken up"
             self.roll_back(record.previous, f"the new version was refused on swap: {reason}")
             raise DeployError(f"model {staged.model_id!r} {declared.version} was refused on swap: {reason}")
+        if stale is not None and stale != record.previous.entry:
+            self._remove_installed(stale)
         log.info(
             "model %s %s activated for deployment %s (previous: %s)", declared.id, declared.version,
             staged.deployment_id, record.previous.entry.version if record.previous.entry else "none",
@@ -155,12 +165,24 @@ class ModelActivator:
         if restored is not None and not (self.models_dir / restored.file).is_file():
             raise DeployError(f"cannot roll model {model_id!r} back: the file {restored.file} of {restored.version} is gone")
         self.models.discard_warm(model_id)
+        rolled_back = self.models.catalog.declared.get(model_id)
         self._write_entry(model_id, restored)
         self.models.reload()
         serving = self.models.catalog.declared.get(model_id)
         if serving != entry:
             now = serving.version if serving else "nothing"
             raise DeployError(f"rolled model {model_id!r} back, but the catalogue serves {now}")
+        if rolled_back is not None and rolled_back != entry:
+            self._remove_installed(rolled_back)
+
+    def discard(self, staged: StagedModel) -> None:
+        """Give up a staged version before activation (refused, superseded, cancelled): unload it if it was
+        warmed, and delete its copy in ``models_dir`` unless the manifest names it."""
+        declared = self.installed_entry(staged)
+        if self._serves(declared):
+            return
+        self.models.discard_warm(declared.id, declared)
+        self._remove_installed(declared)
 
     # ---- probation -------------------------------------------------------------------------------
 
@@ -175,8 +197,10 @@ class ModelActivator:
         measurements = self.models.measurements
         record = self._read_record(staged.model_id)
         previous = record.previous.entry if record is not None and record.sha256 == declared.sha256 else None
+        runs = measurements.runs(declared.id, declared.sha256)
+        before = self._baselines.get((staged.deployment_id, declared.sha256), RunCounts())
         seen = Observation(
-            runs=measurements.runs(declared.id, declared.sha256),
+            runs=RunCounts(runs.answered - before.answered, runs.failed - before.failed),
             elapsed_s=self._clock() - since,
             median_ms=measurements.median_latency_ms(declared.id, declared.sha256),
             previous_median_ms=measurements.median_latency_ms(previous.id, previous.sha256) if previous else None,
@@ -211,6 +235,16 @@ class ModelActivator:
         safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", entry.version)[:64]
         name = f"{entry.id}-{safe_version}-{entry.sha256[:12]}{staged.file.suffix or '.tflite'}"
         return entry.model_copy(update={"file": name})
+
+    def _remove_installed(self, entry: ModelEntry) -> None:
+        """Delete a version's file if a deployment installed it (its name says so) and the manifest names it no
+        more; the operator's own files are never touched."""
+        if Path(entry.file).name != entry.file or not entry.file.endswith(f"-{entry.sha256[:12]}{Path(entry.file).suffix}"):
+            return
+        manifest_files = {model.file for model in self.models.catalog.declared.values()}
+        if entry.file not in manifest_files:
+            log.info("removing %s: model %s %s is out of service", entry.file, entry.id, entry.version)
+            (self.models_dir / entry.file).unlink(missing_ok=True)
 
     def _serves(self, declared: ModelEntry) -> bool:
         catalog = self.models.catalog

@@ -79,6 +79,7 @@ class Deployer:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._probation_since: dict[str, float] = {}
+        self._warmed: set[str] = set()
         self.snapshot: dict[str, Any] = {"active": {}, "in_progress": None}
 
     # -- public API ---------------------------------------------------------------------------------
@@ -235,8 +236,7 @@ class Deployer:
     # -- steps --------------------------------------------------------------------------------------
 
     def _advance(self, record: DeploymentRecord) -> None:
-        # Verified when it was accepted; the journal holds the signed bytes as received.
-        document = DeploymentDocument.model_validate(SignedEnvelope.model_validate_json(record.document).payload)
+        document = journaled_document(record)
         reason = overdue(record, document, self._wall())
         if reason is not None:
             self._time_out(record, reason)
@@ -253,13 +253,16 @@ class Deployer:
             except DeployError as exc:
                 self._move(record, "failed", str(exc))
                 return
-            self._move(record, "downloading", f"{manifest.total_bytes} bytes in {sum(len(f.chunks) for f in manifest.files)} chunks")
+            chunks = sum(len(f.chunks) for f in manifest.files)
+            self._move(record, "downloading", f"{manifest.total_bytes} bytes in {chunks} chunks")
         elif record.state == "downloading":
             self._download(record, document, manifest)
         elif record.state == "staged":
-            if not self._may_activate(document):
-                return  # outside the maintenance window: staged until it opens (or the deadline passes)
-            self._move(record, "activating", None)
+            if record.deployment_id not in self._warmed:
+                self._warm(record, document, manifest)
+            elif self._may_activate(document):
+                self._move(record, "activating", None)
+            # else outside the maintenance window: staged, warmed, until it opens (or the deadline passes)
         elif record.state == "activating":
             self._activate(record, document, manifest)
         elif record.state == "probation":
@@ -295,13 +298,18 @@ class Deployer:
         if not latest.terminal and outcome != "stopping":
             self._time_out(latest, outcome)
 
-    def _activate(self, record: DeploymentRecord, document: DeploymentDocument, manifest: BundleManifest) -> None:
-        staged = self._staged(record, document, manifest)
+    def _warm(self, record: DeploymentRecord, document: DeploymentDocument, manifest: BundleManifest) -> None:
         try:
-            self._activation.warm(staged)
+            self._activation.warm(self._staged(record, document, manifest))
         except DeployError as exc:
             self._move(record, "failed", f"refused before activation: {exc}")
             return
+        self._warmed.add(record.deployment_id)
+
+    def _activate(self, record: DeploymentRecord, document: DeploymentDocument, manifest: BundleManifest) -> None:
+        # Swapping in a version not warmed in this process (a restart) loads it first: the activator's part.
+        staged = self._staged(record, document, manifest)
+        self._warmed.discard(record.deployment_id)
         try:
             # Repeated after a crash, it returns the same previous version (the Activation contract).
             previous = self._activation.activate(staged)
@@ -324,6 +332,17 @@ class Deployer:
             self._probation_since.pop(record.deployment_id, None)
             self._roll_back(record)
             self._move(record, "rolled_back", f"probation failed: {verdict.reason}")
+
+    def _give_up(self, record: DeploymentRecord) -> None:
+        """A version staged (perhaps warmed) but ended before serving: the activator unloads and removes it."""
+        self._warmed.discard(record.deployment_id)
+        document = journaled_document(record)
+        manifest = self._manifest(document)
+        if manifest is not None:
+            try:
+                self._activation.discard(self._staged(record, document, manifest))
+            except DeployError as exc:
+                log.error("deploy: could not give up %s: %s", record.deployment_id, exc)
 
     def _roll_back(self, record: DeploymentRecord) -> None:
         if record.previous is not None:
@@ -349,6 +368,8 @@ class Deployer:
 
     def _move(self, record: DeploymentRecord, state: State, reason: str | None, **fields: Any) -> None:
         moved = self.journal.transition(record.deployment_id, state, reason, **fields)
+        if moved.terminal and record.state in ("staged", "activating"):
+            self._give_up(record)
         log.log(logging.ERROR if state in ("failed", "rolled_back", "timed_out") else logging.INFO,
                 "deploy: %s -> %s%s", moved.deployment_id, state, f": {reason}" if reason else "")  # fmt: skip
         self._send(moved)
@@ -370,6 +391,11 @@ class Deployer:
                 "version": current.version, "since": current.entered_at,
             },
         }  # fmt: skip
+
+
+def journaled_document(record: DeploymentRecord) -> DeploymentDocument:
+    """The document of a journaled deployment (verified when it was accepted; the journal holds its bytes)."""
+    return DeploymentDocument.model_validate(SignedEnvelope.model_validate_json(record.document).payload)
 
 
 def staging_dir(data_dir: Path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from agent.deploy.window import ActivationPolicy, in_maintenance_window
 from agent.errors import DeployError
 from agent.models.manager import ModelManager
 from agent.mqtt import topics
+from agent.upstream.uplink import CloudMessage
 from agent.upstream.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,10 @@ class Deployments:
         subscriptions = [("device", topics.device_deployment_topic(device_id)), ("keys", topics.key_list_topic())]
         subscriptions += [("group", topics.group_deployment_topic(group)) for group in config.groups]
         for kind, topic in subscriptions:
-            upstream.subscribe(topic, lambda message, kind=kind: self.deployer.submit(kind, message.topic, message.payload))
+            upstream.subscribe(topic, partial(self._submit, kind))
+
+    def _submit(self, kind: str, message: CloudMessage) -> None:
+        self.deployer.submit(kind, message.topic, message.payload)
 
     def start(self) -> None:
         self.deployer.start()

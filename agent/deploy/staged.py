@@ -91,3 +91,7 @@ class Activation(Protocol):
 
     def roll_back(self, previous: PreviousVersion) -> None:
         """Serve ``previous`` again (or remove the model if it was new)."""
+
+    def discard(self, staged: StagedModel) -> None:
+        """Give up ``staged`` before it serves (superseded, cancelled, timed out): unload it if warmed, remove its
+        installed copy; nothing if it already serves."""

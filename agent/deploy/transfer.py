@@ -129,6 +129,14 @@ class Transfer:
             paths[described.name] = path
         return paths
 
+    def missing_chunks(self, manifest: BundleManifest) -> int:
+        """How many chunks are still to fetch, journaled ones checked on disk (what a resume starts with)."""
+        self.reserve(manifest)
+        return sum(
+            len(self._missing_on_disk(manifest.bundle_id, described, self.bundle_dir(manifest) / described.name))
+            for described in manifest.files
+        )
+
     def _fetch_file(
         self, bundle_id: str, described: BundleFile, path: Path, stop: Callable[[], str | None]
     ) -> str | None:
@@ -142,7 +150,8 @@ class Transfer:
                     return reason
                 now = time.monotonic()
                 due = [i for i in sorted(missing) if now - asked.get(i, -1e18) >= self._chunk_timeout]
-                room = self._window - sum(1 for i, at in asked.items() if i in missing and now - at < self._chunk_timeout)
+                awaited = sum(1 for i, at in asked.items() if i in missing and now - at < self._chunk_timeout)
+                room = self._window - awaited
                 if due and room > 0:
                     wanted = due[:room]
                     body = {"bundle": bundle_id, "file": described.name, "chunks": wanted}

@@ -18,7 +18,6 @@ device has seen (persisted), it is not trusted, and expiry is checked against th
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -88,7 +87,9 @@ def sign_document(payload: dict[str, Any], private_key: ec.EllipticCurvePrivateK
     body = normalise(payload)
     assert isinstance(body, dict)
     header = {"kid": jwk_thumbprint(private_key.public_key()), "typ": TYP[kind]}
-    token = sign_detached(header, canonical_bytes(body), lambda digest: raw_from_der(private_key.sign(digest, ES256_PREHASHED)))
+    token = sign_detached(
+        header, canonical_bytes(body), lambda digest: raw_from_der(private_key.sign(digest, ES256_PREHASHED))
+    )
     return SignedEnvelope(payload=body, signature=token)
 
 
@@ -228,7 +229,3 @@ def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
 
-
-def describe_envelope(envelope: SignedEnvelope) -> str:
-    """A short text for logs: what a document says it is, unverified."""
-    return json.dumps({k: envelope.payload.get(k) for k in ("type", "deployment_id", "sequence", "model_id")})

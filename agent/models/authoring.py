@@ -4,7 +4,8 @@
 shapes, dtypes, quantization) and its TFLite Metadata (labels, normalization, descriptions), copied into the
 writable models folder and its entry written into that folder's manifest. Both writes are atomic (a
 temporary file renamed over the old), the file first, so a running agent's hot update (:mod:`agent.models.watcher`)
-never sees a manifest naming a file that is not complete.
+never sees a manifest naming a file that is not complete. A deployment's activation (:mod:`agent.deploy.activation`)
+writes its files and manifest entries with the same functions.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from agent.models.accelerators import CPU, AcceleratorHistory, accelerator_for, 
 from agent.models.budget import MemoryBudget, ModelSlot, SlotTable
 from agent.models.catalog import Catalog, ModelEntry, build_catalog, read_manifest, verified_model_bytes
 from agent.models.inference import LoadedModel
+from agent.models.gate import FairGate
 from agent.models.modelfile import complete_from_file
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory
@@ -65,12 +66,13 @@ class ModelManager:
         self.max_concurrent_inferences = max_concurrent_inferences
         self.load_wait_s = load_wait_s
         # Verifying an entry also checks it against its file and fills in what it leaves out.
-        self._complete = partial(complete_from_file, models_dir, self.runtime)
+        self._complete_from_file = partial(complete_from_file, models_dir, self.runtime)
+        self._warmed_from: dict[str, ModelEntry] = {}  # model id -> the declared entry of the version warmed
         manifest = read_manifest(self.models_dir, self.defaults_dir)
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
         )
-        self._gate = threading.BoundedSemaphore(max_concurrent_inferences)
+        self._gate = FairGate(max_concurrent_inferences)
         self._cond = threading.Condition()
         self._reload_lock = threading.Lock()
         self._slots = SlotTable()
@@ -199,21 +201,23 @@ class ModelManager:
 
         ``declared`` is its manifest entry as it will be written, its file already in ``models_dir``; it is checked
         against the file and completed as a reload would, and loaded within the model memory budget and the
-        process soft limit beside everything loaded now (idle models may be unloaded to make room). The
-        version stays loaded, outside the catalogue, until a reload swaps in the same entry (its first request
-        then finds it loaded) or :meth:`discard_warm`. Raises :class:`ModelError` for an entry that does not
-        match its file, :class:`ModelTooLarge` for a version that can never fit, :class:`Overloaded` when no
-        room is made within ``load_wait_s``, and :class:`ModelUnavailable` if the runtime cannot load it.
+        process soft limit beside everything loaded now (idle models may be unloaded to make room). It stays
+        loaded, outside the catalogue, until a reload swaps in the same entry (whose first request then finds
+        it loaded), :meth:`discard_warm`, or another version is warmed: one at a time. Raises
+        :class:`ModelError` (entry and file differ), :class:`ModelTooLarge`, :class:`Overloaded` (no room made
+        within ``load_wait_s``) or :class:`ModelUnavailable` (the runtime cannot load it).
         """
-        entry = self._complete(declared)
+        with self._cond:
+            warmed = self._slots.warming.get(declared.id)
+            if warmed is not None and warmed.loaded is not None and self._warmed_from.get(declared.id) == declared:
+                return warmed.loaded
+        entry = self._complete_from_file(declared)
         deadline = time.monotonic() + self.load_wait_s
         closed = False
         with self._cond:
-            warmed = self._slots.warming.get(entry.id)
-            if warmed is not None and warmed.entry == entry and warmed.loaded is not None:
-                return warmed.loaded
-            if warmed is not None:
-                closed = self._budget.retire(warmed, "replaced by another version being warmed")
+            self._warmed_from[declared.id] = declared
+            for other in list(self._slots.warming.values()):
+                closed |= self._budget.retire(other, f"{entry.id} {entry.version} is warmed instead")
             while True:
                 reserve, freed = self._budget.make_room_to_load(entry)
                 closed |= freed
@@ -233,10 +237,22 @@ class ModelManager:
         assert loaded is not None
         return loaded
 
-    def discard_warm(self, model_id: str) -> None:
-        """Unload a version of ``model_id`` warmed by :meth:`warm` that will not be swapped in (if any)."""
+    def _complete(self, declared: ModelEntry) -> ModelEntry:
+        """``declared`` checked against its (verified) file and completed; for the version warmed from the same
+        entry, what the warm found, so that the swap does not read the file with the runtime again."""
+        with self._cond:
+            warmed = self._slots.warming.get(declared.id)
+            if warmed is not None and self._warmed_from.get(declared.id) == declared:
+                return warmed.entry
+        return self._complete_from_file(declared)
+
+    def discard_warm(self, model_id: str, declared: ModelEntry | None = None) -> None:
+        """Unload the version of ``model_id`` warmed by :meth:`warm` (if any; with ``declared``, only if it was
+        warmed from that entry): it will not be swapped in."""
         with self._cond:
             slot = self._slots.warming.get(model_id)
+            if declared is not None and self._warmed_from.get(model_id) != declared:
+                slot = None
             closed = slot is not None and self._budget.retire(slot, "warmed, but not activated")
             self._cond.notify_all()
         if closed:

@@ -69,11 +69,14 @@ class Measurements:
     def record_latency(self, servable_id: str, version: str, milliseconds: float) -> None:
         """Fold one run's duration into an exponentially weighted average (restarted for a new version)."""
         with self._lock:
-            previous = self._latency.get(servable_id)
-            if previous is None or previous[0] != version:
-                self._latency[servable_id] = (version, milliseconds)
-            else:
-                self._latency[servable_id] = (version, previous[1] + LATENCY_EWMA_ALPHA * (milliseconds - previous[1]))
+            self._fold_latency(servable_id, version, milliseconds)
+
+    def _fold_latency(self, servable_id: str, version: str, milliseconds: float) -> None:
+        previous = self._latency.get(servable_id)
+        if previous is None or previous[0] != version:
+            self._latency[servable_id] = (version, milliseconds)
+        else:
+            self._latency[servable_id] = (version, previous[1] + LATENCY_EWMA_ALPHA * (milliseconds - previous[1]))
 
     def latency_ms(self, servable_id: str, version: str) -> float | None:
         with self._lock:
@@ -82,9 +85,9 @@ class Measurements:
 
     def record_run(self, model_id: str, version: str, milliseconds: float) -> None:
         """One run of a model version answered in ``milliseconds``: counted, and folded into its latencies."""
-        self.record_latency(model_id, version, milliseconds)
         key = (model_id, version)
         with self._lock:
+            self._fold_latency(model_id, version, milliseconds)
             counts = self._runs.get(key, RunCounts())
             self._runs[key] = RunCounts(counts.answered + 1, counts.failed)
             self._recent.setdefault(key, deque(maxlen=LATENCY_SAMPLES)).append(milliseconds)
