@@ -13,8 +13,11 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import peewee
 import pytest
+from playhouse.db_url import connect
 
 from agent.deploy.staged import ProbationPolicy
 from provisioning.ingest.schema import DeployEvent
@@ -22,6 +25,7 @@ from provisioning.rollout.plan import RolloutPlan
 from provisioning.rollout.rollout import Rollout
 from provisioning.rollout.schema import IssuedDocument
 from provisioning.rollout.status import rollout_status
+from tests.fixtures.ingest import IngestProcess, postgres  # noqa: F401  (a fixture)
 from tests.fixtures.rollout import QUICK_PROBATION, RolloutSite, devices, drive, run_fleet, start_fleet, stop_process
 from tests.fixtures.rollout import wait_until
 
@@ -107,33 +111,54 @@ def rows_rollback_sequence(deployment_id: str, device_id: str) -> int:
     return int(sequence)
 
 
-def test_the_operator_tool_killed_mid_rollout_resumes(site: RolloutSite) -> None:
+def test_the_operator_tool_killed_mid_rollout_resumes_on_postgresql(
+    site: RolloutSite, postgres: Any, tmp_path: Path
+) -> None:
+    """The one run on PostgreSQL: `fleet ingest`, a second `fleet serve` instance beside the in-process one (a
+    shared subscription), `fleet deploy` killed with SIGKILL after its first ring, then `--resume`d."""
+    url = postgres.create_database("rollout")
+    database = connect(url)
     site.bundle("5.0.0")
-    common = [*site.broker_args(), "--db", site.database_url, "--poll", "0.3"]
-    log = site.root / "deploy-r5.log"
+    common = [*site.broker_args(), "--db", url, "--poll", "0.3"]
+    ingest = IngestProcess(site.fleet.root, site.cloud, url, "ingest-pg").start()
+    serve = start_fleet(site.fleet_command("serve", *site.broker_args(), "--client-id", "serve-2"), tmp_path / "serve.log")
     deploy = start_fleet(site.fleet_command(
         "deploy", "vibration-anomaly@5.0.0", "--id", "r5", "--to", *DEVICES[:3], "--rings", "1,100%",
-        "--probation-seconds", "1", "--probation-requests", "0", "--device-deadline", "60", *common), log)  # fmt: skip
+        "--probation-seconds", "1", "--probation-requests", "0", "--device-deadline", "60", *common,
+    ), tmp_path / "deploy.log")  # fmt: skip
+
+    def sent() -> dict[str, float | None]:
+        try:
+            rows = database.execute_sql("SELECT device_id, sent_at FROM fleet_deployment_devices WHERE deployment_id = 'r5'")
+            return dict(rows.fetchall())
+        except peewee.DatabaseError:  # the tables are not there yet
+            database.rollback()
+            return {}
+
     try:
-        assert wait_until(lambda: "dev1" in devices("r5") and devices("r5")["dev1"].sent_at is not None, 60), log.read_text()
+        assert wait_until(lambda: sent().get("dev1") is not None, 60), (tmp_path / "deploy.log").read_text()
         deploy.send_signal(signal.SIGKILL)
         deploy.wait(10)
+        assert sent()["dev2"] is None  # killed before the second ring
+        resumed = run_fleet(site.fleet_command("deploy", "--resume", "r5", *common), tmp_path / "resume.log")
+        assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
+        assert json.loads(resumed.stdout)["counts"] == {"active": 3}
+        # One deploy document per device, none issued twice across the two runs, all published.
+        issued = database.execute_sql("SELECT device_id, published FROM fleet_deploy_documents WHERE deployment_id = 'r5'")
+        assert sorted(issued.fetchall()) == [(device_id, True) for device_id in DEVICES[:3]]
+        shown = run_fleet(site.fleet_command("status", "--db", url), tmp_path / "status.log")
+        assert [(r["deployment"], r["state"]) for r in json.loads(shown.stdout)] == [("r5", "completed")]
     finally:
         stop_process(deploy)
-    assert devices("r5")["dev2"].sent_at is None  # killed before the second ring
-    resumed = run_fleet(site.fleet_command("deploy", "--resume", "r5", *common), site.root / "resume-r5.log")
-    assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
-    assert json.loads(resumed.stdout)["counts"] == {"active": 3}
-    # One deploy document per device, none issued twice across the two runs.
-    issued = list(IssuedDocument.select().where(IssuedDocument.deployment_id == "r5"))
-    assert sorted(doc.device_id for doc in issued) == DEVICES[:3] and all(doc.published for doc in issued)
-    shown = run_fleet(site.fleet_command("status", "r5", "--db", site.database_url), site.root / "status.log")
-    assert json.loads(shown.stdout)["state"] == "completed"
+        stop_process(serve)
+        ingest.stop()
+        database.close()
 
 
 def test_a_device_offline_during_the_rollout_catches_up_when_it_returns(site: RolloutSite) -> None:
     site.bundle("6.0.0")
-    site.agents["dev3"].stop()
+    site.agents["dev3"].signal(signal.SIGKILL)  # its power is cut
+    site.agents["dev3"].wait()
     rollout = Rollout.create("r6", "vibration-anomaly@6.0.0", DEVICES[:3], CANARY_THEN_REST, site.issuer, site.store)
     drive(rollout, until=lambda: devices("r6")["dev2"].state == "active")
     assert devices("r6")["dev3"].state == "sent" and rollout.deployment().state == "running"
@@ -168,3 +193,4 @@ def test_cancel_sends_a_signed_cancel_to_devices_on_their_way(site: RolloutSite,
     assert wait_until(lambda: rollout_status("r8")["devices"][0]["rollback"] == "cancelled", 30)
     assert wait_until(lambda: serving(site, "dev1") == "6.0.0", 30)  # probation rolled back
     assert devices("r8")["dev2"].sent_at is None
+
