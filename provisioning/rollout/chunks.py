@@ -119,7 +119,7 @@ class ChunkService:
             self._refused()
             self._send(reply_topic, b"", bundle=request.bundle, file=request.file, error="unknown bundle or file")
             return
-        sent = 0
+        sent = chunks = 0
         for index in request.chunks:
             if not 0 <= index < len(described.chunks):
                 continue
@@ -127,9 +127,10 @@ class ChunkService:
                                          described.chunk_length(index))  # fmt: skip
             self._send(reply_topic, data, bundle=request.bundle, file=request.file, chunk=str(index))
             sent += len(data)
+            chunks += 1
         with self._lock:
             self.counts.requests += 1
-            self.counts.chunks += len(request.chunks)
+            self.counts.chunks += chunks
             self.counts.bytes += sent
             self.counts.devices.add(device)
 
