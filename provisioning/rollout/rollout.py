@@ -16,12 +16,13 @@ deployment failed has already returned to its previous version by itself.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
 import peewee
 
-from agent.deploy.documents import BundleManifest
+from agent.deploy.documents import SEGMENT, BundleManifest
 from agent.errors import ProvisioningError
 from provisioning.ingest.schema import DeployEvent
 from provisioning.rollout.bundles import BundleStore
@@ -32,6 +33,7 @@ from provisioning.rollout.schema import RUNNING, TERMINAL_ROLLOUT, Deployment, D
 log = logging.getLogger(__name__)
 
 OPERATOR_TIMEOUT = "no report of an end before the deadline"
+DEPLOYMENT_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,54}"
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,12 @@ class Rollout:
         """Record a new rollout of ``bundle_id`` to ``devices`` (nothing is sent until :meth:`step`)."""
         if not devices:
             raise ProvisioningError("no devices to deploy to")
+        if not re.fullmatch(DEPLOYMENT_ID, deployment_id):
+            raise ProvisioningError(f"a rollout id is 1-55 of A-Z a-z 0-9 . _ - (its rollback documents add a "
+                                    f"suffix), not {deployment_id!r}")  # fmt: skip
+        for device_id in devices:
+            if not re.match(SEGMENT, device_id):
+                raise ProvisioningError(f"not a device id: {device_id!r}")
         manifest = store.manifest(bundle_id)
         if rollback_bundle_id is None:
             rollback_bundle_id = _last_completed_bundle(manifest)
