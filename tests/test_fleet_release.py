@@ -15,12 +15,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import BUNDLED_MODELS_DIR
+from agent.deploy.activation import reference_mismatch
 from agent.deploy.trust import Trust, load_public_key
 from agent.errors import DeployError, ProvisioningError
 from agent.models.accelerators import load_runtime
+from agent.models.inference import LoadedModel
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client
 from provisioning.fleet import Fleet
+from provisioning.fleet import main as fleet_main
 from provisioning.ingest.devfleet import enrol_software_device
 from provisioning.rollout.bundles import BundleStore, bundle_model_file
 from provisioning.rollout.chunks import ChunkService
@@ -200,3 +203,28 @@ def test_the_chunk_service_answers_chunks_and_refuses_nonsense(
         assert service.counts.refused == 3 and service.counts.devices == {"pi-9"}
     finally:
         device.close()
+
+
+def test_fleet_bundle_measures_the_expected_outputs_of_reference_inputs(tmp_path: Path, capsys: Any) -> None:
+    references = tmp_path / "references.json"
+    features = [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]
+    references.write_text(json.dumps([{"inputs": {"features": features}, "tolerance": 1e-3}]))
+    fleet_dir = str(tmp_path / "fleet")
+    assert fleet_main(["--dir", fleet_dir, "init-release-key"]) == 0
+    assert fleet_main(["--dir", fleet_dir, "bundle", str(MODEL_FILE), "--id", "vibration-anomaly", "--version",
+                       "2.0.0", "--reference-inputs", str(references)]) == 0  # fmt: skip
+    assert "vibration-anomaly@2.0.0" in capsys.readouterr().out
+    manifest = BundleStore(tmp_path / "fleet" / "bundles").manifest("vibration-anomaly@2.0.0")
+    case = manifest.references[0]
+    assert case.tolerance == 1e-3 and len(case.expected["probabilities"][0]) == 3
+    # The device's own check accepts what was measured.
+    loaded = LoadedModel(manifest.entry, MODEL_FILE.read_bytes(), runtime=load_runtime("auto"))
+    try:
+        assert reference_mismatch(loaded, case) is None
+    finally:
+        loaded.close()
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"inputs": {"nope": features}}]))
+    assert fleet_main(["--dir", fleet_dir, "bundle", str(MODEL_FILE), "--id", "vibration-anomaly", "--version",
+                       "2.0.1", "--reference-inputs", str(broken)]) == 1  # fmt: skip
+    assert "lacks the input" in capsys.readouterr().err

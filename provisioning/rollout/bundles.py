@@ -24,14 +24,17 @@ from pydantic import TypeAdapter, ValidationError
 from agent.deploy.documents import MAX_CHUNK_BYTES, SEGMENT, BundleManifest, SignedEnvelope
 from agent.deploy.staged import ReferenceCase
 from agent.deploy.trust import sign_document
-from agent.errors import ModelError, ProvisioningError
+from agent.deploy.activation import REFERENCE_MAX_ELEMENTS
+from agent.errors import ModelError, ProvisioningError, RequestError
 from agent.models.accelerators import Runtime
 from agent.models.authoring import entry_for_file, write_atomically
+from agent.models.catalog import ModelEntry
+from agent.models.inference import LoadedModel, decode_output, prepare_input
 
 DEFAULT_CHUNK_BYTES = 64 * 1024
 BUNDLE_DAYS = 365
 MANIFEST_FILE = "manifest.json"
-_REFERENCES = TypeAdapter(list[ReferenceCase])
+_REFERENCE_INPUTS = TypeAdapter(list[dict[str, Any]])
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,15 @@ def bundle_model_file(
     task: str,
     labels: list[str],
     runtime: Runtime,
-    references: list[ReferenceCase] | None = None,
+    references: list[dict[str, Any]] | None = None,
     chunk_size: int = DEFAULT_CHUNK_BYTES,
     expires: float | None = None,
 ) -> Bundle:
-    """Bundle one model file: its manifest entry read from the file as ``edge-agent models add`` reads it."""
+    """Bundle one model file: its manifest entry read from the file as ``edge-agent models add`` reads it.
+
+    ``references`` are ``{"inputs", "expected"?, "tolerance"?}`` cases; a case without ``expected`` gets the
+    outputs this runtime computes for its inputs (run as the device runs them, quantization included).
+    """
     try:
         content = source.read_bytes()
     except OSError as exc:
@@ -98,19 +105,61 @@ def bundle_model_file(
                                runtime=runtime)  # fmt: skip
     except ModelError as exc:
         raise ProvisioningError(str(exc)) from None
-    cases = [case.model_dump(mode="json") for case in references or []]
+    cases = [case.model_dump(mode="json") for case in measure_references(entry, content, runtime, references or [])]
     return sign_bundle(key, entry.model_dump(mode="json", exclude_defaults=True), {file: content},
                        chunk_size=chunk_size, expires=expires, references=cases)  # fmt: skip
 
 
-def read_references(path: Path) -> list[ReferenceCase]:
-    """A JSON list of reference cases (``inputs``, ``expected``, optional ``tolerance``)."""
+def read_references(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of reference cases: ``inputs``, and optionally ``expected`` and ``tolerance``."""
     try:
-        return _REFERENCES.validate_json(path.read_bytes())
+        cases = _REFERENCE_INPUTS.validate_json(path.read_bytes())
     except OSError as exc:
         raise ProvisioningError(f"cannot read {path}: {exc.strerror}") from None
     except ValidationError as exc:
         raise ProvisioningError(f"{path}: not a list of reference cases: {exc}") from None
+    if any("inputs" not in case for case in cases):
+        raise ProvisioningError(f"{path}: every reference case has inputs")
+    return cases
+
+
+def measure_references(
+    entry: ModelEntry, content: bytes, runtime: Runtime, cases: list[dict[str, Any]]
+) -> list[ReferenceCase]:
+    """``cases`` as reference cases, the outputs of those without ``expected`` computed with ``runtime``."""
+    if all("expected" in case for case in cases):
+        return [_reference(case) for case in cases]
+    if entry.stateful:
+        raise ProvisioningError(f"{entry.id} is stateful: give each reference case its expected outputs")
+    try:
+        loaded = LoadedModel(entry, content, runtime=runtime)
+    except (ModelError, RequestError) as exc:
+        raise ProvisioningError(f"cannot run {entry.id} to measure its reference outputs: {exc}") from None
+    measured = []
+    try:
+        for case in cases:
+            if "expected" not in case:
+                try:
+                    feeds = {info.name: prepare_input(info, case["inputs"][info.name], raw=False,
+                                                      max_elements=REFERENCE_MAX_ELEMENTS) for info in loaded.inputs}  # fmt: skip
+                except KeyError as exc:
+                    raise ProvisioningError(f"a reference case lacks the input {exc}") from None
+                except RequestError as exc:
+                    raise ProvisioningError(f"a reference case's input {exc.name}: {exc.message}") from None
+                outputs = loaded.run(feeds)
+                case = {**case, "expected": {info.name: decode_output(info, outputs[info.name], raw=False).tolist()
+                                             for info in loaded.outputs}}  # fmt: skip
+            measured.append(_reference(case))
+    finally:
+        loaded.close()
+    return measured
+
+
+def _reference(case: dict[str, Any]) -> ReferenceCase:
+    try:
+        return ReferenceCase.model_validate(case)
+    except ValidationError as exc:
+        raise ProvisioningError(f"not a reference case: {exc}") from None
 
 
 def _described(name: str, data: bytes, chunk_size: int) -> dict[str, Any]:
