@@ -128,8 +128,12 @@ class Rollout:
                     DeploymentDevice.create(deployment_id=deployment_id, device_id=device_id, ring=ring, state="pending")
         return cls(deployment_id, issuer, store)
 
-    def deployment(self) -> Deployment:
-        found = Deployment.get_or_none(Deployment.deployment_id == self.deployment_id)
+    def deployment(self, *, lock: bool = False) -> Deployment:
+        """The rollout's row; ``lock`` (inside a transaction): locked against other processes until it ends."""
+        query = Deployment.select().where(Deployment.deployment_id == self.deployment_id)
+        if lock and not isinstance(self.database, peewee.SqliteDatabase):  # SQLite's transaction holds the lock
+            query = query.for_update()
+        found = query.first()
         if found is None:
             raise ProvisioningError(f"no deployment {self.deployment_id}")
         return found
@@ -151,7 +155,7 @@ class Rollout:
         """One round of decisions; returns True once the rollout has ended and every document is published."""
         self.issuer.publish_pending(self.deployment_id)
         with transaction(self.database):
-            deployment = self.deployment()
+            deployment = self.deployment(lock=True)
             rows = list(DeploymentDevice.select().where(DeploymentDevice.deployment_id == self.deployment_id))
             for row in refresh_devices(deployment, rows):
                 row.save()
@@ -167,7 +171,7 @@ class Rollout:
     def cancel(self, *, roll_back: bool) -> None:
         """Stop the rollout: devices on their way get a cancel; with ``roll_back`` finished ones are rolled back too."""
         with transaction(self.database):
-            deployment = self.deployment()
+            deployment = self.deployment(lock=True)
             if deployment.state in TERMINAL_ROLLOUT:
                 raise ProvisioningError(f"deployment {self.deployment_id} has already ended ({deployment.state})")
             rows = list(DeploymentDevice.select().where(DeploymentDevice.deployment_id == self.deployment_id))
