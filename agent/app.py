@@ -32,7 +32,7 @@ from agent import __version__
 from agent.compat import UTC
 from agent.config import Settings
 from agent.deploy.service import Deployments, disabled_reason
-from agent.errors import AgentError, SigningError
+from agent.errors import AgentError, DeployError, SigningError
 from agent.exchange import InboundRequest
 from agent.faults import HEARTBEATS, stall_limit_s
 from agent.models.manager import ModelManager
@@ -241,9 +241,12 @@ class Agent:
             upstream.subscribe(topics.cloud_reply_topic(self.device_id), self.fallback.on_cloud_message)
         off = disabled_reason(self.settings)
         if off is None:
-            self.deployments = Deployments(
-                self.settings, upstream, self.models, on_change=lambda: self.refresh_status(telemetry=False)
-            )
+            try:
+                self.deployments = Deployments(
+                    self.settings, upstream, self.models, on_change=lambda: self.refresh_status(telemetry=False)
+                )
+            except DeployError as exc:  # a bad key must not keep the device from serving what it has
+                log.error("deployments are off: %s", exc)
         elif self.settings.deploy.trusted_keys:
             log.error("%s", off)
         upstream.start()

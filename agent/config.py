@@ -12,7 +12,7 @@ import socket
 from importlib import resources
 from datetime import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_serializer, model_validator
 from pydantic_settings import (
@@ -346,7 +346,9 @@ class DeploySettings(Section):
     root_key: str | None = Field(
         None, description="the root public key (PEM text or path) that signs key lists; unset: key lists refused"
     )
-    groups: list[str] = Field(default_factory=list, description="the groups whose deployment documents apply here")
+    groups: list[Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]] = Field(
+        default_factory=list, description="the groups whose deployment documents apply here (topic segments)"
+    )
     staging_budget_bytes: int = Field(
         256 * 1024 * 1024, ge=65_536, description="disk bytes staged bundles may use in data_dir/deploy/staging"
     )

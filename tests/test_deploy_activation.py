@@ -32,6 +32,7 @@ from agent.models.watcher import ModelWatcher
 from agent.observe.memory import MB, anon_rss_bytes
 from agent.serving.service import RequestService
 from tests.fixtures.generated_models import (
+    SIZED_INPUTS,
     add_model,
     constant_classifier,
     dims_sum_model,
@@ -183,6 +184,22 @@ def test_a_version_too_large_for_the_model_memory_budget_is_refused_before_activ
         assert device.infer("big", X)["model_version"] == "1.0.0"
         assert device.models.catalog.declared["big"].version == "1.0.0"
         assert not [kind for kind, detail in device.events if kind == "model_swapped"]
+
+
+def test_a_version_that_fits_alone_but_not_beside_the_serving_one_is_refused_and_that_one_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    add_model(tmp_path / "models", "big", sized_model(1.5), version="1.0.0")
+    with running(tmp_path / "models", tmp_path / "staging", memory_budget_mb=4, load_wait_s=0.5) as device:
+        x = {"x": [[0.5] * SIZED_INPUTS]}
+        device.infer("big", x)  # about 3 MB measured: its file and an interpreter with a packed copy
+        staged = stage(device.staging, "big", "2.0.0", sized_model(1.5, description="version 2"))
+        with pytest.raises(DeployError, match=r"overloaded: no room within the model memory budget to load model 'big' "
+                                              r"2\.0\.0 beside the version serving now"):
+            device.activator.warm(staged)
+        assert device.models.loaded_ids == ["big"]
+        assert not [detail for kind, detail in device.events if kind == "model_unloaded" and detail["version"] == "1.0.0"]
+        assert device.infer("big", x)["model_version"] == "1.0.0"
 
 
 def test_an_entry_that_does_not_match_its_file_is_refused_before_activation(device: Device) -> None:

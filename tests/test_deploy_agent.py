@@ -19,7 +19,7 @@ import pytest
 from agent.models.devmodels import copy_bundled_models
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.mqtt.transport import new_client
-from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, write_config
+from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, started_agents, write_config
 from tests.fixtures.brokers import CloudSide
 from tests.fixtures.deploy_bundles import MODEL_BYTES, Bundle, Publisher, build_bundle, deploy_section
 from tests.fixtures.file_service import FileService
@@ -171,6 +171,16 @@ def test_a_signed_deployment_is_fetched_activated_and_reported(
     assert cloud.wait_for(lambda records: sum(r.get("event") == "refused" for r in deploy_records(records)) >= 2, 30)
     reasons = [r["reason"] for r in deploy_records(cloud.records) if r.get("event") == "refused"]
     assert any("replayed or older" in reason for reason in reasons) and any("not trusted" in reason for reason in reasons)
+    # A bundle whose reference outputs do not match is refused before activation; 2.0.0 goes on serving.
+    wrong = {"inputs": {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]},
+             "expected": {"probabilities": [[0.0, 0.0, 1.0]]}, "tolerance": 1e-6}  # fmt: skip
+    mismatched = build_bundle(publisher.release, version="3.0.0", data=PADDED, chunk_size=65_536, references=[wrong])
+    files.add(mismatched)
+    operator.retain("mcp/deploy/device/dev1", publisher.deployment(mismatched, deployment_id="dr", sequence=100))
+    wait_state(cloud, "dr", "failed")
+    [failure] = [r for r in deploy_records(cloud.records) if r.get("deployment_id") == "dr" and r.get("state") == "failed"]
+    assert "refused before activation" in failure["reason"] and "probabilities" in failure["reason"]
+    assert served_version(local_broker) == "2.0.0"
 
 
 @pytest.mark.parametrize("state", ["downloading", "staged", "probation"])
@@ -260,3 +270,14 @@ def test_three_agents_take_the_same_group_deployment(
 def _window_not_now() -> str:
     hour = (time.localtime().tm_hour + 12) % 24
     return f"{hour:02d}:00-{hour:02d}:30"
+
+
+def test_an_unusable_release_key_turns_deployments_off_not_the_agent(
+    local_broker: MosquittoProcess, cloud_broker: MosquittoProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = copy_bundled_models(tmp_path / "models")
+    cloud = {"host": cloud_broker.host, "port": cloud_broker.port}
+    with started_agents(local_broker, models, tmp_path / "data") as start:
+        agent = start(cloud=cloud, deploy={"trusted_keys": ["-----BEGIN PUBLIC KEY-----\nnot a key\n"]})
+        assert agent.deployments is None and "vibration-anomaly" in agent.models.servable_ids
+    assert "deployments are off: unusable deployment key" in caplog.text

@@ -78,16 +78,25 @@ class ScriptedActivation:
         self.fail_probation: set[str] = set()
         self.replaced: dict[str, str | None] = {}
         self.discarded: list[str] = []
+        self.crash_after: set[str] = set()
+
+    def _maybe_crash(self, step: str) -> None:
+        """kill -9 right after ``step`` did its work, before the state machine could journal it."""
+        if step in self.crash_after:
+            self.crash_after.discard(step)
+            raise Crash()
 
     def warm(self, staged: StagedModel) -> None:
         assert staged.file.read_bytes()  # the staged file is complete and readable
         if staged.version == "9.9.9":
             raise DeployError("reference case 0: probabilities differ by 0.4 (tolerance 0.0001)")
+        self._maybe_crash("warm")
 
     def activate(self, staged: StagedModel) -> PreviousVersion:
         # As the contract asks: repeated after a crash, the same previous version.
         previous = self.replaced.setdefault(staged.deployment_id, self.serving.get(staged.model_id))
         self.serving[staged.model_id] = staged.version
+        self._maybe_crash("activate")
         return PreviousVersion(model_id=staged.model_id, entry=None if previous is None else _entry(previous))
 
     def probation(self, staged: StagedModel, since: float) -> ProbationVerdict:
@@ -160,6 +169,7 @@ class Rig:
         return True
 
     def settle(self, rounds: int = 30) -> None:
+        self.activation.crash_after.clear()
         for _ in range(rounds):
             self.step()
             if not self.deployer.journal.unfinished():
@@ -201,6 +211,9 @@ def test_the_same_document_twice_does_nothing_twice_and_a_replayed_older_one_is_
     assert rig.reports[-1]["event"] == "refused" and "replayed or older document" in rig.reports[-1]["reason"]
     with pytest.raises(DeployError):
         rig.deployer.journal.get("dOld")
+    rig.send(PUBLISHER.deployment(BUNDLES["B"], deployment_id="dNew"))  # a newer sequence, an old id
+    rig.step()
+    assert "was used before" in rig.reports[-1]["reason"] and rig.state("dNew") == "active"
 
 
 def test_a_newer_document_mid_download_supersedes_and_the_newest_wins(rig: Rig) -> None:
@@ -234,6 +247,7 @@ def test_a_bundle_refused_at_warm_fails_and_one_failing_probation_is_rolled_back
     rig.send(PUBLISHER.deployment(BUNDLES["BAD"], deployment_id="dBad"))
     rig.settle()
     assert rig.state("dBad") == "failed" and "refused before activation" in (rig.deployer.journal.get("dBad").reason or "")
+    assert list((rig.data_dir / "deploy" / "staging").iterdir()) == []  # nothing left staged
     rig.activation.fail_probation.add("3.0.0")
     rig.send(PUBLISHER.deployment(BUNDLES["B"], deployment_id="dB"))
     rig.settle()
@@ -331,6 +345,11 @@ class Interleavings(RuleBasedStateMachine):
     def restart(self) -> None:
         self.rig.restart()
 
+    @rule(step=st.sampled_from(["warm", "activate"]))
+    def crash_inside_activation(self, step: str) -> None:
+        """The next warm or swap is killed right after it did its work."""
+        self.rig.activation.crash_after.add(step)
+
     @invariant()
     def at_most_one_unfinished(self) -> None:
         assert len(self.rig.deployer.journal.unfinished()) <= 1
@@ -353,6 +372,6 @@ class Interleavings(RuleBasedStateMachine):
 
 
 Interleavings.TestCase.settings = settings(
-    max_examples=25, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=20, stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck)
 )
 test_interleavings = Interleavings.TestCase

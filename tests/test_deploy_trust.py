@@ -138,3 +138,17 @@ def test_manifests_with_any_chunking_verify_and_chunks_over_128k_are_refused(siz
         trust_for(PUBLISHER).verify_manifest(
             sign_document({**bundle.envelope.payload, "files": [oversized]}, PUBLISHER.release, "bundle")
         )
+
+
+def test_keys_load_from_pem_text_or_a_file_and_the_config_refuses_unusable_groups(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from agent.config import DeploySettings
+
+    path = tmp_path / "release.pem"
+    path.write_text(PUBLISHER.release_pem)
+    assert load_public_key(path).public_numbers() == load_public_key(PUBLISHER.release_pem).public_numbers()
+    with pytest.raises(DeployError, match="unusable deployment key"):
+        load_public_key(tmp_path / "missing.pem")
+    with pytest.raises(ValidationError):
+        DeploySettings(groups=["line/3"])

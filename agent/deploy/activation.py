@@ -8,7 +8,7 @@ composed with the model manager and its hot-update path, never beside them:
   :meth:`~agent.models.manager.ModelManager.warm`: the entry checked against the file as any reload checks it,
   the interpreter built and allocated within the model memory budget and the process soft limit (a version that
   cannot fit is refused before anything changes), then the reference cases run on it and compared within
-  their tolerance.
+  their tolerance (:mod:`agent.deploy.references`).
 * **activate**: what serves now is recorded (``models_dir/.deploy/<id>.json``, written before the manifest, so
   repeating an activation after a crash returns the same previous version), the manifest entry replaced
   atomically (:mod:`agent.models.authoring`'s writer) and the catalogue reloaded: requests in flight finish on
@@ -31,18 +31,16 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.config import BUNDLED_MODELS_DIR
 from agent.deploy.probation import Observation, judge
-from agent.deploy.staged import PreviousVersion, ProbationVerdict, ReferenceCase, StagedModel
+from agent.deploy.references import reference_mismatch
+from agent.deploy.staged import PreviousVersion, ProbationVerdict, StagedModel
 from agent.errors import DeployError, ModelError, RequestError
-from agent.models.authoring import manifest_with_entry, write_atomically, write_manifest
+from agent.models.authoring import manifest_with_entry, read_manifest_json, write_atomically, write_manifest
 from agent.models.catalog import ModelEntry
-from agent.models.inference import LoadedModel, decode_output, prepare_input
+from agent.models.inference import LoadedModel
 from agent.models.manager import ModelManager
 from agent.models.stats import RunCounts
 from agent.observe.memory import MB, anon_rss_bytes
@@ -50,8 +48,7 @@ from agent.observe.memory import MB, anon_rss_bytes
 log = logging.getLogger(__name__)
 
 RECORDS_DIR = ".deploy"
-# A reference input is the publisher's, checked by signature: no client limit on its size applies.
-REFERENCE_MAX_ELEMENTS = 1 << 30
+INSTALLED_SUFFIX = ".tflite"
 
 
 class ActivationRecord(BaseModel):
@@ -233,13 +230,13 @@ class ModelActivator:
                 f"the bundle's entry is {entry.id} {entry.version}, the deployment names {staged.model_id} {staged.version}"
             )
         safe_version = re.sub(r"[^A-Za-z0-9._-]", "_", entry.version)[:64]
-        name = f"{entry.id}-{safe_version}-{entry.sha256[:12]}{staged.file.suffix or '.tflite'}"
+        name = f"{entry.id}-{safe_version}-{entry.sha256[:12]}{INSTALLED_SUFFIX}"
         return entry.model_copy(update={"file": name})
 
     def _remove_installed(self, entry: ModelEntry) -> None:
         """Delete a version's file if a deployment installed it (its name says so) and the manifest names it no
         more; the operator's own files are never touched."""
-        if Path(entry.file).name != entry.file or not entry.file.endswith(f"-{entry.sha256[:12]}{Path(entry.file).suffix}"):
+        if Path(entry.file).name != entry.file or not entry.file.endswith(f"-{entry.sha256[:12]}{INSTALLED_SUFFIX}"):
             return
         manifest_files = {model.file for model in self.models.catalog.declared.values()}
         if entry.file not in manifest_files:
@@ -270,11 +267,13 @@ class ModelActivator:
 
     def _write_entry(self, model_id: str, entry: ModelEntry | None) -> None:
         try:
-            write_manifest(self.models_dir, manifest_with_entry(self.models_dir, model_id, entry))
+            manifest = manifest_with_entry(self.models_dir, model_id, entry)
+            if manifest != read_manifest_json(self.models_dir):
+                write_manifest(self.models_dir, manifest)
         except ModelError as exc:
             raise DeployError(str(exc)) from None
-        except OSError as exc:
-            raise DeployError(f"cannot write the manifest in {self.models_dir}: {exc.strerror}") from None
+        except (OSError, ValueError) as exc:  # ValueError: the manifest changed under us, half written
+            raise DeployError(f"cannot rewrite the manifest in {self.models_dir}: {exc}") from None
 
     def _record_path(self, model_id: str) -> Path:
         return self.models_dir / RECORDS_DIR / f"{model_id}.json"
@@ -299,66 +298,6 @@ class ModelActivator:
     def _require_writable(self) -> None:
         if self.models_dir.resolve() == BUNDLED_MODELS_DIR.resolve():
             raise DeployError("no models_dir is configured: deployments install into a writable models_dir")
-
-
-def reference_mismatch(loaded: LoadedModel, case: ReferenceCase) -> str | None:
-    """Why ``loaded`` does not answer ``case`` as the publisher measured (within its tolerance), or None."""
-    unknown = sorted(set(case.inputs) - {info.name for info in loaded.inputs})
-    missing = [info.name for info in loaded.inputs if info.name not in case.inputs]
-    if unknown or missing:
-        return f"inputs do not fit the model: unknown {unknown}, missing {missing}"
-    try:
-        feeds = {
-            info.name: prepare_input(info, case.inputs[info.name], raw=False, max_elements=REFERENCE_MAX_ELEMENTS)
-            for info in loaded.inputs
-        }
-        outputs = _run_once(loaded, feeds)
-    except RequestError as exc:
-        return f"{exc.name}: {exc.message}"
-    if outputs is None:
-        return "no memory for an interpreter of its own to run the reference case on (a stateful model)"
-    decoded = {info.name: decode_output(info, outputs[info.name], raw=False) for info in loaded.outputs}
-    for name, expected in case.expected.items():
-        if name not in decoded:
-            return f"the model has no output {name!r} (its outputs: {', '.join(decoded)})"
-        problem = _difference(name, np.asarray(decoded[name], dtype=np.float64), expected, case.tolerance)
-        if problem is not None:
-            return problem
-    return None
-
-
-def _run_once(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    if not loaded.entry.stateful:
-        return loaded.run(feeds)
-    # A stateful model starts from a fresh state of its own, as a new client stream would.
-    state = loaded.open_state()
-    if state is None:
-        return None
-    try:
-        return loaded.run_state(state, feeds)
-    finally:
-        loaded.close_state(state)
-
-
-def _difference(name: str, actual: np.ndarray, expected: Any, tolerance: float) -> str | None:
-    try:
-        wanted = np.asarray(expected, dtype=np.float64)
-    except (TypeError, ValueError):
-        return f"output {name!r}: the expected value is not a (nested) list of numbers"
-    if wanted.size != actual.size:
-        return f"output {name!r} has shape {list(actual.shape)}, the reference expects {list(wanted.shape)}"
-    wanted = wanted.reshape(actual.shape)
-    both_nan = np.isnan(actual) & np.isnan(wanted)
-    with np.errstate(invalid="ignore"):
-        difference = np.where(both_nan, 0.0, np.abs(actual - wanted))
-    difference = np.nan_to_num(difference, nan=np.inf)
-    if not difference.size or float(difference.max()) <= tolerance:
-        return None
-    worst = np.unravel_index(int(np.argmax(difference)), difference.shape)
-    return (
-        f"output {name!r} differs by {float(difference[worst]):.6g} at {list(map(int, worst))} "
-        f"(expected {float(wanted[worst]):.6g}, got {float(actual[worst]):.6g}; tolerance {tolerance:g})"
-    )
 
 
 def _sha256(path: Path) -> str:

@@ -126,12 +126,17 @@ class Deployer:
     def _run(self) -> None:
         with INTERNAL_ERRORS.guard("deployer"):
             self.resume()
+        progressed = False
         while not self._stopping.is_set():
             with INTERNAL_ERRORS.guard("deployer"):
-                self._take_documents(wait_s=_POLL_S)
+                # Waits only while nothing moved (a window, a probation, no deployment): steps follow at once.
+                self._take_documents(wait_s=0.0 if progressed else _POLL_S)
                 current = self._current()
+                progressed = False
                 if current is not None and not self._stopping.is_set():
                     self._advance_guarded(current)
+                    after = self.journal.get(current.deployment_id)
+                    progressed = (after.state, after.entered_at) != (current.state, current.entered_at)
                 self._refresh_snapshot()
 
     def _current(self) -> DeploymentRecord | None:
@@ -155,7 +160,9 @@ class Deployer:
         except queue.Empty:
             return
         while True:
-            self._consider(*item)
+            # One bad document must not fail the deployment in progress (this also runs inside its download).
+            with INTERNAL_ERRORS.guard("deployer"):
+                self._consider(*item)
             try:
                 item = self._incoming.get_nowait()
             except queue.Empty:
@@ -182,14 +189,17 @@ class Deployer:
             self._refuse(topic, str(exc))
             return
         last = self.journal.last_sequence()
+        journaled = self._journaled(document.deployment_id)
         if document.sequence <= last:
-            if self._journaled(document.deployment_id):
+            if journaled:
                 log.debug("deploy: %s (sequence %d) is already journaled", document.deployment_id, document.sequence)
             else:
                 self._refuse(topic, f"replayed or older document: sequence {document.sequence} is not above {last}",
                              document)  # fmt: skip
-            return
-        self._accept(topic, payload, document)
+        elif journaled:
+            self._refuse(topic, f"deployment id {document.deployment_id} was used before", document)
+        else:
+            self._accept(topic, payload, document)
 
     def _accept(self, topic: str, payload: bytes, document: DeploymentDocument) -> None:
         manifest = self._manifest(document)
@@ -206,7 +216,6 @@ class Deployer:
             self._move(record, "cancelled", f"cancel document: cancelled {what}")
 
     def _end_previous(self, previous: DeploymentRecord, newer: DeploymentDocument) -> None:
-        newer_bundle = self._manifest(newer)
         if newer.action == "cancel":
             if previous.state in ("activating", "probation"):
                 self._roll_back(previous)
@@ -215,9 +224,6 @@ class Deployer:
             note = "; left serving" if previous.state == "probation" else ""
             self._move(previous, "superseded",
                        f"superseded by {newer.deployment_id} (sequence {newer.sequence}){note}")  # fmt: skip
-        if previous.bundle_id and (newer_bundle is None or newer_bundle.bundle_id != previous.bundle_id):
-            if previous.state in ("verified", "downloading", "staged"):
-                self._transfer.discard(previous.bundle_id)
 
     def _refuse(self, topic: str, reason: str, document: DeploymentDocument | None = None) -> None:
         log.error("deploy: document on %s refused: %s", topic, reason)
@@ -327,7 +333,6 @@ class Deployer:
         if verdict.state == "passed":
             self._probation_since.pop(record.deployment_id, None)
             self._move(record, "active", f"probation passed: {verdict.reason or f'{verdict.requests} requests'}")
-            self._transfer.discard(manifest.bundle_id)
         elif verdict.state == "failed":
             self._probation_since.pop(record.deployment_id, None)
             self._roll_back(record)
@@ -350,8 +355,6 @@ class Deployer:
 
     def _time_out(self, record: DeploymentRecord, reason: str) -> None:
         self._move(record, "timed_out", reason)
-        if record.bundle_id:
-            self._transfer.discard(record.bundle_id)
 
     def _staged(self, record: DeploymentRecord, document: DeploymentDocument, manifest: BundleManifest) -> StagedModel:
         return StagedModel(
@@ -370,6 +373,11 @@ class Deployer:
         moved = self.journal.transition(record.deployment_id, state, reason, **fields)
         if moved.terminal and record.state in ("staged", "activating"):
             self._give_up(record)
+        if moved.terminal and moved.bundle_id and not any(
+            other.bundle_id == moved.bundle_id for other in self.journal.unfinished()
+        ):
+            # Staging is only ever a step on the way: a newer deployment of the same bundle keeps it.
+            self._transfer.discard(moved.bundle_id)
         log.log(logging.ERROR if state in ("failed", "rolled_back", "timed_out") else logging.INFO,
                 "deploy: %s -> %s%s", moved.deployment_id, state, f": {reason}" if reason else "")  # fmt: skip
         self._send(moved)

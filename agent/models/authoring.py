@@ -72,18 +72,24 @@ def add_model_file(
 def manifest_with_entry(models_dir: Path, model_id: str, entry: ModelEntry | None) -> dict[str, Any]:
     """``models_dir``'s manifest (as written, nothing completed) with ``model_id``'s entry replaced by ``entry``,
     or removed if None; :class:`ModelError` if the manifest there, or the new one, is invalid."""
-    manifest_path = models_dir / MANIFEST_NAME
-    if manifest_path.exists():
+    if (models_dir / MANIFEST_NAME).exists():
         load_manifest(models_dir)  # an invalid manifest is reported, not overwritten
-        raw: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
-    else:
-        raw = {"models": []}
+    raw = read_manifest_json(models_dir)
     kept = [model for model in raw["models"] if model.get("id") != model_id]
     raw["models"] = kept if entry is None else [*kept, entry.model_dump(mode="json", exclude_defaults=True)]
     try:
         Manifest.model_validate(raw)
     except ValidationError as exc:
         raise ModelError(f"the new manifest would be invalid: {exc}") from None
+    return raw
+
+
+def read_manifest_json(models_dir: Path) -> dict[str, Any]:
+    """``models_dir``'s manifest as JSON, as written (an empty one if there is none yet)."""
+    manifest_path = models_dir / MANIFEST_NAME
+    if not manifest_path.exists():
+        return {"models": []}
+    raw: dict[str, Any] = json.loads(manifest_path.read_text(encoding="utf-8"))
     return raw
 
 

@@ -94,12 +94,12 @@ class SlotTable:
         """Memory of every unpinned slot, serving or draining: what unloading could ever give back."""
         return sum(slot.memory_bytes for slot in [*self.serving.values(), *self.draining] if not slot.entry.pinned)
 
-    def idle_unpinned(self, keep: ModelSlot | None = None) -> list[ModelSlot]:
-        """Slots that may be unloaded, least recently used first."""
+    def idle_unpinned(self, *keep: ModelSlot | None) -> list[ModelSlot]:
+        """Slots that may be unloaded (but for ``keep``), least recently used first."""
         idle = [
             slot
             for slot in self.serving.values()
-            if slot is not keep and not slot.entry.pinned and slot.leases == 0 and slot.loaded is not None
+            if slot not in keep and not slot.entry.pinned and slot.leases == 0 and slot.loaded is not None
         ]
         return sorted(idle, key=lambda slot: slot.last_used)
 
@@ -154,8 +154,9 @@ class MemoryBudget:
         """Whether the models hold more than the model memory budget."""
         return self.budget_bytes is not None and self.slots.used_bytes() > self.budget_bytes
 
-    def make_room_to_load(self, entry: ModelEntry) -> tuple[int | None, bool]:
-        """Unload idle models to make room for loading ``entry``: (bytes to reserve, whether any was closed).
+    def make_room_to_load(self, entry: ModelEntry, keep: ModelSlot | None = None) -> tuple[int | None, bool]:
+        """Unload idle models (never ``keep``) to make room for loading ``entry``: (bytes to reserve, whether any
+        was closed).
 
         Room means both within the model budget and, measured now, under the process soft limit (so a
         load never pushes the process over it, whatever else the process holds). The reservation is None
@@ -176,7 +177,7 @@ class MemoryBudget:
         if self.process_limit_bytes is not None:
             process_free = self.process_free()
             unpinned = self.slots.unpinned_bytes()
-            idle = self.slots.idle_unpinned()
+            idle = self.slots.idle_unpinned(keep)
             if process_free + unpinned < estimate and idle:
                 # Measured costs can under-count what an unload gives back (allocator slack, interpreter
                 # arenas): unload the idle models and measure again rather than refuse with them loaded.
@@ -195,7 +196,7 @@ class MemoryBudget:
         if not frees:
             return 0, False
         free = min(frees)
-        idle = self.slots.idle_unpinned()
+        idle = self.slots.idle_unpinned(keep)
         if free + sum(slot.memory_bytes for slot in idle) < estimate:
             return None, False
         closed = False
@@ -214,12 +215,13 @@ class MemoryBudget:
         loading = sum(slot.reserved_bytes for slot in self.slots.serving.values() if slot.loaded is None)
         return self.process_limit_bytes - anon_rss_bytes() - loading
 
-    def evict_over_budget(self, keep: ModelSlot | None = None) -> bool:
-        """Unload idle models until the measured total is back within budget; True if any was closed."""
+    def evict_over_budget(self, *keep: ModelSlot | None) -> bool:
+        """Unload idle models (but for ``keep``) until the measured total is back within budget; True if any was
+        closed."""
         closed = False
         if self.budget_bytes is None:
             return closed
-        for slot in self.slots.idle_unpinned(keep):
+        for slot in self.slots.idle_unpinned(*keep):
             if self.slots.used_bytes() <= self.budget_bytes:
                 break
             closed |= self.retire(slot, "to stay within the model memory budget")

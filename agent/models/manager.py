@@ -219,7 +219,8 @@ class ModelManager:
             for other in list(self._slots.warming.values()):
                 closed |= self._budget.retire(other, f"{entry.id} {entry.version} is warmed instead")
             while True:
-                reserve, freed = self._budget.make_room_to_load(entry)
+                # The version serving now keeps serving while the new one loads: it is never unloaded for it.
+                reserve, freed = self._budget.make_room_to_load(entry, keep=self._slots.serving.get(entry.id))
                 closed |= freed
                 if reserve is not None:
                     slot = ModelSlot(entry, reserved_bytes=reserve, last_used=time.monotonic())
@@ -228,7 +229,8 @@ class ModelManager:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Overloaded(
-                        f"no room to load model {entry.id!r} {entry.version} beside the models requests hold now"
+                        f"no room within the model memory budget to load model {entry.id!r} {entry.version} beside "
+                        "the version serving now and the models requests hold"
                     )
                 self._cond.wait(remaining)
         if closed:
@@ -374,15 +376,23 @@ class ModelManager:
             slot.loaded, slot.reserved_bytes = loaded, 0
             measured = loaded.memory_bytes
             self.measurements.record_load(entry.id, entry.sha256, measured, load_ms)
-            too_large = self._budget.too_large(entry)
-            if too_large is None:
-                self._budget.evict_over_budget(keep=slot)
-            else:
+            refused: RequestError | None = self._budget.too_large(entry)
+            # A version warmed beside the serving one never has that one unloaded to fit.
+            beside = self._slots.serving.get(entry.id) if self._slots.warming.get(entry.id) is slot else None
+            if refused is None:
+                self._budget.evict_over_budget(slot, beside)
+                if beside is not None and self._budget.over_budget():
+                    refused = Overloaded(
+                        f"model {entry.id!r} {entry.version} measured {measured / MB:.1f} MB: with the version "
+                        f"serving now ({beside.memory_bytes / MB:.1f} MB) it does not fit in the model memory "
+                        f"budget of {(self._budget.budget_bytes or 0) // MB} MB"
+                    )
+            if refused is not None:
                 loaded.close()
                 self._drop(slot)
-        if too_large is not None:
+        if refused is not None:
             return_freed_memory()
-            raise too_large
+            raise refused
         log.info(
             "model %s %s loaded on %s in %.0f ms: %.1f MB measured (file %.1f MB, interpreter %.1f MB)",
             entry.id, entry.version, loaded.accelerator_in_use, load_ms, measured / MB, loaded.size_bytes / MB,
