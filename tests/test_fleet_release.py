@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import BUNDLED_MODELS_DIR
-from agent.deploy.activation import reference_mismatch
+from agent.deploy.references import reference_mismatch
 from agent.deploy.trust import Trust, load_public_key
 from agent.errors import DeployError, ProvisioningError
 from agent.models.accelerators import load_runtime
