@@ -110,6 +110,8 @@ def test_rotation_and_revocation_reach_devices_through_a_root_signed_key_list(tm
     with pytest.raises(ProvisioningError, match="signing key"):
         keys.revoke(new_kid)
     assert [load_public_key(pem) for pem in keys.trusted_pems()] and len(keys.trusted_pems()) == 1
+    keys.refresh()  # fleet resign-key-list: the same keys, a newer list
+    assert device.accept_key_list(keys.key_list()).version == 4
 
 
 def test_a_bundle_carries_the_entry_models_add_would_write(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ def add_commands(commands: Any) -> None:
     revoke = commands.add_parser("revoke-release-key", help="revoke a release key (by kid) in a new key list")
     revoke.add_argument("kid")
     revoke.set_defaults(handler=_run_revoke)
+    resign = commands.add_parser("resign-key-list", help="sign the same keys as a new key list (before it expires)")
+    resign.set_defaults(handler=_run_resign)
 
     bundle = commands.add_parser("bundle", help="build and sign a bundle from a .tflite file into the bundle store")
     bundle.add_argument("model", type=Path)
@@ -130,6 +132,13 @@ def _run_rotate(args: argparse.Namespace) -> int:
 def _run_revoke(args: argparse.Namespace) -> int:
     keys = ReleaseKeys(Path(args.dir))
     keys.revoke(args.kid)
+    _report_written(keys.written)
+    return 0
+
+
+def _run_resign(args: argparse.Namespace) -> int:
+    keys = ReleaseKeys(Path(args.dir))
+    keys.refresh()
     _report_written(keys.written)
     return 0
 
