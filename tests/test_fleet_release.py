@@ -22,11 +22,14 @@ from agent.models.accelerators import load_runtime
 from agent.models.inference import LoadedModel
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client
+from provisioning import ca as x509ca
 from provisioning.fleet import Fleet
 from provisioning.fleet import main as fleet_main
 from provisioning.ingest.devfleet import enrol_software_device
+from provisioning.records import DeviceRecord, Inventory, load_document
 from provisioning.rollout.bundles import BundleStore, bundle_model_file
 from provisioning.rollout.chunks import ChunkService
+from provisioning.rollout.cli import inventory_devices
 from provisioning.rollout.plan import RolloutPlan, abort_reason, assign_rings
 from provisioning.rollout.release import DEPLOY_RELEASE_PREFIX, DEPLOY_ROOT_FILE, ReleaseKeys
 from tests.fixtures.rollout import MODEL_FILE, broker_settings
@@ -230,3 +233,22 @@ def test_fleet_bundle_measures_the_expected_outputs_of_reference_inputs(tmp_path
     assert fleet_main(["--dir", fleet_dir, "bundle", str(MODEL_FILE), "--id", "vibration-anomaly", "--version",
                        "2.0.1", "--reference-inputs", str(broken)]) == 1  # fmt: skip
     assert "lacks the input" in capsys.readouterr().err
+
+
+def test_deploy_targets_a_group_or_a_profile_of_the_inventory(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path / "fleet")
+    fleet.init_ca("test")
+    for device_id, groups in (("pi-2", ["line-3"]), ("pi-1", ["line-3", "night"]), ("pi-3", [])):
+        key = x509ca.new_key()
+        csr = x509ca.build_csr(key, device_id).decode()
+        fleet.sign_csr(DeviceRecord(
+            device_id=device_id, profile="rpi5" if device_id != "pi-3" else "rpi4-1gb", signing_backend="software",
+            public_key_pem="", public_key_sha256=x509ca.public_key_sha256(key.public_key()), identity_csr_pem=csr,
+            agent_tls_csr_pem=csr, broker_tls_csr_pem=csr, broker_names=[], groups=groups,
+        ))  # fmt: skip
+    fleet.revoke_device("pi-2")
+    inventory = load_document(Inventory, fleet.inventory_path)
+    assert inventory_devices(inventory, group="line-3") == ["pi-1"]  # pi-2 is revoked
+    assert inventory_devices(inventory, profile="rpi4-1gb") == ["pi-3"]
+    with pytest.raises(ProvisioningError, match="group night-2"):
+        inventory_devices(inventory, group="night-2")

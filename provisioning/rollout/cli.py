@@ -231,12 +231,19 @@ def _targets(args: argparse.Namespace) -> list[str]:
     if not (args.group or args.profile):
         raise ProvisioningError("say whom to deploy to: --to DEVICE..., --group G or --profile P")
     inventory = load_document(Inventory, Path(args.dir) / "inventory.json")
-    active = [entry for entry in inventory.devices.values() if entry.status == "active"]
-    chosen = [e.device_id for e in active if (args.group in e.groups if args.group else e.profile == args.profile)]
+    return inventory_devices(inventory, group=args.group, profile=args.profile)
+
+
+def inventory_devices(inventory: Inventory, *, group: str | None = None, profile: str | None = None) -> list[str]:
+    """The active devices of ``group`` (or with hardware ``profile``), sorted by id; ProvisioningError if none."""
+    chosen = sorted(
+        entry.device_id for entry in inventory.devices.values()
+        if entry.status == "active" and (group in entry.groups if group else entry.profile == profile)
+    )  # fmt: skip
     if not chosen:
-        which = f"group {args.group}" if args.group else f"profile {args.profile}"
+        which = f"group {group}" if group else f"profile {profile}"
         raise ProvisioningError(f"no active device in the inventory with {which}")
-    return sorted(chosen)
+    return chosen
 
 
 def _run_status(args: argparse.Namespace) -> int:
