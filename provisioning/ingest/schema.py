@@ -1,4 +1,4 @@
-"""The fleet's record store: four Peewee tables, on SQLite (one file) or PostgreSQL (``--db postgresql://...``).
+"""The fleet's record store: five Peewee tables, on SQLite (one file) or PostgreSQL (``--db postgresql://...``).
 
 - ``fleet_records``: every verified record, once (``msg_id`` is the primary key);
 - ``fleet_quarantine``: what failed verification or decoding, with the reason, never trusted;
