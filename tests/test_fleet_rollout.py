@@ -2,14 +2,15 @@
 fleet's release keys, the ingest storing their deploy reports in SQLite, the chunk service, the rollout driver.
 
 The agents are shared by the module (each agent costs a start and ~100 MB on a 2-core machine), so the tests
-run in file order, each deploying a higher version: four agents here; ten in the ``slow`` test and in
-``benchmarks/bench_rollout.py``.
+run in file order, each deploying a higher version: four agents here; ten in the ``slow``
+tests/test_fleet_rollout_ten.py and in ``benchmarks/bench_rollout.py``.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,17 @@ import peewee
 import pytest
 from playhouse.db_url import connect
 
+from agent.config import LocalBroker
 from agent.deploy.staged import ProbationPolicy
+from agent.models.accelerators import load_runtime
+from agent.tools.client import DeviceClient
 from provisioning.ingest.schema import DeployEvent
+from provisioning.rollout.bundles import bundle_model_file
 from provisioning.rollout.plan import RolloutPlan
 from provisioning.rollout.rollout import Rollout
 from provisioning.rollout.schema import IssuedDocument
 from provisioning.rollout.status import rollout_status
+from tests.fixtures.generated_models import lookup_model
 from tests.fixtures.ingest import IngestProcess, postgres  # noqa: F401  (a fixture)
 from tests.fixtures.rollout import QUICK_PROBATION, RolloutSite, devices, drive, run_fleet, start_fleet, stop_process
 from tests.fixtures.rollout import wait_until
@@ -48,7 +54,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutSite]:
 
 def serving(site: RolloutSite, device_id: str) -> str | None:
     """The version of vibration-anomaly the device last reported active."""
-    events = (DeployEvent.select().where((DeployEvent.device_id == device_id) & (DeployEvent.state == "active"))
+    events = (DeployEvent.select().where((DeployEvent.device_id == device_id) & (DeployEvent.state == "active")
+                                         & (DeployEvent.model_id == "vibration-anomaly"))
               .order_by(DeployEvent.seq.desc()))  # fmt: skip
     latest = events.first()
     return None if latest is None else latest.version
@@ -69,19 +76,48 @@ def test_canary_first_then_the_rest(site: RolloutSite) -> None:
     assert status["counts"] == {"active": 4} and status["failures"] == [] and status["past_deadline"] == []
 
 
-def test_a_bundle_failing_on_the_canary_aborts_and_nobody_else_receives_it(site: RolloutSite) -> None:
-    wrong = [{"inputs": {"features": [[0.2, 0.62, 3.1, 3.0, 0.5, 0.35, 0.15, 41.0]]},
-              "expected": {"probabilities": [[5.0, 5.0, 5.0]]}}]  # fmt: skip
-    site.bundle("3.0.0", references=wrong)
-    rollout = Rollout.create("r3", "vibration-anomaly@3.0.0", DEVICES, CANARY_THEN_REST, site.issuer, site.store)
-    assert drive(rollout) == "rolled_back"
+class Traffic:
+    """A client asking ``lookup`` for rows 0..7 on one device, continuously (errors included), until stopped."""
+
+    def __init__(self, site: RolloutSite, device_id: str) -> None:
+        self.client = DeviceClient(LocalBroker(host=site.local.host, port=site.local.port), device_id)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sent = 0
+        while not self._stop.is_set():
+            self.client.call("infer", {"model": "lookup", "inputs": {"index": [sent % 8]}})
+            sent += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.client.close()
+
+
+def test_a_bundle_failing_probation_on_the_canary_aborts_and_nobody_else_receives_it(site: RolloutSite) -> None:
+    # A new model whose table lost rows: its reference case (row 1) passes, clients asking for rows 2..7 fail in
+    # the interpreter ("gather index out of bounds"), which probation counts against the version.
+    source = site.root / "lookup.tflite"
+    source.write_bytes(lookup_model([[float(row), -float(row)] for row in range(2)]))
+    bundle = bundle_model_file(site.release.signing_key(), source, model_id="lookup", version="2.0.0", task="lookup",
+                               labels=[], runtime=load_runtime("auto"), references=[{"inputs": {"index": [1]}}])  # fmt: skip
+    site.store.add(bundle)
+    plan = CANARY_THEN_REST.model_copy(update={"probation": ProbationPolicy(requests=20, seconds=60.0)})
+    traffic = Traffic(site, "dev1")
+    try:
+        rollout = Rollout.create("r3", "lookup@2.0.0", DEVICES, plan, site.issuer, site.store)
+        assert drive(rollout) == "rolled_back"
+    finally:
+        traffic.stop()
     status = rollout_status("r3")
     assert "canary" in status["reason"]
-    assert status["counts"] == {"failed": 1, "not_sent": 3}
-    assert "reference case" in status["failures"][0]["reason"]
+    assert status["counts"] == {"not_sent": 3, "rolled_back": 1}
+    assert "errors: version 2.0.0 failed" in status["failures"][0]["reason"]
     issued = IssuedDocument.select().where(IssuedDocument.deployment_id == "r3")
     assert {doc.device_id for doc in issued} == {"dev1"}  # no other device was sent anything
-    time.sleep(1)  # anything a device might have reported would be in by now
     assert not DeployEvent.select().where((DeployEvent.deployment_id == "r3") & (DeployEvent.device_id != "dev1")).exists()
     assert all(serving(site, d) == "2.0.0" for d in DEVICES)
 
