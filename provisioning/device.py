@@ -28,8 +28,7 @@ from agent.config import default_device_id
 from agent.config_loader import load_settings_with_sources, read_toml
 from agent.errors import AgentError, ProvisioningError
 from provisioning import ca as x509ca
-from provisioning.records import DeviceRecord, dump_document, write_if_changed
-from provisioning.rollout.release import DEPLOY_RELEASE_PREFIX, DEPLOY_ROOT_FILE
+from provisioning.records import DEPLOY_RELEASE_PREFIX, DEPLOY_ROOT_FILE, DeviceRecord, dump_document, write_if_changed
 
 TEMPLATE = Path(__file__).resolve().parent / "agent.toml.template"
 SERVICE_USER = "edge-agent"

@@ -36,9 +36,11 @@ from agent.errors import AgentError, ProvisioningError
 from provisioning import ca as x509ca
 from provisioning.ingest import cli as ingest_cli
 from provisioning.rollout import cli as rollout_cli
-from provisioning.rollout.release import DEPLOY_RELEASE_PREFIX, DEPLOY_ROOT_FILE, ReleaseKeys
+from provisioning.rollout.release import ReleaseKeys
 from provisioning.records import (
     CA_NAMES,
+    DEPLOY_RELEASE_PREFIX,
+    DEPLOY_ROOT_FILE,
     CaName,
     ClientEntry,
     DeviceEntry,

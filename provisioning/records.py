@@ -21,6 +21,10 @@ Status = Literal["active", "revoked"]
 CaName = Literal["identity", "broker"]
 RevocationReason = Literal["revoked", "superseded"]
 CA_NAMES: tuple[CaName, ...] = ("identity", "broker")
+# The deployment keys `fleet sign-csr` writes beside a device's certificates (devices/<id>/edge-agent/) and
+# provision-device installs into /etc/edge-agent/tls/ and names in [deploy] (provisioning/rollout/release.py).
+DEPLOY_ROOT_FILE = "deploy-root.pem"
+DEPLOY_RELEASE_PREFIX = "deploy-release-"
 
 
 class Document(BaseModel):

@@ -26,12 +26,12 @@ from provisioning import ca as x509ca
 from provisioning.fleet import Fleet
 from provisioning.fleet import main as fleet_main
 from provisioning.ingest.devfleet import enrol_software_device
-from provisioning.records import DeviceRecord, Inventory, load_document
+from provisioning.records import DEPLOY_RELEASE_PREFIX, DEPLOY_ROOT_FILE, DeviceRecord, Inventory, load_document
 from provisioning.rollout.bundles import BundleStore, bundle_model_file
 from provisioning.rollout.chunks import ChunkService
 from provisioning.rollout.cli import inventory_devices
 from provisioning.rollout.plan import RolloutPlan, abort_reason, assign_rings
-from provisioning.rollout.release import DEPLOY_RELEASE_PREFIX, DEPLOY_ROOT_FILE, ReleaseKeys
+from provisioning.rollout.release import ReleaseKeys
 from tests.fixtures.rollout import MODEL_FILE, broker_settings
 
 

@@ -28,9 +28,7 @@ from provisioning import ca as x509ca
 from provisioning.records import write_if_changed
 
 KEY_LIST_DAYS = 365
-# Written by `fleet sign-csr` into devices/<id>/edge-agent/, installed by provision-device into /etc/edge-agent/tls/.
-DEPLOY_ROOT_FILE = "deploy-root.pem"
-DEPLOY_RELEASE_PREFIX = "deploy-release-"
+
 PUBLIC, PRIVATE = 0o644, 0o600
 
 
