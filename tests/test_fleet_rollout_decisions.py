@@ -7,6 +7,7 @@ else is real: a SQLite fleet database, the bundle store, signed documents publis
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from provisioning.rollout.plan import FAILED, FINISHED, RolloutPlan, abort_reaso
 from provisioning.rollout.release import ReleaseKeys
 from provisioning.rollout.rollout import Rollout, rollback_ids
 from provisioning.rollout.schema import DeploymentDevice, IssuedDocument, open_rollout_database
+from provisioning.rollout.status import rollout_status
 from tests.fixtures.rollout import MODEL_FILE, broker_settings
 
 OUTCOMES = ["active", "failed", "rolled_back", "timed_out", "superseded", "refused"]
@@ -128,5 +130,23 @@ def test_rings_abort_and_rollback_hold_for_any_outcomes(
         assert [doc.sequence for doc in issued] == sorted({doc.sequence for doc in issued})
         assert sorted(doc.device_id for doc in issued if doc.purpose == "deploy") == sorted(r.device_id for r in sent)
         assert all(doc.published for doc in issued)
+    finally:
+        database.close()
+
+
+def test_status_names_a_refusal_that_names_no_deployment(world: World) -> None:
+    database = open_rollout_database(str(world.root / "refusal.db"))
+    try:
+        issuer = Issuer(database, world.keys.signing_key(), world.publisher)
+        plan = RolloutPlan(rings=("100%",))
+        rollout = Rollout.create("r", "vibration-anomaly@2.0.0", ["d0", "d1"], plan, issuer, world.store)
+        rollout.step()
+        number = next(_COUNTER)
+        DeployEvent.create(msg_id=f"m{number}", device_id="d1", deployment_id=None, event="refused",
+                           reason="deployment refused: signed by key 'x', which is not trusted", at=0.0, seq=number,
+                           received_at=time.time())  # fmt: skip
+        by_device = {row["device"]: row for row in rollout_status("r")["devices"]}
+        assert "refused" not in by_device["d0"]
+        assert by_device["d1"]["state"] == "sent" and "not trusted" in by_device["d1"]["refused"]
     finally:
         database.close()

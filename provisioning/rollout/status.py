@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 from agent.errors import ProvisioningError
+from provisioning.ingest.schema import DeployEvent
 from provisioning.rollout.plan import FAILED, FINISHED
 from provisioning.rollout.rollout import refresh_devices
 from provisioning.rollout.schema import Deployment, DeploymentDevice
@@ -21,6 +22,7 @@ def rollout_status(deployment_id: str, now: float | None = None) -> dict[str, An
     rows = list(DeploymentDevice.select().where(DeploymentDevice.deployment_id == deployment_id)
                 .order_by(DeploymentDevice.ring, DeploymentDevice.device_id))  # fmt: skip
     refresh_devices(deployment, rows)  # in memory: a status taken while no `fleet deploy` runs is current too
+    refusals = _unattributed_refusals([row for row in rows if row.sent_at is not None and row.state not in FINISHED])
     return {
         **_summary(deployment, rows),
         "rollback_bundle": deployment.rollback_bundle_id,
@@ -32,10 +34,25 @@ def rollout_status(deployment_id: str, now: float | None = None) -> dict[str, An
         "devices": [
             {"device": row.device_id, "ring": row.ring, "state": row.state, "reason": row.reason,
              "sequence": row.sequence, "sent_at": row.sent_at, "deadline_at": row.deadline_at,
-             "rollback": row.rollback, "rollback_reason": row.rollback_reason}
+             "rollback": row.rollback, "rollback_reason": row.rollback_reason,
+             **({"refused": refusals[row.device_id]} if row.device_id in refusals else {})}
             for row in rows
         ],
     }  # fmt: skip
+
+
+def _unattributed_refusals(waiting: list[DeploymentDevice]) -> dict[str, str]:
+    """device -> the reason of its latest refusal since its document was sent, of a document that did not verify
+    (a refusal that names no deployment: an untrusted key, an expired or unreadable document)."""
+    found: dict[str, str] = {}
+    for row in waiting:
+        refusal = (DeployEvent.select()
+                   .where((DeployEvent.device_id == row.device_id) & (DeployEvent.event == "refused")
+                          & DeployEvent.deployment_id.is_null() & (DeployEvent.received_at >= row.sent_at))
+                   .order_by(DeployEvent.seq.desc()).first())  # fmt: skip
+        if refusal is not None:
+            found[row.device_id] = refusal.reason or "refused"
+    return found
 
 
 def all_rollouts() -> list[dict[str, Any]]:
