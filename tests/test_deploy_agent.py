@@ -134,14 +134,19 @@ def deploy_status(process: AgentProcess) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def served_version(local_broker: MosquittoProcess, device_id: str = "dev1") -> str | None:
+def retained_deployments(local_broker: MosquittoProcess, device_id: str = "dev1") -> dict[str, Any]:
+    """The ``deployments`` member of the device's retained status."""
     listener = Listener(local_broker, f"mcp/status/{device_id}")
     try:
         listener.wait_for(lambda messages: bool(messages), 10)
         document = json.loads(listener.messages[-1].payload)
     finally:
         listener.close()
-    return document.get("deployments", {}).get("versions", {}).get("vibration-anomaly")
+    return dict(document.get("deployments", {}))
+
+
+def served_version(local_broker: MosquittoProcess, device_id: str = "dev1") -> str | None:
+    return retained_deployments(local_broker, device_id).get("versions", {}).get("vibration-anomaly")
 
 
 def test_a_signed_deployment_is_fetched_activated_and_reported(
@@ -186,7 +191,7 @@ def test_a_signed_deployment_is_fetched_activated_and_reported(
 @pytest.mark.parametrize("state", ["downloading", "staged", "probation"])
 def test_kill_9_in_a_state_then_restart_completes(
     state: str, agents: AgentFactory, operator: Operator, files: FileService, cloud: CloudSide,
-    publisher: Publisher,
+    publisher: Publisher, local_broker: MosquittoProcess,
 ) -> None:  # fmt: skip
     bundle = build_bundle(publisher.release, data=PADDED, chunk_size=8192)
     files.add(bundle)
@@ -206,6 +211,9 @@ def test_kill_9_in_a_state_then_restart_completes(
     wait_state(cloud, "dk", state)
     if state == "downloading":
         wait_until(lambda: files.served >= 5)
+    if state == "staged":  # waiting for its window: the status, /metrics and the journal say so
+        assert deploy_status(agent)["in_progress"] == ["dk"]
+        wait_until(lambda: (retained_deployments(local_broker).get("in_progress") or {}).get("state") == "staged")
     agent.signal(signal.SIGKILL)
     agent.wait()
     files.pause_after = None

@@ -26,10 +26,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from agent.deploy.documents import BundleManifest, DeploymentDocument, SignedEnvelope
+from agent.deploy.documents import BundleManifest, DeploymentDocument
 from agent.deploy.journal import DeploymentRecord, Journal, State
 from agent.deploy.policy import check_requirements, check_target, overdue
 from agent.deploy.staged import Activation, PreviousVersion, StagedModel
@@ -206,6 +205,7 @@ class Deployer:
         bundle = (manifest.bundle_id, manifest.model_id, manifest.version) if manifest is not None else None
         previous = self._current()
         record = self.journal.accept(document.deployment_id, document.sequence, topic, payload.decode(), bundle)
+        self._refresh_snapshot()
         self._send(record)
         log.info("deploy: accepted %s (sequence %d, %s) from %s", record.deployment_id, record.sequence,
                  document.action, topic)  # fmt: skip
@@ -242,7 +242,7 @@ class Deployer:
     # -- steps --------------------------------------------------------------------------------------
 
     def _advance(self, record: DeploymentRecord) -> None:
-        document = journaled_document(record)
+        document = record.deployment_document()
         reason = overdue(record, document, self._wall())
         if reason is not None:
             self._time_out(record, reason)
@@ -341,7 +341,7 @@ class Deployer:
     def _give_up(self, record: DeploymentRecord) -> None:
         """A version staged (perhaps warmed) but ended before serving: the activator unloads and removes it."""
         self._warmed.discard(record.deployment_id)
-        document = journaled_document(record)
+        document = record.deployment_document()
         manifest = self._manifest(document)
         if manifest is not None:
             try:
@@ -380,8 +380,8 @@ class Deployer:
             self._transfer.discard(moved.bundle_id)
         log.log(logging.ERROR if state in ("failed", "rolled_back", "timed_out") else logging.INFO,
                 "deploy: %s -> %s%s", moved.deployment_id, state, f": {reason}" if reason else "")  # fmt: skip
+        self._refresh_snapshot()  # before reporting: the report republishes the status, which shows it
         self._send(moved)
-        self._refresh_snapshot()
 
     def _send(self, record: DeploymentRecord) -> None:
         self._report({
@@ -391,20 +391,4 @@ class Deployer:
         })  # fmt: skip
 
     def _refresh_snapshot(self) -> None:
-        current = self._current()
-        self.snapshot = {
-            "active": self.journal.active_versions(),
-            "in_progress": None if current is None else {
-                "deployment_id": current.deployment_id, "state": current.state, "model_id": current.model_id,
-                "version": current.version, "since": current.entered_at,
-            },
-        }  # fmt: skip
-
-
-def journaled_document(record: DeploymentRecord) -> DeploymentDocument:
-    """The document of a journaled deployment (verified when it was accepted; the journal holds its bytes)."""
-    return DeploymentDocument.model_validate(SignedEnvelope.model_validate_json(record.document).payload)
-
-
-def staging_dir(data_dir: Path) -> Path:
-    return data_dir / "deploy" / "staging"
+        self.snapshot = self.journal.snapshot()

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 import peewee
 from pydantic import BaseModel, ConfigDict
 
+from agent.deploy.documents import DeploymentDocument, SignedEnvelope
 from agent.errors import DeployError, OutboxError
 from agent.upstream.outbox_file import lock_exclusive, write_transaction
 
@@ -65,6 +66,10 @@ class DeploymentRecord(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    def deployment_document(self) -> DeploymentDocument:
+        """The journaled document (verified when it was accepted; the journal holds its signed bytes)."""
+        return DeploymentDocument.model_validate(SignedEnvelope.model_validate_json(self.document).payload)
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,19 @@ class Journal:
                 "in_progress": [r.deployment_id for r in self.unfinished()],
                 "deployments": [r.model_dump(mode="json", exclude={"document"}) for r in self.recent(limit)],
             }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The active deployed version per model and the deployment in progress (for the status and metrics)."""
+        with self._lock:
+            unfinished = self.unfinished()
+            current = unfinished[-1] if unfinished else None
+            return {
+                "active": self.active_versions(),
+                "in_progress": None if current is None else {
+                    "deployment_id": current.deployment_id, "state": current.state, "model_id": current.model_id,
+                    "version": current.version, "since": current.entered_at,
+                },
+            }  # fmt: skip
 
     # -- chunk progress -----------------------------------------------------------------------------
 

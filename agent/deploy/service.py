@@ -18,10 +18,10 @@ from prometheus_client.registry import Collector
 from agent import __version__
 from agent.config import Settings
 from agent.deploy.activation import ModelActivator
-from agent.deploy.deployer import Deployer, staging_dir
+from agent.deploy.deployer import Deployer
 from agent.deploy.documents import DeploymentDocument
 from agent.deploy.journal import JOURNAL_FILE, Journal
-from agent.deploy.transfer import Transfer
+from agent.deploy.transfer import Transfer, staging_dir
 from agent.deploy.trust import Trust, load_public_key
 from agent.deploy.window import ActivationPolicy, in_maintenance_window
 from agent.errors import DeployError

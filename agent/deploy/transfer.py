@@ -227,6 +227,11 @@ class Transfer:
             raise DeployError(f"{bundle_id}/{described.name}: every chunk matched but the file's sha256 does not")
 
 
+def staging_dir(data_dir: Path) -> Path:
+    """Where bundles are staged under ``data_dir``."""
+    return data_dir / "deploy" / "staging"
+
+
 def _tree_bytes(directory: Path) -> int:
     if not directory.exists():
         return 0
