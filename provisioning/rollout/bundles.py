@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import TypeAdapter, ValidationError
 
 from agent.deploy.documents import MAX_CHUNK_BYTES, SEGMENT, BundleManifest, SignedEnvelope
+from agent.deploy.references import REFERENCE_MAX_ELEMENTS
 from agent.deploy.staged import ReferenceCase
 from agent.deploy.trust import sign_document
-from agent.deploy.references import REFERENCE_MAX_ELEMENTS
 from agent.errors import ModelError, ProvisioningError, RequestError
 from agent.models.accelerators import Runtime
 from agent.models.authoring import entry_for_file, write_atomically
