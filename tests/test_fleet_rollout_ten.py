@@ -1,4 +1,4 @@
-"""The issue's ten real agents on one machine (``slow``: ten agent processes cost a minute on 2 cores; the fast
+"""The issue's ten real agents on one machine (``slow``: ten agent processes, ~25-50 s on 2 cores; the fast
 suite runs four in tests/test_fleet_rollout.py): the default rings (a canary, 10 %, the rest), then an
 exponential ramp."""
 
