@@ -28,6 +28,7 @@ from benchmarks import (
     bench_ingest,
     bench_models,
     bench_outbox,
+    bench_rollout,
     bench_signing,
     bench_swap,
     bench_uplink_bytes,
@@ -58,6 +59,7 @@ COMPONENT_BENCHES = {
     "clients": bench_clients,
     "ingest": bench_ingest,
     "deploy": bench_deploy,
+    "rollout": bench_rollout,
     "swap": bench_swap,
 }
 

@@ -13,6 +13,7 @@ device id: it is taken from the existing configuration.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pwd
 import re
@@ -27,7 +28,7 @@ from agent.config import default_device_id
 from agent.config_loader import load_settings_with_sources, read_toml
 from agent.errors import AgentError, ProvisioningError
 from provisioning import ca as x509ca
-from provisioning.records import DeviceRecord, dump_document, write_if_changed
+from provisioning.records import DEPLOY_RELEASE_PREFIX, DEPLOY_ROOT_FILE, DeviceRecord, dump_document, write_if_changed
 
 TEMPLATE = Path(__file__).resolve().parent / "agent.toml.template"
 SERVICE_USER = "edge-agent"
@@ -81,6 +82,7 @@ def provision(
     edge_agent: Path,
     template: Path = TEMPLATE,
     certificates: Path | None = None,
+    groups: list[str] | None = None,
 ) -> DeviceRecord:
     """Provision this device (idempotently) and return its record for the fleet inventory.
 
@@ -93,7 +95,10 @@ def provision(
     profile = profile or existing.get("profile") or "auto"
     signing_backend = signing_backend or existing.get("signing", {}).get("backend") or "tpm"
     prefix = "" if layout.root == Path("/") else str(layout.root)
-    values = {"device_id": device_id, "profile": profile, "signing_backend": signing_backend, "root": prefix}
+    if groups is None:
+        groups = list(existing.get("deploy", {}).get("groups", []))
+    values = {"device_id": device_id, "profile": profile, "signing_backend": signing_backend, "root": prefix,
+              "deploy": deploy_section(layout, certificates, groups)}  # fmt: skip
     try:
         config = string.Template(template.read_text()).substitute(values)
     except (OSError, KeyError, ValueError) as exc:
@@ -133,10 +138,27 @@ def provision(
         agent_tls_csr_pem=agent_csr.decode("ascii"),
         broker_tls_csr_pem=broker_csr.decode("ascii"),
         broker_names=list(dict.fromkeys([hostname, f"{hostname}.local", *broker_names])),
+        groups=groups,
     )
     if certificates is not None:
         install_certificates(layout, certificates, record.public_key_sha256)
     return record
+
+
+def deploy_section(layout: DeviceLayout, certificates: Path | None, groups: list[str]) -> str:
+    """The ``[deploy]`` section: the device's groups and the fleet's release keys (from ``fleet init-release-key``,
+    copied by ``fleet sign-csr`` beside the device's certificates); empty when there is neither."""
+    source = certificates / "edge-agent" if certificates is not None else layout.tls_dir
+    release = sorted(path.name for path in source.glob(f"{DEPLOY_RELEASE_PREFIX}*.pem"))
+    has_root = (source / DEPLOY_ROOT_FILE).exists()
+    if not (release or has_root or groups):
+        return ""
+    trusted = ", ".join(json.dumps(str(layout.tls_dir / name)) for name in release)
+    root = f"root_key = {json.dumps(str(layout.tls_dir / DEPLOY_ROOT_FILE))}\n" if has_root else ""
+    return (
+        "\n# Fleet model deployments (docs/deploy.md): the release keys, the root key of the key lists, the groups.\n"
+        f"[deploy]\ntrusted_keys = [{trusted}]\n{root}groups = {json.dumps(groups)}\n"
+    )
 
 
 def install_certificates(layout: DeviceLayout, bundle: Path, identity_sha256: str) -> None:
@@ -234,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--record-out", type=Path, help="write the JSON record here instead of stdout")
     parser.add_argument("--certificates", type=Path, help="install the fleet's fleet/devices/<id> directory")
+    parser.add_argument("--group", action="append", help="a deployment group (repeatable; default: as configured)")
     return parser
 
 
@@ -249,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             edge_agent=args.edge_agent,
             template=args.template,
             certificates=args.certificates,
+            groups=args.group,
         )
     except AgentError as exc:
         print(f"provision-device: {exc}", file=sys.stderr)

@@ -35,8 +35,12 @@ from agent.config import DEVICE_ID_PATTERN
 from agent.errors import AgentError, ProvisioningError
 from provisioning import ca as x509ca
 from provisioning.ingest import cli as ingest_cli
+from provisioning.rollout import cli as rollout_cli
+from provisioning.rollout.release import ReleaseKeys
 from provisioning.records import (
     CA_NAMES,
+    DEPLOY_RELEASE_PREFIX,
+    DEPLOY_ROOT_FILE,
     CaName,
     ClientEntry,
     DeviceEntry,
@@ -133,6 +137,7 @@ class Fleet:
         updated = DeviceEntry(
             device_id=device_id,
             profile=record.profile,
+            groups=record.groups,
             public_key_pem=pem.decode("ascii"),
             public_key_sha256=record.public_key_sha256,
             identity=identity,
@@ -141,6 +146,7 @@ class Fleet:
         )
         inventory.devices[device_id] = updated
         self._copy(self.ca_certificate_path("identity"), self.device_dir(device_id) / "edge-agent" / "identity-ca.pem")
+        self._copy_release_keys(device_id)
         self._save(inventory)
         return updated
 
@@ -331,6 +337,16 @@ class Fleet:
         except FileNotFoundError as exc:
             raise ProvisioningError(f"the {ca} CA is missing ({exc.filename}): run `fleet init-ca`") from None
 
+    def _copy_release_keys(self, device_id: str) -> None:
+        """The deployment root key and the release keys in force, for the device's ``[deploy]`` section."""
+        release = ReleaseKeys(self.root)
+        if not release.exists():
+            return
+        target = self.device_dir(device_id) / "edge-agent"
+        self._copy(release.root_public_path, target / DEPLOY_ROOT_FILE)
+        for index, pem in enumerate(release.trusted_pems()):
+            self._write(target / f"{DEPLOY_RELEASE_PREFIX}{index}.pem", pem.encode("ascii"))
+
     def _copy(self, source: Path, target: Path) -> None:
         self._write(target, source.read_bytes())
 
@@ -377,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     crl.add_argument("--days", type=int, default=CRL_DAYS)
     commands.add_parser("show", help="print the inventory")
     ingest_cli.add_commands(commands)
+    rollout_cli.add_commands(commands)
     return parser
 
 

@@ -21,6 +21,10 @@ Status = Literal["active", "revoked"]
 CaName = Literal["identity", "broker"]
 RevocationReason = Literal["revoked", "superseded"]
 CA_NAMES: tuple[CaName, ...] = ("identity", "broker")
+# The deployment keys `fleet sign-csr` writes beside a device's certificates (devices/<id>/edge-agent/) and
+# provision-device installs into /etc/edge-agent/tls/ and names in [deploy] (provisioning/rollout/release.py).
+DEPLOY_ROOT_FILE = "deploy-root.pem"
+DEPLOY_RELEASE_PREFIX = "deploy-release-"
 
 
 class Document(BaseModel):
@@ -43,6 +47,7 @@ class DeviceRecord(Document):
     agent_tls_csr_pem: str = Field(description="the agent's TLS client key on its own broker")
     broker_tls_csr_pem: str = Field(description="the device broker's TLS server key")
     broker_names: list[str] = Field(description="host names and addresses clients reach the device broker by")
+    groups: list[Name] = Field(default_factory=list, description="deployment groups ([deploy] groups)")
 
 
 class IssuedCertificate(Document):
@@ -54,6 +59,7 @@ class IssuedCertificate(Document):
 class DeviceEntry(Document):
     device_id: Name
     profile: str
+    groups: list[Name] = Field(default_factory=list, description="deployment groups, from the device's record")
     status: Status = "active"
     public_key_pem: str
     public_key_sha256: str

@@ -31,6 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from agent.app import Agent
 from agent.config import BUNDLED_MODELS_DIR, LocalBroker, TlsSettings
 from agent.config_loader import load_settings
+from agent.deploy.trust import load_public_key, public_pem
 from agent.errors import ProvisioningError
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.mqtt.transport import new_client
@@ -39,6 +40,7 @@ from agent.tools.client import DeviceClient
 from provisioning import ca as x509ca
 from provisioning import device, fleet
 from provisioning.fleet import Fleet
+from provisioning.rollout.release import ReleaseKeys
 from provisioning.records import DeviceRecord, Inventory, load_document
 
 REPO = Path(__file__).resolve().parents[1]
@@ -483,3 +485,17 @@ FleetMachine.TestCase.settings = settings(
     max_examples=15, stateful_step_count=8, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_fleet_state_machine = FleetMachine.TestCase
+
+
+def test_provisioned_devices_trust_the_fleets_release_keys(site: Site) -> None:
+    keys = ReleaseKeys(site.fleet.root)
+    keys.init()
+    site.fleet.sign_csr(provision(site.layout, groups=["line-3"]))
+    provision(site.layout, certificates=site.fleet.device_dir("dev1"))
+    deploy = load_settings(site.layout.config).deploy
+    assert deploy.groups == ["line-3"]
+    assert [public_pem(load_public_key(key)) for key in deploy.trusted_keys] == keys.trusted_pems()
+    assert deploy.root_key is not None and Path(deploy.root_key).read_text() == keys.root_public_path.read_text()
+    assert fleet.load_document(fleet.Inventory, site.fleet.inventory_path).devices["dev1"].groups == ["line-3"]
+    provision(site.layout)  # again without options: the groups stay
+    assert load_settings(site.layout.config).deploy.groups == ["line-3"]

@@ -32,13 +32,7 @@ PASSWORD_VARIABLE = "EDGE_FLEET_BROKER_PASSWORD"
 def add_commands(commands: Any) -> None:
     """Add ``ingest`` and ``query`` to the fleet parser's subcommands; each sets ``handler``."""
     ingest = commands.add_parser("ingest", help="store what devices send upstream: verified, de-duplicated")
-    ingest.add_argument("--host", required=True, help="the cloud broker")
-    ingest.add_argument("--port", type=int, default=8883)
-    ingest.add_argument("--username")
-    ingest.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None, help="default: off on loopback only")
-    ingest.add_argument("--ca-file", type=Path)
-    ingest.add_argument("--cert-file", type=Path)
-    ingest.add_argument("--key-file", type=Path)
+    add_broker_arguments(ingest)
     ingest.add_argument("--client-id", default="fleet-ingest-1", help="fixed per worker: it names the session")
     ingest.add_argument("--group", default="fleet-ingest", help="shared subscription group of the workers")
     ingest.add_argument("--session-expiry", type=int, default=7 * 86400, help="seconds the broker keeps our session")
@@ -47,7 +41,7 @@ def add_commands(commands: Any) -> None:
     ingest.add_argument(
         "--max-packet-bytes", type=int, default=4 << 20, help="MQTT 5 Maximum Packet Size: the broker drops larger ones"
     )
-    _add_db(ingest)
+    add_db_argument(ingest)
     ingest.set_defaults(handler=_run_ingest)
 
     show = commands.add_parser("query", help="print stored (or quarantined, held) records as JSON")
@@ -60,22 +54,45 @@ def add_commands(commands: Any) -> None:
     table.add_argument("--quarantine", dest="table", action="store_const", const="quarantine")
     table.add_argument("--held", dest="table", action="store_const", const="held")
     table.add_argument("--totals", dest="table", action="store_const", const="totals", help="counts only")
-    _add_db(show)
+    add_db_argument(show)
     show.set_defaults(handler=_run_query, table="records")
 
 
-def _add_db(parser: argparse.ArgumentParser) -> None:
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cloud broker's options (the password comes from $EDGE_FLEET_BROKER_PASSWORD); see :func:`cloud_broker`."""
+    parser.add_argument("--host", required=True, help="the cloud broker")
+    parser.add_argument("--port", type=int, default=8883)
+    parser.add_argument("--username")
+    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None, help="default: off on loopback only")
+    parser.add_argument("--ca-file", type=Path)
+    parser.add_argument("--cert-file", type=Path)
+    parser.add_argument("--key-file", type=Path)
+
+
+def cloud_broker(args: argparse.Namespace, **settings: Any) -> CloudBroker:
+    """The broker :func:`add_broker_arguments` describes; ``settings`` are further CloudBroker fields."""
+    tls: bool | TlsSettings | None = args.tls
+    if args.ca_file or args.cert_file or args.key_file:
+        tls = TlsSettings(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    return CloudBroker(
+        host=args.host, port=args.port, username=args.username, password=os.environ.get(PASSWORD_VARIABLE),
+        tls=tls, reconnect_min_s=0.5, reconnect_max_s=30.0, **settings,
+    )  # fmt: skip
+
+
+def add_db_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db", help=f"postgresql://user@host/db, sqlite:///path or a file path (default: FLEET_DIR/{DEFAULT_DB})"
     )
 
 
-def _database(args: argparse.Namespace) -> str:
+def database_location(args: argparse.Namespace) -> str:
+    """The fleet database ``--db`` names, by default FLEET_DIR/records.db."""
     return args.db or str(Path(args.dir) / DEFAULT_DB)
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    open_database(_database(args), create=False)
+    open_database(database_location(args), create=False)
     if args.table == "totals":
         result: Any = totals()
     else:
@@ -89,14 +106,7 @@ def _run_query(args: argparse.Namespace) -> int:
 
 def ingest_settings(args: argparse.Namespace) -> IngestSettings:
     """The worker's settings from the command line (the broker password from $EDGE_FLEET_BROKER_PASSWORD)."""
-    tls: bool | TlsSettings | None = args.tls
-    if args.ca_file or args.cert_file or args.key_file:
-        tls = TlsSettings(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-    broker = CloudBroker(
-        host=args.host, port=args.port, username=args.username, password=os.environ.get(PASSWORD_VARIABLE),
-        tls=tls, session_expiry=args.session_expiry, reconnect_min_s=0.5, reconnect_max_s=30.0,
-        max_packet_bytes=args.max_packet_bytes,
-    )  # fmt: skip
+    broker = cloud_broker(args, session_expiry=args.session_expiry, max_packet_bytes=args.max_packet_bytes)
     return IngestSettings(
         broker=broker, client_id=args.client_id, group=args.group, buffer=args.buffer, batch_max=args.batch_max
     )
@@ -107,7 +117,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
     settings = ingest_settings(args)
     keys = DeviceKeys(Path(args.dir) / "inventory.json")
     keys.refresh()
-    store = RecordStore(open_database(_database(args)), keys, max_decoded_bytes=MAX_DECODED_BYTES)
+    store = RecordStore(open_database(database_location(args)), keys, max_decoded_bytes=MAX_DECODED_BYTES)
     worker = IngestWorker(settings, store)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

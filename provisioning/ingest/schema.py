@@ -1,9 +1,10 @@
-"""The fleet's record store: four Peewee tables, on SQLite (one file) or PostgreSQL (``--db postgresql://...``).
+"""The fleet's record store: five Peewee tables, on SQLite (one file) or PostgreSQL (``--db postgresql://...``).
 
 - ``fleet_records``: every verified record, once (``msg_id`` is the primary key);
 - ``fleet_quarantine``: what failed verification or decoding, with the reason, never trusted;
 - ``fleet_held``: records signed by a delegated key whose certificate (``x5t#S256``) has not arrived yet;
-- ``fleet_certificates``: delegation certificates devices sent upstream, checked against their device key.
+- ``fleet_certificates``: delegation certificates devices sent upstream, checked against their device key;
+- ``fleet_deploy_events``: the ``deploy`` records among the stored ones, in columns (what rollouts read).
 
 Times are POSIX seconds (doubles) so that both databases compare and index them the same way. docs/fleet.md
 documents every column. Models are bound to one database per process (:func:`open_database`).
@@ -101,7 +102,28 @@ class Certificate(FleetModel):
         table_name = "fleet_certificates"
 
 
-MODELS: list[type[FleetModel]] = [Record, Quarantined, Held, Certificate]
+class DeployEvent(FleetModel):
+    """A device's deployment report (a verified ``deploy`` record, also in ``fleet_records``), queryable by column."""
+
+    msg_id = peewee.CharField(max_length=64, primary_key=True)
+    device_id = peewee.CharField(max_length=64)
+    deployment_id = peewee.CharField(max_length=64, null=True)
+    sequence = peewee.BigIntegerField(null=True)
+    event = peewee.CharField(max_length=16, help_text="transition or refused")
+    state = peewee.CharField(max_length=16, null=True)
+    reason = peewee.TextField(null=True)
+    model_id = peewee.CharField(max_length=64, null=True)
+    version = peewee.CharField(max_length=64, null=True)
+    at = peewee.DoubleField(help_text="when the device entered the state (its clock)")
+    seq = peewee.BigIntegerField(help_text="the record's outbox sequence: orders one device's reports")
+    received_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "fleet_deploy_events"
+        indexes = ((("deployment_id", "device_id"), False), (("device_id", "seq"), False))
+
+
+MODELS: list[type[FleetModel]] = [Record, Quarantined, Held, Certificate, DeployEvent]
 
 
 def database_url(value: str) -> str:

@@ -26,7 +26,7 @@ from agent.errors import AgentError, UpstreamFormatError
 from agent.mqtt.topics import upstream_topic_parts
 from agent.signing.delegation import certificate_thumbprint
 from agent.upstream.uplink_wire import DEFAULT_MAX_DECODED_BYTES, UpstreamRecord, decode_upstream
-from provisioning.ingest.schema import DATABASE_ERRORS, Certificate, Held, Quarantined, Record
+from provisioning.ingest.schema import DATABASE_ERRORS, Certificate, DeployEvent, Held, Quarantined, Record
 from provisioning.ingest.trust import CertificateCache, DeviceKeys, Verdict, Verifier
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class Planned:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     held: list[dict[str, Any]] = field(default_factory=list)
     certificates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deploy_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class RecordStore:
@@ -185,6 +186,8 @@ class RecordStore:
         unique = {row["msg_id"]: row for row in writes.records}
         present = _existing(Record, unique)
         _insert(Record, [row for msg_id, row in unique.items() if msg_id not in present])
+        events = {row["msg_id"]: row for row in writes.deploy_events if row["msg_id"] not in present}
+        _insert(DeployEvent, list(events.values()))
         tally.stored = len(unique) - len(present)
         tally.duplicates = len(writes.records) - tally.stored
         held = {row["msg_id"]: row for row in writes.held if row["msg_id"] not in unique}
@@ -222,6 +225,7 @@ def _merged(parts: Iterable[Planned]) -> Planned:
         merged.quarantine += part.quarantine
         merged.held += part.held
         merged.certificates.update(part.certificates)
+        merged.deploy_events += part.deploy_events
     return merged
 
 
@@ -238,6 +242,8 @@ def _plan(verdict: Verdict, item: Incoming, writes: Planned) -> None:
                 "method": verdict.method, "body": json.dumps(record.body, separators=(",", ":"), ensure_ascii=False),
             }
         )  # fmt: skip
+        if record.cls == "deploy" and isinstance(record.body, dict):
+            writes.deploy_events.append(_deploy_event_row(record, item.received_at))
     elif verdict.outcome == "hold":
         writes.held.append(
             {
@@ -254,6 +260,25 @@ def _plan(verdict: Verdict, item: Incoming, writes: Planned) -> None:
                 content=record.model_dump_json(by_alias=True),
             )
         )  # fmt: skip
+
+
+def _deploy_event_row(record: UpstreamRecord, received_at: float) -> dict[str, Any]:
+    """A deploy record's body in columns (agent.deploy.deployer sends ``transition`` and ``refused`` events)."""
+    body = record.body
+
+    def text(name: str, limit: int = 64) -> str | None:
+        value = body.get(name)
+        return None if value is None else str(value)[:limit]
+
+    sequence = body.get("sequence")
+    at = body.get("at")
+    return {
+        "msg_id": record.msg_id, "device_id": record.device_id, "deployment_id": text("deployment_id"),
+        "sequence": sequence if isinstance(sequence, int) and abs(sequence) < 2**63 else None,
+        "event": text("event", 16) or "unknown", "state": text("state", 16), "reason": text("reason", 4096),
+        "model_id": text("model_id"), "version": text("version"),
+        "at": float(at) if isinstance(at, (int, float)) else received_at, "seq": record.seq, "received_at": received_at,
+    }  # fmt: skip
 
 
 def _certificate_row(certificate: x509.Certificate, device_id: str, received_at: float) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""The operator side of fleet model deployment: release keys, bundles, the chunk service and staged rollouts."""
