@@ -123,22 +123,38 @@ class Ledger:
         self._expire(now)
 
     def enqueue(self, rows: list[tuple[str, bytes, float | None, str]]) -> list[int | None]:
+        """Insert ``rows`` (class, body, ttl, msg_id); their ids in order, None for a row refused as too large.
+
+        One ``executemany`` for all of them: every statement releases the GIL, and under request load taking
+        it back waits behind the request threads. Inside this transaction nothing else writes, so
+        AUTOINCREMENT gives the rows consecutive ids ending at ``last_insert_rowid()``.
+        """
         now, wall = self.clock.now(), self.clock.wall()
-        ids: list[int | None] = []
+        values = []
+        fits: list[bool] = []
         for cls, body, ttl, msg_id in rows:
-            if len(body) > self.settings.max_bytes:
+            size = len(body)
+            fits.append(size <= self.settings.max_bytes)
+            if not fits[-1]:
                 self._drop("too_large", cls, 1)
-                ids.append(None)
                 continue
             expires = now + ttl if ttl else None
             if expires is not None and expires < self.next_expiry:
                 self.next_expiry = expires
-            cursor = self.db.execute_sql(_INSERT, (msg_id, cls, body, len(body), wall, now, expires))
-            ids.append(cursor.lastrowid)
+            values.append((msg_id, cls, body, size, wall, now, expires))
             self.count += 1
-            self.bytes += len(body)
+            self.bytes += size
             self.queued[cls] += 1
         self._dirty = self.queued_grew = True
+        if not values:
+            return [None] * len(rows)
+        connection = self.db.connection()
+        connection.executemany(_INSERT, values)
+        next_id = connection.execute("SELECT last_insert_rowid()").fetchone()[0] - len(values) + 1
+        ids: list[int | None] = []
+        for fit in fits:
+            ids.append(next_id if fit else None)
+            next_id += fit
         return ids
 
     def claim(self, limit: int) -> list[OutboxRecord]:
