@@ -8,9 +8,13 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.upstream.outbox import Outbox
+from agent.upstream.outbox_commands import APPEND, Command, fair_transaction
 
 TIMEOUT_S = 30.0
 
@@ -115,3 +119,61 @@ def test_a_failing_callback_does_not_cost_the_others_their_answer(tmp_path: Path
         release.set()
         assert settled.wait_for(1) == [("second", None)]
         assert store.stats().messages == 3
+
+
+def test_a_light_clients_row_is_not_committed_behind_a_floods_backlog(tmp_path: Path) -> None:
+    """While the writer is busy, a flood queues hundreds of rows, then a paced client queues one: the paced
+    row goes into the very next transaction, and its callback (where its reply is published) runs before
+    the flood's rows beyond that transaction's share."""
+    path = tmp_path / "outbox.db"
+    settled = Settled()
+    per_transaction = 16
+    with Outbox(path, OutboxSettings(batch_max=per_transaction)) as store:
+        _, release = hold_writer(store)
+        for index in range(300):
+            store.enqueue_then("res", body(flood=index), source="flood", then=settled.then(f"flood-{index}"))
+        store.enqueue_then("res", body(paced=0), source="paced", then=settled.then("paced"))
+        release.set()
+        order = [name for name, _ in settled.wait_for(301)]
+    assert order.index("paced") < per_transaction
+    flood = [name for name in order if name != "paced"]
+    assert flood == [f"flood-{index}" for index in range(300)]
+    # A client's own rows keep their order on disk too (ids increase with arrival within a source).
+    stored = [json.loads(row[2]) for row in stored_rows(path) if row[1] == "res"]
+    assert [row["flood"] for row in stored if "flood" in row] == list(range(300))
+
+
+def test_every_waiting_source_gets_a_row_into_the_next_transaction(tmp_path: Path) -> None:
+    settled = Settled()
+    with Outbox(tmp_path / "outbox.db", OutboxSettings(batch_max=8)) as store:
+        _, release = hold_writer(store)
+        for index in range(50):
+            store.enqueue_then("res", body(a=index), source="a", then=settled.then(f"a-{index}"))
+            store.enqueue_then("res", body(b=index), source="b", then=settled.then(f"b-{index}"))
+        for source in ("c", "d", "e"):
+            store.enqueue_then("res", body(source=source), source=source, then=settled.then(source))
+        release.set()
+        order = [name for name, _ in settled.wait_for(103)]
+    assert {"c", "d", "e"} <= set(order[:8])
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["enqueue", "claim", "delivered"]), st.sampled_from("abcd"), st.integers(1, 3))),
+    st.integers(1, 20),
+)
+def test_fair_transaction_takes_each_command_once_in_source_order_within_the_row_bound(
+    specs: list[tuple[str, str, int]], max_rows: int
+) -> None:
+    waiting = [Command(op, (), source=source, rows=rows if op == APPEND else 0) for op, source, rows in specs]
+    now, later = fair_transaction(waiting, max_rows)
+    assert sorted(map(id, now + later)) == sorted(map(id, waiting))
+    assert all(command.op == APPEND for command in later)
+    taken = [command for command in now if command.op == APPEND]
+    total = sum(c.rows for c in taken)
+    assert total <= max_rows or len(taken) == 1
+    for source in "abcd":
+        mine = [c for c in waiting if c.op == APPEND and c.source == source]
+        assert [c for c in taken if c.source == source] + [c for c in later if c.source == source] == mine
+        # A source with rows waiting is left out only when its next command did not fit any more.
+        if mine and not any(c.source == source for c in taken):
+            assert total + mine[0].rows > max_rows

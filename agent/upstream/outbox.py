@@ -5,7 +5,8 @@ What callers can rely on:
 * **Durable on return.** ``enqueue`` returns only once its row is committed with ``synchronous=FULL`` in
   WAL mode (fsynced). One writer thread folds every write waiting at that moment into one transaction and
   one fsync (group commit), so many request threads share the cost. At most ``batch_max`` new rows go into
-  one transaction (:mod:`agent.upstream.outbox_commands`).
+  one transaction, taken round-robin by their source (``enqueue_then``): a client's row is never held behind
+  another client's backlog (:mod:`agent.upstream.outbox_commands`).
 * **Never deleted on dequeue.** ``claim_batch`` marks rows *claimed*; only ``mark_delivered`` (a PUBACK
   below 0x80) deletes them. Claims do not survive the process: at open, and on ``release_claims``, claimed
   rows are *queued* again and resent (at-least-once; the stable ``msg_id`` lets the cloud drop repeats).
@@ -161,7 +162,8 @@ class Outbox:
         after the commit (keep it short), or at once if the outbox is closed.
 
         The request path's way in: no future to wait on. ``source`` names whose message it is (the client
-        a reply answers).
+        a reply answers): commits are shared fairly between sources, so a flood's rows never stand between
+        another client's row and its commit.
         """
         rows = [(cls, body, self.settings.ttl_s.get(cls), str(uuid6.uuid7()))]
 

@@ -4,8 +4,13 @@ A :class:`Command` is settled either through a :class:`~concurrent.futures.Futur
 result) or through a plain callback (the request path, which stores a reply's upstream copy and publishes the
 reply from the callback: no future, no condition variable, no waiting thread per reply).
 
-The writer takes every write waiting at a time into one transaction, but at most ``max_rows`` new rows,
-oldest first; the rest wait for the next one.
+Fair commits. Every reply waits for the commit of its upstream copy, so a transaction is also a queue: a
+client flooding the agent must not put its rows between a light client's row and that row's fsync. The
+writer therefore takes the rows for a transaction round-robin by their ``source`` (the client a reply
+answers), at most ``max_rows`` of them: a source with one row waiting gets it into the very next
+transaction, ahead of a flood's backlog, and its callback (its reply) runs among the first after the
+commit. Rows of one source keep their order, and a row id is given when its transaction runs, so a
+class's records still leave in the order they were stored.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ class Command:
 def fair_transaction(waiting: Iterable[Command], max_rows: int) -> tuple[list[Command], list[Command]]:
     """Split ``waiting`` (in arrival order) into the next transaction's commands and those left for later.
 
-    Every command that stores nothing goes now, in arrival order, first. Appends follow in arrival order
-    until ``max_rows`` rows are taken (at least one append, so a single large one still goes).
+    Every command that stores nothing goes now, in arrival order, first. Appends follow round-robin by
+    ``source``, each source's in arrival order, until the next would take more than ``max_rows`` rows (at
+    least one append goes, however large). The rest stay, in arrival order.
     """
     now: list[Command] = []
     appends: list[Command] = []
@@ -70,20 +76,22 @@ def fair_transaction(waiting: Iterable[Command], max_rows: int) -> tuple[list[Co
     for command in waiting:
         if command.op == APPEND:
             appends.append(command)
-            by_source.setdefault("", deque()).append(command)
+            by_source.setdefault(command.source, deque()).append(command)
         else:
             now.append(command)
     taken: set[int] = set()
     rows = 0
-    while by_source and (rows < max_rows or not taken):
+    full = False
+    while by_source and not full:
         for source in list(by_source):
             queue = by_source[source]
+            if taken and rows + queue[0].rows > max_rows:
+                full = True
+                break
             command = queue.popleft()
             if not queue:
                 del by_source[source]
             now.append(command)
             taken.add(id(command))
             rows += command.rows
-            if rows >= max_rows:
-                break
     return now, [command for command in appends if id(command) not in taken]

@@ -82,7 +82,8 @@ class Upstream:
         it failed (counted and logged; local answers go on). Returns at once.
 
         The reply's own signature covers it, bound to device, client, request and request digest, so the
-        copy is not signed again; the few fields around it only index it.
+        copy is not signed again; the few fields around it only index it. The copy's commit is shared
+        fairly between clients (see :meth:`Outbox.enqueue_then`).
         """
 
         def stored(error: OutboxError | None) -> None:
