@@ -67,8 +67,8 @@ def fair_transaction(waiting: Iterable[Command], max_rows: int) -> tuple[list[Co
     """Split ``waiting`` (in arrival order) into the next transaction's commands and those left for later.
 
     Every command that stores nothing goes now, in arrival order, first. Appends follow round-robin by
-    ``source``, each source's in arrival order, until the next would take more than ``max_rows`` rows (at
-    least one append goes, however large). The rest stay, in arrival order.
+    ``source``, each source's in arrival order, while they fit in ``max_rows`` rows (at least one append
+    goes, however large). The rest stay, in arrival order.
     """
     now: list[Command] = []
     appends: list[Command] = []
@@ -81,17 +81,18 @@ def fair_transaction(waiting: Iterable[Command], max_rows: int) -> tuple[list[Co
             now.append(command)
     taken: set[int] = set()
     rows = 0
-    full = False
-    while by_source and not full:
+    progressed = True
+    while by_source and progressed:
+        progressed = False
         for source in list(by_source):
             queue = by_source[source]
             if taken and rows + queue[0].rows > max_rows:
-                full = True
-                break
+                continue  # this source's next command does not fit; a smaller one of another may
             command = queue.popleft()
             if not queue:
                 del by_source[source]
             now.append(command)
             taken.add(id(command))
             rows += command.rows
+            progressed = True
     return now, [command for command in appends if id(command) not in taken]
