@@ -3,6 +3,7 @@ statement, and which rows a transaction takes (real SQLite files)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -177,3 +178,36 @@ def test_fair_transaction_takes_each_command_once_in_source_order_within_the_row
         # A source with rows waiting is left out only when its next command did not fit any more.
         if mine and not any(c.source == source for c in taken):
             assert total + mine[0].rows > max_rows
+
+
+def test_the_callbacks_of_one_commit_run_inside_one_scope_block(tmp_path: Path) -> None:
+    """The local link publishes the replies of one commit together (one wake-up of its network thread)."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+
+    @contextlib.contextmanager
+    def scope():
+        nonlocal current
+        current = []
+        yield
+        blocks.append(current)
+        current = None
+
+    def inside(name: str):
+        def settle(error: OutboxError | None) -> None:
+            assert current is not None, "a callback ran outside the scope"
+            current.append(name)
+
+        return settle
+
+    settled = Settled()
+    with Outbox(tmp_path / "outbox.db") as store:
+        _, release = hold_writer(store)
+        store.run_callbacks_within(scope)
+        for index in range(10):
+            store.enqueue_then("res", body(i=index), source=f"client-{index % 3}", then=inside(f"row-{index}"))
+        store.enqueue_then("res", body(last=True), source="client-0", then=settled.then("last"))
+        release.set()
+        settled.wait_for(1)
+    assert sorted(name for block in blocks for name in block) == sorted(f"row-{index}" for index in range(10))
+    assert len([block for block in blocks if block]) == 1

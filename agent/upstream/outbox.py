@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import uuid6
@@ -224,6 +225,12 @@ class Outbox:
     def add_queued_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the writer thread; it must not block) whenever rows become queued."""
         self._writer.add_queued_listener(callback)
+
+    def run_callbacks_within(self, scope: Callable[[], AbstractContextManager[None]]) -> None:
+        """Run the callbacks of each commit (``enqueue_then``'s ``then``) inside one ``scope()`` block, e.g.
+        the local link's :meth:`~agent.mqtt.local_link.LocalLink.publishing_together`: the replies they
+        publish then leave together."""
+        self._writer.callback_scope = scope
 
     def add_corruption_listener(self, callback: Callable[[CorruptionEvent], None]) -> None:
         """Call ``callback(event)`` for every corrupt file this outbox moved aside and salvaged, those found while

@@ -8,6 +8,7 @@ corrupt file. The guarantees it keeps are documented in :mod:`agent.upstream.out
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,7 @@ class OutboxWriter:
         self._submit_lock = threading.Lock()
         self._closed = False
         self._queued: Listeners[None] = Listeners()
+        self.callback_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
         self.corruptions: Listeners[CorruptionEvent] = Listeners(replay=True)
         self._lock_fd: int | None = None
         self._ledger: Ledger | None = None
@@ -251,13 +254,14 @@ class OutboxWriter:
         if ledger.queued_grew:
             # Before the callbacks: the uplink starts claiming while the replies are being published.
             self._queued.notify(None)
-        for command, result in zip(writes, results):
-            if command.op == APPEND and evicted:
-                result = [None if row_id is None or row_id in evicted else row_id for row_id in result]
-            try:
-                command.resolve(result)
-            except Exception as exc:  # a callback's bug must not cost the other callers their answer
-                INTERNAL_ERRORS.record("outbox_writer", exc)
+        with self.callback_scope():
+            for command, result in zip(writes, results):
+                if command.op == APPEND and evicted:
+                    result = [None if row_id is None or row_id in evicted else row_id for row_id in result]
+                try:
+                    command.resolve(result)
+                except Exception as exc:  # a callback's bug must not cost the other callers their answer
+                    INTERNAL_ERRORS.record("outbox_writer", exc)
 
     def _after_failed_write(self, exc: Exception) -> None:
         try:
