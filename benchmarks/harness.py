@@ -22,6 +22,7 @@ from agent.errors import AgentError
 from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess, terminate
 from agent.mqtt.transport import new_client
+from benchmarks.placement import Placement
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,8 +93,12 @@ class TopicWatcher:
 class AgentUnderTest:
     """``python -m agent run`` as a subprocess, configured only through ``EDGE_AGENT_`` environment variables."""
 
-    def __init__(self, broker: MosquittoProcess, device_id: str, settings: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, broker: MosquittoProcess, device_id: str, settings: dict[str, str], log_path: Path,
+        placement: Placement | None = None,
+    ) -> None:
         self.broker = broker
+        self.placement = placement
         self.device_id = device_id
         self.env = _clean_environment(
             {
@@ -113,9 +118,10 @@ class AgentUnderTest:
         try:
             with open(self.log_path, "ab") as log:
                 spawned = time.perf_counter()
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "agent", "run"], stdout=log, stderr=log, cwd=REPO_ROOT, env=self.env
-                )
+                command = [sys.executable, "-m", "agent", "run"]
+                if self.placement is not None:
+                    command = self.placement.command(command)
+                self.proc = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT, env=self.env)
             deadline = spawned + timeout
             while not watcher.wait_online(0.05):
                 if self.proc.poll() is not None or time.perf_counter() > deadline:
@@ -160,12 +166,16 @@ class AgentUnderTest:
 class Responder:
     """A reference responder (``benchmarks.responders``) as a subprocess, started once it has subscribed."""
 
-    def __init__(self, broker: MosquittoProcess, kind: str, device_id: str, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.responders", kind, "--host", broker.host, "--port", str(broker.port),
-             "--device", device_id, *extra],
-            cwd=REPO_ROOT, env=_clean_environment({}), stdout=subprocess.PIPE,
-        )
+    def __init__(
+        self, broker: MosquittoProcess, kind: str, device_id: str, *extra: str, placement: Placement | None = None
+    ) -> None:
+        command = [
+            sys.executable, "-m", "benchmarks.responders", kind, "--host", broker.host, "--port", str(broker.port),
+            "--device", device_id, *extra,
+        ]
+        if placement is not None:
+            command = placement.command(command)
+        self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_clean_environment({}), stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != b"ready":
@@ -204,7 +214,12 @@ def start_load(
 
 
 def load_result(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> dict[str, Any]:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except BaseException:  # interrupted or timed out: the generator must not outlive the run
+        proc.kill()
+        proc.wait()
+        raise
     if proc.returncode != 0:
         raise AgentError(f"load generator failed with exit code {proc.returncode}")
     return json.loads(out)
@@ -215,11 +230,16 @@ def run_load(broker: MosquittoProcess, device_id: str, payload: Path, **options:
     return load_result(start_load(broker, device_id, payload, **options))
 
 
-def raw_invoke_rate(model: Path, *, threads: int, num_threads: int, duration: float) -> dict[str, Any]:
-    """The raw invoke rate of ``model`` (``benchmarks.rawinvoke``) in its own process."""
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.rawinvoke", "--model", str(model), "--threads", str(threads),
-         "--num-threads", str(num_threads), "--duration", str(duration)],
-        cwd=REPO_ROOT, env=_clean_environment({}), capture_output=True, check=True,
-    )
+def raw_invoke_rate(
+    model: Path, *, threads: int, num_threads: int, duration: float, placement: Placement | None = None
+) -> dict[str, Any]:
+    """The raw invoke rate of ``model`` (``benchmarks.rawinvoke``) in its own process, on the responder's
+    CPUs when pinned (it is the reference for the agent's face path)."""
+    command = [
+        sys.executable, "-m", "benchmarks.rawinvoke", "--model", str(model), "--threads", str(threads),
+        "--num-threads", str(num_threads), "--duration", str(duration),
+    ]
+    if placement is not None:
+        command = placement.command(command)
+    done = subprocess.run(command, cwd=REPO_ROOT, env=_clean_environment({}), capture_output=True, check=True)
     return json.loads(done.stdout)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import sys
 import threading
@@ -191,6 +192,7 @@ class LoadGenerator:
             "error_reasons": dict(self._reasons),
             "signed_fraction": round(self._signed / replies, 3),
             "mean_reply_bytes": round(self._reply_bytes / replies),
+            "cpus": sorted(os.sched_getaffinity(0)),
         }
 
 

@@ -193,6 +193,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"load average (1, 5, 15 min) at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}",
         f"source: commit {m['source']['commit']}, "
         f"uncommitted changes: {', '.join(m['source']['uncommitted_changes']) or 'none'}",
+        placement_line(results["placement"]),
         "",
         "configurations measured:",
     ]
@@ -236,3 +237,16 @@ def face_bytes_line(face: dict[str, Any]) -> str:
         f"4 face bytes per request / reply: tensors {sent['tensor']:,} / {tensor['mean_reply_bytes']:,}, "
         f"JPEG and detections {sent['image']:,} / {image['mean_reply_bytes']:,}"
     )
+
+
+def placement_line(placement: dict[str, Any]) -> str:
+    """Where the processes ran: the pinning plan and each process's CPUs as the kernel reported them."""
+    if not placement["pinned"]:
+        line = f"not pinned ({placement['reason']})"
+    else:
+        responder, others = placement["responder_cpus"], placement["other_cpus"]
+        line = f"pinned: responder under test on CPU {responder}, the rest on {others}"
+    processes = placement.get("process_cpus", {})
+    if processes:
+        line += "; CPUs per process: " + ", ".join(f"{name} {cpus}" for name, cpus in processes.items())
+    return line

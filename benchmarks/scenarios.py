@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -36,6 +37,14 @@ from benchmarks.harness import (
     raw_invoke_rate,
     run_load,
     start_load,
+)
+from benchmarks.placement import (
+    NOT_PINNED,
+    PinnedOrchestrator,
+    Placement,
+    allowed_cpus,
+    child_processes,
+    process_name,
 )
 
 TINY_MODEL = "vibration-anomaly"
@@ -74,6 +83,7 @@ class Bench:
     """One run's brokers, working directory, payload files and the processes started so far."""
 
     timings: Timings
+    placement: Placement = NOT_PINNED
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edge-agent-bench-")))
     broker: MosquittoProcess = field(init=False)
     cloud: MosquittoProcess = field(init=False)
@@ -86,8 +96,12 @@ class Bench:
     agents: list[AgentUnderTest] = field(init=False, default_factory=list)
     server_pids: dict[str, int] = field(init=False, default_factory=dict)  # device id -> responding process
     notes: list[str] = field(init=False, default_factory=list)
+    load_generator_cpus: list[int] | None = field(init=False, default=None)
+    _orchestrator: PinnedOrchestrator = field(init=False)
 
     def __post_init__(self) -> None:
+        # First, so that the brokers, swtpm and every load generator started from here inherit the CPUs.
+        self._orchestrator = PinnedOrchestrator(self.placement)
         self.broker = MosquittoProcess(self.workdir / "broker", persistence=False)
         self.cloud = MosquittoProcess(self.workdir / "cloud", persistence=False)
         try:
@@ -134,6 +148,20 @@ class Bench:
         self.broker.close()
         self.cloud.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        self._orchestrator.close()
+
+    def process_cpus(self) -> dict[str, str | None]:
+        """The CPUs the kernel lets each process of this run use, by role, read from ``/proc`` now."""
+        roles = {pid: device_id for device_id, pid in self.server_pids.items()}
+        for broker, role in ((self.broker, "local broker"), (self.cloud, "cloud broker")):
+            if broker.pid is not None:
+                roles[broker.pid] = role
+        cpus = {"benchmark runner": allowed_cpus(os.getpid())}
+        for pid in child_processes(os.getpid()):
+            cpus[roles.get(pid) or f"{process_name(pid)} ({pid})"] = allowed_cpus(pid)
+        if self.load_generator_cpus is not None:
+            cpus["load generator"] = ",".join(str(cpu) for cpu in self.load_generator_cpus)
+        return cpus
 
     # ---- configurations ---------------------------------------------------------------------------
 
@@ -166,7 +194,7 @@ class Bench:
         }
 
     def start_agent(self, device_id: str, settings: dict[str, str]) -> AgentUnderTest:
-        agent = AgentUnderTest(self.broker, device_id, settings, self.workdir / f"{device_id}.log")
+        agent = AgentUnderTest(self.broker, device_id, settings, self.workdir / f"{device_id}.log", self.placement)
         self.agents.append(agent)
         agent.start()
         self.server_pids[device_id] = agent.pid
@@ -211,6 +239,7 @@ class Bench:
         replies = max(1, result["replies_total"])
         result["server_cpu_us_per_reply"] = round(cpu_us / replies, 1)
         result["server_context_switches_per_reply"] = round((context_switches(pid) - switches_before) / replies, 2)
+        self.load_generator_cpus = result.get("cpus")
         return result
 
     def interleaved(self, targets: dict[str, str], inflight: int) -> dict[str, dict[str, Any]]:
@@ -237,7 +266,10 @@ class Bench:
 
     def raw_face(self, threads: int, num_threads: int) -> dict[str, Any]:
         model = self.models_dir / FACE_MODEL_FILE
-        return raw_invoke_rate(model, threads=threads, num_threads=num_threads, duration=self.timings.raw_invoke_s)
+        return raw_invoke_rate(
+            model, threads=threads, num_threads=num_threads, duration=self.timings.raw_invoke_s,
+            placement=self.placement,
+        )
 
     def fairness(self, device_id: str, rounds: int = FAIRNESS_ROUNDS) -> dict[str, Any]:
         """A paced client's p99 beside a flood over its p99 alone, ``rounds`` times: the round with the median
@@ -277,7 +309,9 @@ class Bench:
         """Seconds from spawning the agent to its live ``online`` status, for ``count`` fresh processes."""
         samples = []
         for index in range(count):
-            agent = AgentUnderTest(self.broker, f"startup-{index}", settings, self.workdir / "startup.log")
+            agent = AgentUnderTest(
+                self.broker, f"startup-{index}", settings, self.workdir / "startup.log", self.placement
+            )
             try:
                 samples.append(round(agent.start(), 3))
             finally:
@@ -319,10 +353,11 @@ def bundled_model_labels() -> str:
 
 def start_reference_responders(bench: Bench) -> tuple[Responder, Responder]:
     """The ceiling (echo) and the baseline (plain paho + LiteRT) responders, both idle until measured."""
-    echo = Responder(bench.broker, "echo", "ceiling")
+    echo = Responder(bench.broker, "echo", "ceiling", placement=bench.placement)
     model_file = BUNDLED_MODELS_DIR / _tiny_model_entry()["file"]
     baseline = Responder(
-        bench.broker, "baseline", "baseline", "--model", str(model_file), "--labels", bundled_model_labels()
+        bench.broker, "baseline", "baseline", "--model", str(model_file), "--labels", bundled_model_labels(),
+        placement=bench.placement,
     )
     bench.responders += [echo, baseline]
     bench.server_pids.update({"ceiling": echo.pid, "baseline": baseline.pid})

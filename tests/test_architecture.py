@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"agent.exchange"},
     {"agent.signing", "agent.mqtt", "agent.observe"},
     {"agent.models", "agent.upstream"},
-    {"agent.serving"},
+    {"agent.serving", "agent.deploy"},
     {"agent.app"},
     {"agent.tools"},
     {"agent.cli"},

@@ -122,7 +122,9 @@ def test_new_version_is_swapped_in_under_load_and_a_bad_one_is_refused(served: t
             write_manifest(models, manifest)
             assert _wait_for(lambda: "still serving version 2.0.0" in caplog.text)
         counts = [len(answers) for answers in hammer.answers]
-        assert _wait_for(lambda: all(len(a) > c + 5 for a, c in zip(hammer.answers, counts, strict=True)))
+        assert _wait_for(lambda: all(len(a) > c + 5 for a, c in zip(hammer.answers, counts, strict=True))), (
+            f"answers per client {[len(a) for a in hammer.answers]} (from {counts}); failures {hammer.failures[:3]}"
+        )
     finally:
         hammer.stop()
     _check_answers(hammer)

@@ -1,4 +1,4 @@
-"""The chunked reads of every paho client the agent makes (agent.mqtt.transport.ChunkedReadClient), against a
+"""The chunked reads of every paho client the agent makes (agent.mqtt.chunked.ChunkedReadClient), against a
 real mosquitto: packets that arrived together are read with one ``recv`` and none is left behind in the chunk."""
 
 from __future__ import annotations
@@ -8,17 +8,25 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
+from agent.mqtt.chunked import ChunkedReadClient
+from agent.mqtt.inbound_guard import InboundLimits
 from agent.mqtt.localbroker import MosquittoProcess
-from agent.mqtt.transport import ChunkedReadClient, new_client
+from agent.mqtt.transport import new_client, new_guarded_client
 
 MESSAGES = 2000
+# The local link and responders (plain), and the uplink (guarded: the cloud is input too).
+CLIENTS = {
+    "plain": new_client,
+    "guarded": lambda client_id: new_guarded_client(client_id, InboundLimits(max_packet_bytes=1 << 20, receive_maximum=64)),
+}
 
 
-
-
-def _subscriber(broker: MosquittoProcess, received: list[bytes], done: threading.Event) -> ChunkedReadClient:
-    client = new_client("chunked-subscriber")
+def _subscriber(
+    broker: MosquittoProcess, received: list[bytes], done: threading.Event, kind: str = "plain"
+) -> ChunkedReadClient:
+    client = CLIENTS[kind]("chunked-subscriber")
     subscribed = threading.Event()
     client.on_connect = lambda c, u, f, r, p: c.subscribe("chunked/#", qos=1)
     client.on_subscribe = lambda *args: subscribed.set()
@@ -46,10 +54,11 @@ def _publish_burst(broker: MosquittoProcess) -> None:
     publisher.loop_stop()
 
 
-def test_a_burst_that_waited_unread_is_read_in_chunks_and_delivered_whole(local_broker: MosquittoProcess) -> None:
+@pytest.mark.parametrize("kind", sorted(CLIENTS))
+def test_a_burst_that_waited_unread_is_read_in_chunks_and_delivered_whole(local_broker: MosquittoProcess, kind: str) -> None:
     received: list[bytes] = []
     done = threading.Event()
-    client = _subscriber(local_broker, received, done)
+    client = _subscriber(local_broker, received, done, kind)
     reads = 0
     paho_recv = mqtt.Client._sock_recv
 

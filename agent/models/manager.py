@@ -30,6 +30,7 @@ from agent.models.accelerators import CPU, AcceleratorHistory, accelerator_for, 
 from agent.models.budget import MemoryBudget, ModelSlot, SlotTable
 from agent.models.catalog import Catalog, ModelEntry, build_catalog, read_manifest, verified_model_bytes
 from agent.models.inference import LoadedModel
+from agent.models.gate import FairGate
 from agent.models.modelfile import complete_from_file
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory
@@ -70,7 +71,7 @@ class ModelManager:
         self._catalog = Catalog(
             {entry.id: entry for entry in manifest.models}, {e.id: e for e in manifest.ensembles}, {}, {}
         )
-        self._gate = threading.BoundedSemaphore(max_concurrent_inferences)
+        self._gate = FairGate(max_concurrent_inferences)
         self._cond = threading.Condition()
         self._reload_lock = threading.Lock()
         self._slots = SlotTable()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 
 from agent.errors import PeerViolation
+from agent.mqtt.chunked import ChunkedReadClient
 
 _PUBLISH, _PUBREL = 3, 6
 
@@ -119,8 +120,8 @@ class InboundGuard:
         raise PeerViolation(self.violation)
 
 
-class GuardedClient(mqtt.Client):
-    """A paho client whose every read from the socket passes through an :class:`InboundGuard` first."""
+class GuardedClient(ChunkedReadClient):
+    """A chunk-reading paho client whose every read passes through an :class:`InboundGuard` before paho sees it."""
 
     def __init__(self, *args: Any, limits: InboundLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -133,8 +134,8 @@ class GuardedClient(mqtt.Client):
         return super().reconnect()
 
     def _sock_recv(self, bufsize: int) -> bytes:
-        # paho's one read from the socket (paho-mqtt 2.x; tests/test_inbound_guard.py pins it): plain TCP and
-        # TLS alike. An OSError raised here is handled by paho as a lost connection.
+        # paho's one read (paho-mqtt 2.x; tests/test_inbound_guard.py pins it), served from the chunk read from
+        # the socket: plain TCP and TLS alike. An OSError raised here is handled by paho as a lost connection.
         data = super()._sock_recv(bufsize)
         self.inbound.feed(data)
         return data

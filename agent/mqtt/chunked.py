@@ -1,0 +1,122 @@
+"""paho reading its socket a chunk at a time (and publishing many messages with one wake-up of its network
+thread): the base of every MQTT client the agent makes."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import termios
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+_READ_CHUNK_BYTES = 65_536
+
+
+class ChunkedReadClient(mqtt.Client):
+    """A paho client that reads its socket a chunk at a time instead of a few bytes per call.
+
+    paho reads every packet with at least three ``recv`` calls (its type, its length, its body), and each
+    releases the GIL; while other threads run Python, taking it back waits up to the interpreter's switch
+    interval, so under load the network thread read a packet every few milliseconds and requests waited at
+    the broker, in its arrival order, where no fairness applies. One ``recv`` per chunk hands paho every
+    packet that had arrived. Only ``_sock_recv`` (paho's one read primitive, unchanged since 1.x) and the
+    public ``loop_read`` are overridden; tests/test_transport.py fails if paho stops calling either.
+
+    It also lets a thread publish many messages with one wake-up of the network thread
+    (:meth:`publishing_together`, through ``_packet_queue``, paho's one queueing primitive for outgoing
+    packets; tests/test_transport.py fails if paho stops calling it or stops reading its socket pair).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._chunk = b""
+        self._chunk_at = 0
+        self._chunk_socket: Any = None
+        self._wakeups = threading.local()
+
+    @contextlib.contextmanager
+    def publishing_together(self) -> Iterator[None]:
+        """Publishes made by this thread inside the block wake the network thread once, at its end.
+
+        paho wakes its network thread with a byte on a socket pair for every publish from another thread:
+        a system call that releases the GIL, which under load this thread then waits a switch interval to
+        take back, once per message. A thread publishing many replies at once (the outbox writer after a
+        commit) pays that once. Other threads' publishes are unaffected; nested blocks are one block.
+        """
+        state = self._wakeups
+        if getattr(state, "held", False):
+            yield
+            return
+        state.held, state.pending = True, False
+        try:
+            yield
+        finally:
+            state.held = False
+            if state.pending:
+                self._wake_network_thread()
+
+    def _packet_queue(
+        self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: mqtt.MQTTMessageInfo | None = None
+    ) -> mqtt.MQTTErrorCode:
+        state = self._wakeups
+        if not getattr(state, "held", False) or self._thread is None:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # paho's own _packet_queue (2.x) without its wake-up byte, sent once by publishing_together.
+        self._out_packet.append(
+            {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet), "packet": packet,
+             "info": info}
+        )  # fmt: skip
+        state.pending = True
+        self._call_socket_register_write()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _wake_network_thread(self) -> None:
+        sockpair = self._sockpairW
+        if sockpair is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                sockpair.send(mqtt.sockpair_data)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._chunk_socket is not self._sock:  # a new connection: bytes left from the old one are void
+            self._chunk, self._chunk_at, self._chunk_socket = b"", 0, self._sock
+        if self._chunk_at >= len(self._chunk):
+            data = super()._sock_recv(max(bufsize, _READ_CHUNK_BYTES))
+            if len(data) <= bufsize:
+                return data
+            self._chunk, self._chunk_at = data, bufsize
+            return data[:bufsize]
+        start = self._chunk_at
+        self._chunk_at = min(len(self._chunk), start + bufsize)
+        return self._chunk[start : self._chunk_at]
+
+    def buffered_bytes(self) -> int:
+        """Bytes read from the socket that paho has not taken yet."""
+        return len(self._chunk) - self._chunk_at if self._chunk_socket is self._sock else 0
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        """paho's read, then every packet already in the chunk: ``select`` cannot see those bytes, so
+        leaving them would stall them until the socket next became readable."""
+        rc = super().loop_read(max_packets)
+        while rc == mqtt.MQTT_ERR_SUCCESS and self.buffered_bytes() > 0:
+            before = self.buffered_bytes()
+            rc = super().loop_read(1)
+            if self.buffered_bytes() == before:  # a packet's start whose rest has not arrived: paho keeps it
+                break
+        return rc
+
+    def unread_bytes(self) -> int:
+        """Bytes the broker has sent that paho has not read: in the chunk, in TLS, and in the kernel."""
+        sock = self._sock
+        if sock is None:
+            return 0
+        waiting = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting, True)
+        except (OSError, ValueError):  # closed meanwhile: nothing to read from it
+            return self.buffered_bytes()
+        pending = getattr(sock, "pending", None)  # decrypted bytes an SSL socket holds
+        return waiting[0] + self.buffered_bytes() + (pending() if pending is not None else 0)
