@@ -211,6 +211,8 @@ class Agent:
             log.warning("no [cloud] section: running local-only, nothing is recorded or sent upstream")
             return
         upstream = self.upstream = Upstream(self.settings, self.signer, self.count)
+        # Replies whose upstream copies one commit made durable are published together from its callbacks.
+        upstream.outbox.run_callbacks_within(self.link.publishing_together)
         # Its corruption events reach the audit trail, those found while opening too (replayed now).
         upstream.outbox.add_corruption_listener(
             lambda event: self.audit.record("outbox_corrupt", **event.model_dump(mode="json"))

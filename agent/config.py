@@ -89,7 +89,9 @@ class CloudBroker(Section):
         16, ge=1, le=65535, description="MQTT 5 Receive Maximum announced to the cloud broker: QoS 2 messages it "
         "may leave unreleased at once; a broker that exceeds it, or Maximum Packet Size, is disconnected"
     )
-    batch: bool = Field(False, description="many records per cloud message, for metered links (docs/cloud.md)")
+    batch: bool = Field(
+        True, description="many records per cloud message (docs/cloud.md); false: one message per record"
+    )
     batch_max_records: int = Field(100, ge=1, le=10_000, description="records in one batch message")
     batch_max_bytes: int = Field(
         65_536, ge=1024, le=16 * 1024 * 1024, description="JSON bytes of one batch before compression"

@@ -41,7 +41,8 @@ def _responses(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_cloud_down_for_the_whole_run_then_everything_arrives_in_order(start_agent, client_factory, cloud_broker, cloud_side) -> None:
     cloud_broker.stop()
-    agent = start_agent(cloud=_cloud(cloud_broker), signing={"backend": "software", "key_file": None})
+    # Single envelopes, whose msg-id user property is checked below; the other tests here run batched.
+    agent = start_agent(cloud=_cloud(cloud_broker, batch=False), signing={"backend": "software", "key_file": None})
     client = client_factory("alice")
     answered = [client.call("infer", {"model": "vibration-anomaly", "inputs": EXAMPLE}) for _ in range(30)]
     answered.append(client.call("infer", {"model": "no-such-model", "inputs": {}}))

@@ -109,7 +109,7 @@ def test_real_agents_records_are_verified_stored_once_and_queryable(
 
 def test_forged_tampered_and_foreign_records_are_quarantined_with_their_reason(site: Site, tmp_path: Path) -> None:
     carried = Carried(site.cloud)
-    agent = site.agent("dev1")
+    agent = site.agent("dev1", cloud={"batch": False})  # single envelopes, to forge and replay one by one
     with site.client("dev1") as client:
         infer(client, 3)
     drained(agent)
@@ -153,7 +153,8 @@ def test_forged_tampered_and_foreign_records_are_quarantined_with_their_reason(s
 
 def test_records_are_held_until_their_certificate_arrives(site: Site, tmp_path: Path) -> None:
     carried = Carried(site.cloud)
-    agent = site.agent("dev1", certificate_header="x5t#S256")
+    # Single envelopes, replayed one by one in the order that hurts.
+    agent = site.agent("dev1", certificate_header="x5t#S256", cloud={"batch": False})
     with site.client("dev1") as client:
         infer(client, 10)
     drained(agent)

@@ -90,3 +90,54 @@ def test_a_burst_that_waited_unread_is_read_in_chunks_and_delivered_whole(local_
 
 def test_unread_bytes_is_zero_without_a_connection() -> None:
     assert new_client("never-connected").unread_bytes() == 0
+
+
+class _CountingSocketPair:
+    """Stands in for paho's wake-up socket and counts the wake-ups sent through it."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self.sock.send(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_publishing_together_wakes_the_network_thread_once_and_delivers_everything(
+    local_broker: MosquittoProcess,
+) -> None:
+    received: list[bytes] = []
+    done = threading.Event()
+    subscriber = _subscriber(local_broker, received, done)
+    publisher = new_client("together-publisher")
+    connected = threading.Event()
+    publisher.on_connect = lambda *args: connected.set()
+    publisher.max_inflight_messages_set(0)  # no limit: the network thread itself never queues a publish
+    publisher.connect(local_broker.host, local_broker.port)
+    publisher.loop_start()
+    assert connected.wait(10)
+    wakeups = _CountingSocketPair(publisher._sockpairW)
+    publisher._sockpairW = wakeups  # type: ignore[assignment]
+    messages = [f"message {index:05d}".encode() for index in range(MESSAGES)]
+    sent = threading.Event()
+
+    def publish_from_another_thread() -> None:  # as the outbox writer does, beside paho's network thread
+        with publisher.publishing_together(), publisher.publishing_together():
+            for index, message in enumerate(messages[:-1]):
+                publisher.publish(f"chunked/{index}", message, qos=1)
+        assert wakeups.sends == 1
+        publisher.publish(f"chunked/{MESSAGES - 1}", messages[-1], qos=1)  # outside: paho's own wake-up
+        sent.set()
+
+    threading.Thread(target=publish_from_another_thread).start()
+    assert sent.wait(30)
+    assert done.wait(30), f"{len(received)} of {MESSAGES} delivered"
+    assert sorted(received) == sorted(messages)
+    assert wakeups.sends == 2
+    for client in (publisher, subscriber):
+        client.disconnect()
+        client.loop_stop()

@@ -39,7 +39,9 @@ def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> Non
 
 
 def cloud_settings(broker: MosquittoProcess, **overrides) -> CloudBroker:
-    values = {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.3}
+    """One message per record (``batch = false``): this file tests single envelopes, test_uplink_batch.py
+    batches."""
+    values = {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.3, "batch": False}
     return CloudBroker(**(values | overrides))
 
 

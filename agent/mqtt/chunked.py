@@ -1,10 +1,14 @@
-"""paho reading its socket a chunk at a time: the base of every MQTT client the agent makes."""
+"""paho reading its socket a chunk at a time (and publishing many messages with one wake-up of its network
+thread): the base of every MQTT client the agent makes."""
 
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import termios
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -21,6 +25,10 @@ class ChunkedReadClient(mqtt.Client):
     the broker, in its arrival order, where no fairness applies. One ``recv`` per chunk hands paho every
     packet that had arrived. Only ``_sock_recv`` (paho's one read primitive, unchanged since 1.x) and the
     public ``loop_read`` are overridden; tests/test_transport.py fails if paho stops calling either.
+
+    It also lets a thread publish many messages with one wake-up of the network thread
+    (:meth:`publishing_together`, through ``_packet_queue``, paho's one queueing primitive for outgoing
+    packets; tests/test_transport.py fails if paho stops calling it or stops reading its socket pair).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -28,6 +36,49 @@ class ChunkedReadClient(mqtt.Client):
         self._chunk = b""
         self._chunk_at = 0
         self._chunk_socket: Any = None
+        self._wakeups = threading.local()
+
+    @contextlib.contextmanager
+    def publishing_together(self) -> Iterator[None]:
+        """Publishes made by this thread inside the block wake the network thread once, at its end.
+
+        paho wakes its network thread with a byte on a socket pair for every publish from another thread:
+        a system call that releases the GIL, which under load this thread then waits a switch interval to
+        take back, once per message. A thread publishing many replies at once (the outbox writer after a
+        commit) pays that once. Other threads' publishes are unaffected; nested blocks are one block.
+        """
+        state = self._wakeups
+        if getattr(state, "held", False):
+            yield
+            return
+        state.held, state.pending = True, False
+        try:
+            yield
+        finally:
+            state.held = False
+            if state.pending:
+                self._wake_network_thread()
+
+    def _packet_queue(
+        self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: mqtt.MQTTMessageInfo | None = None
+    ) -> mqtt.MQTTErrorCode:
+        state = self._wakeups
+        if not getattr(state, "held", False) or self._thread is None:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # paho's own _packet_queue (2.x) without its wake-up byte, sent once by publishing_together.
+        self._out_packet.append(
+            {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet), "packet": packet,
+             "info": info}
+        )  # fmt: skip
+        state.pending = True
+        self._call_socket_register_write()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _wake_network_thread(self) -> None:
+        sockpair = self._sockpairW
+        if sockpair is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                sockpair.send(mqtt.sockpair_data)
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._chunk_socket is not self._sock:  # a new connection: bytes left from the old one are void

@@ -10,6 +10,7 @@ after the broker acknowledged its reply, in the order the requests arrived
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -168,6 +169,11 @@ class LocalLink:
                 self.acknowledge(inbound)
             return False
         return True
+
+    def publishing_together(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which this thread's replies wake the network thread once, at its end (many replies
+        published at once, e.g. after an outbox commit)."""
+        return self.client.publishing_together()
 
     def publish_retained(self, topic: str, payload: bytes) -> bool:
         """Publish a retained QoS 1 message (status, identity); paho sends it once connected."""

@@ -361,12 +361,16 @@ class Dispatcher:
     def _deliver(self, delivery: Delivery) -> None:
         if delivery.reply is None:
             self._link.acknowledge(delivery.inbound)
-        elif delivery.stored is None:
+        elif delivery.store is None:
             self._publish(delivery)
         else:
             with self._idle:
                 self._awaiting_commit += 1
-            delivery.stored.add_done_callback(lambda _: self._publish_committed(delivery))
+            try:
+                delivery.store(lambda: self._publish_committed(delivery))
+            except Exception:  # no copy was handed over: answer as when storing it fails (counted, published)
+                self._publish_committed(delivery)
+                raise
 
     def _publish(self, delivery: Delivery) -> None:
         assert delivery.reply is not None

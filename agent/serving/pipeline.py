@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from agent.config import Limits
@@ -61,14 +61,14 @@ class RequestObserver(Protocol):
 class Delivery:
     """What serving a request came to: a reply to publish, or (``reply`` None) only an acknowledgement.
 
-    With ``stored``, the reply is published only once that future resolves: its upstream copy is then on
-    disk, so whatever a client was answered, the cloud will get. ``cache_key``: remember the reply for
-    repeats once published.
+    With ``store``, the reply is published only from the callback ``store`` is given: its upstream copy is
+    then on disk, so whatever a client was answered, the cloud will get. ``cache_key``: remember the reply
+    for repeats once published.
     """
 
     inbound: InboundRequest
     reply: OutgoingReply | None = None
-    stored: Future[list[str]] | None = None
+    store: Callable[[Callable[[], None]], None] | None = None
     cache_key: _CacheKey | None = None
 
 
@@ -159,8 +159,8 @@ class RequestPipeline:
             if self._upstream is None or not self._upstream.records(request.method):
                 return Delivery(inbound, addressed, cache_key=cache_key)
             # The worker does not wait for the commit, so many replies share one fsync (group commit).
-            stored = self._upstream.record_response(inbound.client_id, request.method, payload)
-            return Delivery(inbound, addressed, stored=stored, cache_key=cache_key)
+            store = partial(self._upstream.store_reply, inbound.client_id, request.method, payload)
+            return Delivery(inbound, addressed, store=store, cache_key=cache_key)
         finally:
             self._observe(
                 method=request.method if request is not None else None,

@@ -3,14 +3,16 @@
 What callers can rely on:
 
 * **Durable on return.** ``enqueue`` returns only once its row is committed with ``synchronous=FULL`` in
-  WAL mode (fsynced). One writer thread folds every write waiting at that moment (up to ``batch_max``) into
-  one transaction and one fsync (group commit), so many request threads share the cost.
+  WAL mode (fsynced). One writer thread folds every write waiting at that moment into one transaction and
+  one fsync (group commit), so many request threads share the cost. At most ``batch_max`` new rows go into
+  one transaction, taken round-robin by their source (``enqueue_then``): a client's row is never held behind
+  another client's backlog (:mod:`agent.upstream.outbox_commands`).
 * **Never deleted on dequeue.** ``claim_batch`` marks rows *claimed*; only ``mark_delivered`` (a PUBACK
   below 0x80) deletes them. Claims do not survive the process: at open, and on ``release_claims``, claimed
   rows are *queued* again and resent (at-least-once; the stable ``msg_id`` lets the cloud drop repeats).
-  Since a claim is undone at open anyway, a batch holding only claims/releases commits without its own
-  fsync (``synchronous=NORMAL``, under which WAL checkpoints are still synced); the drain thus pays one
-  fsync per window of acknowledgements, not two.
+  Since a claim is undone at open anyway, a batch holding only claims, releases and deletions of delivered
+  rows commits without its own fsync (``synchronous=NORMAL``, under which WAL checkpoints are still synced):
+  a deletion lost to a power cut only sends that row once more, with its ``msg_id``; the drain pays no fsync.
 * **Order.** Row ids come from ``AUTOINCREMENT`` (never reused, never from a clock). Within a class,
   ``claim_batch`` hands rows out oldest id first, including rows released back after a disconnect or crash.
   Across classes it serves ``fallback``, ``deploy``, ``res``, ``audit``, then ``telemetry``, so a telemetry backlog
@@ -42,6 +44,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import uuid6
@@ -129,7 +132,8 @@ class Outbox:
         """Like :meth:`enqueue_many` without waiting: the future resolves once the messages are durable.
 
         Lets a caller hand its row to the group commit and go on working; the future's callbacks run on the
-        writer thread right after the commit (keep them short), or at once if it already completed.
+        writer thread right after the commit (keep them short), or at once if it already completed. (The
+        request path uses :meth:`enqueue_then`, which spares the future.)
         """
         rows = []
         for item in items:
@@ -137,28 +141,54 @@ class Outbox:
             rows.append((item.cls, item.body, ttl, item.msg_id or str(uuid6.uuid7())))
         stored: Future[list[str]] = Future()
 
-        def settle(outcome: Future[list[int | None]]) -> None:
-            error = outcome.exception()
+        def settle(row_ids: list[int | None] | None, error: BaseException | None) -> None:
+            if error is None:
+                error = self._refusal(rows, row_ids or [])
             if error is not None:
                 stored.set_exception(error)
-                return
-            refused = [row[3] for row, row_id in zip(rows, outcome.result()) if row_id is None]
-            if refused:
-                stored.set_exception(
-                    OutboxError(
-                        f"outbox {self.path}: {len(refused)} of {len(rows)} message(s) not stored, no room under "
-                        f"max_bytes={self.settings.max_bytes}/max_messages={self.settings.max_messages} "
-                        f"for their class: {', '.join(refused[:5])}"
-                    )
-                )
             else:
                 stored.set_result([row[3] for row in rows])
 
         try:
-            self._writer.submit_nowait("enqueue", rows).add_done_callback(settle)
+            self._writer.append(rows, source="", then=settle)
         except OutboxError as exc:
             stored.set_exception(exc)
         return stored
+
+    def enqueue_then(
+        self, cls: MessageClass, body: bytes, *, source: str, then: Callable[[OutboxError | None], None]
+    ) -> None:
+        """Store one message (a UTF-8 JSON document the agent encoded itself) and call ``then(None)`` once it
+        is durable, or ``then(error)`` if it could not be stored; ``then`` runs on the writer thread right
+        after the commit (keep it short), or at once if the outbox is closed.
+
+        The request path's way in: no future to wait on. ``source`` names whose message it is (the client
+        a reply answers): commits are shared fairly between sources, so a flood's rows never stand between
+        another client's row and its commit.
+        """
+        rows = [(cls, body, self.settings.ttl_s.get(cls), str(uuid6.uuid7()))]
+
+        def settle(row_ids: list[int | None] | None, error: BaseException | None) -> None:
+            if error is None:
+                then(self._refusal(rows, row_ids or []))
+            else:
+                then(error if isinstance(error, OutboxError) else OutboxError(f"outbox {self.path}: {error}"))
+
+        try:
+            self._writer.append(rows, source=source, then=settle)
+        except OutboxError as exc:
+            then(exc)
+
+    def _refusal(self, rows: list[tuple[str, bytes, float | None, str]], row_ids: list[int | None]) -> OutboxError | None:
+        """The error for rows committed without an id (no room under the bounds), or None if all are stored."""
+        refused = [row[3] for row, row_id in zip(rows, row_ids) if row_id is None]
+        if not refused:
+            return None
+        return OutboxError(
+            f"outbox {self.path}: {len(refused)} of {len(rows)} message(s) not stored, no room under "
+            f"max_bytes={self.settings.max_bytes}/max_messages={self.settings.max_messages} "
+            f"for their class: {', '.join(refused[:5])}"
+        )
 
     def claim_batch(self, limit: int) -> list[OutboxRecord]:
         """Mark up to ``limit`` queued rows claimed and return them, oldest first per class (see above)."""
@@ -195,6 +225,12 @@ class Outbox:
     def add_queued_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the writer thread; it must not block) whenever rows become queued."""
         self._writer.add_queued_listener(callback)
+
+    def run_callbacks_within(self, scope: Callable[[], AbstractContextManager[None]]) -> None:
+        """Run the callbacks of each commit (``enqueue_then``'s ``then``) inside one ``scope()`` block, e.g.
+        the local link's :meth:`~agent.mqtt.local_link.LocalLink.publishing_together`: the replies they
+        publish then leave together."""
+        self._writer.callback_scope = scope
 
     def add_corruption_listener(self, callback: Callable[[CorruptionEvent], None]) -> None:
         """Call ``callback(event)`` for every corrupt file this outbox moved aside and salvaged, those found while

@@ -1,12 +1,14 @@
 """The outbox's writer thread: the one thread that touches the SQLite file, with its group commit.
 
-Callers hand commands to :class:`OutboxWriter` through a queue and wait on a future; the thread folds every
-command waiting at that moment (up to ``batch_max``) into one transaction, and owns opening, the lock file,
-and recovery of a corrupt file. The guarantees it keeps are documented in :mod:`agent.upstream.outbox`.
+Callers hand commands to :class:`OutboxWriter` through a queue and wait on a future or get a callback; the
+thread folds every command waiting at that moment into one transaction (appends fairly, at most
+``batch_max`` rows: :mod:`agent.upstream.outbox_commands`), and owns opening, the lock file, and recovery of a
+corrupt file. The guarantees it keeps are documented in :mod:`agent.upstream.outbox`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -14,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
 from agent.upstream import outbox_reports, outbox_salvage, outbox_space, outbox_wal
+from agent.upstream.outbox_commands import APPEND, Command, Settle, fair_transaction
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_models import CorruptionEvent, Listeners
 from agent.upstream.outbox_space import DiskSpace
@@ -32,24 +35,12 @@ log = logging.getLogger("agent.upstream.outbox")
 
 _MAINTENANCE_S = 30.0
 _SPACE_RETRY_S = 1.0  # how often a full disk is looked at again (opening, taking the reserve back)
-_READ_OPS = frozenset({"stats", "peek"})
 # Claims need no fsync of their own: every claim is undone at open anyway, and the next durable commit
-# syncs the WAL they were written to.
-_UNSYNCED_OPS = frozenset({"claim", "release"})
+# syncs the WAL they were written to. Nor do deletions of delivered rows: one lost to a power cut is sent
+# again, with the same msg_id (at least once), which the cloud drops as a repeat.
+_UNSYNCED_OPS = frozenset({"claim", "release", "delivered"})
 
-
-@dataclass
-class _Command:
-    op: str
-    args: tuple[Any, ...]
-    future: Future[Any] = field(default_factory=Future)
-
-    @property
-    def read(self) -> bool:
-        return self.op in _READ_OPS
-
-
-_STOP = _Command("stop", ())
+_STOP = Command("stop", ())
 
 
 class OutboxWriter:
@@ -63,10 +54,12 @@ class OutboxWriter:
         self.settings = settings
         self.read_only = read_only
         self._clock = clock
-        self._queue: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._waiting: list[Command] = []  # taken from the queue, left for a later transaction (fair commits)
         self._submit_lock = threading.Lock()
         self._closed = False
         self._queued: Listeners[None] = Listeners()
+        self.callback_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
         self.corruptions: Listeners[CorruptionEvent] = Listeners(replay=True)
         self._lock_fd: int | None = None
         self._ledger: Ledger | None = None
@@ -86,14 +79,22 @@ class OutboxWriter:
 
     def submit_nowait(self, op: str, *args: Any) -> Future[Any]:
         """Queue ledger operation ``op``; the future resolves on the writer thread once it is committed."""
-        command = _Command(op, args)
+        future: Future[Any] = Future()
+        self._put(Command(op, args, future=future))
+        return future
+
+    def append(self, rows: list[tuple[str, bytes, float | None, str]], *, source: str, then: Settle) -> None:
+        """Store ``rows``; ``then(row ids, None)`` (an id is None for a row not stored) or ``then(None, error)``
+        runs on the writer thread right after the commit. ``source`` is whose rows they are (fair commits)."""
+        self._put(Command(APPEND, (rows,), then=then, source=source, rows=len(rows)))
+
+    def _put(self, command: Command) -> None:
         if self.read_only and not command.read:
             raise OutboxError(f"outbox {self.path} is open read-only")
         with self._submit_lock:
             if self._closed:
                 raise OutboxError(f"outbox {self.path} is closed")
             self._queue.put(command)
-        return command.future
 
     def add_queued_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the writer thread after every commit that queued rows."""
@@ -121,9 +122,9 @@ class OutboxWriter:
             log.error("%s; local answers go on, opening is retried every second", exc)
         ready.set_result(None)
         stopping = False
-        while not stopping:
+        while not stopping or self._waiting:
             try:
-                first = self._queue.get(timeout=self._idle_timeout())
+                first = self._next_command()
             except queue.Empty:
                 if self._unavailable is not None or self._space.short is not None:
                     with INTERNAL_ERRORS.guard("outbox_writer"):
@@ -131,18 +132,18 @@ class OutboxWriter:
                     continue
                 if self.read_only or self._ledger is None or not self._ledger.count:
                     continue
-                first = _Command("maintain", ())
-            batch = [first]
+                first = Command("maintain", ())
+            batch = [] if first is None or first is _STOP else [first]
             try:
                 with HEARTBEATS.busy("outbox-writer"):
-                    batch, stopping = self._gather(first)
+                    batch, stop_seen = self._gather(first)
+                    stopping = stopping or stop_seen
                     self._execute(batch)
             except Exception as exc:
                 # A bug or a broken connection must never leave a caller blocked on its future.
                 INTERNAL_ERRORS.record("outbox_writer", exc)
                 for command in batch:
-                    if not command.future.done():
-                        command.future.set_exception(OutboxError(f"outbox {self.path}: {exc}"))
+                    command.fail(OutboxError(f"outbox {self.path}: {exc}"))
         if self._ledger is not None:
             if not self.read_only:
                 self._mark_clean_shutdown(self._ledger)
@@ -156,21 +157,34 @@ class OutboxWriter:
         except Exception as exc:  # the next open then runs the full integrity check: slower, still right
             log.warning("outbox %s: cannot record the clean shutdown: %s", self.path, exc)
 
-    def _gather(self, first: _Command) -> tuple[list[_Command], bool]:
-        if first is _STOP:
-            return [], True
-        batch = [first]
+    def _next_command(self) -> Command | None:
+        """The next queued command; None at once if none is queued but appends wait (raises queue.Empty
+        after the idle timeout otherwise)."""
+        if not self._waiting:
+            return self._queue.get(timeout=self._idle_timeout())
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _gather(self, first: Command | None) -> tuple[list[Command], bool]:
+        """The next transaction's commands: everything queued now (waiting ``commit_interval_ms`` for more),
+        its appends fairly chosen (:func:`~agent.upstream.outbox_commands.fair_transaction`)."""
+        stopping = first is _STOP
+        incoming = [] if first is None or stopping else [first]
         deadline = time.monotonic() + self.settings.commit_interval_ms / 1000
-        while len(batch) < self.settings.batch_max:
+        while not stopping:
             wait = deadline - time.monotonic()
             try:
                 command = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if command is _STOP:
-                return batch, True
-            batch.append(command)
-        return batch, False
+                stopping = True
+            else:
+                incoming.append(command)
+        batch, self._waiting = fair_transaction([*self._waiting, *incoming], self.settings.batch_max)
+        return batch, stopping
 
     def _idle_timeout(self) -> float:
         if self._unavailable is not None or self._space.short is not None:
@@ -183,18 +197,20 @@ class OutboxWriter:
         except (TypeError, ValueError):  # a retry time read back from a damaged row; raising here kills the writer
             return _MAINTENANCE_S
 
-    def _execute(self, batch: list[_Command]) -> None:
+    def _execute(self, batch: list[Command]) -> None:
         writes = [c for c in batch if not c.read]
         if writes:
             self._execute_writes(writes)
         for command in batch:
             if command.read:
                 try:
-                    command.future.set_result(self._read(command))
+                    result = self._read(command)
                 except Exception as exc:
-                    command.future.set_exception(exc if isinstance(exc, OutboxError) else OutboxError(str(exc)))
+                    command.fail(exc if isinstance(exc, OutboxError) else OutboxError(str(exc)))
+                else:
+                    command.resolve(result)
 
-    def _read(self, command: _Command) -> Any:
+    def _read(self, command: Command) -> Any:
         if self._unavailable is not None and command.op == "stats":
             return outbox_reports.unavailable(
                 self.path, self.settings, self._unavailable, write_errors=self._write_errors
@@ -206,14 +222,14 @@ class OutboxWriter:
             )
         return outbox_reports.peek(ledger, *command.args)
 
-    def _execute_writes(self, writes: list[_Command]) -> None:
+    def _execute_writes(self, writes: list[Command]) -> None:
         refusal = self._space_refusal()
         if refusal is not None:
             # Short of space: what is stored still moves (deliveries free room), new messages wait outside.
             for command in writes:
-                if command.op == "enqueue" or self._unavailable is not None:
-                    command.future.set_exception(refusal)
-            writes = [c for c in writes if not c.future.done()]
+                if command.op == APPEND or self._unavailable is not None:
+                    command.fail(refusal)
+            writes = [c for c in writes if not c.done]
             if not writes:
                 return
         try:
@@ -221,7 +237,7 @@ class OutboxWriter:
             ledger.begin()
             durable = any(c.op not in _UNSYNCED_OPS for c in writes)
             with store.write_transaction(ledger.db, durable=durable):
-                results = [getattr(ledger, c.op)(*c.args) for c in writes]
+                results = _apply(ledger, writes)
                 evicted = ledger.finish(force_heartbeat=any(c.op == "maintain" for c in writes))
         except Exception as exc:
             self._write_errors += 1
@@ -231,16 +247,21 @@ class OutboxWriter:
             )
             self._after_failed_write(exc)
             for command in writes:
-                command.future.set_exception(error)
+                command.fail(error)
             return
         self._transactions += 1
         self._failing = False
-        for command, result in zip(writes, results):
-            if command.op == "enqueue":
-                result = [None if row_id is None or row_id in evicted else row_id for row_id in result]
-            command.future.set_result(result)
         if ledger.queued_grew:
+            # Before the callbacks: the uplink starts claiming while the replies are being published.
             self._queued.notify(None)
+        with self.callback_scope():
+            for command, result in zip(writes, results):
+                if command.op == APPEND and evicted:
+                    result = [None if row_id is None or row_id in evicted else row_id for row_id in result]
+                try:
+                    command.resolve(result)
+                except Exception as exc:  # a callback's bug must not cost the other callers their answer
+                    INTERNAL_ERRORS.record("outbox_writer", exc)
 
     def _after_failed_write(self, exc: Exception) -> None:
         try:
@@ -392,3 +413,13 @@ class OutboxWriter:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _apply(ledger: Ledger, writes: list[Command]) -> list[Any]:
+    """Run ``writes``: the appends first, all their rows in one ledger call, then the others in order; the
+    results in ``writes``' order."""
+    appends = [c for c in writes if c.op == APPEND]
+    stored = iter(ledger.enqueue([row for c in appends for row in c.args[0]]) if appends else [])
+    return [
+        [next(stored) for _ in range(c.rows)] if c.op == APPEND else getattr(ledger, c.op)(*c.args) for c in writes
+    ]

@@ -24,6 +24,7 @@ log = logging.getLogger("agent.upstream.uplink")
 
 _IDLE_WAKE_S = 1.0
 _REASON_PACKET_TOO_LARGE = 0x95
+_MAX_CLAIM_ROWS = 1 << 20
 
 
 class OutboxPort(Protocol):
@@ -91,6 +92,9 @@ class Drain:
         self._has_work = True
         self._linger_s = cloud.drain_linger_ms / 1000
         self._backlog = False  # the last claim filled all the room it had: rows are waiting
+        # Rows one claim may mark: halved after a claim failed (a full disk has room for a small transaction,
+        # not for marking a whole window of batches), doubled back after each claim that worked.
+        self._claim_cap = _MAX_CLAIM_ROWS
         self._accepting = True
         self._done = False
         self.counts = collections.Counter[str]()  # delivered, refused
@@ -222,7 +226,13 @@ class Drain:
             if self._batcher.buffered and self._batcher_gen != generation:
                 return
         self._has_work = False  # before claiming, so a listener call during the claim is not lost
-        records = self._outbox.claim_batch(room)
+        room = min(room, self._claim_cap)
+        try:
+            records = self._outbox.claim_batch(room)
+        except OutboxError:
+            self._claim_cap = max(1, room // 2)
+            raise
+        self._claim_cap = min(_MAX_CLAIM_ROWS, self._claim_cap * 2)
         self._backlog = len(records) == room
         if self._backlog:
             self._has_work = True

@@ -80,16 +80,32 @@ class Upstream:
         """Whether replies to ``method`` get an upstream copy (inference replies do, results and errors)."""
         return method in _RECORDED_METHODS
 
-    def record_response(self, client_id: str, method: str, reply: bytes) -> Future[list[str]]:
-        """Store the upstream copy of a reply, exactly the (signed) bytes the client will get.
+    def store_reply(self, client_id: str, method: str, reply: bytes, then: Callable[[], None]) -> None:
+        """Store the upstream copy of a reply, exactly the (signed) bytes the client will get, then call
+        ``then()`` (on the outbox writer, right after the commit): once the copy is durable, or once storing
+        it failed (counted and logged; local answers go on). Returns at once.
 
         The reply's own signature covers it, bound to device, client, request and request digest, so the
-        copy is not signed again; the few fields around it only index it. Returns at once: the future
-        resolves when the row is durable (or fails with OutboxError, already counted and logged).
+        copy is not signed again; the few fields around it only index it. The copy's commit is shared
+        fairly between clients (see :meth:`Outbox.enqueue_then`).
         """
-        prefix = json.dumps({"client_id": client_id, "method": method}, separators=(",", ":"))[:-1]
-        body = f'{prefix},"reply":'.encode() + reply + b"}"
-        item = OutboxItem.model_validate({"cls": "res", "body": body}, context={ENCODED_BY_AGENT: True})
+
+        def stored(error: OutboxError | None) -> None:
+            try:
+                if error is not None:
+                    self._count("outbox_write_failed_res")
+                    self._log_failure(error)
+            finally:
+                then()
+
+        self.outbox.enqueue_then("res", reply_copy(client_id, method, reply), source=client_id, then=stored)
+
+    def record_response(self, client_id: str, method: str, reply: bytes) -> Future[list[str]]:
+        """Like :meth:`store_reply`, for callers that wait: the future resolves when the row is durable (or
+        fails with OutboxError, already counted and logged)."""
+        item = OutboxItem.model_validate(
+            {"cls": "res", "body": reply_copy(client_id, method, reply)}, context={ENCODED_BY_AGENT: True}
+        )
         future = self.outbox.enqueue_async([item])
         future.add_done_callback(self._count_failure)
         return future
@@ -107,3 +123,12 @@ class Upstream:
                 return
             self._failure_logged_at = now
         log.error("cannot store upstream records (still answering local requests): %s", exc)
+
+
+def reply_copy(client_id: str, method: str, reply: bytes) -> bytes:
+    """The body of a reply's upstream copy: ``{"client_id", "method", "reply"}``, the reply spliced in as is.
+
+    The two strings go through ``json.dumps`` with its defaults, whose shared encoder has a C fast path for
+    a lone string (custom separators would build a new encoder per call).
+    """
+    return f'{{"client_id":{json.dumps(client_id)},"method":{json.dumps(method)},"reply":'.encode() + reply + b"}"
