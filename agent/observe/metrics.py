@@ -245,6 +245,10 @@ class BoundedWSGIServer(WSGIServer):
     for ``timeout_s`` is dropped, so a scraper that comes back finds a free slot.
     """
 
+    # socketserver's listen backlog of 5 made the sixth of a burst of connections wait for the kernel's SYN
+    # retry (1 s, then 3 s, ...) before it was even accepted, let alone refused.
+    request_queue_size = 128
+
     def __init__(self, host: str, port: int, *, max_connections: int, timeout_s: float) -> None:
         # Set before binding: TCPServer.__init__ creates the socket from it.
         self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
