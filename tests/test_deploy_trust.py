@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.deploy.trust import SignedClock, Trust, load_public_key, sign_document
+from agent.deploy.trust import SignedClock, Trust, kernel_clock_synchronised, load_public_key, sign_document
 from agent.errors import DeployError
 from agent.signing.jws import jwk_thumbprint
 from tests.fixtures.deploy_bundles import Publisher, build_bundle, new_key
@@ -29,9 +29,13 @@ class MemoryStore:
         self.values[name] = value
 
 
-def trust_for(publisher: Publisher, store: MemoryStore | None = None, wall: float | None = None) -> Trust:
+def trust_for(
+    publisher: Publisher, store: MemoryStore | None = None, wall: float | None = None, synchronised: bool = False
+) -> Trust:
+    """A device trusting ``publisher``; its clock reads ``wall`` (else the real time) and is synchronised only if
+    said, whatever this machine's own NTP state."""
     store = store or MemoryStore()
-    clock = SignedClock(store, (lambda: wall) if wall is not None else time.time)
+    clock = SignedClock(store, (lambda: wall) if wall is not None else time.time, lambda: synchronised)
     return Trust([load_public_key(publisher.release_pem)], load_public_key(publisher.root_pem), store, clock)
 
 
@@ -76,6 +80,22 @@ def test_a_clock_set_back_checks_expiry_against_the_last_signed_time_seen_and_sa
         rebooted.verify_deployment(PUBLISHER.deployment(BUNDLE, expires=now + 3600))
     assert rebooted.clock.now()[1] is not None
     assert trust_for(PUBLISHER, store, wall=now + 8000).clock.now()[1] is None
+
+
+def test_a_synchronised_clock_is_trusted_even_behind_the_last_signed_time_seen() -> None:
+    # A publisher whose clock ran ahead signed "in the future"; once NTP has set this device's clock, it is right.
+    store = MemoryStore()
+    now = time.time()
+    trust_for(PUBLISHER, store).verify_deployment(PUBLISHER.deployment(BUNDLE, issued_at=now + 7200, expires=now + 9000))
+    synced = trust_for(PUBLISHER, store, wall=now, synchronised=True)
+    assert synced.clock.now() == (now, None)
+    document = synced.verify_deployment(PUBLISHER.deployment(BUNDLE, sequence=2, expires=now + 3600))
+    assert document.sequence == 2
+
+
+def test_the_kernels_clock_state_is_read_without_privilege() -> None:
+    # This machine may or may not run an NTP daemon; the answer must be a plain yes or no, never an error.
+    assert kernel_clock_synchronised() in (True, False)
 
 
 def test_a_root_signed_key_list_adds_and_revokes_release_keys() -> None:

@@ -11,13 +11,15 @@ key lists (TUF-style: ``version``, ``expires``, ``keys``, ``revoked``): a newer,
 root adds release keys and revokes others (provisioned ones included) without reprovisioning. The root key
 itself never signs deployments.
 
-Clock. A Raspberry Pi has no real-time clock: until the wall clock is later than the last signed time the
-device has seen (persisted), it is not trusted, and expiry is checked against that last-seen time instead
-(an expired document stays refused after a reboot that set the clock back); the refusal says so.
+Clock. A Raspberry Pi has no real-time clock: until the wall clock is known good, synchronised (the kernel's
+NTP state, as chrony, ntpd or systemd-timesyncd leave it) or later than the last signed time the device has
+seen (persisted), expiry is checked against that last-seen time instead (an expired document stays refused
+after a reboot that set the clock back); the refusal says so.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -93,14 +95,34 @@ def sign_document(payload: dict[str, Any], private_key: ec.EllipticCurvePrivateK
     return SignedEnvelope(payload=body, signature=token)
 
 
+_TIME_ERROR = 5  # adjtimex's answer while the kernel clock is not synchronised (STA_UNSYNC)
+_TIMEX_BYTES = 512  # room for struct timex on every ABI; zeroed, so ``modes`` is 0: read only, no privilege
+
+
+def kernel_clock_synchronised() -> bool:
+    """Whether the kernel says its clock is synchronised (an NTP daemon keeps it so); False where unknown."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.adjtimex(ctypes.create_string_buffer(_TIMEX_BYTES))) not in (-1, _TIME_ERROR)
+    except (OSError, AttributeError):
+        return False
+
+
 class SignedClock:
-    """The wall clock, checked against the latest signed time seen (persisted in ``store``)."""
+    """The wall clock, checked against the latest signed time seen (persisted in ``store``) unless the kernel
+    says it is synchronised."""
 
     _KEY = "trust.last_signed_time"
 
-    def __init__(self, store: TrustStore, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: TrustStore,
+        wall: Callable[[], float] = time.time,
+        synchronised: Callable[[], bool] = kernel_clock_synchronised,
+    ) -> None:
         self._store = store
         self._wall = wall
+        self._synchronised = synchronised
         self._lock = threading.Lock()
         stored = store.get_value(self._KEY)
         self.last_seen = float(stored) if stored is not None else 0.0
@@ -108,11 +130,11 @@ class SignedClock:
     def now(self) -> tuple[float, str | None]:
         """The time to check expiry against, and why it is not the wall clock (None when it is)."""
         wall = self._wall()
-        if wall >= self.last_seen:
+        if wall >= self.last_seen or self._synchronised():
             return wall, None
         return self.last_seen, (
-            f"the clock ({wall:.0f}) is behind the last signed time seen ({self.last_seen:.0f}); "
-            "expiry checked against that"
+            f"the clock ({wall:.0f}) is not synchronised and is behind the last signed time seen "
+            f"({self.last_seen:.0f}); expiry checked against that"
         )
 
     def observe(self, signed_time: float) -> None:
