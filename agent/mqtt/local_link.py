@@ -148,8 +148,9 @@ class LocalLink:
         return network is not None and network.is_alive()
 
     def unread_bytes(self) -> int:
-        """Request bytes the broker has sent that the network thread has not read yet."""
-        return self.client.unread_bytes()
+        """Request bytes the broker has sent that the network thread has not read yet, as of its last read
+        (asked for every request served inline: no system call each time)."""
+        return self.client.unread_bytes_as_of_last_read()
 
     def pending_acknowledgements(self) -> int:
         return self._acks.pending()
