@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 _REPLIES_IN_FLIGHT = 256
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, ~0.4 us more per reply.
+@dataclass(slots=True)
 class _PendingAck:
     """A request to acknowledge once the broker acknowledged the reply published for it."""
 
