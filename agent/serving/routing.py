@@ -37,7 +37,8 @@ VOTE_OUTPUT = "probabilities"
 _WHOLE_FRAME = Frame()  # tensor coordinates are the picture's (frozen, so one serves every request)
 
 
-@dataclass(frozen=True)
+# Not frozen: built for every inference, and a frozen dataclass's __init__ costs ~0.4 us more.
+@dataclass(slots=True)
 class Call:
     """What a request brings beside its tensors: who sent it and when (streams are per client, in arrival
     order), its stream, and a picture for the model's image input."""
