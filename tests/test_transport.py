@@ -141,3 +141,33 @@ def test_publishing_together_wakes_the_network_thread_once_and_delivers_everythi
     for client in (publisher, subscriber):
         client.disconnect()
         client.loop_stop()
+
+
+def test_the_backlog_as_of_the_last_read_counts_what_the_kernel_held_then(local_broker: MosquittoProcess) -> None:
+    # The inline-serving check asks on every message; it is answered from the last socket read, no system call.
+    received: list[bytes] = []
+    done = threading.Event()
+    client = _subscriber(local_broker, received, done)
+    seen: list[tuple[int, int]] = []
+    deliver = client.on_message
+
+    def on_message(c: Any, u: Any, message: mqtt.MQTTMessage) -> None:
+        if not seen:  # the first message of the first chunk: that read filled its chunk
+            seen.append((client.unread_bytes_as_of_last_read(), client.unread_bytes()))
+        deliver(c, u, message)
+
+    client.on_message = on_message
+    client.loop_stop()
+    _publish_burst(local_broker)  # about twice a chunk, more than the socket holds
+    deadline = time.monotonic() + 10
+    while client.unread_bytes() < 66_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.unread_bytes() >= 66_000, "more than a chunk should be waiting in the socket"
+    client.loop_start()
+    assert done.wait(30), f"{len(received)} of {MESSAGES} delivered"
+    as_of_read, fresh = seen[0]
+    assert 60_000 < as_of_read <= fresh  # the rest of the chunk and what the kernel held; more may have come since
+    # Nothing follows the burst: the last read was short, so it took everything the kernel held.
+    assert client.unread_bytes_as_of_last_read() == 0
+    client.disconnect()
+    client.loop_stop()

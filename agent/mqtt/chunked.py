@@ -37,6 +37,8 @@ class ChunkedReadClient(mqtt.Client):
         self._chunk_at = 0
         self._chunk_socket: Any = None
         self._wakeups = threading.local()
+        self._kernel_unread_at_read = 0  # bytes left in the kernel by the last socket read
+        self._chunk_is_tls = False
 
     @contextlib.contextmanager
     def publishing_together(self) -> Iterator[None]:
@@ -83,8 +85,13 @@ class ChunkedReadClient(mqtt.Client):
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._chunk_socket is not self._sock:  # a new connection: bytes left from the old one are void
             self._chunk, self._chunk_at, self._chunk_socket = b"", 0, self._sock
+            self._kernel_unread_at_read = 0
+            self._chunk_is_tls = hasattr(self._sock, "pending")
         if self._chunk_at >= len(self._chunk):
-            data = super()._sock_recv(max(bufsize, _READ_CHUNK_BYTES))
+            wanted = max(bufsize, _READ_CHUNK_BYTES)
+            data = super()._sock_recv(wanted)
+            # A TCP read shorter than asked for took everything the kernel held: no system call needed to know.
+            self._kernel_unread_at_read = 0 if len(data) < wanted else (self._kernel_unread() or 0)
             if len(data) <= bufsize:
                 return data
             self._chunk, self._chunk_at = data, bufsize
@@ -113,10 +120,29 @@ class ChunkedReadClient(mqtt.Client):
         sock = self._sock
         if sock is None:
             return 0
+        waiting = self._kernel_unread()
+        if waiting is None:  # closed meanwhile: nothing to read from it
+            return self.buffered_bytes()
+        pending = getattr(sock, "pending", None)  # decrypted bytes an SSL socket holds
+        return waiting + self.buffered_bytes() + (pending() if pending is not None else 0)
+
+    def unread_bytes_as_of_last_read(self) -> int:
+        """:meth:`unread_bytes` as the last socket read left it, for a check made on every message: the chunk
+        still to be taken plus what the kernel held then, without a system call per message. Bytes that have
+        arrived since are counted from the next read, at the latest once this chunk is taken. A TLS socket
+        is asked afresh (a TLS read may stop short of what is waiting)."""
+        if self._chunk_socket is not self._sock or self._chunk_is_tls:
+            return self.unread_bytes()
+        return self._kernel_unread_at_read + len(self._chunk) - self._chunk_at
+
+    def _kernel_unread(self) -> int | None:
+        """What waits in the kernel's receive buffer (FIONREAD); None without a usable socket."""
+        sock = self._sock
+        if sock is None:
+            return None
         waiting = array.array("i", [0])
         try:
             fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting, True)
-        except (OSError, ValueError):  # closed meanwhile: nothing to read from it
-            return self.buffered_bytes()
-        pending = getattr(sock, "pending", None)  # decrypted bytes an SSL socket holds
-        return waiting[0] + self.buffered_bytes() + (pending() if pending is not None else 0)
+        except (OSError, ValueError):
+            return None
+        return waiting[0]

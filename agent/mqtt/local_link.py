@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 _REPLIES_IN_FLIGHT = 256
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, ~0.4 us more per reply.
+@dataclass(slots=True)
 class _PendingAck:
     """A request to acknowledge once the broker acknowledged the reply published for it."""
 
@@ -149,8 +150,9 @@ class LocalLink:
         return network is not None and network.is_alive()
 
     def unread_bytes(self) -> int:
-        """Request bytes the broker has sent that the network thread has not read yet."""
-        return self.client.unread_bytes()
+        """Request bytes the broker has sent that the network thread has not read yet, as of its last read
+        (asked for every request served inline: no system call each time)."""
+        return self.client.unread_bytes_as_of_last_read()
 
     def pending_acknowledgements(self) -> int:
         return self._acks.pending()

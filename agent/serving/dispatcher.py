@@ -307,8 +307,8 @@ class Dispatcher:
             return False
         if model is None or not self._runs_within(model.decode("utf-8", "replace"), self._limits.inline_max_ms):
             return False
-        # Asked last: it is a system call. A backlog at the broker would wait there in arrival order while
-        # the network thread serves; read it into the fair intake instead.
+        # A backlog at the broker would wait there in arrival order while the network thread serves; read it
+        # into the fair intake instead.
         return self._unread_bytes() <= self._limits.inline_max_unread_bytes
 
     # ---- serving (workers, or the network thread inline) --------------------------------------------

@@ -57,7 +57,8 @@ class RequestObserver(Protocol):
     ) -> None: ...  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, ~0.4 us more per request.
+@dataclass(slots=True)
 class Delivery:
     """What serving a request came to: a reply to publish, or (``reply`` None) only an acknowledgement.
 

@@ -34,9 +34,11 @@ from agent.models.manager import ModelManager
 from agent.models.streams import StreamReport, StreamTable
 
 VOTE_OUTPUT = "probabilities"
+_WHOLE_FRAME = Frame()  # tensor coordinates are the picture's (frozen, so one serves every request)
 
 
-@dataclass(frozen=True)
+# Not frozen: built for every inference, and a frozen dataclass's __init__ costs ~0.4 us more.
+@dataclass(slots=True)
 class Call:
     """What a request brings beside its tensors: who sent it and when (streams are per client, in arrival
     order), its stream, and a picture for the model's image input."""
@@ -185,17 +187,20 @@ class Router:
         """The input tensors, where the picture (if any) landed in its input, that input's height and width, and
         how long the picture took to decode (ms)."""
         model_id = loaded.entry.id
-        image_spec = next((spec for spec in loaded.entry.inputs if spec.preprocess is not None), None)
-        if call.image_b64 is not None and image_spec is None:
-            raise InvalidParams(f"model {model_id!r} takes no image (no input has preprocess in its manifest)")
-        # The picture feeds the image input unless that input is also given as a tensor.
-        image_input = image_spec.name if image_spec is not None and call.image_b64 is not None else None
+        image_spec = None
+        image_input = None
+        if call.image_b64 is not None:  # looked up only for a picture: without one, every input is a tensor
+            image_spec = next((spec for spec in loaded.entry.inputs if spec.preprocess is not None), None)
+            if image_spec is None:
+                raise InvalidParams(f"model {model_id!r} takes no image (no input has preprocess in its manifest)")
+            # The picture feeds the image input unless that input is also given as a tensor.
+            image_input = image_spec.name
         missing = [info.name for info in loaded.inputs if info.name not in inputs and info.name != image_input]
         if missing:
             raise InvalidParams(f"model {model_id!r} needs input(s) {missing}")
         for name in inputs:
             loaded.input_info(name)
-        feeds, frame, input_hw, decode_ms = {}, Frame(), (0, 0), 0.0
+        feeds, frame, input_hw, decode_ms = {}, _WHOLE_FRAME, (0, 0), 0.0
         for info in loaded.inputs:
             if info.name in inputs:
                 feeds[info.name] = prepare_input(info, inputs[info.name], raw=raw, max_elements=self.max_input_elements)
