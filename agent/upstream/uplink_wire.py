@@ -30,6 +30,10 @@ BATCH_SUFFIX = UPSTREAM_BATCH_SUFFIX
 ENCODING_PROPERTY = "encoding"
 DEFAULT_MAX_DECODED_BYTES = 64 * 1024 * 1024
 
+# zlib's default level 6 took 16.7 ms for a 163 KB batch of tensor replies (8 ms of agent CPU per 82 KB face
+# reply); level 1 takes 2.0 ms for 11 % more bytes (ratio 0.49 against 0.44; 0.029 against 0.027 for small replies).
+_ZLIB_LEVEL = 1
+
 
 class ClaimedRecord(Protocol):
     """What the uplink needs of a claimed outbox row (``agent.upstream.outbox.OutboxRecord`` has it)."""
@@ -99,7 +103,7 @@ def encode_batch(
 ) -> bytes:
     """The batch payload of already encoded single envelopes, compressed as ``compression`` says."""
     document = _batch_head(batch_id, device_id, cls, len(envelopes)) + b",".join(envelopes) + b"]}"
-    return zlib.compress(document) if compression == "zlib" else document
+    return zlib.compress(document, _ZLIB_LEVEL) if compression == "zlib" else document
 
 
 def batch_topic(device_id: str, cls: str) -> str:
