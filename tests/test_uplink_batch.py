@@ -303,6 +303,20 @@ def test_batch_encoding_round_trips(bodies: list, cls: str, compression: str, ag
     assert [r.enqueued_at for r in decoded] == [r.enqueued_wall for r in records]
 
 
+def test_a_record_as_large_as_a_batch_travels_alone_uncompressed_between_batches() -> None:
+    cloud = CloudBroker(host="127.0.0.1", batch=True, batch_max_records=10, batch_max_bytes=4096)
+    batcher = Batcher(cloud, DEVICE, clock=FakeClock())
+    small = [make_record(i, "res", {"n": i}) for i in (1, 2)]
+    large = make_record(3, "res", {"pad": "x" * 5000})
+    batcher.add([*small, large, make_record(4, "res", {"n": 4})])
+    publications, too_large = batcher.take(10, max_packet=None, flush=True)
+    assert too_large == []
+    assert [(p.batch, p.row_ids) for p in publications] == [(True, (1, 2)), (False, (3,)), (True, (4,))]
+    alone = publications[1]
+    assert alone.topic == f"mcp/up/{DEVICE}/res" and alone.payload == encode_envelope(large, DEVICE)
+    assert [r.seq for r in decode_upstream(alone.topic, alone.payload, {})] == [3]
+
+
 def test_decoder_refuses_bombs_truncation_and_unknown_encodings() -> None:
     envelopes = [encode_envelope(make_record(1, "res", {"pad": "x" * 100_000}), DEVICE)]
     payload = encode_batch(envelopes, batch_id="b", device_id=DEVICE, cls="res", compression="zlib")
@@ -427,7 +441,11 @@ class BatcherMachine(RuleBasedStateMachine):
             if cls == "fallback":
                 assert not publication.batch and publication.topic == f"mcp/cloud/req/{DEVICE}"
                 continue
-            assert publication.batch and publication.topic == f"mcp/up/{DEVICE}/{cls}/batch"
+            if len(records) == 1 and self.envelope_bytes[publication.row_ids[0]] + 1 >= batcher.max_bytes:
+                # As large as a whole batch: it travels alone, as a single envelope.
+                assert not publication.batch and publication.topic == f"mcp/up/{DEVICE}/{cls}"
+            else:
+                assert publication.batch and publication.topic == f"mcp/up/{DEVICE}/{cls}/batch"
             assert len(records) <= batcher.max_records
             if not (flush or max_packet):  # a partial batch leaves only once its oldest record is due
                 full = len(records) == batcher.max_records or held_bytes[cls] >= batcher.max_bytes

@@ -8,8 +8,9 @@ in full batches). A batch is a prefix of its class's buffer, so records keep the
 a class leave in order. Cloud-fallback requests are never held or batched: they carry a deadline, and the
 cloud service answering them reads one request per message.
 
-A batch that would exceed the broker's Maximum Packet Size is halved until it fits; a single record that
-cannot fit is handed back to be dead-lettered with reason 0x95 (packet too large).
+A record whose envelope alone reaches ``batch_max_bytes`` is sent as a single envelope, uncompressed. A batch
+that would exceed the broker's Maximum Packet Size is halved until it fits; a single record that cannot fit is
+handed back to be dead-lettered with reason 0x95 (packet too large).
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ class Batcher:
         if ttls:
             properties.MessageExpiryInterval = max(1, math.ceil(min(ttls)))
         row_ids = tuple(h.record.id for h in held)
-        if not self.batching or cls in _UNBATCHED_CLASSES:
+        # A record as large as a whole batch gains nothing from batching and costs the most to compress (an
+        # 82 KB tensor reply: about 1 ms of zlib and 0.8 ms more of batch handling per reply): it travels alone.
+        alone = len(held) == 1 and len(held[0].envelope) + 1 >= self.max_bytes
+        if not self.batching or cls in _UNBATCHED_CLASSES or alone:
             properties.UserProperty = [("msg-id", held[0].record.msg_id)]
             properties.PayloadFormatIndicator = 1
             return Publication(upstream_topic(self.device_id, cls), held[0].envelope, properties, row_ids, False)
