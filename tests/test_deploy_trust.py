@@ -12,21 +12,10 @@ from hypothesis import strategies as st
 from agent.deploy.trust import SignedClock, Trust, kernel_clock_synchronised, load_public_key, sign_document
 from agent.errors import DeployError
 from agent.signing.jws import jwk_thumbprint
-from tests.fixtures.deploy_bundles import Publisher, build_bundle, new_key
+from tests.fixtures.deploy_bundles import MemoryStore, Publisher, build_bundle, new_key
 
 PUBLISHER = Publisher()
 BUNDLE = build_bundle(PUBLISHER.release)
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-
-    def get_value(self, name: str) -> str | None:
-        return self.values.get(name)
-
-    def put_value(self, name: str, value: str) -> None:
-        self.values[name] = value
 
 
 def trust_for(

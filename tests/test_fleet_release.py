@@ -32,18 +32,8 @@ from provisioning.rollout.chunks import ChunkService
 from provisioning.rollout.cli import inventory_devices
 from provisioning.rollout.plan import RolloutPlan, abort_reason, assign_rings
 from provisioning.rollout.release import ReleaseKeys
+from tests.fixtures.deploy_bundles import MemoryStore
 from tests.fixtures.rollout import MODEL_FILE, broker_settings
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.values: dict[str, str] = {}
-
-    def get_value(self, name: str) -> str | None:
-        return self.values.get(name)
-
-    def put_value(self, name: str, value: str) -> None:
-        self.values[name] = value
 
 
 def device_trust(keys: ReleaseKeys) -> Trust:
