@@ -121,6 +121,14 @@ def test_arbitrary_bytes_are_refused_with_a_deploy_error(raw: bytes) -> None:
         trust_for(PUBLISHER).verify_deployment(raw)
 
 
+def test_a_deeply_nested_document_is_refused_with_a_deploy_error() -> None:
+    # json raises RecursionError, not a ValueError; it escaped verification (found by the deploy_document fuzz target).
+    with pytest.raises(DeployError, match="nested too deeply"):
+        trust_for(PUBLISHER).verify_deployment(b"[" * 100_000)
+    with pytest.raises(DeployError, match="nested too deeply"):
+        trust_for(PUBLISHER).accept_key_list(b"[" * 100_000)
+
+
 SIGNED = json.loads(PUBLISHER.deployment(BUNDLE, sequence=3))
 
 

@@ -167,6 +167,8 @@ def parse_json(data: bytes | str) -> Any:
         return json.loads(data, parse_int=_parse_int, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SigningError(f"not valid JSON: {exc}") from None
+    except RecursionError:  # deep nesting; not a ValueError (found by make fuzz: deploy_document)
+        raise SigningError("not valid JSON: nested too deeply") from None
 
 
 def _normalise_float(number: float) -> float | int | str:

@@ -155,6 +155,16 @@ def _puback() -> list[bytes]:
     return seeds
 
 
+def _deploy_document() -> list[bytes]:
+    from tests.fixtures.deploy_bundles import build_bundle, fixed_publisher
+
+    publisher = fixed_publisher()
+    signed = publisher.deployment(build_bundle(publisher.release), sequence=3)
+    documents = [signed, signed.replace(b'"sequence"', b'"sequenc"'), b"{}", b"\xff", _DEEP, b'{"payload":1}']
+    key_lists = [publisher.key_list(1, []), publisher.key_list(2, [publisher.release_pem]), b"[]"]
+    return [encode(0, Raw(document)) for document in documents] + [encode(1, Raw(key_list)) for key_list in key_lists]
+
+
 def _manifest() -> list[bytes]:
     real = (Path(__file__).resolve().parents[2] / "models" / "manifest.json").read_bytes()
     return [real, real.replace(b'"sha256"', b'"sha"'), b"{}", b'{"models":[]}', b"\xff", _DEEP, b'{"models":[{"id":1}]}',
@@ -184,7 +194,7 @@ def _outbox_rows() -> list[bytes]:
 
 SEEDS = {
     "intake": _intake, "protocol": _protocol, "tensor": _tensor, "image": _image, "tools_call": _tools_call,
-    "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "puback": _puback, "manifest": _manifest, "config": _config,
+    "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "puback": _puback, "deploy_document": _deploy_document, "manifest": _manifest, "config": _config,
     "outbox_rows": _outbox_rows,
 }  # fmt: skip
 

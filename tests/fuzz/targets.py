@@ -25,7 +25,8 @@ from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, Limits, OutboxSettings
 from agent.config_loader import load_settings_with_sources
-from agent.errors import AgentError, InvalidParams, PeerViolation, RequestError
+from agent.deploy.trust import SignedClock, Trust, load_public_key
+from agent.errors import AgentError, DeployError, InvalidParams, PeerViolation, RequestError
 from agent.exchange import InboundRequest
 from agent.models.catalog import build_catalog, load_manifest
 from agent.models.devmodels import copy_bundled_models
@@ -49,6 +50,7 @@ from agent.signing.outgoing import encode_reply
 from agent.upstream.outbox import Outbox
 from agent.upstream.uplink import CloudMessage, Uplink
 from agent.upstream.uplink_batch import Publication
+from tests.fixtures.deploy_bundles import MemoryStore, fixed_publisher
 from tests.fuzz.fuzzed import FuzzedInput
 from tests.fuzz.intake import target_intake
 
@@ -282,6 +284,33 @@ def _settle_one(outbox: Outbox) -> None:
     outbox.mark_delivered([record.id])
 
 
+@cache
+def _deploy_publisher() -> Any:
+    return fixed_publisher()
+
+
+def target_deploy_document(data_bytes: bytes) -> None:
+    """A retained message on a deployment topic: a deployment document (with the bundle manifest it carries) or a
+    key list. Verified with the fleet's real keys, or refused with a DeployError; nothing else escapes."""
+    data = FuzzedInput(data_bytes)
+    kind = data.pick(("deployment", "key_list"))
+    store = MemoryStore()
+    publisher = _deploy_publisher()
+    trust = Trust(
+        [load_public_key(publisher.release_pem)], load_public_key(publisher.root_pem), store,
+        SignedClock(store, synchronised=lambda: False),
+    )  # fmt: skip
+    try:
+        if kind == "deployment":
+            document = trust.verify_deployment(data.rest())
+            assert document.sequence >= 0
+        else:
+            trust.accept_key_list(data.rest())
+            assert trust.key_list is not None
+    except DeployError:
+        return
+
+
 # ---- files: the model manifest, config files and profiles, outbox rows -------------------------------
 
 
@@ -385,6 +414,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "cloud_answer": target_cloud_answer,
     "cloud_stream": target_cloud_stream,
     "puback": target_puback,
+    "deploy_document": target_deploy_document,
     "manifest": target_manifest,
     "config": target_config,
     "outbox_rows": target_outbox_rows,
