@@ -94,7 +94,7 @@ class Inventory(Document):
     crl_numbers: dict[CaName, int] = Field(default_factory=lambda: dict.fromkeys(CA_NAMES, 0))
 
 
-DocumentT = TypeVar("DocumentT", bound="Document")
+DocumentT = TypeVar("DocumentT", bound=BaseModel)
 
 
 def load_document(model: type[DocumentT], path: Path) -> DocumentT:

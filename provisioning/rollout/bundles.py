@@ -30,6 +30,7 @@ from agent.models.accelerators import Runtime
 from agent.models.authoring import entry_for_file, write_atomically
 from agent.models.catalog import ModelEntry
 from agent.models.inference import LoadedModel, decode_output, prepare_input
+from provisioning.records import load_document
 
 DEFAULT_CHUNK_BYTES = 64 * 1024
 BUNDLE_DAYS = 365
@@ -193,12 +194,9 @@ class BundleStore:
     def envelope(self, bundle_id: str) -> SignedEnvelope:
         """The signed manifest of ``bundle_id`` (``model@version``), or :class:`ProvisioningError`."""
         path = self._directory(bundle_id) / MANIFEST_FILE
-        try:
-            return SignedEnvelope.model_validate_json(path.read_bytes())
-        except FileNotFoundError:
-            raise ProvisioningError(f"no bundle {bundle_id} in {self.root}") from None
-        except (OSError, ValidationError) as exc:
-            raise ProvisioningError(f"{path}: {exc}") from None
+        if not path.is_file():
+            raise ProvisioningError(f"no bundle {bundle_id} in {self.root}")
+        return load_document(SignedEnvelope, path)
 
     def manifest(self, bundle_id: str) -> BundleManifest:
         return BundleManifest.model_validate(self.envelope(bundle_id).payload)
