@@ -212,11 +212,11 @@ def measure(
     with _upstream(settings) as upstream:
         record_bytes = None
         if pattern == "backlog":
-            stored = [
-                upstream.record_response(CLIENT, "infer", responder.reply(upstream.signer)) for _ in range(responses)
-            ]
-            for future in stored:
-                future.result()
+            stored = threading.Semaphore(0)
+            for _ in range(responses):
+                upstream.store_reply(CLIENT, "infer", responder.reply(upstream.signer), stored.release)
+            for _ in range(responses):
+                stored.acquire()
             sizes = [entry.size for entry in upstream.outbox.peek(responses)]
             record_bytes = sum(sizes) / len(sizes)
             upstream.start()
@@ -225,7 +225,7 @@ def measure(
             start = time.monotonic()
             for index in range(responses):
                 time.sleep(max(0.0, start + index / STEADY_RATE - time.monotonic()))
-                upstream.record_response(CLIENT, "infer", responder.reply(upstream.signer))
+                upstream.store_reply(CLIENT, "infer", responder.reply(upstream.signer), lambda: None)
         _wait_drained(upstream, responses)
         stats = upstream.uplink.stats()
     counted, packets = proxy.snapshot()

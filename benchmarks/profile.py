@@ -32,7 +32,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("cloud uplink threads (drain, publish)", ("uplink-connection", "uplink-drain")),
     ("publish reply (paho, replay-cache store)", ("Dispatcher._publish", "LocalLink.publish_reply", "Client.publish")),
     ("outbox writer thread (SQLite commits)", ("outbox-writer",)),
-    ("upstream copy: envelope + enqueue", ("Upstream.record_response", "Upstream.enqueue")),
+    ("upstream copy: envelope + enqueue", ("Upstream.store_reply", "Upstream.enqueue")),
     ("inference (LiteRT set/invoke/get)", ("LoadedModel.run",)),
     ("input decode (b64/list to tensor)", ("prepare_input",)),
     ("picture decode and preprocess (Pillow)", ("image_tensor",)),

@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 from uuid6 import uuid7
@@ -21,7 +20,7 @@ from agent.config import MessageClass, Settings
 from agent.errors import OutboxError, SigningError
 from agent.signing import Signer
 from agent.signing.outgoing import encode_record
-from agent.upstream.outbox import ENCODED_BY_AGENT, Outbox, OutboxItem
+from agent.upstream.outbox import Outbox
 from agent.upstream.uplink import CloudMessage, Uplink
 
 log = logging.getLogger(__name__)
@@ -99,22 +98,6 @@ class Upstream:
                 then()
 
         self.outbox.enqueue_then("res", reply_copy(client_id, method, reply), source=client_id, then=stored)
-
-    def record_response(self, client_id: str, method: str, reply: bytes) -> Future[list[str]]:
-        """Like :meth:`store_reply`, for callers that wait: the future resolves when the row is durable (or
-        fails with OutboxError, already counted and logged)."""
-        item = OutboxItem.model_validate(
-            {"cls": "res", "body": reply_copy(client_id, method, reply)}, context={ENCODED_BY_AGENT: True}
-        )
-        future = self.outbox.enqueue_async([item])
-        future.add_done_callback(self._count_failure)
-        return future
-
-    def _count_failure(self, stored: Future[list[str]]) -> None:
-        error = stored.exception()
-        if error is not None:
-            self._count("outbox_write_failed_res")
-            self._log_failure(error)
 
     def _log_failure(self, exc: Exception) -> None:
         now = time.monotonic()
