@@ -179,8 +179,12 @@ def test_a_version_too_large_for_the_model_memory_budget_is_refused_before_activ
             device.activator.warm(by_file)
         # Its file fits; loaded, it measures more (a packed copy of its weights per interpreter): refused too.
         by_measure = stage(device.staging, "big", "3.0.0", sized_model(1.5), deployment="by-measure")
-        with pytest.raises(DeployError, match=r"model_too_large: model 'big' needs 3\.\d MB \(measured\)"):
+        with pytest.raises(DeployError, match=r"model_too_large: model 'big' needs [\d.]+ MB \(measured\), more than "
+                                              r"the model memory budget of 2 MB") as refused:
             device.activator.warm(by_measure)
+        # What a load measures varies with the allocator (3.x MB here, 4.0 on Python 3.10 once): above the budget.
+        measured = float(re.search(r"needs ([\d.]+) MB", str(refused.value)).group(1))
+        assert 2.0 < measured
         assert device.infer("big", X)["model_version"] == "1.0.0"
         assert device.models.catalog.declared["big"].version == "1.0.0"
         assert not [kind for kind, detail in device.events if kind == "model_swapped"]
