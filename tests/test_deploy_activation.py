@@ -333,7 +333,10 @@ def test_a_version_that_grows_past_the_memory_limit_fails_probation_and_is_rolle
     # Version 2 fills a dims[0] x dims[1] tensor while it runs: nothing at the load or on the reference case,
     # 64 MB for each interpreter that runs the clients' requests.
     case = ReferenceCase(inputs={"dims": [1, 1]}, expected={"total": 1.0})
-    staged = stage(device.staging, "summer", "2.0.0", filled_sum_model(), references=(case,))
+    # Probation samples memory when polled: a window of time, not 40 requests (which a fast client finished
+    # between two samples once), gives it the polls to see a run's 64 MB.
+    window = ProbationPolicy(requests=None, seconds=30, max_error_rate=0.05)
+    staged = stage(device.staging, "summer", "2.0.0", filled_sum_model(), references=(case,), probation=window)
     device.models.process_limit_bytes = anon_rss_bytes() + 48 * MB
     limit = device.models.process_limit_bytes
     device.activator.warm(staged)
