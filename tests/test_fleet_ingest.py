@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +32,7 @@ from provisioning.ingest.localpg import PostgresServer
 from provisioning.ingest.schema import Certificate, Held, Quarantined, open_database
 from provisioning.ingest.store import Incoming, Planned, RecordStore
 from provisioning.ingest.trust import CertificateCache, DeviceKeys, Verifier
+from tests.fixtures.agents import REPO_ROOT
 from tests.fixtures.ingest import Carried, Site, database_url, drained, eventually, infer, stored_ids
 
 def _publish(broker: MosquittoProcess, messages: list[tuple[str, bytes, dict[str, str]]]) -> None:
@@ -85,6 +89,9 @@ def test_real_agents_records_are_verified_stored_once_and_queryable(
         expected = carried.msg_ids()
         assert eventually(lambda: set(stored_ids()) == expected), worker.stats()
         replay = _captured(carried)
+        # The agents batched (the default): zlib-compressed messages of many records, each record stored.
+        batches = [m for m in replay if m[0].endswith("/batch") and m[2].get("encoding") == "zlib"]
+        assert any(len(decode_upstream(*message)) > 1 for message in batches), [m[0] for m in replay]
         _publish(site.cloud, replay)  # every message again: stored once
         copies = sum(len(decode_upstream(*message)) for message in replay)
         assert eventually(lambda: worker.stats().duplicates == copies), worker.stats()
@@ -99,15 +106,20 @@ def test_real_agents_records_are_verified_stored_once_and_queryable(
     assert len(shown) == 50 and {row["signer"] for row in shown} == {"delegated"}
     assert all(row["body"]["reply"]["result"]["_meta"]["device_id"] == "dev2" for row in shown)
     assert all(row["received_at"].endswith("Z") for row in shown)
-    assert fleet.main(["--dir", str(site.fleet.root), "query", "--db", url, "--since", "2100-01-01"]) == 0
-    assert json.loads(capsys.readouterr().out) == []
+    for bounds, count in ((["--since", "2100-01-01"], 0), (["--until", "2000-01-01"], 0),
+                          (["--since", "2000-01-01", "--until", "2100-01-01T00:00:00+01:00"], 90)):  # fmt: skip
+        assert fleet.main(["--dir", str(site.fleet.root), "query", "--db", url, "--kind", "res", "--limit", "1000",
+                           *bounds]) == 0  # fmt: skip
+        assert len(json.loads(capsys.readouterr().out)) == count, bounds
     assert fleet.main(["--dir", str(site.fleet.root), "query", "--db", url, "--totals"]) == 0
     totals = json.loads(capsys.readouterr().out)
     assert totals["records"]["dev1"]["res"] == 40 and totals["records"]["dev2"]["res"] == 50
     assert totals["quarantined"] == {} and totals["held"] == 0
 
 
-def test_forged_tampered_and_foreign_records_are_quarantined_with_their_reason(site: Site, tmp_path: Path) -> None:
+def test_forged_tampered_and_foreign_records_are_quarantined_with_their_reason(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     carried = Carried(site.cloud)
     agent = site.agent("dev1", cloud={"batch": False})  # single envelopes, to forge and replay one by one
     with site.client("dev1") as client:
@@ -149,6 +161,11 @@ def test_forged_tampered_and_foreign_records_are_quarantined_with_their_reason(s
     reasons = {row.msg_id: row.reason for row in Quarantined.select()}
     assert reasons["f-1"] in ("foreign_certificate", "device_mismatch") and reasons["t-1"] == "bad_signature"
     assert all(row.content and row.detail for row in Quarantined.select())
+    assert fleet.main(["--dir", str(site.fleet.root), "query", "--db", str(tmp_path / "records.db"),
+                       "--quarantine", "--device", "dev1"]) == 0  # fmt: skip
+    shown = json.loads(capsys.readouterr().out)
+    assert {row["msg_id"]: row["reason"] for row in shown}.get("t-1") == "bad_signature"
+    assert all(row["device_id"] == "dev1" and row["detail"] for row in shown) and len(shown) == 5
 
 
 def test_records_are_held_until_their_certificate_arrives(site: Site, tmp_path: Path) -> None:
@@ -172,6 +189,14 @@ def test_records_are_held_until_their_certificate_arrives(site: Site, tmp_path: 
             _publish(replay, responses)
             assert eventually(lambda: worker.stats().held == 10), worker.stats()
             assert stored_ids() == [] and Held.select().count() == 10
+            # Another process, as an operator's would be (this one's models are bound to the worker's database).
+            shown = subprocess.run(
+                [sys.executable, "-m", "provisioning.fleet", "--dir", str(site.fleet.root), "query", "--db",
+                 str(tmp_path / "records.db"), "--held"], capture_output=True, check=True, cwd=REPO_ROOT,
+                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            )  # fmt: skip
+            held = json.loads(shown.stdout)
+            assert len(held) == 10 and all(row["thumbprint"] and row["envelope"]["class"] == "res" for row in held)
             _publish(replay, certificates)
             assert eventually(lambda: len(stored_ids()) == 11), worker.stats()
             assert Held.select().count() == 0 and worker.stats().released == 10
@@ -184,25 +209,35 @@ def test_records_arriving_while_the_database_is_down_are_all_stored_after_it_ret
 ) -> None:
     url = postgres.create_database(f"down{time.monotonic_ns()}")
     carried = Carried(site.cloud)
-    agent = site.agent("dev1")
-    with site.workers(url, 1, buffer=8, batch_max=4) as (worker,), site.client("dev1") as client:
-        infer(client, 5)
-        assert eventually(lambda: worker.stats().stored >= 5)
-        postgres.stop()
-        try:
-            infer(client, 60)
-            drained(agent)  # the broker took everything: the records now wait in the worker's session
-            assert eventually(lambda: worker.stats().database_retries > 0)
-            for _ in range(20):
-                assert worker.stats().buffered <= 8  # Receive Maximum: the broker sends no more than the buffer holds
-                time.sleep(0.05)
-            assert worker.stats().stored <= 8
-        finally:
-            postgres.start()
-        expected = carried.msg_ids()
-        assert eventually(lambda: set(stored_ids()) == expected, timeout=60), worker.stats()
+    buffer = 8
+    with site.workers(url, 1, buffer=buffer, batch_max=4) as (worker,):
+        agent = site.agent("dev1", cloud={"batch": False})  # one message per record: many more than the buffer
+        with site.client("dev1") as client:
+            infer(client, 5)
+            assert eventually(lambda: worker.stats().stored >= 5)
+            postgres.stop()
+            try:
+                stored_before = worker.stats().stored
+                infer(client, 60)
+                drained(agent)  # the broker took everything: the records now wait in the worker's session
+                assert eventually(lambda: worker.stats().database_retries > 0)
+
+                def unacknowledged() -> int:
+                    stats = worker.stats()
+                    return stats.received - stats.messages
+
+                # Receive Maximum: the broker hands over as many as the buffer holds and then keeps the rest.
+                assert eventually(lambda: unacknowledged() >= buffer), worker.stats()
+                for _ in range(20):
+                    assert unacknowledged() == buffer, worker.stats()
+                    time.sleep(0.05)
+                assert worker.stats().stored == stored_before
+            finally:
+                postgres.start()
+            expected = carried.msg_ids()
+            assert eventually(lambda: set(stored_ids()) == expected, timeout=60), worker.stats()
     carried.close()
-    assert len(expected) == 65
+    assert len(expected) == 65 and len(carried.messages()) == 65  # single envelopes
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,10 @@ class IngestSettings(BaseModel):
 
 
 class WorkerStats(BaseModel):
+    """``received``: messages the broker handed over; ``messages``: those committed and acknowledged. Their
+    difference is what the worker holds unacknowledged, which Receive Maximum bounds by the buffer size."""
+
+    received: int
     messages: int
     stored: int
     duplicates: int
@@ -95,6 +99,7 @@ class IngestWorker:
         self._committer = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
         self._lock = threading.Lock()
         self._tally = Tally()
+        self._received = 0
         self._messages = 0
         self._retries = 0
 
@@ -128,9 +133,9 @@ class IngestWorker:
         with self._lock:
             tally = self._tally
             return WorkerStats(
-                messages=self._messages, stored=tally.stored, duplicates=tally.duplicates, held=tally.held,
-                released=tally.released, quarantined=dict(tally.quarantined), database_retries=self._retries,
-                buffered=self._buffer.qsize(), connected=self._client.is_connected(),
+                received=self._received, messages=self._messages, stored=tally.stored, duplicates=tally.duplicates,
+                held=tally.held, released=tally.released, quarantined=dict(tally.quarantined),
+                database_retries=self._retries, buffered=self._buffer.qsize(), connected=self._client.is_connected(),
             )  # fmt: skip
 
     # ---- paho's network thread --------------------------------------------------------------------
@@ -159,6 +164,8 @@ class IngestWorker:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self._draining.is_set():
             return  # unacknowledged: the broker delivers it again to this session
+        with self._lock:
+            self._received += 1
         properties = getattr(message.properties, "UserProperty", None) or []
         incoming = Incoming(message.topic, bytes(message.payload), dict(properties), time.time())
         mid = message.mid if message.qos > 0 else None
