@@ -1,7 +1,8 @@
 """Ingest workers sharing one subscription (MQTT 5 ``$share``) against a real mosquitto and real agents:
 every record stored exactly once with two and four workers, and a worker killed with SIGKILL mid-stream,
 restarted with its fixed client id, delivers what the broker kept for it (mosquitto 2.0 does not hand a
-dead member's messages to the others)."""
+dead member's messages to the others); a worker killed, or stopped, while the database is down has
+acknowledged none of what it held, so nothing is lost."""
 
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ import pytest
 
 from provisioning.ingest.localpg import PostgresServer
 from provisioning.ingest.schema import Record, open_database
+from provisioning.ingest.store import RecordStore
+from provisioning.ingest.trust import DeviceKeys
+from provisioning.ingest.worker import IngestSettings, IngestWorker
 from tests.fixtures.ingest import (
     Carried,
     IngestProcess,
     Site,
     Traffic,
+    broker_settings,
     database_url,
     drained,
     eventually,
@@ -136,3 +141,41 @@ def test_a_worker_killed_while_the_database_is_down_loses_nothing(
         carried.close()
     assert len(expected) == 35 and Record.select().count() == 35
     assert "session present: True" in worker.log_path.read_text()
+
+
+def test_a_worker_stopped_while_the_database_is_down_leaves_what_it_holds_to_its_session(
+    site: Site, postgres: PostgresServer
+) -> None:
+    """A stop (SIGTERM) gives up, after its timeout, on a buffer it cannot commit, without acknowledging it:
+    the worker started again under its client id receives those messages and stores them."""
+    url = postgres.create_database(f"stop{time.monotonic_ns()}")
+    database = open_database(url)
+    settings = IngestSettings(broker=broker_settings(site.cloud), client_id="ingest-0", buffer=8, batch_max=4)
+
+    def worker() -> IngestWorker:
+        return IngestWorker(settings, RecordStore(database, DeviceKeys(site.fleet.root / "inventory.json")))
+
+    carried = Carried(site.cloud)
+    first = worker()
+    first.start(timeout=10)
+    agent = site.agent("dev1", cloud={"batch": False})
+    postgres.stop()
+    try:
+        with site.client("dev1") as client:
+            infer(client, 20)
+        drained(agent)
+        assert eventually(lambda: first.stats().database_retries > 0 and first.stats().received >= 8)
+        first.stop(timeout=1.0)
+        assert first.stats().stored == 0
+    finally:
+        postgres.start()
+    database.close()  # the connection the server's stop broke
+    second = worker()
+    second.start(timeout=10)
+    try:
+        expected = carried.msg_ids()
+        assert eventually(lambda: set(stored_ids()) == expected), second.stats()
+    finally:
+        second.stop()
+        carried.close()
+    assert len(expected) == 20 and second.stats().stored == 20
