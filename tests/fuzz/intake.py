@@ -4,7 +4,9 @@ through a real Dispatcher, Admission and RequestPipeline, in each admission stat
 The paho client is never connected. Two of its methods are observed, not replaced in effect: ``ack`` is
 recorded instead of queueing a PUBACK for a socket that does not exist, and ``publish`` (the real one) has
 its message ids recorded so that the harness can play the broker and acknowledge each reply, as the broker's
-PUBACK would. Invariants: no exception escapes ``_on_message``; every QoS 1 request on a request topic is
+PUBACK would. Invariants: no exception escapes ``_on_message``, and none is caught by the agent's own guards
+either (``edge_agent_internal_errors_total`` unchanged: the guards keep the threads alive, so an exception
+they catch would otherwise pass unseen, and each is a bug); every QoS 1 request on a request topic is
 acknowledged exactly once (none while stopping: those stay in the session for redelivery); QoS 0 never;
 nothing stays pending in the link or the dispatcher; per-client rate state stays within ``max_clients``.
 """
@@ -24,6 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.app import Agent
 from agent.config_loader import load_settings
+from agent.faults import INTERNAL_ERRORS
 from agent.models.devmodels import copy_bundled_models
 from agent.observe.memory import MemoryWatchdog
 from agent.serving.admission import Admission
@@ -209,9 +212,13 @@ def target_intake(data_bytes: bytes) -> None:
         link.stop_accepting()
     else:
         link._accepting.set()
+    errors_before = INTERNAL_ERRORS.counts()
     try:
         expected = _deliver(rig, dispatcher, data)
         _settle(rig, dispatcher)
+        errors = {where: n - errors_before[where] for where, n in INTERNAL_ERRORS.counts().items()}
+        errors = {where: n for where, n in errors.items() if n}
+        assert not errors, f"exceptions caught by the agent's guards (see the log for their tracebacks): {errors}"
         acked = {m: rig.observed.acks.count(m) for m in set(rig.observed.acks) | set(expected)}
         wrong = {m: (acked.get(m, 0), set(want)) for m, want in expected.items() if acked.get(m, 0) not in want}
         unexpected = {m: n for m, n in acked.items() if m not in expected and n}
