@@ -218,7 +218,8 @@ def target_intake(data_bytes: bytes) -> None:
         _settle(rig, dispatcher)
         errors = {where: n - errors_before[where] for where, n in INTERNAL_ERRORS.counts().items()}
         errors = {where: n for where, n in errors.items() if n}
-        assert not errors, f"exceptions caught by the agent's guards (replayed under pytest, the log shows them): {errors}"
+        # Replayed under pytest (tests/test_fuzz_corpus.py), the log shows their tracebacks.
+        assert not errors, f"exceptions caught by the agent's guards: {errors}"
         acked = {m: rig.observed.acks.count(m) for m in set(rig.observed.acks) | set(expected)}
         wrong = {m: (acked.get(m, 0), set(want)) for m, want in expected.items() if acked.get(m, 0) not in want}
         unexpected = {m: n for m, n in acked.items() if m not in expected and n}
