@@ -8,7 +8,8 @@ PUBACK would. Invariants: no exception escapes ``_on_message``, and none is caug
 either (``edge_agent_internal_errors_total`` unchanged: the guards keep the threads alive, so an exception
 they catch would otherwise pass unseen, and each is a bug); every QoS 1 request on a request topic is
 acknowledged exactly once (none while stopping: those stay in the session for redelivery); QoS 0 never;
-nothing stays pending in the link or the dispatcher; per-client rate state stays within ``max_clients``.
+nothing stays pending in the link or the dispatcher; per-client rate state stays within ``max_clients``, and
+the fair intake (its per-client queues) within its request and byte bounds while the workers are held back.
 """
 
 from __future__ import annotations
@@ -261,7 +262,11 @@ def _deliver(rig: IntakeRig, dispatcher: Dispatcher, data: FuzzedInput) -> dict[
         # paho delivers QoS 0 with mid 0
         link._on_message(link.client, None, _message(mid if qos else 0, topic, payload, qos, retain, props))
         mid += 1
-    if deferred_workers:
+    if deferred_workers:  # the intake at its fullest: every request of this input waits in it
+        intake = dispatcher._intake.figures()
+        limits = rig.agent.settings.limits
+        assert intake.requests <= limits.intake_queue and intake.clients <= limits.intake_queue, intake
+        assert intake.bytes <= limits.intake_max_bytes, intake
         dispatcher.start()
     return expected
 
