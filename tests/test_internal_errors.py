@@ -89,8 +89,8 @@ CASES: list[tuple[Where, Any, str, bool, Trigger, bool]] = [
     ("outbox_writer", OutboxWriter, "_execute", False, "request", True),
     ("fallback_expiry", CloudFallback, "_expire_round", False, "running", True),
 ]
-# Not injected here: the deployer, which runs only with deployment keys provisioned (tests/test_deploy_agent.py),
-# and the signing key's rotation, which runs on its own clock (tests/test_signing.py plants one there).
+# Planted elsewhere: in the deployer, which runs only with deployment keys provisioned
+# (tests/test_deploy_machine.py), and in the signing key's rotation, on its own clock (tests/test_signing.py).
 
 
 def _set_off(
