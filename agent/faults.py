@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 Where = Literal[
     "local_connect", "local_disconnect", "local_subscribe", "local_publish", "local_message", "intake", "worker",
-    "reply", "uplink_connect", "uplink_disconnect", "uplink_publish", "uplink_connection", "uplink_drain",
-    "outbox_writer", "fallback_expiry", "model_watcher", "memory_watchdog", "audit_sink", "stream_sweeper",
-    "deployer",
+    "reply", "uplink_connect", "uplink_disconnect", "uplink_publish", "uplink_message", "uplink_connection",
+    "uplink_drain", "outbox_writer", "fallback_expiry", "model_watcher", "memory_watchdog", "audit_sink",
+    "stream_sweeper", "deployer", "signing_rotation",
 ]  # fmt: skip
 WHERE: tuple[Where, ...] = get_args(Where)
 R = TypeVar("R")

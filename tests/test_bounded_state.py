@@ -7,10 +7,13 @@ it likes: each map keyed by client forgets (least recently used first) rather th
 from __future__ import annotations
 
 from agent.config import Limits, RateLimit, Replay
+from agent.errors import RequestError
 from agent.exchange import InboundRequest, payload_digest
 from agent.observe.audit import AuditTrail
 from agent.serving.admission import Admission
 from agent.serving.dispatcher import ServiceCosts
+from agent.serving.fallback import PENDING_OVERHEAD_BYTES, CloudFallback
+from agent.serving.protocol import InferParams, Request
 from agent.serving.intake import FairIntake, Queued
 from agent.serving.ratelimit import RateLimiter
 from agent.serving.replay import ReplayCache
@@ -75,3 +78,25 @@ def test_intake_queues_and_measured_costs_stay_bounded() -> None:
         costs.observe((b"infer", f"model-{n}".encode()), 0.001)
         assert intake.figures().clients <= 4096 and len(costs) <= 256
     assert len(intake) == 4096
+
+
+def test_cloud_fallback_budgets_and_pending_requests_stay_bounded() -> None:
+    # Its per-client forwarding budgets are a rate limiter of their own; its pending requests are bounded
+    # by bytes, each costing at least PENDING_OVERHEAD_BYTES, whatever the clients.
+    max_pending_bytes = 64 * 1024
+    fallback = CloudFallback(
+        ["big"], enqueue=lambda body, ttl_s: f"m{body['client_id']}", relay=lambda context, reply: None,
+        count=lambda name: None, max_pending_bytes=max_pending_bytes,
+    )  # fmt: skip
+    params = {"model": "big", "inputs": {}, "timeout_ms": 3_600_000}
+    try:
+        for n in range(CLIENTS):
+            request = Request(jsonrpc="2.0", id=n, method="infer", params=params)
+            try:
+                fallback.forward(f"c{n}", request, InferParams(**params), n, held_bytes=0)
+            except RequestError:
+                pass  # over the pending bytes: refused with -32001, as it should be
+            assert fallback._budget.tracked_clients <= fallback._budget.max_clients
+            assert len(fallback._pending) <= max_pending_bytes // PENDING_OVERHEAD_BYTES
+    finally:
+        fallback.stop()

@@ -21,6 +21,7 @@ from agent.deploy.staged import PreviousVersion, ProbationVerdict, StagedModel
 from agent.deploy.transfer import Transfer
 from agent.deploy.trust import Trust, load_public_key
 from agent.errors import DeployError
+from agent.faults import INTERNAL_ERRORS
 from agent.models.catalog import ModelEntry
 from agent.upstream.uplink import CloudMessage
 from tests.fixtures.deploy_bundles import Bundle, Publisher, build_bundle
@@ -297,6 +298,34 @@ def test_a_group_document_applies_and_another_devices_document_is_refused(rig: R
     rig.settle()
     assert rig.state("dG") == "active"
     assert any("for device dev2" in r.get("reason", "") for r in rig.reports if r["event"] == "refused")
+
+
+def test_a_bug_in_a_step_fails_that_deployment_only_and_the_deployer_thread_goes_on(rig: Rig, monkeypatch) -> None:
+    planted, warm = [RuntimeError("planted by the test")], rig.activation.warm
+    monkeypatch.setattr(rig.activation, "warm", lambda staged: (planted and _raise(planted.pop())) or warm(staged))
+    before = INTERNAL_ERRORS.counts()["deployer"]
+    rig.deployer.start()  # the real thread and its guards (run_once, used above, has none)
+    try:
+        for deployment_id, bundle in (("dA", "A"), ("dB", "B")):
+            rig.send(PUBLISHER.deployment(BUNDLES[bundle], deployment_id=deployment_id))
+            deadline = time.monotonic() + 30
+            while not _finished(rig, deployment_id) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        rig.deployer.stop()
+    assert rig.state("dA") == "failed" and "internal error in step" in (rig.deployer.journal.get("dA").reason or "")
+    assert rig.state("dB") == "active" and INTERNAL_ERRORS.counts()["deployer"] == before + 1
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def _finished(rig: Rig, deployment_id: str) -> bool:
+    try:
+        return rig.state(deployment_id) in TERMINAL
+    except DeployError:  # the thread has not taken the document yet
+        return False
 
 
 def test_kill_9_at_every_step_resumes_to_the_same_end(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Issue #12, the disk cases, with the real agent as a subprocess, its data_dir on a real 8 MiB tmpfs and a real
 cloud broker: a full disk at start or during a run never stops local answers, the outbox recovers by itself
-once space returns, and every row it had stored reaches the cloud."""
+once space returns, and every row it had stored reaches the cloud. An outbox damaged where SQLite says
+nothing (a zero-length file, a garbage -wal) is a corruption event, and what could be salvaged is sent."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
 from tests.fixtures.disks import fill_disk
 from tests.fixtures.brokers import CloudSide
 from tests.test_cloud_sync import _cloud, _responses
+from tests.test_outbox_damage import _crashed_copy
 from tests.test_hostile_peers import EXAMPLE, PROCESS_MEMORY_MB, _still_serving
 from tests.test_outbox_store import wait_until
 
@@ -109,5 +111,34 @@ def test_an_outbox_that_fills_the_disk_during_a_run_delivers_every_stored_row_wh
             f"{len(stored - {r['msg_id'] for r in cloud_side.records})} of {len(stored)} stored rows never arrived"
         )
         _still_serving(agent, client)
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("damage", ["zero_length_database", "garbage_wal"])
+def test_an_agent_started_on_a_damaged_outbox_counts_it_sends_what_was_salvaged_and_serves(
+    tmp_path: Path, local_broker: MosquittoProcess, cloud_broker: MosquittoProcess, cloud_side: CloudSide,
+    client_factory: Callable[..., DeviceClient], damage: str,
+) -> None:  # fmt: skip
+    # The issue's finding: either damage lost rows with no corruption event. Rows 0-24 are in the main file,
+    # 25-39 only in the -wal, as a power cut leaves them.
+    crashed, bodies = _crashed_copy(tmp_path / "crash", 40, in_main_file=25)
+    data = tmp_path / "data"
+    data.mkdir()
+    if damage == "zero_length_database":
+        (data / "outbox.db").touch()
+        (data / "outbox.db-wal").write_bytes(Path(f"{crashed}-wal").read_bytes())
+        salvaged = set(list(bodies)[25:])  # the -wal's commits; the main file's rows went with it
+    else:
+        (data / "outbox.db").write_bytes(crashed.read_bytes())
+        (data / "outbox.db-wal").write_bytes(b"not a write-ahead log " * 500)
+        salvaged = set(list(bodies)[:25])  # the main file's; the -wal's stay in the moved-aside copy
+    config = _config(tmp_path, tmp_path, local_broker, cloud_broker, 0)
+    agent = AgentProcess(config, local_broker).start()
+    try:
+        assert _metric("edge_agent_outbox_corruption_events_total") == 1
+        assert cloud_side.wait_for(lambda records: {r["msg_id"] for r in records} >= salvaged, timeout=60)
+        assert list(data.glob("outbox.db.corrupt-*")), "the damaged files were not kept for recovery by hand"
+        _still_serving(agent, client_factory("alice"))
     finally:
         agent.stop()

@@ -18,13 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from agent.config import BUNDLED_MODELS_DIR
 from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess, free_port
-from agent.mqtt.transport import new_client
 from agent.tools.client import DeviceClient
 from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
 from tests.fixtures.hostile_cloud import Behaviour, Connection, HostileCloud, publish_packet, remaining_length
@@ -93,21 +89,52 @@ def test_a_request_with_megabytes_of_user_properties_never_reaches_the_agent(
         # 3.5 MB of MQTT 5 user properties: paho parses them on its network thread in quadratic time (a
         # minute of a stalled agent) before any size check. The agent's CONNECT announces a Maximum Packet
         # Size, so the broker drops this publish instead of sending it.
-        hostile = new_client("mallory")
-        hostile.connect(local_broker.host, local_broker.port)
-        hostile.loop_start()
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.UserProperty = [(f"k{i}", "v" * 90) for i in range(35_000)]
-        sent = hostile.publish(topics.request_topic("dev1", "mallory"), b"{}", qos=0, properties=properties)
-        sent.wait_for_publish(60)
+        user_properties = [(f"k{i}".encode(), b"v" * 90) for i in range(35_000)]
+        with _raw_mqtt5_connection(local_broker, "mallory") as hostile:
+            hostile.sendall(_publish_with_user_properties(topics.request_topic("dev1", "mallory"), user_properties))
+            hostile.sendall(b"\xc0\x00")  # PINGREQ: its PINGRESP says the broker has read the publish before it
+            assert _receive(hostile, 2) == b"\xd0\x00"
         client = client_factory("alice")
         # Were the publish delivered, the agent's network thread would be busy parsing it far beyond the
         # client's reply timeout; the answers below come from an agent that never saw it.
         _still_serving(agent, client)
-        hostile.disconnect()
-        hostile.loop_stop()
     finally:
         agent.stop()
+
+
+@contextmanager
+def _raw_mqtt5_connection(broker: MosquittoProcess, client_id: str) -> Iterator[socket.socket]:
+    """A connected MQTT 5 session on a bare socket: paho's client packs properties in quadratic time (minutes
+    for the megabytes above on a loaded machine), so the hostile client writes its packets itself."""
+    name = client_id.encode()
+    # Protocol name, level 5, clean start, keep-alive 60 s, no properties; the client id.
+    body = b"\x00\x04MQTT\x05\x02\x00\x3c\x00" + len(name).to_bytes(2, "big") + name
+    with socket.create_connection((broker.host, broker.port), timeout=60) as sock:
+        sock.sendall(b"\x10" + remaining_length(len(body)) + body)
+        header = _receive(sock, 2)  # CONNACK and its length (under 128: a few properties)
+        connack = _receive(sock, header[1])
+        assert header[0] == 0x20 and connack[1] == 0, (header, connack)  # reason code 0: success
+        yield sock
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "the broker closed the connection"
+        data += chunk
+    return data
+
+
+def _publish_with_user_properties(topic: str, user_properties: list[tuple[bytes, bytes]]) -> bytes:
+    """A QoS 0 PUBLISH of ``{}`` carrying MQTT 5 user properties (identifier 0x26, a UTF-8 string pair each)."""
+    properties = b"".join(
+        b"\x26" + len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+        for key, value in user_properties
+    )
+    name = topic.encode()
+    body = len(name).to_bytes(2, "big") + name + remaining_length(len(properties)) + properties + b"{}"
+    return b"\x30" + remaining_length(len(body)) + body
 
 
 def test_requests_for_an_unreachable_cloud_hold_bounded_memory(

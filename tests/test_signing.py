@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from agent.compat import UTC
 from agent.config import Signing
 from agent.errors import SignatureInvalid, SigningError
+from agent.faults import INTERNAL_ERRORS
 from agent.signing import (
     ReplyBinding,
     create_signer,
@@ -507,6 +508,27 @@ def test_certificate_by_reference_needs_the_published_certificate(tmp_path: Path
         assert published == [signer.certificate]
         verify_message(raw, signer.public_key, certificates=published)
         assert reason_of(lambda: verify_message(raw, signer.public_key)) == "certificate_invalid"
+    finally:
+        signer.close()
+
+
+def test_a_bug_in_a_background_rotation_is_counted_and_rotation_goes_on(tmp_path: Path, data_dir: Path) -> None:
+    calls: list[x509.Certificate] = []
+
+    def on_rotate(certificate: x509.Certificate) -> None:
+        calls.append(certificate)
+        if len(calls) == 2:  # the first background rotation; the first call is the signer's own start
+            raise RuntimeError("planted by the test")
+
+    before = INTERNAL_ERRORS.counts()["signing_rotation"]
+    # 0.6 s between rotations, a failed one retried a tenth of that later.
+    signer = create_signer(software_settings(tmp_path, rotate_minutes=0.01), DEVICE, data_dir, on_rotate=on_rotate)
+    try:
+        deadline = time.monotonic() + 30
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 3, "rotation stopped after the failure"
+        assert INTERNAL_ERRORS.counts()["signing_rotation"] == before + 1
     finally:
         signer.close()
 

@@ -76,6 +76,14 @@ def test_sandbox_hides_every_device_but_the_tpm(tmp_path: Path) -> None:
         assert checks[name]["set"], name
 
 
+def test_descriptor_limit_is_explicit_and_above_the_default() -> None:
+    # Issue #12: under the 1,024 default, idle /metrics connections took every descriptor and the agent could
+    # not reconnect to its broker. The cap on connections is the fix (tests/test_hostile_peers.py runs it
+    # under 256); the unit's explicit limit is headroom on top.
+    limits = re.findall(r"^LimitNOFILE=(\d+)$", UNIT.read_text(), re.MULTILINE)
+    assert len(limits) == 1 and int(limits[0]) > 1024, limits
+
+
 def test_memory_dropin_from_provisioning_verifies(tmp_path: Path) -> None:
     layout = DeviceLayout(tmp_path / "root")
     provision(

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.compat import UTC
 from agent.config import Signing
 from agent.errors import SigningError
+from agent.faults import INTERNAL_ERRORS
 from agent.signing.delegation import Delegation, issue_delegation
 from agent.signing.identity import open_root_key
 from agent.signing.jws import jwk_thumbprint, protected_header, sign_detached
@@ -199,9 +200,9 @@ class DelegatedSigner:
             except SigningError as exc:
                 wait = min(ROTATION_RETRY_S, self.rotate_s / 10)
                 logger.error("rotating the delegated signing key failed (retrying in %.0f s): %s", wait, exc)
-            except Exception:  # e.g. from on_rotate: log it rather than let rotation stop silently
+            except Exception as exc:  # e.g. from on_rotate: a bug must not stop rotation, and shows in /metrics
                 wait = min(ROTATION_RETRY_S, self.rotate_s / 10)
-                logger.exception("rotating the delegated signing key failed (retrying in %.0f s)", wait)
+                INTERNAL_ERRORS.record("signing_rotation", exc)
 
     def _notify(self, delegation: Delegation) -> None:
         logger.info(

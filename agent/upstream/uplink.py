@@ -207,7 +207,7 @@ class Uplink:
         """Receive cloud messages matching ``topic_filter`` (e.g. ``mcp/cloud/res/{device_id}``).
 
         The subscription is renewed on every connection. ``handler`` runs on the connection thread and
-        must not block; its exceptions are logged, never propagated.
+        must not block; its exceptions are recorded as internal errors (``uplink_message``), never propagated.
         """
 
         def deliver(message: mqtt.MQTTMessage) -> None:
@@ -221,8 +221,8 @@ class Uplink:
                         correlation_data=getattr(properties, "CorrelationData", None),
                     )
                 )
-            except Exception:
-                log.exception("cloud message handler for %s failed", topic_filter)
+            except Exception as exc:  # counted and rate-limited: a cloud broker sends as often as it likes
+                INTERNAL_ERRORS.record("uplink_message", exc)
 
         self._subscriptions.add(topic_filter, qos, deliver)
         self._wake_connection()

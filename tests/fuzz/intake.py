@@ -4,9 +4,12 @@ through a real Dispatcher, Admission and RequestPipeline, in each admission stat
 The paho client is never connected. Two of its methods are observed, not replaced in effect: ``ack`` is
 recorded instead of queueing a PUBACK for a socket that does not exist, and ``publish`` (the real one) has
 its message ids recorded so that the harness can play the broker and acknowledge each reply, as the broker's
-PUBACK would. Invariants: no exception escapes ``_on_message``; every QoS 1 request on a request topic is
+PUBACK would. Invariants: no exception escapes ``_on_message``, and none is caught by the agent's own guards
+either (``edge_agent_internal_errors_total`` unchanged: the guards keep the threads alive, so an exception
+they catch would otherwise pass unseen, and each is a bug); every QoS 1 request on a request topic is
 acknowledged exactly once (none while stopping: those stay in the session for redelivery); QoS 0 never;
-nothing stays pending in the link or the dispatcher; per-client rate state stays within ``max_clients``.
+nothing stays pending in the link or the dispatcher; per-client rate state stays within ``max_clients``, and
+the fair intake (its per-client queues) within its request and byte bounds while the workers are held back.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.app import Agent
 from agent.config_loader import load_settings
+from agent.faults import INTERNAL_ERRORS
 from agent.models.devmodels import copy_bundled_models
 from agent.observe.memory import MemoryWatchdog
 from agent.serving.admission import Admission
@@ -209,9 +213,14 @@ def target_intake(data_bytes: bytes) -> None:
         link.stop_accepting()
     else:
         link._accepting.set()
+    errors_before = INTERNAL_ERRORS.counts()
     try:
         expected = _deliver(rig, dispatcher, data)
         _settle(rig, dispatcher)
+        errors = {where: n - errors_before[where] for where, n in INTERNAL_ERRORS.counts().items()}
+        errors = {where: n for where, n in errors.items() if n}
+        # Replayed under pytest (tests/test_fuzz_corpus.py), the log shows their tracebacks.
+        assert not errors, f"exceptions caught by the agent's guards: {errors}"
         acked = {m: rig.observed.acks.count(m) for m in set(rig.observed.acks) | set(expected)}
         wrong = {m: (acked.get(m, 0), set(want)) for m, want in expected.items() if acked.get(m, 0) not in want}
         unexpected = {m: n for m, n in acked.items() if m not in expected and n}
@@ -253,7 +262,11 @@ def _deliver(rig: IntakeRig, dispatcher: Dispatcher, data: FuzzedInput) -> dict[
         # paho delivers QoS 0 with mid 0
         link._on_message(link.client, None, _message(mid if qos else 0, topic, payload, qos, retain, props))
         mid += 1
-    if deferred_workers:
+    if deferred_workers:  # the intake at its fullest: every request of this input waits in it
+        intake = dispatcher._intake.figures()
+        limits = rig.agent.settings.limits
+        assert intake.requests <= limits.intake_queue and intake.clients <= limits.intake_queue, intake
+        assert intake.bytes <= limits.intake_max_bytes, intake
         dispatcher.start()
     return expected
 

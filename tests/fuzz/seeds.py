@@ -70,6 +70,7 @@ def _intake() -> list[bytes]:
         [_message(payload=_DEEP[:4000]), _message(payload=b"x" * 5000), _message(payload=b"\xff\xfe")],
         [_message(expiry=0, payload=2), _message(expiry=3, payload=0)],
         [_message(client=c % 6, payload=c % 5) for c in range(12)],
+        [_message(response_topic="", payload=_PING), _message(response_topic="", payload=_DEEP[:4000])],
     ]
     return [
         encode(state, len(batch) - 1, *[value for message in batch for value in message])
