@@ -28,9 +28,14 @@ POSTPROCESS_OUTPUTS = 4
 
 def top_labels(labels: list[str], scores: np.ndarray, top_k: int) -> list[dict[str, Any]] | None:
     """The ``top_k`` labels by score, highest first; None if there are no labels or they do not match the scores."""
-    values = np.asarray(scores).reshape(-1).tolist()
-    if not labels or top_k == 0 or len(values) != len(labels):
+    if not labels or top_k == 0:
         return None
+    array = np.asarray(scores)
+    # Sizes compared before converting: a model without labels (a detector's 14,336 raw regressor values, say)
+    # would otherwise pay ~450 us per reply to build and free a list nobody reads.
+    if array.size != len(labels):
+        return None
+    values = array.reshape(-1).tolist()
     # Plain Python: for a handful of labels this is several times cheaper than numpy's argsort.
     order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:top_k]  # stable, as by -value
     return [{"label": labels[index], "score": round(float(values[index]), 6)} for index in order]
