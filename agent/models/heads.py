@@ -182,8 +182,14 @@ def _ssd_decoded(
         picked = np.clip(picked, -head.score_clipping, head.score_clipping)
     # tanh form of the sigmoid: no overflow for large negative logits when nothing clips them.
     probabilities = 0.5 * (1.0 + np.tanh(picked / 2)) if head.sigmoid_scores else picked
-    classes = np.argmax(probabilities, axis=-1)
-    scores = probabilities[np.arange(len(classes)), classes]
+    if probabilities.shape[1] == 1:  # one class (a face detector): no argmax and fancy indexing to pay for
+        classes, scores = np.zeros(len(probabilities), dtype=np.intp), probabilities[:, 0]
+    else:
+        classes = np.argmax(probabilities, axis=-1)
+        scores = probabilities[np.arange(len(classes)), classes]
+    if not len(scores):  # nothing near the threshold, as in most frames: nothing to decode
+        empty = np.zeros((0, 4), dtype=np.float32)
+        return empty, np.zeros((0, head.num_keypoints, 2), dtype=np.float32), classes, scores
     keep = np.flatnonzero(scores >= score_threshold)
     keep = keep[np.argsort(-scores[keep], kind="stable")]
     anchor_rows = rows[keep]
@@ -226,7 +232,8 @@ def _suppressed(
         cluster[best] = True
         alive &= ~cluster
         if head.nms == "weighted":
-            weights = scores[cluster] / scores[cluster].sum()
+            cluster_scores = scores[cluster]
+            weights = cluster_scores / cluster_scores.sum()
             kept_boxes.append(weights @ boxes[cluster])
             kept_points.append((weights @ keypoints[cluster].reshape(len(weights), -1)).reshape(-1, 2))
         else:
@@ -235,7 +242,8 @@ def _suppressed(
         kept.append(best)
     if not kept:
         return boxes[:0], keypoints[:0], classes[:0], scores[:0]
-    return np.stack(kept_boxes), np.stack(kept_points), classes[kept], scores[kept]
+    # np.array of equal-shaped arrays is np.stack without its Python-level checks (the same array).
+    return np.array(kept_boxes), np.array(kept_points), classes[kept], scores[kept]
 
 
 def _as_json(
