@@ -19,7 +19,7 @@ from PIL import Image
 
 from agent.config import Limits
 from agent.models.devmodels import FACE_DETECTION_HEAD, add_face_detector
-from agent.models.heads import detections, iou, ssd_anchors
+from agent.models.heads import detections, iou, ssd_anchors, top_labels
 from agent.models.images import Frame
 from agent.models.manager import ModelManager
 from agent.models.taskspec import AnchorConfig, DetectionHead
@@ -311,6 +311,15 @@ def test_a_classification_head_ranks_labels_and_needs_them(tmp_path: Path) -> No
     assert [item["label"] for item in result["top"]] == ["dog", "bird"] and "outputs" in result
     add_model(tmp_path, "unlabelled", constant_classifier([0.5, 0.5]), head={"type": "classification"})
     assert "needs labels" in ModelManager(tmp_path).verify_all()["unlabelled"]
+
+
+def test_top_labels_only_for_scores_that_match_the_labels() -> None:
+    scores = np.asarray([[0.2, 0.5, 0.3]], dtype=np.float32)
+    assert [item["label"] for item in top_labels(LABELS, scores, 2) or []] == ["dog", "bird"]
+    # A detector's raw regressors (no labels, or not one score per label) get no ranking, whatever their size.
+    assert top_labels([], np.zeros((1, 896, 16), dtype=np.float32), 3) is None
+    assert top_labels(LABELS, np.zeros((1, 896, 16), dtype=np.float32), 3) is None
+    assert top_labels(LABELS, scores, 0) is None
 
 
 def test_the_latency_that_decides_inline_serving_counts_the_decode(faces: RequestService) -> None:

@@ -28,9 +28,14 @@ POSTPROCESS_OUTPUTS = 4
 
 def top_labels(labels: list[str], scores: np.ndarray, top_k: int) -> list[dict[str, Any]] | None:
     """The ``top_k`` labels by score, highest first; None if there are no labels or they do not match the scores."""
-    values = np.asarray(scores).reshape(-1).tolist()
-    if not labels or top_k == 0 or len(values) != len(labels):
+    if not labels or top_k == 0:
         return None
+    array = np.asarray(scores)
+    # Sizes compared before converting: a model without labels (a detector's 14,336 raw regressor values, say)
+    # would otherwise pay ~450 us per reply to build and free a list nobody reads.
+    if array.size != len(labels):
+        return None
+    values = array.reshape(-1).tolist()
     # Plain Python: for a handful of labels this is several times cheaper than numpy's argsort.
     order = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:top_k]  # stable, as by -value
     return [{"label": labels[index], "score": round(float(values[index]), 6)} for index in order]
@@ -177,8 +182,14 @@ def _ssd_decoded(
         picked = np.clip(picked, -head.score_clipping, head.score_clipping)
     # tanh form of the sigmoid: no overflow for large negative logits when nothing clips them.
     probabilities = 0.5 * (1.0 + np.tanh(picked / 2)) if head.sigmoid_scores else picked
-    classes = np.argmax(probabilities, axis=-1)
-    scores = probabilities[np.arange(len(classes)), classes]
+    if probabilities.shape[1] == 1:  # one class (a face detector): no argmax and fancy indexing to pay for
+        classes, scores = np.zeros(len(probabilities), dtype=np.intp), probabilities[:, 0]
+    else:
+        classes = np.argmax(probabilities, axis=-1)
+        scores = probabilities[np.arange(len(classes)), classes]
+    if not len(scores):  # nothing near the threshold, as in most frames: nothing to decode
+        empty = np.zeros((0, 4), dtype=np.float32)
+        return empty, np.zeros((0, head.num_keypoints, 2), dtype=np.float32), classes, scores
     keep = np.flatnonzero(scores >= score_threshold)
     keep = keep[np.argsort(-scores[keep], kind="stable")]
     anchor_rows = rows[keep]
@@ -221,7 +232,8 @@ def _suppressed(
         cluster[best] = True
         alive &= ~cluster
         if head.nms == "weighted":
-            weights = scores[cluster] / scores[cluster].sum()
+            cluster_scores = scores[cluster]
+            weights = cluster_scores / cluster_scores.sum()
             kept_boxes.append(weights @ boxes[cluster])
             kept_points.append((weights @ keypoints[cluster].reshape(len(weights), -1)).reshape(-1, 2))
         else:
@@ -230,7 +242,8 @@ def _suppressed(
         kept.append(best)
     if not kept:
         return boxes[:0], keypoints[:0], classes[:0], scores[:0]
-    return np.stack(kept_boxes), np.stack(kept_points), classes[kept], scores[kept]
+    # np.array of equal-shaped arrays is np.stack without its Python-level checks (the same array).
+    return np.array(kept_boxes), np.array(kept_points), classes[kept], scores[kept]
 
 
 def _as_json(

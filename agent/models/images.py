@@ -94,7 +94,9 @@ def image_tensor(info: TensorInfo, spec: Preprocess, b64: object, *, max_pixels:
         if image.format == "JPEG":
             # Decode at 1/2, 1/4 or 1/8 scale while that still covers what the resize will keep.
             image.draft(mode, _needed_size(spec, image.size, width, height))
-        image = image.convert(mode)
+        image.load()
+        if image.mode != mode:  # convert() to the mode it already has copies the picture (~10 us per drafted JPEG)
+            image = image.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise InvalidParams("image.b64: the picture cannot be decoded (truncated or corrupt)") from None
     pixels, frame = _fit(image, spec, width, height)
