@@ -329,3 +329,19 @@ def test_the_latency_that_decides_inline_serving_counts_the_decode(faces: Reques
     measured = faces.models.stats(entry).latency_ms
     assert measured == pytest.approx(timing["inference"] + timing["preprocess"], abs=0.002)
     assert faces.models.runs_within("faces", measured) and not faces.models.runs_within("faces", timing["inference"])
+
+
+def test_weighted_suppression_of_scores_that_underflowed_to_zero_blends_equally() -> None:
+    """At score_threshold 0 every anchor is a candidate; logits clipped at -100 score exactly 0 in float32, and a
+    cluster of them used to divide by zero (NaN boxes in the reply)."""
+    head = DetectionHead.model_validate(FACE_DETECTION_HEAD)
+    raw = np.zeros((896, 16), dtype=np.float32)
+    raw[:, 2:4] = 20.0
+    logits = np.full((896, 1), -1000.0, dtype=np.float32)
+    found = detections(head, ["face"], [raw[None], logits[None]], Frame(), (128, 128), score_threshold=0.0,
+                       max_detections=10_000)
+    assert found
+    for item in found:
+        assert item["score"] == 0.0
+        assert all(math.isfinite(value) for value in item["box"])
+        assert all(math.isfinite(value) for point in item.get("keypoints", []) for value in point)

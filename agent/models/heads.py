@@ -233,7 +233,9 @@ def _suppressed(
         alive &= ~cluster
         if head.nms == "weighted":
             cluster_scores = scores[cluster]
-            weights = cluster_scores / cluster_scores.sum()
+            total = cluster_scores.sum()
+            # Scores that all underflowed to 0 (score_threshold 0) would divide by zero: weigh them equally.
+            weights = cluster_scores / total if total > 0 else np.full(len(cluster_scores), 1.0 / len(cluster_scores))
             kept_boxes.append(weights @ boxes[cluster])
             kept_points.append((weights @ keypoints[cluster].reshape(len(weights), -1)).reshape(-1, 2))
         else:

@@ -27,6 +27,10 @@ from agent.models.taskspec import Preprocess
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 
+# Pillow warns (and past twice its limit refuses) on large pictures; our own bound comes first. Set once here:
+# warnings.catch_warnings() per call is not thread-safe, and the inference workers open pictures concurrently.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -62,10 +66,7 @@ def open_image(b64: object, *, max_pixels: int) -> Image.Image:
     except (binascii.Error, ValueError):
         raise InvalidParams("image.b64 is not valid base64") from None
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (and past twice its limit refuses) on large pictures; our own bound comes first.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         # Past twice its own limit Pillow refuses in open(), before our bound could name the size.
         raise InvalidParams(
