@@ -203,7 +203,8 @@ class ModelActivator:
         runs = measurements.runs(declared.id, declared.sha256)
         before = self._baselines.get((staged.deployment_id, declared.sha256), RunCounts())
         entry = catalog.models[declared.id]
-        process_problem, memory_note = self._process_memory_problem(entry, (staged.deployment_id, declared.sha256, since))
+        window = (staged.deployment_id, declared.sha256, since)
+        process_problem, memory_note = self._process_memory_problem(entry, window)
         seen = Observation(
             runs=RunCounts(runs.answered - before.answered, runs.failed - before.failed),
             elapsed_s=self._clock() - since,
@@ -214,7 +215,9 @@ class ModelActivator:
         )
         return judge(staged.probation, declared.version, seen)
 
-    def _process_memory_problem(self, entry: ModelEntry, window: tuple[str, str, float]) -> tuple[str | None, str | None]:
+    def _process_memory_problem(
+        self, entry: ModelEntry, window: tuple[str, str, float]
+    ) -> tuple[str | None, str | None]:
         """Whether the process went over its soft limit since the previous poll, and a note when only this
         poll's sample could be checked."""
         limit = self.models.process_limit_bytes
