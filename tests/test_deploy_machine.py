@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from agent.deploy.deployer import Deployer
-from agent.deploy.journal import TERMINAL, Journal
+from agent.deploy.journal import TERMINAL, DeploymentRecord, Journal
+from agent.deploy.policy import StepClock
 from agent.deploy.staged import PreviousVersion, ProbationVerdict, StagedModel
 from agent.deploy.transfer import Transfer
 from agent.deploy.trust import Trust, load_public_key
@@ -129,6 +130,7 @@ class Rig:
         self.reports: list[dict[str, Any]] = []
         self.retained: dict[str, bytes] = {}
         self.window_open = False
+        self.wall_offset = 0.0  # how far the device's wall clock is set from the true time
         self.deployer = self._build()
 
     def _build(self) -> Deployer:
@@ -141,6 +143,7 @@ class Rig:
             device_id="dev1", groups=["line-3"], journal=journal, trust=trust, transfer=transfer,
             activation=self.activation, report=self.reports.append, runtime="litert", agent_version="1.0",
             may_activate=lambda document: document.activation == "immediately" or self.window_open,
+            wall=lambda: time.time() + self.wall_offset,
         )  # fmt: skip
         deployer.resume()
         return deployer
@@ -284,6 +287,46 @@ def test_a_download_that_stalls_past_its_step_deadline_times_out(rig: Rig) -> No
     rig.settle()
     record = rig.deployer.journal.get("dS")
     assert record.state == "timed_out" and "step downloading took longer than" in (record.reason or "")
+
+
+def test_a_wall_clock_set_forward_mid_download_does_not_time_the_step_out(rig: Rig) -> None:
+    # An NTP daemon's first sync on a board without a real-time clock: a day forward, after the step began.
+    def synchronised(served: int) -> None:
+        rig.wall_offset = 86_400.0
+
+    rig.link.after_chunk = synchronised
+    rig.send(PUBLISHER.deployment(BUNDLES["A"], deployment_id="dNtp", deadlines={"download_s": 600}))
+    rig.settle()
+    assert rig.link.served > 1  # the jump came mid-download, with chunks still to fetch
+    assert rig.state("dNtp") == "active", rig.deployer.journal.get("dNtp").reason
+
+
+def test_a_step_resumed_after_a_restart_counts_the_time_before_it(rig: Rig) -> None:
+    rig.send(PUBLISHER.deployment(BUNDLES["A"], deployment_id="dLong", deadlines={"download_s": 3600}))
+    crashed = [rig.step(budget=1) for _ in range(6)]  # the process dies mid-download
+    assert False in crashed
+    assert rig.state("dLong") == "downloading"
+    rig.wall_offset = 7200.0  # the restarted agent finds the step entered two hours ago
+    rig.restart()
+    rig.settle()
+    record = rig.deployer.journal.get("dLong")
+    assert record.state == "timed_out" and "step downloading took longer than 3600 s" in (record.reason or "")
+
+
+def test_step_time_is_monotonic_within_a_process_and_carried_over_from_the_wall_clock_at_first_sight() -> None:
+    monotonic, wall = [100.0], [5_000.0]
+    steps = StepClock(lambda: monotonic[0], lambda: wall[0])
+    resumed = DeploymentRecord.model_construct(deployment_id="d", state="downloading", entered_at=4_990.0)
+    assert steps.elapsed_s(resumed) == 10.0  # entered before this process saw it: wall-clock time carried over
+    wall[0] += 86_400.0  # set forward: not time spent in the step
+    monotonic[0] += 5.0
+    assert steps.elapsed_s(resumed) == 15.0
+    moved = DeploymentRecord.model_construct(deployment_id="d", state="staged", entered_at=wall[0] - 30.0)
+    steps.entered(moved)  # entered by this process: timed from now, whatever the wall clock says
+    monotonic[0] += 2.0
+    assert steps.elapsed_s(moved) == 2.0
+    other = DeploymentRecord.model_construct(deployment_id="e", state="received", entered_at=wall[0] + 50.0)
+    assert steps.elapsed_s(other) == 0.0  # the wall clock set back since: nothing carried over, never negative
 
 
 def test_deadlines_end_in_timed_out(rig: Rig) -> None:

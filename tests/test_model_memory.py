@@ -19,7 +19,9 @@ from agent.observe.memory import (
     anon_rss_bytes,
     measured_growth,
     memory_cgroup_report,
+    peak_rss_bytes,
     rss_bytes,
+    take_peak_anon_rss,
     trim_heap,
 )
 from tests.fixtures.generated_models import SIZED_INPUTS, add_model, sized_model
@@ -242,3 +244,32 @@ def test_the_soft_limit_reading_leaves_out_file_backed_library_pages(tmp_path: P
     (tmp_path / "status").write_text("VmRSS:\t  131072 kB\nRssAnon:\t  110592 kB\nRssFile:\t   11264 kB\nRssShmem:\t    2048 kB\n")
     assert anon_rss_bytes(tmp_path) == (110592 + 2048) * 1024
     assert 0 < anon_rss_bytes() <= rss_bytes()
+
+
+def _vm_hwm() -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM:"))
+
+
+def test_the_peak_since_the_last_reading_sees_a_freed_spike_and_the_lifetime_peak_survives_the_reset() -> None:
+    take_peak_anon_rss()  # whatever came before this test
+    before = anon_rss_bytes()
+    buffer = b"\x01" * (64 * MB)
+    del buffer
+    peak = take_peak_anon_rss()
+    assert peak is not None and peak >= before + 60 * MB
+    assert anon_rss_bytes() < before + 16 * MB  # the spike is gone: only the peak saw it
+    # The kernel's peak went back to what is resident now; the lifetime peak (/metrics) did not.
+    assert _vm_hwm() < before + 60 * MB + (rss_bytes() - anon_rss_bytes())
+    assert peak_rss_bytes() >= peak
+    again = take_peak_anon_rss()
+    assert again is not None and again < before + 16 * MB  # a new window: the old spike is not counted twice
+
+
+def test_without_a_writable_clear_refs_there_is_no_peak_since_the_last_reading(tmp_path: Path) -> None:
+    (tmp_path / "status").write_text("VmHWM:\t  262144 kB\nVmRSS:\t  131072 kB\nRssAnon:\t  110592 kB\n"
+                                     "RssFile:\t   11264 kB\nRssShmem:\t    2048 kB\n")
+    assert take_peak_anon_rss(tmp_path) is None  # no clear_refs (a kernel without CONFIG_PROC_PAGE_MONITOR)
+    (tmp_path / "clear_refs").mkdir()  # one that cannot be written
+    assert take_peak_anon_rss(tmp_path) is None
+    assert peak_rss_bytes(tmp_path) == 262144 * 1024

@@ -15,7 +15,9 @@ composed with the model manager and its hot-update path, never beside them:
   the old version, the next ones find the warmed one already loaded. The previous version's file stays.
 * **probation**: the new version's runs answered and failed (counted per version in
   :class:`agent.models.stats.Measurements`), its median latency against the previous version's, and memory,
-  judged by :func:`agent.deploy.probation.judge`.
+  judged by :func:`agent.deploy.probation.judge`. Memory is the anonymous resident memory at its peak since
+  the previous poll (:func:`agent.observe.memory.take_peak_anon_rss`), so a run that allocates a lot briefly
+  between two polls is seen; where the kernel's peak cannot be reset, only what each poll samples.
 * **roll_back**: the previous entry written back (or the model's entry removed, if it was new or a bundled
   default showed through) and the catalogue reloaded, the same way.
 
@@ -43,7 +45,7 @@ from agent.models.catalog import ModelEntry
 from agent.models.inference import LoadedModel
 from agent.models.manager import ModelManager
 from agent.models.stats import RunCounts
-from agent.observe.memory import MB, anon_rss_bytes
+from agent.observe.memory import MB, anon_rss_bytes, take_peak_anon_rss
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,16 @@ class ModelActivator:
         models: ModelManager,
         *,
         clock: Callable[[], float] = time.monotonic,
-        process_memory: Callable[[], int] = anon_rss_bytes,
+        proc_self: Path = Path("/proc/self"),
     ) -> None:
         self.models = models
         self.models_dir = models.models_dir
         self._clock = clock
-        self._process_memory = process_memory
+        self._proc_self = proc_self
+        # The probation whose memory peak is being followed (deployment, sha256, since): its first poll resets
+        # the peak, which until then holds the warming of both versions and whatever came before.
+        self._peak_window: tuple[str, str, float] | None = None
+        self._peak_unavailable_logged = False
         # Runs a version had already made in this process when a deployment swapped it in (a version deployed
         # again after a roll back): probation counts from there.
         self._baselines: dict[tuple[str, str], RunCounts] = {}
@@ -196,24 +202,46 @@ class ModelActivator:
         previous = record.previous.entry if record is not None and record.sha256 == declared.sha256 else None
         runs = measurements.runs(declared.id, declared.sha256)
         before = self._baselines.get((staged.deployment_id, declared.sha256), RunCounts())
+        entry = catalog.models[declared.id]
+        window = (staged.deployment_id, declared.sha256, since)
+        process_problem, memory_note = self._process_memory_problem(entry, window)
         seen = Observation(
             runs=RunCounts(runs.answered - before.answered, runs.failed - before.failed),
             elapsed_s=self._clock() - since,
             median_ms=measurements.median_latency_ms(declared.id, declared.sha256),
             previous_median_ms=measurements.median_latency_ms(previous.id, previous.sha256) if previous else None,
-            memory_problem=self._memory_problem(catalog.models[declared.id]),
+            memory_problem=process_problem or self._budget_problem(entry),
+            memory_note=memory_note,
         )
         return judge(staged.probation, declared.version, seen)
 
-    def _memory_problem(self, entry: ModelEntry) -> str | None:
+    def _process_memory_problem(
+        self, entry: ModelEntry, window: tuple[str, str, float]
+    ) -> tuple[str | None, str | None]:
+        """Whether the process went over its soft limit since the previous poll, and a note when only this
+        poll's sample could be checked."""
         limit = self.models.process_limit_bytes
-        if limit is not None:
-            held = self._process_memory()
-            if held > limit:
-                return (
-                    f"the agent holds {held / MB:.0f} MB (anonymous resident) with {entry.id} {entry.version} "
-                    f"serving, over its soft limit of {limit / MB:.0f} MB"
-                )
+        if limit is None:
+            return None, None
+        peak = take_peak_anon_rss(self._proc_self)
+        held = anon_rss_bytes(self._proc_self)
+        # The window's first poll only resets the peak: until then it holds both versions warming, and older spikes.
+        first_poll, self._peak_window = window != self._peak_window, window
+        serving = f"with {entry.id} {entry.version} serving, over its soft limit of {limit / MB:.0f} MB"
+        if held > limit:
+            return f"the agent holds {held / MB:.0f} MB (anonymous resident) {serving}", None
+        if peak is not None and not first_poll and peak > limit:
+            return (f"the agent's anonymous resident memory peaked at {peak / MB:.0f} MB between two checks "
+                    f"({held / MB:.0f} MB now) {serving}"), None  # fmt: skip
+        if peak is None:
+            if not self._peak_unavailable_logged:
+                self._peak_unavailable_logged = True
+                log.warning("%s/clear_refs cannot reset the peak RSS here: probation checks memory only at its "
+                            "polls, and a spike between two polls goes unseen", self._proc_self)  # fmt: skip
+            return None, "memory sampled at each check only (the kernel's peak RSS cannot be reset here)"
+        return None, None
+
+    def _budget_problem(self, entry: ModelEntry) -> str | None:
         stats = self.models.stats(entry)
         if not stats.fits:
             measured = f"{stats.memory_bytes / MB:.1f} MB" if stats.memory_bytes is not None else "its file"

@@ -30,7 +30,7 @@ from typing import Any
 
 from agent.deploy.documents import BundleManifest, DeploymentDocument
 from agent.deploy.journal import DeploymentRecord, Journal, State
-from agent.deploy.policy import check_requirements, check_target, overdue
+from agent.deploy.policy import StepClock, check_requirements, check_target, overdue
 from agent.deploy.staged import Activation, PreviousVersion, StagedModel
 from agent.deploy.transfer import Transfer
 from agent.deploy.trust import Trust
@@ -61,6 +61,7 @@ class Deployer:
         agent_version: str,
         may_activate: Callable[[DeploymentDocument], bool] = lambda document: True,
         wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device_id = device_id
         self._groups = groups
@@ -72,7 +73,9 @@ class Deployer:
         self._runtime = runtime
         self._agent_version = agent_version
         self._may_activate = may_activate
-        self._wall = wall
+        self._wall = wall  # only for the signed documents' times (complete_by) and the reports' "at"
+        self._clock = clock
+        self._steps = StepClock(clock, wall)
         self._incoming: queue.Queue[tuple[str, str, bytes]] = queue.Queue(_INCOMING_MAX)
         self._seen: dict[str, str] = {}
         self._stopping = threading.Event()
@@ -205,6 +208,7 @@ class Deployer:
         bundle = (manifest.bundle_id, manifest.model_id, manifest.version) if manifest is not None else None
         previous = self._current()
         record = self.journal.accept(document.deployment_id, document.sequence, topic, payload.decode(), bundle)
+        self._steps.entered(record)
         self._refresh_snapshot()
         self._send(record)
         log.info("deploy: accepted %s (sequence %d, %s) from %s", record.deployment_id, record.sequence,
@@ -243,7 +247,7 @@ class Deployer:
 
     def _advance(self, record: DeploymentRecord) -> None:
         document = record.deployment_document()
-        reason = overdue(record, document, self._wall())
+        reason = overdue(record, document, self._wall(), self._steps.elapsed_s(record))
         if reason is not None:
             self._time_out(record, reason)
             return
@@ -290,7 +294,7 @@ class Deployer:
             latest = self.journal.get(record.deployment_id)
             if latest.terminal:
                 return latest.state
-            return overdue(latest, document, self._wall())
+            return overdue(latest, document, self._wall(), self._steps.elapsed_s(latest))
 
         try:
             outcome = self._transfer.fetch(manifest, interrupted)
@@ -322,13 +326,13 @@ class Deployer:
         except DeployError as exc:
             self._move(record, "failed", f"activation failed: {exc}")
             return
-        self._probation_since[record.deployment_id] = time.monotonic()
+        self._probation_since[record.deployment_id] = self._clock()
         self._move(record, "probation", f"serving {manifest.version}; watching {document.probation.model_dump()}",
                    previous=previous.model_dump(mode="json"))  # fmt: skip
 
     def _watch(self, record: DeploymentRecord, document: DeploymentDocument, manifest: BundleManifest) -> None:
         # After a restart the probation window starts again: the process it watched is gone.
-        since = self._probation_since.setdefault(record.deployment_id, time.monotonic())
+        since = self._probation_since.setdefault(record.deployment_id, self._clock())
         verdict = self._activation.probation(self._staged(record, document, manifest), since)
         if verdict.state == "passed":
             self._probation_since.pop(record.deployment_id, None)
@@ -371,6 +375,7 @@ class Deployer:
 
     def _move(self, record: DeploymentRecord, state: State, reason: str | None, **fields: Any) -> None:
         moved = self.journal.transition(record.deployment_id, state, reason, **fields)
+        self._steps.entered(moved)
         if moved.terminal and record.state in ("staged", "activating"):
             self._give_up(record)
         if moved.terminal and moved.bundle_id and not any(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 
 from agent.deploy.documents import BundleManifest, DeploymentDocument
 from agent.deploy.journal import DeploymentRecord
@@ -31,8 +33,47 @@ def check_requirements(manifest: BundleManifest, *, runtime: str, agent_version:
         )
 
 
-def overdue(record: DeploymentRecord, document: DeploymentDocument, now: float) -> str | None:
-    """Why ``record`` has run out of time in its current state, or None (probation bounds itself)."""
+class StepClock:
+    """How long a deployment has been in its current step, measured on the monotonic clock.
+
+    The journal's ``entered_at`` is wall-clock time, since it must outlive the process. A step this process
+    moved a deployment into (:meth:`entered`) is timed from then on the monotonic clock, so a wall clock set
+    forward or back mid-step (an NTP daemon's first sync on a board without a real-time clock) neither times
+    the step out nor stretches it. A step it did not enter (resumed after a restart) carries over the
+    wall-clock time since ``entered_at``, never negative: the only evidence that survives a restart, and what
+    lets a step that crashes the agent each time still reach its deadline (a clock jump while the agent was
+    down counts against that step).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._wall = wall
+        # deployment -> (state, entered_at, start on the monotonic clock), for unfinished deployments only
+        self._started: dict[str, tuple[str, float, float]] = {}
+
+    def entered(self, record: DeploymentRecord) -> None:
+        """``record`` was just moved into its state by this process (a terminal state: forgotten)."""
+        if record.terminal:
+            self._started.pop(record.deployment_id, None)
+        else:
+            self._started[record.deployment_id] = (record.state, record.entered_at, self._clock())
+
+    def elapsed_s(self, record: DeploymentRecord) -> float:
+        """Seconds ``record`` has spent in its current state."""
+        known = self._started.get(record.deployment_id)
+        if known is None or known[:2] != (record.state, record.entered_at):
+            self._started[record.deployment_id] = known = (
+                record.state, record.entered_at, self._clock() - max(0.0, self._wall() - record.entered_at)
+            )  # fmt: skip
+        return self._clock() - known[2]
+
+
+def overdue(record: DeploymentRecord, document: DeploymentDocument, now: float, step_elapsed_s: float) -> str | None:
+    """Why ``record`` has run out of time in its current state, or None (probation bounds itself).
+
+    ``now`` (wall clock) is compared with the signed ``complete_by``; ``step_elapsed_s`` (a
+    :class:`StepClock`'s) with the step deadlines.
+    """
     deadlines = document.deadlines
     if record.state in ("probation", "active"):
         return None
@@ -44,7 +85,7 @@ def overdue(record: DeploymentRecord, document: DeploymentDocument, now: float) 
         "downloading": deadlines.download_s,
         "activating": deadlines.activate_s,
     }.get(record.state)
-    if step_limit is not None and now - record.entered_at > step_limit:
+    if step_limit is not None and step_elapsed_s > step_limit:
         return f"step {record.state} took longer than {step_limit:.0f} s"
     return None
 

@@ -5,8 +5,9 @@ once). Failures fail it as soon as they are certain to: more failed runs than th
 whole request window fail it before the window ends. At the end, the error rate over the runs seen is
 compared with ``max_error_rate``, and, only if the policy asks (``max_latency_ratio``), the median latency
 with the previous version's (measured in this process before the swap; without those figures the check is
-skipped and the reason says so). A memory problem (the process over its soft limit, the version no longer
-within the model memory budget) fails it at any time.
+skipped and the reason says so). A memory problem (the process over its soft limit, now or at its peak since the
+previous poll; the version no longer within the model memory budget) fails it at any time; where memory could
+only be sampled at the polls, a passing verdict says so.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Observation:
     median_ms: float | None = None
     previous_median_ms: float | None = None
     memory_problem: str | None = None
+    memory_note: str | None = None  # how memory was watched, when less than fully (said in a passing verdict)
 
 
 def judge(policy: ProbationPolicy, version: str, seen: Observation) -> ProbationVerdict:
@@ -46,6 +48,8 @@ def judge(policy: ProbationPolicy, version: str, seen: Observation) -> Probation
     if runs.total and runs.failed / runs.total > policy.max_error_rate:
         return verdict("failed", _error_reason(version, runs, policy))
     summary = f"version {version}: {runs.total} runs, {runs.failed} failed"
+    if seen.memory_note is not None:
+        summary = f"{summary}; {seen.memory_note}"
     if policy.max_latency_ratio is None:
         return verdict("passed", summary)
     if seen.median_ms is None or not seen.previous_median_ms:

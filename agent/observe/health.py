@@ -68,7 +68,7 @@ class Probes:
 
 
 class ProcessMemory(BaseModel):
-    """Resident memory now and at its peak (VmHWM)."""
+    """Resident memory now and at its lifetime peak (VmHWM, kept across the resets probation makes)."""
 
     rss_bytes: int
     peak_rss_bytes: int

@@ -15,6 +15,11 @@ a model nor shedding requests can shrink. Counting it made the limit unreachable
 could refuse a model for good at a few MiB below its limit. Model growth and the peak reported in
 /metrics stay plain RSS/PSS (what the model really adds; what the board really carries).
 
+Probation of a newly deployed model (agent/deploy) must see a short spike between its polls, so
+:func:`take_peak_anon_rss` reads the peak since its previous call and resets it (``VmHWM`` reset through
+``/proc/self/clear_refs``). The lifetime peak the metrics report stays a lifetime peak across those resets:
+:func:`peak_rss_bytes` keeps the highest VmHWM seen before each reset.
+
 Raspberry Pi kernels ship with the memory cgroup disabled, which makes systemd's ``MemoryMax=`` a no-op;
 :func:`memory_cgroup_report` says whether the kernel will enforce any limit on this process at all.
 """
@@ -40,6 +45,12 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # A cgroup v1 "no limit" is reported as the largest page-aligned 63-bit number.
 _UNLIMITED_V1 = 1 << 62
 _MEASURE_LOCK = threading.Lock()
+_PROC_SELF = Path("/proc/self")
+# "5" resets the process's peak RSS (VmHWM) to its current RSS (Linux 4.0+); no other bit of clear_refs is touched.
+_RESET_PEAK = b"5"
+_PEAK_LOCK = threading.Lock()
+# The highest VmHWM read just before a reset of the peak: the lifetime peak once VmHWM has been reset.
+_peak_before_resets = 0
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -87,12 +98,57 @@ def pss_bytes(proc_self: Path = Path("/proc/self")) -> int | None:
     return None
 
 
-def peak_rss_bytes(proc_self: Path = Path("/proc/self")) -> int:
-    """The high-water mark of the resident set (``VmHWM``) since the process started."""
+def peak_rss_bytes(proc_self: Path = _PROC_SELF) -> int:
+    """The high-water mark of the resident set since the process started.
+
+    That is ``VmHWM``, or, once :func:`take_peak_anon_rss` has reset VmHWM, the highest value it had before.
+    """
+    peak = _status_kib(proc_self).get("VmHWM")
+    if peak is None:
+        raise OSError(f"{proc_self}/status has no VmHWM line")
+    return max(peak * 1024, _peak_before_resets) if proc_self == _PROC_SELF else peak * 1024
+
+
+def take_peak_anon_rss(proc_self: Path = _PROC_SELF) -> int | None:
+    """Anonymous resident memory at its highest since the previous call, then the kernel's peak reset.
+
+    The kernel keeps the peak of all resident memory (``VmHWM``), not of its anonymous part: the file-backed
+    part (library code, steady while the agent runs) is taken as it is now, so the figure compares with
+    :func:`anon_rss_bytes` and the soft limit. A spike in the instant between reading and resetting is lost.
+    Returns None where the peak cannot be reset (no writable ``clear_refs``: a kernel before 4.0 or without
+    ``CONFIG_PROC_PAGE_MONITOR``, a sandbox, a process made non-dumpable): the caller then only has samples.
+    """
+    global _peak_before_resets
+    with _PEAK_LOCK:
+        fields = _status_kib(proc_self)
+        if "VmHWM" not in fields:
+            return None
+        peak = fields["VmHWM"] * 1024
+        if proc_self == _PROC_SELF:
+            _peak_before_resets = max(_peak_before_resets, peak)  # before the reset: readers never see it drop
+        try:
+            descriptor = os.open(proc_self / "clear_refs", os.O_WRONLY)  # never created where it is missing
+            try:
+                os.write(descriptor, _RESET_PEAK)
+            finally:
+                os.close(descriptor)
+        except OSError:
+            return None
+        if "RssAnon" not in fields or "RssShmem" not in fields:  # before Linux 4.5: as anon_rss_bytes, all of RSS
+            return peak
+        anon = (fields["RssAnon"] + fields["RssShmem"]) * 1024
+        file_backed = fields["VmRSS"] * 1024 - anon
+        return max(anon, peak - file_backed)
+
+
+def _status_kib(proc_self: Path) -> dict[str, int]:
+    """The ``kB`` figures of ``status`` by name (``VmHWM``, ``VmRSS``, ``RssAnon``...)."""
+    fields = {}
     for line in (proc_self / "status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"{proc_self}/status has no VmHWM line")
+        name, _, value = line.partition(":")
+        if value.endswith(" kB"):
+            fields[name] = int(value.split()[0])
+    return fields
 
 
 def trim_heap() -> None:
