@@ -96,7 +96,8 @@ class LeanDecodeClient(ChunkedReadClient):
         self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, LeanReasonCode(PacketTypes.PUBACK, 0), LeanProperties(PacketTypes.PUBACK))
+                success = LeanReasonCode(PacketTypes.PUBACK, 0)
+                return self._do_on_publish(mid, success, LeanProperties(PacketTypes.PUBACK))
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
