@@ -20,7 +20,7 @@ MESSAGES = 2000
 # (guarded: the cloud is input too).
 CLIENTS = {
     "plain": new_client,
-    "lean": lambda client_id: new_client(client_id, lean_decode=True),
+    "lean": lambda client_id: new_client(client_id, lean=True),
     "guarded": lambda client_id: new_guarded_client(client_id, InboundLimits(max_packet_bytes=1 << 20, receive_maximum=64)),
 }
 

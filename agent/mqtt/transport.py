@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 from agent.config import CloudBroker, LocalBroker, TlsSettings
 from agent.mqtt.chunked import ChunkedReadClient
 from agent.mqtt.inbound_guard import GuardedClient, InboundLimits
-from agent.mqtt.lean_decode import LeanDecodeClient
+from agent.mqtt.lean_client import LeanClient
 
 
 def _enable_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -31,14 +31,14 @@ def _enable_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def new_client(client_id: str, *, manual_ack: bool = False, lean_decode: bool = False) -> ChunkedReadClient:
+def new_client(client_id: str, *, manual_ack: bool = False, lean: bool = False) -> ChunkedReadClient:
     """An MQTT 5 paho client with version-2 callbacks, chunked reads and TCP_NODELAY on its socket.
 
-    ``lean_decode``: the common PUBLISH and PUBACK decoded without paho's per-packet tables
-    (:mod:`agent.mqtt.lean_decode`); the agent's request link uses it, the benchmark's reference responders
+    ``lean``: the common PUBLISH and PUBACK decoded without paho's per-packet tables
+    (:mod:`agent.mqtt.lean_client`); the agent's request link uses it, the benchmark's reference responders
     keep paho's own decoding, as a hand-written responder would.
     """
-    kind = LeanDecodeClient if lean_decode else ChunkedReadClient
+    kind = LeanClient if lean else ChunkedReadClient
     client = kind(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack)
     client.on_socket_open = _enable_tcp_nodelay
     return client

@@ -1,10 +1,12 @@
-"""The local link's own decoding of a property-less PUBLISH and a success PUBACK hands its callbacks what
-paho's decoder would, and leaves every other packet to paho."""
+"""The local link's client: its own decoding of a property-less PUBLISH and a success PUBACK hands callbacks
+what paho's decoder would (every other packet is paho's), and what its network thread queues for itself, it
+writes on its next round, consecutive packets together."""
 
 from __future__ import annotations
 
 import struct
 import threading
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -15,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.mqtt.lean_decode import LeanDecodeClient
+from agent.mqtt.lean_client import LeanClient, _coalesce_head
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client
 
@@ -86,8 +88,8 @@ def test_a_publish_reaches_on_message_as_paho_decodes_it(
     if truncate is not None:  # malformed: cut inside the variable header
         packet = packet[:truncate]
     paho = new_client("paho", manual_ack=True)
-    lean = new_client("lean", manual_ack=True, lean_decode=True)
-    assert isinstance(lean, LeanDecodeClient)
+    lean = new_client("lean", manual_ack=True, lean=True)
+    assert isinstance(lean, LeanClient)
     assert _fields(_received(lean, header, packet)) == _fields(_received(paho, header, packet))
 
 
@@ -110,33 +112,60 @@ def _acknowledged(client: mqtt.Client, packet: bytes) -> tuple[Any, ...] | None:
 @pytest.mark.parametrize("rest", [b"", b"\x00", b"\x10", b"\x80\x00", b"\x10\x04\x1f\x00\x01r"])
 def test_a_puback_reaches_on_publish_as_paho_decodes_it(rest: bytes) -> None:
     paho = new_client("paho")
-    lean = new_client("lean", lean_decode=True)
+    lean = new_client("lean", lean=True)
     assert _acknowledged(lean, rest) == _acknowledged(paho, rest)
 
 
-def test_paho_hands_publishes_and_pubacks_of_a_live_connection_to_the_lean_decoder(
+def _queued(command: int, qos: int, body: bytes, pos: int = 0) -> dict[str, Any]:
+    return {"command": command, "mid": 1, "qos": qos, "pos": pos, "to_process": len(body) - pos, "packet": body,
+            "info": None}  # fmt: skip
+
+
+def test_packets_paho_keeps_no_books_on_leave_together_and_the_rest_alone() -> None:
+    publish_1, puback, publish_0 = mqtt.PUBLISH | 0x02, mqtt.PUBACK, mqtt.PUBLISH
+    queue = deque([_queued(publish_1, 1, b"a"), _queued(puback, 0, b"b"), _queued(publish_1, 1, b"c"),
+                   _queued(publish_0, 0, b"d"), _queued(puback, 0, b"e")])  # fmt: skip
+    _coalesce_head(queue)
+    assert [(bytes(p["packet"]), p["to_process"], p["command"]) for p in queue] == [
+        (b"abc", 3, publish_1), (b"d", 1, publish_0), (b"e", 1, puback)
+    ]
+    partly_sent = deque([_queued(publish_1, 1, b"xy", pos=1), _queued(puback, 0, b"z")])
+    _coalesce_head(partly_sent)
+    assert len(partly_sent) == 2
+
+
+def test_paho_hands_a_live_connection_s_publishes_and_pubacks_to_the_lean_client(
     local_broker: MosquittoProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # paho dispatches to _handle_publish and _handle_pubackcomp; if a paho release stops calling either,
     # the local link would silently decode with paho's tables again: this fails instead.
     calls: list[str] = []
     for name in ("_handle_publish", "_handle_pubackcomp"):
-        original = getattr(LeanDecodeClient, name)
+        original = getattr(LeanClient, name)
         monkeypatch.setattr(
-            LeanDecodeClient, name, lambda self, *args, _o=original, _n=name: (calls.append(_n), _o(self, *args))[1]
+            LeanClient, name, lambda self, *args, _o=original, _n=name: (calls.append(_n), _o(self, *args))[1]
         )
-    client = new_client("lean-live", lean_decode=True)
+    client = new_client("lean-live", lean=True)
     subscribed, received = threading.Event(), threading.Event()
     client.on_connect = lambda c, u, f, r, p: c.subscribe("lean/#", qos=1)
     client.on_subscribe = lambda *args: subscribed.set()
-    client.on_message = lambda c, u, message: received.set() if message.payload == b"hello" else None
+    replied = threading.Event()
+
+    def on_message(c: mqtt.Client, u: Any, message: mqtt.MQTTMessage) -> None:
+        if message.payload == b"hello":  # answered from the network thread, which does not wake itself
+            received.set()
+            c.publish("lean/reply", b"reply", qos=1)
+        elif message.payload == b"reply":
+            replied.set()
+
+    client.on_message = on_message
     client.connect(local_broker.host, local_broker.port)
     client.loop_start()
     try:
         assert subscribed.wait(10)
         info = client.publish("lean/1", b"hello", qos=1)
         info.wait_for_publish(10)
-        assert info.is_published() and received.wait(10)
+        assert info.is_published() and received.wait(10) and replied.wait(10)
     finally:
         client.disconnect()
         client.loop_stop()
