@@ -143,3 +143,23 @@ def test_request_topic_round_trip(client_id: str) -> None:
 )
 def test_response_topic_steering(topic: str, allowed: bool) -> None:
     assert topics.response_topic_allowed(topic, "dev1", "alice", max_bytes=256) is allowed
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=40) | st.sampled_from(["\ufeff{}", '\ufeff{"jsonrpc":"2.0","method":"ping"}', "NaN", "[1,-Infinity]"]))
+def test_a_parse_error_names_what_json_loads_would(text: str) -> None:
+    # The parser shares one decoder instead of calling json.loads; its refusals must read the same.
+    try:
+        json.loads(text, parse_constant=lambda token: (_ for _ in ()).throw(ValueError(f"{token} is not valid JSON")))
+    except (ValueError, RecursionError) as exc:
+        expected: str | None = f"payload is not valid JSON: {exc}"
+    else:
+        expected = None
+    try:
+        parse_request(text.encode("utf-8", "surrogatepass"), max_depth=32)
+    except ParseError as error:
+        assert error.message == expected
+    except RequestError:  # refused for its shape (nesting) before or its envelope after parsing
+        pass
+    else:
+        assert expected is None

@@ -763,7 +763,7 @@ def test_a_reply_that_holds_the_placeholder_is_still_signed_correctly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The placeholder is 128 random bits; force a collision to exercise the two-step path it falls back to.
-    monkeypatch.setattr("agent.signing.message.secrets.token_hex", lambda _: "f" * 32)
+    monkeypatch.setattr("agent.signing.message._PLACEHOLDER", "f" * 32)
     signer = create_signer(Signing(backend="software", key_file=tmp_path / "k.pem"), DEVICE, tmp_path)
     assert signer is not None
     try:

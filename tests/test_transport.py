@@ -16,9 +16,11 @@ from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client, new_guarded_client
 
 MESSAGES = 2000
-# The local link and responders (plain), and the uplink (guarded: the cloud is input too).
+# The responders (plain), the local link (lean: its own decoding of PUBLISH and PUBACK), and the uplink
+# (guarded: the cloud is input too).
 CLIENTS = {
     "plain": new_client,
+    "lean": lambda client_id: new_client(client_id, lean=True),
     "guarded": lambda client_id: new_guarded_client(client_id, InboundLimits(max_packet_bytes=1 << 20, receive_maximum=64)),
 }
 

@@ -81,7 +81,7 @@ class LocalLink:
         self._awaiting_puback: dict[int, _PendingAck | None] = {}
         self._early_pubacks: set[int] = set()
         self._idle = threading.Condition()
-        self.client = new_client(f"edge-agent-{device_id}", manual_ack=True)
+        self.client = new_client(f"edge-agent-{device_id}", manual_ack=True, lean=True)
         self._acks = AckSequencer(self.client)
         configure_broker_access(self.client, broker)
         self.client.max_inflight_messages_set(_REPLIES_IN_FLIGHT)

@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 from agent.config import CloudBroker, LocalBroker, TlsSettings
 from agent.mqtt.chunked import ChunkedReadClient
 from agent.mqtt.inbound_guard import GuardedClient, InboundLimits
+from agent.mqtt.lean_client import LeanClient
 
 
 def _enable_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -30,11 +31,15 @@ def _enable_tcp_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def new_client(client_id: str, *, manual_ack: bool = False) -> ChunkedReadClient:
-    """An MQTT 5 paho client with version-2 callbacks, chunked reads and TCP_NODELAY on its socket."""
-    client = ChunkedReadClient(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
-    )
+def new_client(client_id: str, *, manual_ack: bool = False, lean: bool = False) -> ChunkedReadClient:
+    """An MQTT 5 paho client with version-2 callbacks, chunked reads and TCP_NODELAY on its socket.
+
+    ``lean``: the common PUBLISH and PUBACK decoded without paho's per-packet tables
+    (:mod:`agent.mqtt.lean_client`); the agent's request link uses it, the benchmark's reference responders
+    keep paho's own decoding, as a hand-written responder would.
+    """
+    kind = LeanClient if lean else ChunkedReadClient
+    client = kind(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack)
     client.on_socket_open = _enable_tcp_nodelay
     return client
 

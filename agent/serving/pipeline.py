@@ -106,6 +106,7 @@ class RequestPipeline:
         timing = Timing(received=inbound.received, started=time.monotonic())
         request: Request | None = None
         outcome = "internal_error"  # what an unexpected exception leaves it at
+        topic_accepted = False  # the response topic was checked: its replies need not check it again
         try:
             if inbound.expires is not None and timing.started > inbound.expires:
                 outcome = "expired"
@@ -118,12 +119,13 @@ class RequestPipeline:
                     inbound.payload, max_depth=limits.max_nesting_depth, max_values=limits.max_json_values
                 )
                 self._check_response_topic(inbound)
+                topic_accepted = True
                 cached = self._replies.lookup(inbound.client_id, request.id, digest)
                 if cached is not None:
                     # The same signed bytes: they are bound to this very request, so they answer the repeat.
                     outcome = "replayed"
                     self._count("replayed")
-                    return Delivery(inbound, self._addressed(inbound, cached))
+                    return Delivery(inbound, self._addressed(inbound, cached, accepted=True))
                 if self._forward_to_cloud(inbound, request, too_large=False):
                     outcome = "forwarded"
                     return Delivery(inbound)
@@ -156,7 +158,7 @@ class RequestPipeline:
             if payload is None:
                 return Delivery(inbound)
             cache_key = (inbound.client_id, request.id, digest) if outcome == "ok" else None
-            addressed = self._addressed(inbound, payload)
+            addressed = self._addressed(inbound, payload, accepted=topic_accepted)
             if self._upstream is None or not self._upstream.records(request.method):
                 return Delivery(inbound, addressed, cache_key=cache_key)
             # The worker does not wait for the commit, so many replies share one fsync (group commit).
@@ -205,7 +207,14 @@ class RequestPipeline:
             self._count("response_topic_refused")
         return topics.reply_topic(self.device_id, inbound.client_id), None
 
-    def _addressed(self, inbound: InboundRequest, payload: bytes, *, to_default_topic: bool = False) -> OutgoingReply:
+    def _addressed(
+        self, inbound: InboundRequest, payload: bytes, *, to_default_topic: bool = False, accepted: bool = False
+    ) -> OutgoingReply:
+        """The reply, routed; ``accepted``: its request's response topic passed ``_check_response_topic``."""
+        if accepted:
+            if inbound.response_topic is not None:
+                return OutgoingReply(inbound, inbound.response_topic, payload, inbound.correlation_data)
+            return OutgoingReply(inbound, topics.reply_topic(self.device_id, inbound.client_id), payload)
         topic, correlation_data = self.route(inbound, to_default_topic=to_default_topic)
         return OutgoingReply(inbound, topic, payload, correlation_data)
 

@@ -153,6 +153,10 @@ def _refuse_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
+# json.loads with any option builds a decoder (and its C scanner) per call; this one is shared (it is stateless).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def parse_request(payload: bytes, *, max_depth: int, max_values: int | None = None) -> Request:
     """Parse one request; raise ParseError (-32700) or InvalidRequest (-32600) with a one-line reason."""
     try:
@@ -161,7 +165,11 @@ def parse_request(payload: bytes, *, max_depth: int, max_values: int | None = No
         raise ParseError(f"payload is not UTF-8 (byte {exc.start})") from None
     check_shape(payload, max_depth=max_depth, max_values=max_values)
     try:
-        document = json.loads(text, parse_constant=_refuse_constant)
+        # json.loads refuses a leading BOM with its own message before decoding; the shared decoder would not.
+        if text.startswith("\ufeff"):
+            document = json.loads(text, parse_constant=_refuse_constant)
+        else:
+            document = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise ParseError(f"payload is not valid JSON: {exc}") from None
     if isinstance(document, list):

@@ -49,6 +49,9 @@ POSITIVE_INFINITY = "Infinity"
 NEGATIVE_INFINITY = "-Infinity"
 
 JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
+# json.dumps with any option builds an encoder per call; these are shared (encoding keeps no state in them).
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_COMPACT_SORTED = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=True)
 
 
 def normalise(value: Any) -> JsonValue:
@@ -134,7 +137,7 @@ def _numbers_differ(outside_strings: str) -> bool:
 def _plain_json(value: Any, *, sort_keys: bool) -> str | None:
     """Compact JSON of ``value`` when every number and key is written alike by Python and by JCS, else None."""
     try:
-        text = json.dumps(value, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = (_COMPACT_SORTED if sort_keys else _COMPACT).encode(value)
     except (TypeError, ValueError):
         return None
     # The commas around make a bare top-level number look like one inside an array.
@@ -156,7 +159,7 @@ def encode_message(message: Mapping[str, Any]) -> bytes:
     JCS. Refuses NaN/Infinity, which only an unnormalised message could contain.
     """
     try:
-        return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return _COMPACT.encode(message).encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError) as exc:
         raise SigningError(f"message is not normalised JSON: {exc}") from None
 

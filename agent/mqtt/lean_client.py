@@ -1,0 +1,157 @@
+"""The local link's paho client: the per-request work paho does that a request link does not need, left out.
+
+Decoding. paho 2.x's ``Properties.__init__`` builds three lookup tables per instance, its ``unpack`` then
+walks 27 property names to clear attributes a new instance cannot have, and ``ReasonCode.__init__`` copies a
+table of its own: decoding one request's PUBLISH and its reply's PUBACK cost ~26 us of Python, a tenth of
+the agent's CPU per reply on the bare path. Here the tables are built once per class, and the two common
+shapes are decoded directly: a PUBLISH without properties and a two-byte PUBACK (success, no properties;
+what brokers send). Callbacks get the same objects paho makes (a ``Properties`` and a ``ReasonCode``,
+subclasses with shared tables); any other packet, and any other protocol version, goes through paho.
+
+Writing. paho wakes its network thread with a byte on a socket pair for every packet queued, even by the
+network thread itself (a reply served inline, its request's PUBACK), which then reads the byte back: two
+system calls per packet for a thread that is awake anyway and writes whatever is queued on its next round.
+And it sends each queued packet with a ``send`` of its own. Here the network thread queues without waking
+itself, and consecutive queued packets whose sending needs no bookkeeping (QoS 1 and 2 PUBLISHes, PUBACKs)
+leave in one ``send``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import deque
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.mqtt.chunked import ChunkedReadClient
+
+_TABLES = Properties(PacketTypes.PUBLISH)
+_UINT16 = struct.Struct("!H")
+# A coalesced write stops growing past this (a larger one would only be split by the kernel).
+_COALESCE_MAX_BYTES = 65_536
+
+
+def _needs_no_bookkeeping(packet: Any) -> bool:
+    """Whether paho does nothing once this queued packet is written (it does for QoS 0 and DISCONNECT)."""
+    kind = packet["command"] & 0xF0
+    return packet["pos"] == 0 and ((kind == mqtt.PUBLISH and packet["qos"] > 0) or kind == mqtt.PUBACK)
+
+
+def _coalesce_head(out: deque[Any]) -> None:
+    """Merge the packets at the head of paho's queue that need no bookkeeping into one, to send at once.
+
+    Runs on the network thread, the queue's only consumer; other threads only append at its tail.
+    """
+    if len(out) < 2 or not _needs_no_bookkeeping(out[0]) or not _needs_no_bookkeeping(out[1]):
+        return
+    first = out.popleft()
+    merged = bytearray(first["packet"])
+    while out and len(merged) < _COALESCE_MAX_BYTES and _needs_no_bookkeeping(out[0]):
+        merged += out.popleft()["packet"]
+    out.appendleft({**first, "packet": merged, "to_process": len(merged)})
+
+
+class LeanProperties(Properties):
+    """paho's ``Properties`` whose name and type tables are shared class attributes (they never change)."""
+
+    types = _TABLES.types
+    names = _TABLES.names
+    properties = _TABLES.properties
+
+    def __init__(self, packetType: int) -> None:  # noqa: N803 (paho's name)
+        object.__setattr__(self, "packetType", packetType)
+
+
+class LeanReasonCode(ReasonCode):
+    """paho's ``ReasonCode`` reading the class's (read-only) table instead of a copy per instance."""
+
+    def __init__(self, packetType: int, identifier: int) -> None:  # noqa: N803 (paho's name)
+        self.packetType = packetType
+        self.value = identifier
+
+
+class LeanClient(ChunkedReadClient):
+    """A :class:`ChunkedReadClient` that decodes the common PUBLISH and PUBACK itself, does not wake its own
+    network thread, and writes consecutive packets together.
+
+    paho's two handlers fall back to paho's for anything but those shapes; tests/test_lean_client.py fails
+    if paho stops calling them, decodes differently, or stops writing what is queued on its next round.
+    """
+
+    def _packet_queue(
+        self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: mqtt.MQTTMessageInfo | None = None
+    ) -> mqtt.MQTTErrorCode:
+        if self._thread is None or self._thread is not threading.current_thread():
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # The network thread itself: its loop writes what is queued before it next waits (want_write).
+        self._out_packet.append(
+            {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet), "packet": packet,
+             "info": info}
+        )  # fmt: skip
+        self._call_socket_register_write()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> mqtt.MQTTErrorCode:
+        _coalesce_head(self._out_packet)
+        return super()._packet_write()
+
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if self._protocol != mqtt.MQTTv5 or qos == 2:
+            return super()._handle_publish()
+        # The variable header: topic (length-prefixed), packet id (QoS > 0), property length, properties.
+        try:
+            (topic_length,) = _UINT16.unpack_from(packet, 0)
+            at = 2 + topic_length
+            mid = _UINT16.unpack_from(packet, at)[0] if qos > 0 else 0
+            at += 2 if qos > 0 else 0
+            has_properties = packet[at] != 0
+        except (struct.error, IndexError):
+            return super()._handle_publish()  # malformed: paho raises what it raises
+        if has_properties:
+            return super()._handle_publish()
+        topic = bytes(packet[2 : 2 + topic_length])
+        message = mqtt.MQTTMessage(mid=mid, topic=topic)
+        message.dup = (header & 0x08) != 0
+        message.qos = qos
+        message.retain = (header & 0x01) != 0
+        message.properties = LeanProperties(PacketTypes.PUBLISH)
+        message.payload = bytes(packet[at + 1 :])
+        if self.on_log is not None or self._logger is not None:  # paho formats its debug line only for these
+            self._easy_log(
+                mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",
+                message.dup, message.qos, message.retain, message.mid, _printable(topic),
+                message.properties, len(message.payload),
+            )  # fmt: skip
+        message.timestamp = mqtt.time_func()
+        self._handle_on_message(message)
+        if qos == 0 or self._manual_ack:
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(message.mid)
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> mqtt.MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol != mqtt.MQTTv5 or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        (mid,) = _UINT16.unpack(packet)
+        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                success = LeanReasonCode(PacketTypes.PUBACK, 0)
+                return self._do_on_publish(mid, success, LeanProperties(PacketTypes.PUBACK))
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def _printable(topic: bytes) -> str:
+    """A topic for a log line, as paho prints it (one that is not UTF-8 shown as its bytes)."""
+    try:
+        return topic.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"TOPIC WITH INVALID UTF-8: {topic!r}"
