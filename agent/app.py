@@ -21,14 +21,13 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from sdnotify import SystemdNotifier
 
 from agent import __version__
 from agent.config import Settings
-from agent.deploy.service import Deployments, disabled_reason
 from agent.errors import AgentError, DeployError, SigningError
 from agent.exchange import InboundRequest
 from agent.faults import HEARTBEATS, stall_limit_s
@@ -49,6 +48,9 @@ from agent.serving.service import RequestService
 from agent.signing import DelegatedSigner, Signer, create_signer
 from agent.status import RetainedStatus, delegation_certificate_event
 from agent.upstream.upstream import Upstream
+
+if TYPE_CHECKING:
+    from agent.deploy.service import Deployments
 
 log = logging.getLogger(__name__)
 
@@ -227,22 +229,30 @@ class Agent:
                 max_answer_bytes=cloud.fallback_max_answer_bytes,
             )
             upstream.subscribe(topics.cloud_reply_topic(self.device_id), self.fallback.on_cloud_message)
-        off = disabled_reason(self.settings)
-        if off is None:
-            try:
-                self.deployments = Deployments(
-                    self.settings, upstream, self.models, on_change=lambda: self.refresh_status(telemetry=False)
-                )
-            except DeployError as exc:  # a bad key must not keep the device from serving what it has
-                log.error("deployments are off: %s", exc)
-        elif self.settings.deploy.trusted_keys:
-            log.error("%s", off)
+        if self.settings.deploy.trusted_keys:
+            self._build_deployments(upstream)
         upstream.start()
         if self.deployments is not None:
             self.deployments.start()
         if self.status.certificate_pem is not None and isinstance(self.signer, DelegatedSigner):
             self._send_certificate_upstream(self.signer.certificate)
         log.info("cloud link to %s:%d; outbox at %s", cloud.host, cloud.port, upstream.outbox.path)
+
+    def _build_deployments(self, upstream: Upstream) -> None:
+        # Imported here: without [deploy] trusted_keys (the default) the deploy package's modules and pydantic
+        # documents would cost every start about 20 ms of CPU and 1 MB for nothing.
+        from agent.deploy.service import Deployments, disabled_reason
+
+        off = disabled_reason(self.settings)
+        if off is not None:
+            log.error("%s", off)
+            return
+        try:
+            self.deployments = Deployments(
+                self.settings, upstream, self.models, on_change=lambda: self.refresh_status(telemetry=False)
+            )
+        except DeployError as exc:  # a bad key must not keep the device from serving what it has
+            log.error("deployments are off: %s", exc)
 
     def _start_observability(self, dispatcher: Dispatcher) -> None:
         """Health readings, the metrics registry and its HTTP server; then re-sign the status with health."""

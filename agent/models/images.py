@@ -16,14 +16,17 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pybase64
-from PIL import Image, UnidentifiedImageError
 
 from agent.errors import InvalidParams
 from agent.models.inference import TensorInfo, quantize
 from agent.models.taskspec import Preprocess
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 
@@ -59,6 +62,9 @@ def image_shape(name: str, shape: list[int] | tuple[int, ...], spec: Preprocess)
 
 def open_image(b64: object, *, max_pixels: int) -> Image.Image:
     """The picture in a base64 JPEG or PNG, header read and its size checked, not yet decoded."""
+    # Pillow (2 MB of libraries) is imported by the first image request, not by every agent that has no image model.
+    from PIL import Image, UnidentifiedImageError
+
     if not isinstance(b64, str):
         raise InvalidParams("image.b64 must be a base64 string of a JPEG or PNG file")
     try:
@@ -88,6 +94,8 @@ def open_image(b64: object, *, max_pixels: int) -> Image.Image:
 
 def image_tensor(info: TensorInfo, spec: Preprocess, b64: object, *, max_pixels: int) -> tuple[np.ndarray, Frame]:
     """The input tensor for a base64 JPEG or PNG, and where the picture landed in it."""
+    from PIL import Image
+
     height, width, _ = image_shape(info.name, info.shape, spec)
     image = open_image(b64, max_pixels=max_pixels)
     mode = "L" if spec.color == "grayscale" else "RGB"
@@ -119,6 +127,8 @@ def _needed_size(spec: Preprocess, source: tuple[int, int], width: int, height: 
 
 def _fit(image: Image.Image, spec: Preprocess, width: int, height: int) -> tuple[np.ndarray, Frame]:
     """Resize as ``spec.resize`` says: a ``height x width (x channels)`` array of 0..255 floats and its frame."""
+    from PIL import Image
+
     source_w, source_h = image.size
     if spec.resize == "stretch":
         return _pixels(image.resize((width, height), Image.Resampling.BILINEAR)), Frame()
