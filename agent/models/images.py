@@ -12,6 +12,7 @@ head finds in tensor coordinates are reported in the picture's own 0..1 coordina
 from __future__ import annotations
 
 import binascii
+import functools
 import io
 import math
 import warnings
@@ -30,9 +31,14 @@ if TYPE_CHECKING:
 
 IMAGE_FORMATS = ("JPEG", "PNG")
 
-# Pillow warns (and past twice its limit refuses) on large pictures; our own bound comes first. Set once here:
-# warnings.catch_warnings() per call is not thread-safe, and the inference workers open pictures concurrently.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+@functools.cache
+def _silence_pillow_size_warning() -> None:
+    """Pillow warns (and past twice its limit refuses) on large pictures; our own bound comes first. Set once
+    for the process: warnings.catch_warnings() per call is not thread-safe across inference workers."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ def open_image(b64: object, *, max_pixels: int) -> Image.Image:
     # Pillow (2 MB of libraries) is imported by the first image request, not by every agent that has no image model.
     from PIL import Image, UnidentifiedImageError
 
+    _silence_pillow_size_warning()
     if not isinstance(b64, str):
         raise InvalidParams("image.b64 must be a base64 string of a JPEG or PNG file")
     try:
