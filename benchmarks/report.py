@@ -95,6 +95,9 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, float | None]
         "face JPEG->detections agent_full/raw invoke": ratio(
             face["agent_full_image"]["req_per_s"], face["raw"]["invokes_per_s"]
         ),
+        "face JPEG->detections agent_full/raw invoke, CPU": ratio(
+            face["raw"]["cpu_us_per_invoke"], face["agent_full_image"]["server_cpu_us_per_reply"]
+        ),
         **face_image_ceiling_ratios(face, prefix="face "),
         "agent_full/baseline server CPU per reply @32": ratio(
             compare["agent_full"]["server_cpu_us_per_reply"], compare["baseline"]["server_cpu_us_per_reply"]
@@ -216,7 +219,7 @@ def format_report(results: dict[str, Any]) -> str:
         )
     out.append(f"cloud broker messages received while measuring: {results['cloud_messages']}")
     out += ["", "ratios:"]
-    out += [f"  {name:<48}{_cell(value, 3):>8}" for name, value in results["ratios"].items()]
+    out += [f"  {name:<52}{_cell(value, 3):>8}" for name, value in results["ratios"].items()]
     out += ["", "targets:"]
     for target in results["targets"]:
         verdict = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
