@@ -44,6 +44,13 @@ class Picture:
     b64: str
     entry: ModelEntry
 
+    def __post_init__(self) -> None:
+        # Checked here, before the loop's threads start: one failing in a thread would leave the others waiting.
+        if not isinstance(self.entry.head, DetectionHead):
+            raise ValueError(f"model {self.entry.id!r}: the manifest entry needs a detection head")
+        if not any(spec.preprocess is not None for spec in self.entry.inputs):
+            raise ValueError(f"model {self.entry.id!r}: the manifest entry has no input with preprocess")
+
 
 Step = Callable[[], object]
 
@@ -72,11 +79,8 @@ def picture_step(model: bytes, num_threads: int, picture: Picture) -> Step:
     ``agent.serving.routing`` and ``agent.serving.service`` chain them for an ``infer`` with ``image``."""
     entry = picture.entry
     head = entry.head
-    if not isinstance(head, DetectionHead):
-        raise SystemExit(f"model {entry.id!r}: --manifest-entry needs a detection head")
-    spec = next((spec for spec in entry.inputs if spec.preprocess is not None), None)
-    if spec is None or spec.preprocess is None:
-        raise SystemExit(f"model {entry.id!r}: --manifest-entry has no input with preprocess")
+    spec = next(spec for spec in entry.inputs if spec.preprocess is not None)
+    assert isinstance(head, DetectionHead) and spec.preprocess is not None  # Picture checked both
     preprocess = spec.preprocess
     # One interpreter of its own per thread, as the raw loop has (the agent's pool with one interpreter).
     loaded = LoadedModel(entry, model, num_threads, runtime=load_runtime())
@@ -164,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     picture = None
     if args.picture_b64 is not None:
         with open(args.picture_b64, encoding="ascii") as handle:
-            picture = Picture(handle.read().strip(), ModelEntry.model_validate_json(args.manifest_entry))
+            b64 = handle.read().strip()
+        try:
+            picture = Picture(b64, ModelEntry.model_validate_json(args.manifest_entry))
+        except ValueError as exc:  # pydantic's ValidationError is one
+            parser.error(f"--manifest-entry: {exc}")
     json.dump(measure(model, args.threads, args.num_threads, args.duration, picture), sys.stdout)
     print()
     return 0

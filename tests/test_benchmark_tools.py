@@ -35,7 +35,7 @@ def test_face_detector_directory_is_a_servable_catalogue(tmp_path: Path) -> None
     assert {model.id for model in manifest.models} >= {"vibration-anomaly", "faces"}
 
 
-def test_no_serving_ceiling_step_answers_the_camera_frame_with_the_agents_detections(tmp_path: Path) -> None:
+def test_no_serving_ceiling_step_finds_the_one_face_in_the_camera_frame_every_iteration(tmp_path: Path) -> None:
     models = copy_bundled_models(tmp_path / "models")
     add_face_detector(models, "faces", head=True)
     entry = next(model for model in load_manifest(models).models if model.id == "faces")
