@@ -231,14 +231,18 @@ def run_load(broker: MosquittoProcess, device_id: str, payload: Path, **options:
 
 
 def raw_invoke_rate(
-    model: Path, *, threads: int, num_threads: int, duration: float, placement: Placement | None = None
+    model: Path, *, threads: int, num_threads: int, duration: float, placement: Placement | None = None,
+    picture_b64: Path | None = None, manifest_entry: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The raw invoke rate of ``model`` (``benchmarks.rawinvoke``) in its own process, on the responder's
-    CPUs when pinned (it is the reference for the agent's face path)."""
+    CPUs when pinned (it is the reference for the agent's face path); with ``picture_b64`` and
+    ``manifest_entry``, the rate of whole picture requests without serving (the JPEG path's ceiling)."""
     command = [
         sys.executable, "-m", "benchmarks.rawinvoke", "--model", str(model), "--threads", str(threads),
         "--num-threads", str(num_threads), "--duration", str(duration),
     ]
+    if picture_b64 is not None and manifest_entry is not None:
+        command += ["--picture-b64", str(picture_b64), "--manifest-entry", json.dumps(manifest_entry)]
     if placement is not None:
         command = placement.command(command)
     done = subprocess.run(command, cwd=REPO_ROOT, env=_clean_environment({}), capture_output=True, check=True)

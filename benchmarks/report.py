@@ -95,6 +95,10 @@ def ratios_and_targets(results: dict[str, Any]) -> tuple[dict[str, float | None]
         "face JPEG->detections agent_full/raw invoke": ratio(
             face["agent_full_image"]["req_per_s"], face["raw"]["invokes_per_s"]
         ),
+        "face JPEG->detections agent_full/raw invoke, CPU": ratio(
+            face["raw"]["cpu_us_per_invoke"], face["agent_full_image"]["server_cpu_us_per_reply"]
+        ),
+        **face_image_ceiling_ratios(face, prefix="face "),
         "agent_full/baseline server CPU per reply @32": ratio(
             compare["agent_full"]["server_cpu_us_per_reply"], compare["baseline"]["server_cpu_us_per_reply"]
         ),
@@ -200,11 +204,7 @@ def format_report(results: dict[str, Any]) -> str:
     for name, config in results["configs"].items():
         out.append(f"  {name}: " + ", ".join(f"{key}={value}" for key, value in config.items()))
     out += ["", load_table(throughput_rows(results)), ""]
-    raw = results["face"]["raw"]
-    out.append(
-        f"4 face raw invoke: {raw['invokes_per_s']:,.0f} invokes/s with {raw['threads']} threads x "
-        f"{raw['num_threads']} LiteRT thread(s), {raw['mean_invoke_ms']} ms each"
-    )
+    out.append(face_ceiling_line(results["face"]))
     out.append(face_bytes_line(results["face"]))
     for name, memory in results["memory"].items():
         stages = (f"{stage} {values['VmHWM']} MB peak ({values['VmRSS']} MB now)" for stage, values in memory.items())
@@ -219,7 +219,7 @@ def format_report(results: dict[str, Any]) -> str:
         )
     out.append(f"cloud broker messages received while measuring: {results['cloud_messages']}")
     out += ["", "ratios:"]
-    out += [f"  {name:<48}{_cell(value, 3):>8}" for name, value in results["ratios"].items()]
+    out += [f"  {name:<52}{_cell(value, 3):>8}" for name, value in results["ratios"].items()]
     out += ["", "targets:"]
     for target in results["targets"]:
         verdict = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
@@ -228,6 +228,31 @@ def format_report(results: dict[str, Any]) -> str:
         out.append(f"note: {note}")
     out.append(f"\nwall time {results['wall_time_s']} s")
     return "\n".join(out)
+
+
+def face_image_ceiling_ratios(face: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
+    """The JPEG path's ceiling with no serving at all over the raw invoke (rate, and CPU: raw CPU per invoke
+    over CPU per picture), and the agent's CPU per JPEG reply against it (what serving leaves of the ceiling)."""
+    raw, ceiling = face["raw"], face["image_no_serving"]
+    return {
+        f"{prefix}JPEG->detections, no serving/raw invoke": ratio(ceiling["invokes_per_s"], raw["invokes_per_s"]),
+        f"{prefix}JPEG->detections, no serving/raw invoke, CPU": ratio(
+            raw["cpu_us_per_invoke"], ceiling["cpu_us_per_invoke"]
+        ),
+        f"{prefix}JPEG->detections agent_full/no serving, CPU": ratio(
+            ceiling["cpu_us_per_invoke"], face["agent_full_image"]["server_cpu_us_per_reply"]
+        ),
+    }
+
+
+def face_ceiling_line(face: dict[str, Any]) -> str:
+    """The raw invoke beside the JPEG path with no serving (same loop, same threads and CPUs)."""
+    raw, ceiling = face["raw"], face["image_no_serving"]
+    return (
+        f"4 face raw invoke: {raw['invokes_per_s']:,.0f} invokes/s, {raw['cpu_us_per_invoke']:,.0f} us CPU each; "
+        f"JPEG->detections, no serving: {ceiling['invokes_per_s']:,.0f} pictures/s, "
+        f"{ceiling['cpu_us_per_invoke']:,.0f} us CPU each ({raw['threads']} threads x {raw['num_threads']} LiteRT)"
+    )
 
 
 def face_bytes_line(face: dict[str, Any]) -> str:

@@ -102,6 +102,7 @@ def run_scenarios(bench: Bench) -> dict[str, Any]:
         "ceiling": face_ceiling,
         "agent_full_image": bench.face_image(full.device_id),
         "raw": bench.raw_face(threads=config["workers"], num_threads=config["num_threads"]),
+        "image_no_serving": bench.face_image_ceiling(threads=config["workers"], num_threads=config["num_threads"]),
         "request_bytes": bench.face_request_bytes(),
     }
     memory["agent_full"]["after_face_load"] = full.memory_mb()

@@ -93,6 +93,8 @@ class Bench:
     tiny_payload: Path = field(init=False)
     face_payload: Path = field(init=False)
     face_image_payload: Path = field(init=False)
+    face_picture_b64: Path = field(init=False)  # the JPEG of face_image_payload alone, for the no-serving ceiling
+    face_image_entry: dict[str, Any] = field(init=False)  # its model's manifest entry, as the agent reads it
     agents: list[AgentUnderTest] = field(init=False, default_factory=list)
     server_pids: dict[str, int] = field(init=False, default_factory=dict)  # device id -> responding process
     notes: list[str] = field(init=False, default_factory=list)
@@ -115,7 +117,7 @@ class Bench:
         self.cloud.start()
         self.models_dir = copy_bundled_models(self.workdir / "models")
         add_face_detector(self.models_dir, FACE_MODEL)
-        add_face_detector(self.models_dir, FACE_IMAGE_MODEL, head=True)
+        self.face_image_entry = add_face_detector(self.models_dir, FACE_IMAGE_MODEL, head=True)
         self.tiny_payload = self.workdir / "tiny.json"
         self.tiny_payload.write_text(json.dumps(TINY_REQUEST))
         image = np.random.default_rng(7).uniform(-1, 1, FACE_INPUT_SHAPE).astype("<f4")
@@ -129,7 +131,10 @@ class Bench:
         }
         self.face_payload = self.workdir / "face.json"
         self.face_payload.write_text(json.dumps(face_request))
-        image_request = {"method": "infer", "params": {"model": FACE_IMAGE_MODEL, "image": {"b64": camera_frame_b64()}}}
+        picture_b64 = camera_frame_b64()
+        self.face_picture_b64 = self.workdir / "face-image.b64"
+        self.face_picture_b64.write_text(picture_b64)
+        image_request = {"method": "infer", "params": {"model": FACE_IMAGE_MODEL, "image": {"b64": picture_b64}}}
         self.face_image_payload = self.workdir / "face-image.json"
         self.face_image_payload.write_text(json.dumps(image_request))
         if shutil.which("swtpm") is not None:
@@ -269,6 +274,15 @@ class Bench:
         return raw_invoke_rate(
             model, threads=threads, num_threads=num_threads, duration=self.timings.raw_invoke_s,
             placement=self.placement,
+        )
+
+    def face_image_ceiling(self, threads: int, num_threads: int) -> dict[str, Any]:
+        """The JPEG path with no serving: the raw invoke loop doing, per iteration, what the agent must do for
+        one picture request (decode, preprocess, run, detection head), on the same CPUs as :meth:`raw_face`."""
+        return raw_invoke_rate(
+            self.models_dir / FACE_MODEL_FILE, threads=threads, num_threads=num_threads,
+            duration=self.timings.raw_invoke_s, placement=self.placement,
+            picture_b64=self.face_picture_b64, manifest_entry=self.face_image_entry,
         )
 
     def fairness(self, device_id: str, rounds: int = FAIRNESS_ROUNDS) -> dict[str, Any]:

@@ -15,10 +15,11 @@ from agent.models.inference import LoadedModel
 from agent.mqtt.localbroker import MosquittoProcess
 from benchmarks import bench_swap
 from benchmarks.bench_uplink_bytes import Responder as ReplyMaker
-from benchmarks.harness import AgentUnderTest, Responder, run_load
+from benchmarks.harness import AgentUnderTest, Responder, raw_invoke_rate, run_load
 from benchmarks.load import request_template
 from benchmarks.profile import classify
-from benchmarks.scenarios import TINY_REQUEST, bundled_model_labels
+from benchmarks.rawinvoke import Picture, picture_step
+from benchmarks.scenarios import TINY_REQUEST, bundled_model_labels, camera_frame_b64
 
 MODEL_FILE = Path(__file__).resolve().parents[1] / "models" / "vibration_anomaly.tflite"
 
@@ -32,6 +33,29 @@ def test_face_detector_directory_is_a_servable_catalogue(tmp_path: Path) -> None
     assert entry["file"] == FACE_MODEL_FILE
     assert [info.shape for info in loaded.inputs] == [(1, 128, 128, 3)]
     assert {model.id for model in manifest.models} >= {"vibration-anomaly", "faces"}
+
+
+def test_no_serving_ceiling_step_finds_the_one_face_in_the_camera_frame_every_iteration(tmp_path: Path) -> None:
+    models = copy_bundled_models(tmp_path / "models")
+    add_face_detector(models, "faces", head=True)
+    entry = next(model for model in load_manifest(models).models if model.id == "faces")
+    step = picture_step(verified_model_bytes(models, entry), 1, Picture(camera_frame_b64(), entry))
+    found = step()
+    assert isinstance(found, list) and [face["label"] for face in found] == ["face"]
+    assert step() == found  # every iteration does the whole request again, to the same answer
+
+
+def test_raw_invoke_process_times_the_picture_path_with_the_manifest_entry(tmp_path: Path) -> None:
+    entry = add_face_detector(tmp_path, "faces", head=True)
+    picture = tmp_path / "frame.b64"
+    picture.write_text(camera_frame_b64())
+    model = tmp_path / FACE_MODEL_FILE
+    raw = raw_invoke_rate(model, threads=1, num_threads=1, duration=0.2)
+    ceiling = raw_invoke_rate(
+        model, threads=1, num_threads=1, duration=0.2, picture_b64=picture, manifest_entry=entry
+    )
+    assert raw["path"] == "raw invoke" and ceiling["path"] == "picture->detections, no serving"
+    assert ceiling["invokes_per_s"] > 0 and ceiling["cpu_us_per_invoke"] > 0
 
 
 def test_request_template_splices_integer_ids_into_valid_json() -> None:
