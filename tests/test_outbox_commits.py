@@ -16,6 +16,7 @@ from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.upstream.outbox import Outbox
 from agent.upstream.outbox_commands import APPEND, Command, fair_transaction
+from agent.upstream.outbox_writer import _transactions
 
 TIMEOUT_S = 30.0
 
@@ -178,6 +179,19 @@ def test_fair_transaction_takes_each_command_once_in_source_order_within_the_row
         # A source with rows waiting is left out only when its next command did not fit any more.
         if mine and not any(c.source == source for c in taken):
             assert total + mine[0].rows > max_rows
+
+
+@given(st.lists(st.sampled_from(["enqueue", "claim", "delivered", "release", "failed", "maintain"])))
+def test_new_rows_commit_apart_from_the_uplinks_unsynced_operations_only(ops: list[str]) -> None:
+    """A batch runs as one transaction, except new rows beside only claims, releases and deliveries: those
+    follow in a transaction of their own, so the replies of the new rows wait for none of them."""
+    writes = [Command(op, ()) for op in ops]
+    transactions = _transactions(writes)
+    others = {op for op in ops if op != APPEND}
+    if APPEND in ops and others and others <= {"claim", "delivered", "release"}:
+        assert transactions == [[c for c in writes if c.op == APPEND], [c for c in writes if c.op != APPEND]]
+    else:
+        assert transactions == ([writes] if writes else [])
 
 
 def test_the_callbacks_of_one_commit_run_inside_one_scope_block(tmp_path: Path) -> None:

@@ -61,6 +61,18 @@ def test_enqueued_rows_survive_reopen_with_uuid7_ids(tmp_path: Path) -> None:
         assert store.stats().last_delivery_at is not None
 
 
+def test_message_ids_are_distinct_uuid7_of_the_current_millisecond(tmp_path: Path) -> None:
+    """Enough ids to draw random bits more than once; each says when it was made (UUIDv7, RFC 9562)."""
+    before = time.time_ns() // 1_000_000
+    with Outbox(tmp_path / "outbox.db") as store:
+        ids = store.enqueue_many([OutboxItem(cls="telemetry", body=body(i=i)) for i in range(600)])
+    after = time.time_ns() // 1_000_000
+    parsed = [uuid.UUID(i) for i in ids]
+    assert len(set(ids)) == len(ids) and all(str(u) == i for u, i in zip(parsed, ids))
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert all(before <= u.int >> 80 <= after for u in parsed)
+
+
 def test_file_is_wal_with_schema_version(tmp_path: Path, outbox: Outbox) -> None:
     outbox.enqueue("audit", body(a=1))
     conn = sqlite3.connect(tmp_path / "outbox.db")
