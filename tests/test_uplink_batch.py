@@ -303,6 +303,43 @@ def test_batch_encoding_round_trips(bodies: list, cls: str, compression: str, ag
     assert [r.enqueued_at for r in decoded] == [r.enqueued_wall for r in records]
 
 
+@dataclass(frozen=True)
+class AnyRecord:
+    """A claimed record with fields the outbox would never produce (any text, non-finite floats, ints)."""
+
+    id: int
+    msg_id: str
+    cls: str
+    body: bytes
+    enqueued_wall: float
+    age_s: float
+    remaining_ttl_s: float | None = None
+
+
+@given(
+    msg_id=st.text(),
+    cls=st.text(),
+    device_id=st.text(),
+    row_id=st.integers(),
+    enqueued_wall=st.floats() | st.integers(-(2**70), 2**70),
+    age_s=st.floats(-1e12, 1e12),
+)
+def test_the_envelope_is_byte_for_byte_what_json_dumps_gives(
+    msg_id: str, cls: str, device_id: str, row_id: int, enqueued_wall: float, age_s: float
+) -> None:
+    record = AnyRecord(row_id, msg_id, cls, b'{"x":[1,2]}', enqueued_wall, age_s)
+    head = {
+        "msg_id": msg_id,
+        "class": cls,
+        "seq": row_id,
+        "device_id": device_id,
+        "enqueued_at": enqueued_wall,
+        "age_ms": int(age_s * 1000),
+    }
+    expected = json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"body":{"x":[1,2]}}'
+    assert encode_envelope(record, device_id) == expected
+
+
 def test_a_record_as_large_as_a_batch_travels_alone_uncompressed_between_batches() -> None:
     cloud = CloudBroker(host="127.0.0.1", batch=True, batch_max_records=10, batch_max_bytes=4096)
     batcher = Batcher(cloud, DEVICE, clock=FakeClock())
