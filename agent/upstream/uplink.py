@@ -263,7 +263,7 @@ class Uplink:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
         publication = self._window.inflight.pop(mid, None)
         if publication is not None:
-            self._window.acks.extend((row_id, int(reason.value)) for row_id in publication.row_ids)
+            self._window.acks.append((publication.row_ids, int(reason.value)))
             self._drain.wake()
 
     def _wake_connection(self) -> None:

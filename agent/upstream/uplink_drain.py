@@ -52,7 +52,8 @@ class PublishWindow:
         self.connected_generation = -1
         self.to_publish: collections.deque[Publication] = collections.deque()
         self.inflight: dict[int, Publication] = {}
-        self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (row id, PUBACK reason)
+        # (row ids of one publication, its PUBACK reason): a batch's rows are settled together, not one by one.
+        self.acks: collections.deque[tuple[Sequence[int], int]] = collections.deque()
         self.lost: collections.deque[int] = collections.deque()  # row ids to release
         self.size = size
         self.max_packet: int | None = None
@@ -198,11 +199,11 @@ class Drain:
     def _record_acks(self) -> None:
         acks = self._window.acks
         while acks:
-            row_id, reason = acks.popleft()
+            row_ids, reason = acks.popleft()
             if reason < 0x80:
-                self._unsettled_ok.append(row_id)
+                self._unsettled_ok.extend(row_ids)
             else:
-                self._unsettled_refused.append((row_id, reason))
+                self._unsettled_refused.extend((row_id, reason) for row_id in row_ids)
         if self._unsettled_ok:
             self._outbox.mark_delivered(self._unsettled_ok)
             self.counts["delivered"] += len(self._unsettled_ok)
@@ -246,7 +247,8 @@ class Drain:
         if not self._batcher.buffered or slots <= 0 or not self._is_connected():
             return
         publications, too_large = self._batcher.take(slots, max_packet=window.max_packet, flush=not self._accepting)
-        window.acks.extend((row_id, _REASON_PACKET_TOO_LARGE) for row_id in too_large)
+        if too_large:
+            window.acks.append((too_large, _REASON_PACKET_TOO_LARGE))
         if not publications:
             return
         with window.lock:
