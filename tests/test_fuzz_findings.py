@@ -18,6 +18,7 @@ from agent.errors import ConfigError, InvalidParams, ModelError
 from agent.models.catalog import load_manifest
 from agent.models.inference import TensorInfo, prepare_input
 from agent.mqtt.local_link import LocalLink
+from agent.mqtt.transport import new_client
 from agent.serving.fallback import CloudFallback
 from agent.serving.protocol import nesting_depth
 from agent.upstream.outbox import Outbox
@@ -149,3 +150,15 @@ def test_a_dead_row_whose_retry_time_is_text_does_not_stop_the_outbox_writer(tmp
         caller.start()
         caller.join(60)
         assert outcome, "the outbox writer stopped answering"
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["paho", "lean"])
+def test_a_publish_with_both_qos_bits_set_is_a_protocol_error_and_reaches_no_callback(lean: bool) -> None:
+    # Found by the local_packets harness: the local link's lean client took QoS 3 for a QoS 1 message, handed
+    # it to on_message and kept the connection; paho refuses it (a protocol error: the connection is dropped).
+    client = new_client("c", manual_ack=True, lean=lean)
+    received: list[mqtt.MQTTMessage] = []
+    client.on_message = lambda c, u, message: received.append(message)
+    client._in_packet = {**client._in_packet, "command": 0x36, "packet": bytearray(b"\x00\x01a\x00\x07\x00x")}
+    assert client._handle_publish() == mqtt.MQTT_ERR_PROTOCOL
+    assert received == []

@@ -104,7 +104,8 @@ class LeanClient(ChunkedReadClient):
         packet = self._in_packet["packet"]
         header = self._in_packet["command"]
         qos = (header & 0x06) >> 1
-        if self._protocol != mqtt.MQTTv5 or qos == 2:
+        # QoS 2 keeps paho's bookkeeping; QoS 3 is paho's protocol error (the connection is dropped).
+        if self._protocol != mqtt.MQTTv5 or qos > 1:
             return super()._handle_publish()
         # The variable header: topic (length-prefixed), packet id (QoS > 0), property length, properties.
         try:

@@ -10,6 +10,8 @@ import io
 import json
 from pathlib import Path
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from PIL import Image
 
 from tests.fixtures.hostile_cloud import publish_packet, remaining_length
@@ -149,6 +151,49 @@ def _cloud_stream() -> list[bytes]:
     ]  # fmt: skip
 
 
+def _publish(
+    topic: bytes, payload: bytes, *, qos: int, mid: int = 0, properties: bytes = b"\x00", flags: int = 0
+) -> bytes:
+    """A PUBLISH as the local broker sends it, with ``properties`` already encoded (length first)."""
+    body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"") + properties + payload
+    return bytes([0x30 | qos << 1 | flags]) + remaining_length(len(body)) + body
+
+
+def _local_packets() -> list[bytes]:
+    # QoS 1 messages in flight before the stream, flags (1: reply inline, 2: on_log), piece size (0: whole), stream
+    request = b"mcp/req/dev1/alice"
+    response = Properties(PacketTypes.PUBLISH)
+    response.ResponseTopic, response.CorrelationData = "mcp/res/dev1/alice", b"c1"
+    response.UserProperty = [("k", "v")]
+    with_properties = response.pack()
+    streams = [
+        _publish(request, _PING, qos=0) + _publish(request, _PING, qos=1, mid=1)
+        + _publish(request, _INFER, qos=1, mid=2),
+        _publish(request, _PING, qos=1, mid=9, properties=with_properties) + _publish(request, b"", qos=0, flags=0x09),
+        _publish(request, _PING, qos=2, mid=3) + b"\x62\x02\x00\x03" + _publish(request, b"x", qos=2, mid=4),
+        b"\x40\x02\x00\x01\x40\x02\x00\x02\x40\x03\x00\x03\x10\x40\x04\x00\x04\x80\x00\x40\x02\x00\x63",
+        b"\x40\x05\x00\x01\x00\x01\x1f",  # a property length past the end
+        b"\x40\x01\x00" + _publish(request, b"after", qos=0),  # a PUBACK too short
+        _publish(b"mcp/req/dev1/\xc3\x28", _PING, qos=1, mid=5) + _publish(b"\xff\xfe", b"", qos=0),
+        _publish(b"", _PING, qos=0) + _publish(b"", b"", qos=1, mid=0),
+        b"\x30\x05\x00\x09abc",  # a topic length past the end
+        b"\x32\x04\x00\x01a\x00",  # QoS 1 without room for its packet id
+        b"\x30\x03\x00\x01a",  # no property length
+        _publish(request, b"x", qos=3, mid=7),  # QoS 3: paho drops the connection
+        _publish(request, b"x", qos=0, properties=b"\x80\x00"),  # a property length of 0 in two bytes
+        _publish(request, b"x", qos=1, mid=8, properties=b"\x03\x23\x00\x01"),  # a topic alias
+        b"\x30\xff\xff\xff\xff\x01",  # a remaining length of five bytes
+        _publish(request, _INFER, qos=1, mid=10)[:-7],  # cut short: the rest never arrives
+        b"\xd0\x00" + b"\xe0\x00" + _publish(request, b"after", qos=0),  # PINGRESP, then DISCONNECT
+        _publish(request, b"p" * 1000, qos=1, mid=11) * 3,
+    ]
+    return [
+        encode(prepublished, flags, piece, Raw(stream))
+        for stream in streams
+        for prepublished, flags, piece in ((3, 1, 0), (0, 2, 1), (8, 3, 7))
+    ]
+
+
 def _puback() -> list[bytes]:
     codes = [0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99, 0x05, 0xFF]
     seeds = [encode(1, 0, Raw(bytes([code]))) for code in codes]
@@ -195,7 +240,7 @@ def _outbox_rows() -> list[bytes]:
 
 SEEDS = {
     "intake": _intake, "protocol": _protocol, "tensor": _tensor, "image": _image, "tools_call": _tools_call,
-    "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "puback": _puback, "deploy_document": _deploy_document, "manifest": _manifest, "config": _config,
+    "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "local_packets": _local_packets, "puback": _puback, "deploy_document": _deploy_document, "manifest": _manifest, "config": _config,
     "outbox_rows": _outbox_rows,
 }  # fmt: skip
 

@@ -53,6 +53,7 @@ from agent.upstream.uplink_batch import Publication
 from tests.fixtures.deploy_bundles import MemoryStore, fixed_publisher
 from tests.fuzz.fuzzed import FuzzedInput
 from tests.fuzz.intake import target_intake
+from tests.fuzz.local_packets import target_local_packets
 
 
 # The outboxes here live in memory (/dev/shm), up to 256 of them: a disk reserve each would hold 1 GiB.
@@ -407,6 +408,7 @@ def _exercise_outbox(outbox: Outbox) -> None:
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "intake": target_intake,
+    "local_packets": target_local_packets,
     "protocol": target_protocol,
     "tensor": target_tensor,
     "image": target_image,

@@ -1,0 +1,172 @@
+"""The ``local_packets`` fuzz target: the bytes the local broker sends, as the local link's client reads them.
+
+:class:`~agent.mqtt.lean_client.LeanClient` decodes a property-less PUBLISH and a two-byte PUBACK itself and
+writes queued packets together; paho does both for every other packet. The harness gives a lean client and a
+plain paho client (its own decoder, its own reads and writes) the same stream, cut into the same pieces, over
+a real socket pair, and drives each as paho's network thread does (``loop_read`` until the socket is drained,
+then ``loop_write``), with the callbacks the local link uses: manual acknowledgements and replies published
+from the network thread. Both must see the same thing: every callback with the same arguments (messages'
+topic, payload, QoS, retain, mid, dup and properties; acknowledgements' reason and properties; the drop of the
+connection for a malformed packet), the same bytes written back, the same exception if one escapes paho, and
+the same state left (messages in flight both ways, the packet half read). What the lean client has not
+written after its writing round, and bytes it read but has not handed to paho, must be nothing.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import socket
+import termios
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.mqtt.lean_client import LeanClient
+from tests.fuzz.fuzzed import FuzzedInput
+
+_MAX_PREPUBLISHED = 8  # QoS 1 messages in flight before the stream starts: its PUBACKs have something to settle
+_DRAIN_BYTES = 1 << 20
+
+
+class _Run:
+    """One client, its end of a socket pair set up as a connected session, and what its callbacks saw."""
+
+    def __init__(self, client: mqtt.Client, *, reply_inline: bool, log: bool) -> None:
+        self.client = client
+        self.events: list[Any] = []
+        self.written = bytearray()
+        self.broker, ours = socket.socketpair()
+        ours.setblocking(False)  # as paho's own socket: a read with nothing waiting raises BlockingIOError
+        self.broker.setblocking(False)  # pieces are small and each is read before the next: never full
+        # The harness is the network thread: what a callback queues waits for its loop_write, as in loop_forever.
+        client._thread = threading.current_thread()
+        client._sock = ours
+        client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
+        if log:
+            client.on_log = lambda c, u, level, line: self.events.append(("log", level, line))
+        self.reply_inline = reply_inline
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        properties = message.properties
+        assert isinstance(properties, Properties), type(properties)
+        self.events.append((
+            "message", message._topic, type(message._topic), message.payload, type(message.payload), message.qos,
+            message.dup, message.retain, message.mid, properties.packetType, properties.json(), str(properties),
+        ))  # fmt: skip
+        # The local link acknowledges a request once answered; an inline answer is published first.
+        if self.reply_inline:
+            client.publish("mcp/res/dev1/c", message.payload[:64], qos=1)
+        client.ack(message.mid, message.qos)
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties
+    ) -> None:
+        assert isinstance(reason, ReasonCode) and isinstance(properties, Properties), (reason, properties)
+        self.events.append(("published", mid, reason.value, str(reason), reason.is_failure, properties.json()))
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        self.events.append(("disconnected", reason.value, str(reason)))
+
+    def feed(self, piece: bytes) -> None:
+        """The broker sends ``piece``; the network thread reads until nothing is waiting, then writes."""
+        client = self.client
+        if client._sock is None:  # dropped: paho reads nothing more
+            return
+        self.broker.sendall(piece)
+        for _ in range(len(piece) + 2):  # every loop_read takes a byte at least, or finds none waiting
+            rc = client.loop_read()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self.events.append(("read", rc))
+                return
+            if _waiting(client) == 0:
+                break
+        else:
+            raise AssertionError("loop_read does not drain the socket")
+        rc = client.loop_write()
+        self.events.append(("write", rc))
+        self.drain()
+
+    def drain(self) -> None:
+        """Take what the client has written so far (PUBACKs, PUBRECs, replies)."""
+        try:
+            while chunk := self.broker.recv(_DRAIN_BYTES):
+                self.written += chunk
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            pass  # the client closed its end with bytes unread (paho reads a packet at a time); written ones came first
+
+    def state(self) -> Any:
+        """Everything paho keeps between packets; with what is still queued to write appended to what was."""
+        client = self.client
+        pending = b"".join(bytes(packet["packet"][packet["pos"] :]) for packet in client._out_packet)
+        in_packet = client._in_packet
+        return (
+            bytes(self.written) + pending, sorted(client._in_messages), sorted(client._out_messages),
+            client._inflight_messages, client._sock is None, in_packet["command"], in_packet["remaining_length"],
+            in_packet["to_process"], bytes(in_packet["packet"]),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.broker.close()
+        if self.client._sock is not None:
+            self.client._sock.close()
+
+
+def _waiting(client: mqtt.Client) -> int:
+    """Bytes the client has not read: in the kernel, and (the lean client) in the chunk it read ahead."""
+    sock = client._sock
+    if sock is None:
+        return 0
+    waiting = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting, True)
+    return waiting[0] + (client.buffered_bytes() if isinstance(client, LeanClient) else 0)
+
+
+def _outcome(run: _Run, stream: bytes, piece: int, prepublished: int) -> Any:
+    """Drive one client over the stream; its events and state, or the exception that escaped it."""
+    try:
+        for mid in range(prepublished):
+            run.client.publish(f"mcp/res/dev1/p{mid}", b"x", qos=1)
+        run.client.loop_write()
+        run.drain()
+        for start in range(0, len(stream), piece):
+            run.feed(stream[start : start + piece])
+    except Exception as exc:  # noqa: BLE001 (compared with what paho raises for the same bytes)
+        return ("raised", type(exc), str(exc), run.events)
+    return run.events, run.state()
+
+
+def target_local_packets(data_bytes: bytes) -> None:
+    """The local broker's bytes, in pieces of any size: the lean client sees and writes exactly what paho does,
+    and leaves nothing unwritten or unread behind."""
+    data = FuzzedInput(data_bytes)
+    prepublished = data.byte() % (_MAX_PREPUBLISHED + 1)
+    flags = data.byte()
+    piece = data.byte()
+    stream = data.rest()
+    piece = piece or len(stream) or 1  # 0: the whole stream at once
+    options = {"reply_inline": bool(flags & 1), "log": bool(flags & 2)}
+    lean = _Run(LeanClient(mqtt.CallbackAPIVersion.VERSION2, client_id="lean", protocol=mqtt.MQTTv5,
+                           manual_ack=True), **options)  # fmt: skip
+    paho = _Run(mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho", protocol=mqtt.MQTTv5,
+                            manual_ack=True), **options)  # fmt: skip
+    try:
+        expected = _outcome(paho, stream, piece, prepublished)
+        got = _outcome(lean, stream, piece, prepublished)
+        assert got == expected, (got, expected)
+        if lean.client._sock is not None:
+            assert not lean.client._out_packet, "queued but not written on the writing round"
+            assert lean.client.buffered_bytes() == 0, "read ahead but not handed to paho"
+    finally:
+        lean.close()
+        paho.close()
