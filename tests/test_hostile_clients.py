@@ -9,7 +9,6 @@ tests/test_model_files.py) look at counters; these look at what a user of the de
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client
 from agent.tools.client import DeviceClient
 from tests.fixtures.agents import AgentProcess, Listener, agent_overrides, write_config
-from tests.fixtures.generated_models import add_model, sized_model
+from tests.fixtures.generated_models import add_model, add_unsafe_file_entries, sized_model
 from tests.test_hostile_peers import PROCESS_MEMORY_MB, _config, _still_serving
 
 # Every client may send two requests, then it is refused; every refusal below is answered (not acknowledged
@@ -148,21 +147,7 @@ def test_cloud_answers_that_cannot_be_relayed_leave_each_client_its_timeout(
 def _hostile_models(tmp_path: Path) -> Path:
     """The bundled models plus entries whose files are a FIFO, a symlink to /dev/zero, ``../`` and absolute paths."""
     models = copy_bundled_models(tmp_path / "models")
-    content = sized_model(0.1)
-    for model_id in ("fifo", "zero", "outside", "absolute"):
-        add_model(models, model_id, content, task="sized")
-    (models / "fifo.tflite").unlink()
-    os.mkfifo(models / "fifo.tflite")
-    (models / "zero.tflite").unlink()
-    (models / "zero.tflite").symlink_to("/dev/zero")
-    (tmp_path / "secret.tflite").write_bytes(content)
-    manifest = json.loads((models / "manifest.json").read_text())
-    for entry in manifest["models"]:
-        if entry["id"] == "outside":
-            entry["file"] = "../secret.tflite"
-        elif entry["id"] == "absolute":
-            entry["file"] = str(tmp_path / "secret.tflite")
-    (models / "manifest.json").write_text(json.dumps(manifest))
+    add_unsafe_file_entries(models, sized_model(0.1))
     return models
 
 

@@ -4,31 +4,17 @@ the system) are refused with an error naming the entry, and the other models are
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from agent.models.manager import ModelManager
-from tests.fixtures.generated_models import add_model, sized_model
+from tests.fixtures.generated_models import add_model, add_unsafe_file_entries, sized_model
 
 
 def _models(tmp_path: Path) -> Path:
     models = tmp_path / "models"
     content = sized_model(1)
-    for model_id in ("good", "fifo", "zero", "outside", "absolute"):
-        add_model(models, model_id, content, task="sized")
-    (models / "fifo.tflite").unlink()
-    os.mkfifo(models / "fifo.tflite")
-    (models / "zero.tflite").unlink()
-    (models / "zero.tflite").symlink_to("/dev/zero")
-    (tmp_path / "secret.tflite").write_bytes(content)
-    manifest = json.loads((models / "manifest.json").read_text())
-    for entry in manifest["models"]:
-        if entry["id"] == "outside":
-            entry["file"] = "../secret.tflite"
-        elif entry["id"] == "absolute":
-            entry["file"] = str(tmp_path / "secret.tflite")
-    (models / "manifest.json").write_text(json.dumps(manifest))
+    add_model(models, "good", content, task="sized")
+    add_unsafe_file_entries(models, content)
     return models
 
 
