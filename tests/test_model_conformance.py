@@ -74,8 +74,17 @@ def test_unchanged_minimal_entry_survives_a_reload(tmp_path: Path) -> None:
         ({"inputs": [{"name": "audio", "shape": [1, 4, 40]}]}, ["[1, 4, 40]", "[1, 3, 40]", "audio"]),
         ({"inputs": [{"name": "audio", "dtype": "float32"}]}, ["float32", "int8", "audio"]),
         ({"outputs": [{"name": "a"}, {"name": "b"}]}, ["2 outputs (a, b)", "1 (dense_1 [1, 1] uint8)"]),
+        (
+            {"inputs": [{"name": "audio", "quantization": {"scale": 0.5, "zero_point": 0}}]},
+            ["quantization {'scale': 0.5, 'zero_point': 0}", "'zero_point': -128", "audio"],
+        ),
+        # Every mismatch is named, not only the first: an input's shape and an output's dtype together.
+        (
+            {"inputs": [{"name": "audio", "shape": [1, 4, 40]}], "outputs": [{"name": "score", "dtype": "float32"}]},
+            ["input 0 'audio'", "[1, 4, 40]", "output 0 'score'", "dtype float32, the file has uint8"],
+        ),
     ],
-    ids=["shape", "dtype", "count"],
+    ids=["shape", "dtype", "count", "quantization", "every-mismatch"],
 )
 def test_a_mismatch_refuses_that_model_naming_both_and_the_others_serve(
     tmp_path: Path, declared: dict[str, Any], named: list[str]

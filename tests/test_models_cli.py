@@ -56,12 +56,14 @@ def test_check_prints_every_mismatch_and_fails(tmp_path: Path, capsys: pytest.Ca
     assert _add_wakeword(tmp_path) == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["models"][0]["inputs"][0]["shape"] = [1, 4, 40]
+    manifest["models"][0]["outputs"][0]["dtype"] = "int8"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(["models", "check", "--models-dir", str(tmp_path)]) == 1
     out = capsys.readouterr()
     assert "okay-nabu 2 (wake-word, okay-nabu-2.tflite): REFUSED" in out.out
     assert "shape [1, 4, 40], the file has [1, 3, 40]" in out.out
+    assert "output 0 'dense_1' (tensor StatefulPartitionedCall:0): the manifest says dtype int8, the file has uint8" in out.out
     assert "vibration-anomaly 1.0.0 (vibration-anomaly, " in out.out and "1 of 3 models refused" in out.err
     assert main(["models", "list", "--models-dir", str(tmp_path)]) == 0
 
