@@ -86,3 +86,24 @@ def test_add_refuses_a_file_the_runtime_cannot_read(tmp_path: Path, capsys: pyte
     assert main(["models", "add", str(bogus), "--models-dir", str(tmp_path / "models")]) == 1
     assert "not a TFLite model" in capsys.readouterr().err
     assert not (tmp_path / "models" / "manifest.json").exists()
+
+
+def test_add_replaces_the_manifest_whole_and_a_refused_add_leaves_it_intact(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    assert _add_wakeword(models) == 0
+    manifest = models / "manifest.json"
+    before = manifest.read_bytes()
+    bogus = tmp_path / "bogus.tflite"
+    bogus.write_bytes(b"not a model at all")
+    assert main(["models", "add", str(bogus), "--models-dir", str(models)]) == 1
+    assert manifest.read_bytes() == before
+
+    # A reader that opened the manifest before the update (a hot update mid-read) still reads the old one
+    # whole: the new manifest is a new file renamed over it, never the old one rewritten in place.
+    with manifest.open("rb") as reader:
+        assert main(["models", "add", str(wakeword_model_path()), "--id", "okay-nabu", "--version", "3",
+                     "--task", "wake-word", "--models-dir", str(models)]) == 0  # fmt: skip
+        assert reader.read() == before
+    [entry] = json.loads(manifest.read_text())["models"]
+    assert entry["version"] == "3" and (models / "okay-nabu-2.tflite").exists()  # the old version's file intact
+    assert sorted(path.name for path in models.iterdir()) == ["manifest.json", "okay-nabu-2.tflite", "okay-nabu-3.tflite"]
