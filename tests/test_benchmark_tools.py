@@ -71,11 +71,14 @@ def _payload(tmp_path: Path) -> Path:
 
 
 def test_load_generator_counts_every_echoed_request(local_broker: MosquittoProcess, tmp_path: Path) -> None:
+    payload = _payload(tmp_path)
     with Responder(local_broker, "echo", "echo-device"):
-        stats = run_load(local_broker, "echo-device", _payload(tmp_path), inflight=4, duration=0.5, warmup=0.2)
+        stats = run_load(local_broker, "echo-device", payload, inflight=4, duration=0.5, warmup=0.2)
     assert stats["completed"] > 0
     assert (stats["errors"], stats["lost"], stats["error_reasons"]) == (0, 0, {})
     assert stats["replies_total"] >= stats["completed"]
+    # The bytes on the wire per reply (issue #16's before/after figures): an echo is the request plus its id.
+    assert payload.stat().st_size < stats["mean_reply_bytes"] <= payload.stat().st_size + 32
 
 
 def test_load_generator_counts_agent_replies_and_overload_errors(

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
+from agent.config import Limits
 from agent.models.devmodels import add_wake_word, wakeword_model_path
 from agent.models.inference import prepare_input
 from agent.models.manager import ModelManager
 from agent.models.tflite_file import read_file_facts
+from agent.serving.protocol import Request
+from agent.serving.service import RequestService, Timing
 from tests.fixtures.generated_models import add_model, constant_classifier
 from tests.fixtures.tflite_metadata import TensorMeta, metadata_flatbuffer, with_metadata
 
@@ -56,6 +59,20 @@ def test_minimal_entry_is_filled_from_the_file_with_signature_names(tmp_path: Pa
     np.testing.assert_array_equal(served["dense_1"], direct.get_tensor(direct.get_output_details()[0]["index"]))
 
 
+def test_models_list_and_tools_list_describe_a_minimal_entry_as_served(tmp_path: Path) -> None:
+    """The issue's finding: a minimal entry used to be advertised with no inputs or outputs (an empty schema)."""
+    _add_wakeword(tmp_path)
+    manager = ModelManager(tmp_path)
+    manager.verify_all()
+    service = RequestService(manager, Limits(), device_id="d", profile="p")
+    [listed] = service.handle(Request(jsonrpc="2.0", method="models/list", id=1), Timing(received=0.0))["models"]
+    assert [spec["name"] for spec in listed["inputs"]] == ["input_audio"] and listed["inputs"][0]["shape"] == [1, 3, 40]
+    assert [spec["name"] for spec in listed["outputs"]] == ["dense_1"] and listed["stateful"] is True
+    [tool] = service.handle(Request(jsonrpc="2.0", method="tools/list", id=1), Timing(received=0.0))["tools"]
+    assert tool["inputSchema"]["required"] == ["input_audio"]
+    assert tool["description"] == "Run model okay-nabu. Stateful: each stream keeps its own state between calls."
+
+
 def test_unchanged_minimal_entry_survives_a_reload(tmp_path: Path) -> None:
     _add_wakeword(tmp_path)
     manager = ModelManager(tmp_path)
@@ -74,8 +91,17 @@ def test_unchanged_minimal_entry_survives_a_reload(tmp_path: Path) -> None:
         ({"inputs": [{"name": "audio", "shape": [1, 4, 40]}]}, ["[1, 4, 40]", "[1, 3, 40]", "audio"]),
         ({"inputs": [{"name": "audio", "dtype": "float32"}]}, ["float32", "int8", "audio"]),
         ({"outputs": [{"name": "a"}, {"name": "b"}]}, ["2 outputs (a, b)", "1 (dense_1 [1, 1] uint8)"]),
+        (
+            {"inputs": [{"name": "audio", "quantization": {"scale": 0.5, "zero_point": 0}}]},
+            ["quantization {'scale': 0.5, 'zero_point': 0}", "'zero_point': -128", "audio"],
+        ),
+        # Every mismatch is named, not only the first: an input's shape and an output's dtype together.
+        (
+            {"inputs": [{"name": "audio", "shape": [1, 4, 40]}], "outputs": [{"name": "score", "dtype": "float32"}]},
+            ["input 0 'audio'", "[1, 4, 40]", "output 0 'score'", "dtype float32, the file has uint8"],
+        ),
     ],
-    ids=["shape", "dtype", "count"],
+    ids=["shape", "dtype", "count", "quantization", "every-mismatch"],
 )
 def test_a_mismatch_refuses_that_model_naming_both_and_the_others_serve(
     tmp_path: Path, declared: dict[str, Any], named: list[str]

@@ -56,12 +56,14 @@ def test_check_prints_every_mismatch_and_fails(tmp_path: Path, capsys: pytest.Ca
     assert _add_wakeword(tmp_path) == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["models"][0]["inputs"][0]["shape"] = [1, 4, 40]
+    manifest["models"][0]["outputs"][0]["dtype"] = "int8"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert main(["models", "check", "--models-dir", str(tmp_path)]) == 1
     out = capsys.readouterr()
     assert "okay-nabu 2 (wake-word, okay-nabu-2.tflite): REFUSED" in out.out
     assert "shape [1, 4, 40], the file has [1, 3, 40]" in out.out
+    assert "output 0 'dense_1' (tensor StatefulPartitionedCall:0): the manifest says dtype int8, the file has uint8" in out.out
     assert "vibration-anomaly 1.0.0 (vibration-anomaly, " in out.out and "1 of 3 models refused" in out.err
     assert main(["models", "list", "--models-dir", str(tmp_path)]) == 0
 
@@ -84,3 +86,24 @@ def test_add_refuses_a_file_the_runtime_cannot_read(tmp_path: Path, capsys: pyte
     assert main(["models", "add", str(bogus), "--models-dir", str(tmp_path / "models")]) == 1
     assert "not a TFLite model" in capsys.readouterr().err
     assert not (tmp_path / "models" / "manifest.json").exists()
+
+
+def test_add_replaces_the_manifest_whole_and_a_refused_add_leaves_it_intact(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    assert _add_wakeword(models) == 0
+    manifest = models / "manifest.json"
+    before = manifest.read_bytes()
+    bogus = tmp_path / "bogus.tflite"
+    bogus.write_bytes(b"not a model at all")
+    assert main(["models", "add", str(bogus), "--models-dir", str(models)]) == 1
+    assert manifest.read_bytes() == before
+
+    # A reader that opened the manifest before the update (a hot update mid-read) still reads the old one
+    # whole: the new manifest is a new file renamed over it, never the old one rewritten in place.
+    with manifest.open("rb") as reader:
+        assert main(["models", "add", str(wakeword_model_path()), "--id", "okay-nabu", "--version", "3",
+                     "--task", "wake-word", "--models-dir", str(models)]) == 0  # fmt: skip
+        assert reader.read() == before
+    [entry] = json.loads(manifest.read_text())["models"]
+    assert entry["version"] == "3" and (models / "okay-nabu-2.tflite").exists()  # the old version's file intact
+    assert sorted(path.name for path in models.iterdir()) == ["manifest.json", "okay-nabu-2.tflite", "okay-nabu-3.tflite"]

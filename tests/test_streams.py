@@ -138,6 +138,35 @@ def test_idle_streams_expire_their_memory_with_them(tmp_path: Path) -> None:
     assert (report.reset, report.reason) == (True, "expired")
 
 
+def test_an_unloaded_models_streams_free_their_memory_and_the_next_run_says_why(tmp_path: Path) -> None:
+    now = [0.0]
+    table = StreamTable(clock=lambda: now[0])
+    loaded = _loaded(tmp_path)
+    feeds = {"input_audio": np.zeros((1, 3, 40), dtype=np.int8)}
+    for client in ("alice", "bob", "carol"):
+        table.run(loaded, client, "", feeds, received=0.0)
+    assert loaded.interpreter_count == 4
+    loaded.close()  # unloaded to make room: the budget no longer counts it, so its streams must not hold memory
+    assert table.sweep() == 0 and loaded.interpreter_count == 0 and len(table) == 3
+    again = LoadedModel(loaded.entry, verified_model_bytes(tmp_path, loaded.entry), runtime=loaded.runtime)
+    _, report = table.run(again, "alice", "", feeds, received=1.0)
+    assert (report.reset, report.reason, report.runs) == (True, "model_reloaded", 1)
+    updated = LoadedModel(
+        loaded.entry.model_copy(update={"version": "3"}), verified_model_bytes(tmp_path, loaded.entry), runtime=loaded.runtime
+    )
+    _, report = table.run(updated, "bob", "", feeds, received=2.0)
+    assert report.reason == "model_updated"
+
+
+def test_a_reload_to_make_room_starts_the_stream_over_and_says_so(service: RequestService) -> None:
+    chunks = audio_features(6)
+    _infer(service, "alice", chunks[0])
+    assert service.models.unload_idle() == 1
+    after = _infer(service, "alice", chunks[1])
+    assert after["stream"] == {"id": "", "reset": True, "reason": "model_reloaded", "runs": 1}
+    assert _score(after) == wake_word_alone(chunks[1:2])[0]
+
+
 def test_a_stream_needs_room_in_the_model_budget(tmp_path: Path) -> None:
     loaded = _loaded(tmp_path, admit=lambda estimated: False)
     table = StreamTable()

@@ -155,6 +155,12 @@ class LoadedModel:
             return len(self._content) + sum(self._costs.values())
 
     @property
+    def closed(self) -> bool:
+        """Unloaded (:meth:`close`): runs in flight finish, nothing new starts on it."""
+        with self._cond:
+            return self._closed
+
+    @property
     def interpreter_count(self) -> int:
         with self._cond:
             return len(self._costs)

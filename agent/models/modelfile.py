@@ -92,8 +92,16 @@ def _file_tensor(detail: dict[str, Any], names: dict[int, str]) -> FileTensor:
 def complete_entry(entry: ModelEntry, description: ModelDescription) -> ModelEntry:
     """``entry`` with what it leaves out filled from the file; :class:`ModelError` naming both on a mismatch."""
     metadata = description.facts.metadata
-    inputs = _complete_tensors(entry, "input", entry.inputs, description.inputs, metadata.inputs if metadata else [])
-    outputs = _complete_tensors(entry, "output", entry.outputs, description.outputs, metadata.outputs if metadata else [])
+    # Every mismatch of the entry is gathered before refusing it, so one `models check` shows them all.
+    mismatches: list[str] = []
+    inputs = _complete_tensors(
+        "input", entry.inputs, description.inputs, metadata.inputs if metadata else [], mismatches
+    )
+    outputs = _complete_tensors(
+        "output", entry.outputs, description.outputs, metadata.outputs if metadata else [], mismatches
+    )
+    if mismatches:
+        raise ModelError(f"model {entry.id!r}: " + "; ".join(mismatches) + "; refused")
     labels = entry.labels or next((tensor.labels for tensor in (metadata.outputs if metadata else []) if tensor.labels), [])
     model_description = entry.description or (metadata.description if metadata else "")
     stateful = entry.stateful if entry.stateful is not None else description.facts.has_resource_variables
@@ -122,19 +130,27 @@ def task_problem(entry: ModelEntry) -> str | None:
 
 
 def _complete_tensors(
-    entry: ModelEntry, kind: str, declared: list[TensorSpec], actual: list[FileTensor], metadata: list[TensorMetadata]
+    kind: str,
+    declared: list[TensorSpec],
+    actual: list[FileTensor],
+    metadata: list[TensorMetadata],
+    mismatches: list[str],
 ) -> list[TensorSpec]:
+    """The file's tensors completed with what ``declared`` says; each difference appended to ``mismatches``."""
     if declared and len(declared) != len(actual):
-        raise ModelError(
-            f"model {entry.id!r}: the manifest declares {len(declared)} {kind}s ({', '.join(s.name for s in declared)}), "
-            f"the file has {len(actual)} ({', '.join(_show(t) for t in actual)}); refused"
+        mismatches.append(
+            f"the manifest declares {len(declared)} {kind}s ({', '.join(s.name for s in declared)}), "
+            f"the file has {len(actual)} ({', '.join(_show(t) for t in actual)})"
         )
+        declared = []  # nothing to compare tensor by tensor: the completion is refused anyway
     completed = []
     for position, tensor in enumerate(actual):
         spec = declared[position] if declared else None
         meta = metadata[position] if position < len(metadata) else TensorMetadata()
         if spec is not None:
-            _compare(entry, kind, position, spec, tensor)
+            problem = _difference(kind, position, spec, tensor)
+            if problem is not None:
+                mismatches.append(problem)
         normalization = Normalization(mean=meta.mean, std=meta.std) if meta.mean and meta.std else None
         try:
             completed.append(TensorSpec(
@@ -147,11 +163,12 @@ def _complete_tensors(
                 preprocess=spec.preprocess if spec else None,
             ))
         except ValidationError:
-            raise ModelError(f"model {entry.id!r}: {kind} {_show(tensor)} has a dtype the agent cannot serve; refused") from None
+            mismatches.append(f"{kind} {_show(tensor)} has a dtype the agent cannot serve")
     return completed
 
 
-def _compare(entry: ModelEntry, kind: str, position: int, spec: TensorSpec, tensor: FileTensor) -> None:
+def _difference(kind: str, position: int, spec: TensorSpec, tensor: FileTensor) -> str | None:
+    """How a declared tensor differs from the file's, naming both, or None."""
     problems = []
     if spec.shape is not None and spec.shape != tensor.shape:
         problems.append(f"shape {spec.shape}, the file has {tensor.shape}")
@@ -160,11 +177,9 @@ def _compare(entry: ModelEntry, kind: str, position: int, spec: TensorSpec, tens
     if spec.quantization is not None and spec.quantization != tensor.quantization:
         actual = tensor.quantization.model_dump() if tensor.quantization else "none"
         problems.append(f"quantization {spec.quantization.model_dump()}, the file has {actual}")
-    if problems:
-        raise ModelError(
-            f"model {entry.id!r}: {kind} {position} {spec.name!r} (tensor {tensor.tensor_name}): the manifest says "
-            + "; ".join(problems) + "; refused"
-        )
+    if not problems:
+        return None
+    return f"{kind} {position} {spec.name!r} (tensor {tensor.tensor_name}): the manifest says " + "; ".join(problems)
 
 
 def _show(tensor: FileTensor) -> str:

@@ -160,7 +160,8 @@ class StreamTable:
             self._leave(key, stream)
 
     def sweep(self) -> int:
-        """Drop every stream idle longer than its model's ``idle_timeout_s``; how many were dropped."""
+        """Drop every stream idle longer than its model's ``idle_timeout_s`` (how many were dropped), and the
+        states of streams whose model was unloaded."""
         with self._cond:
             return self._expire_idle()
 
@@ -191,8 +192,8 @@ class StreamTable:
     def _prepare(self, key: StreamKey, stream: _Stream, loaded: LoadedModel, reset: bool) -> ResetReason | None:
         """Give the stream a state on ``loaded``, fresh if it has none, asked for one, or ran on another version."""
         reason: ResetReason | None = None
-        if stream.state is not None and stream.loaded is not loaded:
-            assert stream.loaded is not None
+        # A stream whose model was unloaded keeps ``loaded`` (its state already released by a sweep) for this.
+        if stream.loaded is not None and stream.loaded is not loaded:
             reason = "model_reloaded" if stream.loaded.entry == loaded.entry else "model_updated"
             self._drop_state(stream)
         elif stream.state is not None and reset:
@@ -223,6 +224,11 @@ class StreamTable:
         stream.state, stream.runs = None, 0
 
     def _expire_idle(self) -> int:
+        # A model unloaded (to make room, or replaced) no longer counts in the budget: its streams' interpreters
+        # must go with it, not linger until each stream's next request or its idle timeout.
+        for stream in self._streams.values():
+            if not stream.busy and stream.state is not None and stream.loaded is not None and stream.loaded.closed:
+                self._drop_state(stream)
         now = self._clock()
         idle = [
             key for key, stream in self._streams.items()

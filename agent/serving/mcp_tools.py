@@ -78,6 +78,9 @@ def _array_schema(shape: list[int], description: str) -> dict[str, Any]:
 
 def _tool(name: str, version: str, description: str, model: ModelEntry, inputs: list[TensorSpec]) -> dict[str, Any]:
     detection = isinstance(model.head, DetectionHead)
+    # Sentences are appended below: a description from a manifest or TFLite Metadata may end without a stop.
+    if description and not description.endswith((".", "!", "?")):
+        description += "."
     properties: dict[str, Any] = {}
     required = []
     for spec in inputs:
