@@ -42,6 +42,7 @@ def test_the_wheel_carries_profiles_and_bundled_models_and_no_generators(tmp_pat
     assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("agent/firmware_profiles/")) == PROFILES
     assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("agent/bundled_models/")) == BUNDLED_MODELS
     assert not [n for n in names if not n.startswith(("agent/", "edge_agent-"))], "only the agent package and its metadata"
+    assert "agent/models/metadata_schema.py" in names  # the generated TFLite Metadata reader is vendored code
 
 
 def test_an_installed_agent_serves_the_bundled_models_with_a_named_profile(

@@ -1,9 +1,11 @@
 """What a ``.tflite`` file says about itself beyond what the runtime reports: its operators and its TFLite Metadata.
 
-A small reader written by hand against two schemas: TFLite's ``schema.fbs`` (the ``Model`` table: operator
-codes, buffers, named metadata) and tflite-support's ``metadata_schema.fbs`` (``ModelMetadata``: names,
-descriptions, normalization, associated files). Only the fields read below are decoded, with the field
-numbers of those schemas. tflite-support, which generates the full reader, has no wheels for Python 3.12+.
+Two schemas are read. tflite-support's ``metadata_schema.fbs`` (``ModelMetadata``: names, descriptions,
+normalization, associated files) is read with the classes flatc generated from it, vendored in
+:mod:`agent.models.metadata_schema` (tflite-support itself has no wheels for Python 3.12+). TFLite's
+``schema.fbs`` (the ``Model`` table: operator codes, buffers, named metadata) is read by hand with that
+schema's field numbers: a handful of fields, and the metadata buffer is sliced out of the file where
+the generated ``Buffer.Data(j)`` would read it byte by byte.
 
 Associated files (a label file, say) are packed after the flatbuffer as a zip archive: :mod:`zipfile`
 finds its central directory at the end of the file.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import flatbuffers
@@ -21,14 +24,11 @@ from flatbuffers import number_types
 from flatbuffers.table import Table
 
 from agent.errors import ModelError
+from agent.models import metadata_schema as schema
 
 METADATA_NAME = "TFLITE_METADATA"
-METADATA_IDENTIFIER = b"M001"
 # schema.fbs BuiltinOperator: a graph holding resource variables keeps state between invocations.
 VAR_HANDLE = 142
-# metadata_schema.fbs AssociatedFileType and ProcessUnitOptions.
-TENSOR_AXIS_LABELS = 2
-NORMALIZATION_OPTIONS = 1
 
 
 @dataclass(frozen=True)
@@ -93,18 +93,6 @@ class _Reader:
         start = self.table.Vector(offset)
         return [_Reader(self.buf, self.table.Indirect(start + 4 * k)) for k in range(self.table.VectorLen(offset))]
 
-    def table_at(self, slot: int) -> _Reader | None:
-        offset = self._offset(slot)
-        return _Reader(self.buf, self.table.Indirect(offset + self.table.Pos)) if offset else None
-
-    def floats(self, slot: int) -> list[float]:
-        offset = self._offset(slot)
-        if not offset:
-            return []
-        start = self.table.Vector(offset)
-        flags = number_types.Float32Flags
-        return [float(self.table.Get(flags, start + 4 * k)) for k in range(self.table.VectorLen(offset))]
-
     def bytes_vector(self, slot: int) -> bytes:
         offset = self._offset(slot)
         if not offset:
@@ -129,7 +117,8 @@ def read_file_facts(content: bytes) -> FileFacts:
             for code in model.tables(1)
         )
         metadata = _model_metadata(content, model)
-    except (IndexError, ValueError, UnicodeError, struct.error) as exc:
+    # struct.error: an offset past the end; TypeError: flatbuffers' own check of an offset outside uint32.
+    except (IndexError, ValueError, UnicodeError, struct.error, TypeError) as exc:
         raise ModelError(f"the model file's flatbuffer is damaged: {exc}") from None
     return FileFacts(ops, metadata)
 
@@ -147,9 +136,9 @@ def _model_metadata(content: bytes, model: _Reader) -> ModelMetadata | None:
         if not data:
             start = buffers[index].scalar(1, number_types.Uint64Flags)
             data = content[start:start + buffers[index].scalar(2, number_types.Uint64Flags)]
-        if data[4:8] != METADATA_IDENTIFIER:
+        if not schema.ModelMetadata.ModelMetadataBufferHasIdentifier(data, 0):
             raise ModelError(f"{METADATA_NAME} is not a metadata flatbuffer (identifier {data[4:8]!r})")
-        return _parse_metadata(_root(data), _associated_files(content))
+        return _parse_metadata(schema.ModelMetadata.GetRootAs(data, 0), _associated_files(content))
     return None
 
 
@@ -161,31 +150,45 @@ def _associated_files(content: bytes) -> dict[str, bytes]:
         return {}
 
 
-def _parse_metadata(root: _Reader, files: dict[str, bytes]) -> ModelMetadata:
-    subgraphs = root.tables(3)
-    first = subgraphs[0] if subgraphs else None
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value else ""
+
+
+def _parse_metadata(root: schema.ModelMetadata, files: dict[str, bytes]) -> ModelMetadata:
+    first = root.SubgraphMetadata(0) if root.SubgraphMetadataLength() else None
     return ModelMetadata(
-        name=root.string(0),
-        description=root.string(1),
-        version=root.string(2),
-        author=root.string(4),
-        license=root.string(5),
-        inputs=[_tensor_metadata(tensor, files) for tensor in first.tables(2)] if first else [],
-        outputs=[_tensor_metadata(tensor, files) for tensor in first.tables(3)] if first else [],
+        name=_text(root.Name()),
+        description=_text(root.Description()),
+        version=_text(root.Version()),
+        author=_text(root.Author()),
+        license=_text(root.License()),
+        inputs=_tensors(first.InputTensorMetadataLength(), first.InputTensorMetadata, files) if first else [],
+        outputs=_tensors(first.OutputTensorMetadataLength(), first.OutputTensorMetadata, files) if first else [],
     )
 
 
-def _tensor_metadata(tensor: _Reader, files: dict[str, bytes]) -> TensorMetadata:
+def _tensors(
+    count: int, tensor_at: Callable[[int], schema.TensorMetadata], files: dict[str, bytes]
+) -> list[TensorMetadata]:
+    return [_tensor_metadata(tensor_at(k), files) for k in range(count)]
+
+
+def _tensor_metadata(tensor: schema.TensorMetadata, files: dict[str, bytes]) -> TensorMetadata:
     mean = std = None
-    for unit in tensor.tables(4):  # ProcessUnit: options_type (0), options (1)
-        options = unit.table_at(1)
-        if unit.scalar(0, number_types.Uint8Flags) == NORMALIZATION_OPTIONS and options is not None:
-            mean, std = options.floats(0), options.floats(1)
+    for k in range(tensor.ProcessUnitsLength()):
+        unit = tensor.ProcessUnits(k)
+        options = unit.Options()
+        if unit.OptionsType() == schema.ProcessUnitOptions.NormalizationOptions and options is not None:
+            normalization = schema.NormalizationOptions()
+            normalization.Init(options.Bytes, options.Pos)
+            mean = [normalization.Mean(j) for j in range(normalization.MeanLength())]
+            std = [normalization.Std(j) for j in range(normalization.StdLength())]
     labels: list[str] = []
-    for associated in tensor.tables(6):  # AssociatedFile: name (0), description (1), type (2), locale (3)
-        name = associated.string(0)
-        if associated.scalar(2, number_types.Int8Flags) == TENSOR_AXIS_LABELS and not labels:
+    for k in range(tensor.AssociatedFilesLength()):
+        associated = tensor.AssociatedFiles(k)
+        name = _text(associated.Name())
+        if associated.Type() == schema.AssociatedFileType.TENSOR_AXIS_LABELS and not labels:
             if name not in files:
                 raise ModelError(f"label file {name!r} is named in the metadata but not packed in the model")
             labels = [line.strip() for line in files[name].decode("utf-8").splitlines() if line.strip()]
-    return TensorMetadata(tensor.string(0), tensor.string(1), mean, std, labels)
+    return TensorMetadata(_text(tensor.Name()), _text(tensor.Description()), mean, std, labels)
