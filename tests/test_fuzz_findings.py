@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import threading
+import tracemalloc
+import zipfile
 from collections import Counter
 from pathlib import Path
 
+import flatbuffers
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
@@ -16,13 +20,19 @@ from agent.config import LocalBroker
 from agent.config_loader import load_settings
 from agent.errors import ConfigError, InvalidParams, ModelError
 from agent.models.catalog import load_manifest
+from agent.models import metadata_schema
 from agent.models.inference import TensorInfo, prepare_input
+from agent.models.tflite_file import MAX_LABEL_BYTES, read_file_facts
 from agent.mqtt.local_link import LocalLink
 from agent.mqtt.transport import new_client
 from agent.serving.fallback import CloudFallback
 from agent.serving.protocol import nesting_depth
 from agent.upstream.outbox import Outbox
 from agent.upstream.uplink import CloudMessage
+from tests.fixtures.generated_models import constant_classifier
+from tests.fixtures.tflite_metadata import TensorMeta, metadata_flatbuffer, with_metadata
+
+MODEL_FILE_CORPUS = Path(__file__).parent / "fuzz" / "corpus" / "model_file"
 
 
 def test_a_request_topic_that_is_not_utf8_is_acknowledged_and_ignored() -> None:
@@ -162,3 +172,63 @@ def test_a_publish_with_both_qos_bits_set_is_a_protocol_error_and_reaches_no_cal
     client._in_packet = {**client._in_packet, "command": 0x36, "packet": bytearray(b"\x00\x01a\x00\x07\x00x")}
     assert client._handle_publish() == mqtt.MQTT_ERR_PROTOCOL
     assert received == []
+
+
+def test_a_label_file_cut_short_inside_the_packed_archive_is_a_model_error() -> None:
+    # zipfile raised EOFError (not a BadZipFile) reading the member, and it escaped read_file_facts.
+    content = (MODEL_FILE_CORPUS / "crash-ff131130661cf093073029b72f6e6687566f60af").read_bytes()
+    with pytest.raises(ModelError, match="'labels.txt' packed in the model is damaged"):
+        read_file_facts(content)
+
+
+def test_a_packed_archive_zipfile_cannot_open_is_a_model_error() -> None:
+    # An unknown "version needed to extract": zipfile raised NotImplementedError opening the archive.
+    content = (MODEL_FILE_CORPUS / "crash-9019a564b295af7b9cb222ccfbbe244e28a303cd").read_bytes()
+    with pytest.raises(ModelError, match="zip archive packed in the model is damaged"):
+        read_file_facts(content)
+
+
+def _labelled_model(archive: bytes) -> bytes:
+    metadata = metadata_flatbuffer("toy", "", [], [TensorMeta("scores", label_file="labels.txt")])
+    return with_metadata(constant_classifier([0.25, 0.75]), metadata) + archive
+
+
+def test_a_label_file_that_inflates_past_the_cap_is_refused_without_inflating_it() -> None:
+    # 64 MiB of newlines deflate to ~64 KB: every packed file used to be read whole, named or not.
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as packed:
+        packed.writestr("labels.txt", b"\n" * (64 << 20))
+    content = _labelled_model(archive.getvalue())
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelError, match=f"more than {MAX_LABEL_BYTES} bytes"):
+            read_file_facts(content)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MAX_LABEL_BYTES
+
+
+def test_metadata_whose_offsets_all_point_at_one_tensor_is_refused() -> None:
+    # 4,000 input entries naming one tensor with a 1,000-byte description: 4 MB of text from an 18 KB file.
+    builder = flatbuffers.Builder(0)
+    description = builder.CreateString("x" * 1000)
+    metadata_schema.TensorMetadataStart(builder)
+    metadata_schema.TensorMetadataAddDescription(builder, description)
+    tensor = metadata_schema.TensorMetadataEnd(builder)
+    metadata_schema.SubGraphMetadataStartInputTensorMetadataVector(builder, 4000)
+    for _ in range(4000):
+        builder.PrependUOffsetTRelative(tensor)
+    inputs = builder.EndVector()
+    metadata_schema.SubGraphMetadataStart(builder)
+    metadata_schema.SubGraphMetadataAddInputTensorMetadata(builder, inputs)
+    subgraph = metadata_schema.SubGraphMetadataEnd(builder)
+    metadata_schema.ModelMetadataStartSubgraphMetadataVector(builder, 1)
+    builder.PrependUOffsetTRelative(subgraph)
+    subgraphs = builder.EndVector()
+    metadata_schema.ModelMetadataStart(builder)
+    metadata_schema.ModelMetadataAddSubgraphMetadata(builder, subgraphs)
+    builder.Finish(metadata_schema.ModelMetadataEnd(builder), file_identifier=b"M001")
+    content = with_metadata(constant_classifier([0.25, 0.75]), bytes(builder.Output()))
+    with pytest.raises(ModelError, match="read more than the file holds"):
+        read_file_facts(content)

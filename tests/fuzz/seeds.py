@@ -238,10 +238,26 @@ def _outbox_rows() -> list[bytes]:
     ]  # fmt: skip
 
 
+def _model_file() -> list[bytes]:
+    from tests.fixtures.generated_models import constant_classifier
+    from tests.fixtures.tflite_metadata import TensorMeta, metadata_flatbuffer, with_metadata
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    bundled = [path.read_bytes() for path in sorted(models.glob("*.tflite"))]
+    metadata = metadata_flatbuffer(
+        "toy", "a toy classifier", [TensorMeta("features", "two values", mean=[127.5, 0.5], std=[127.5, 2.0])],
+        [TensorMeta("scores", "class probabilities", label_file="labels.txt")],
+    )  # fmt: skip
+    packed = with_metadata(constant_classifier([0.25, 0.75]), metadata, {"labels.txt": b"cold\nhot\n"})
+    # Cut inside the flatbuffer, inside the metadata, and inside the zip archive's central directory.
+    cuts = [packed[: len(packed) // 3], packed[: packed.index(b"M001") + 40], packed[:-30]]
+    return [*bundled, packed, *cuts, bundled[0][:16], b"", b"\0\0\0\0TFL3"]
+
+
 SEEDS = {
     "intake": _intake, "protocol": _protocol, "tensor": _tensor, "image": _image, "tools_call": _tools_call,
     "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "local_packets": _local_packets, "puback": _puback, "deploy_document": _deploy_document, "manifest": _manifest, "config": _config,
-    "outbox_rows": _outbox_rows,
+    "outbox_rows": _outbox_rows, "model_file": _model_file,
 }  # fmt: skip
 
 

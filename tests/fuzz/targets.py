@@ -54,6 +54,7 @@ from tests.fixtures.deploy_bundles import MemoryStore, fixed_publisher
 from tests.fuzz.fuzzed import FuzzedInput
 from tests.fuzz.intake import target_intake
 from tests.fuzz.local_packets import target_local_packets
+from tests.fuzz.model_file import target_model_file
 
 
 # The outboxes here live in memory (/dev/shm), up to 256 of them: a disk reserve each would hold 1 GiB.
@@ -418,6 +419,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "puback": target_puback,
     "deploy_document": target_deploy_document,
     "manifest": target_manifest,
+    "model_file": target_model_file,
     "config": target_config,
     "outbox_rows": target_outbox_rows,
 }
