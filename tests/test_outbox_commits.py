@@ -16,6 +16,7 @@ from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.upstream.outbox import Outbox
 from agent.upstream.outbox_commands import APPEND, Command, fair_transaction
+from agent.upstream.outbox_ledger import _ROWS_PER_INSERT, _insert_sizes
 from agent.upstream.outbox_writer import _transactions
 
 TIMEOUT_S = 30.0
@@ -98,6 +99,31 @@ def test_appends_committed_together_keep_their_own_ids_and_refusals(tmp_path: Pa
     assert [name for name, error in order if error is not None] == ["row-7"]
     rows = [json.loads(row[2]) for row in stored_rows(path) if row[1] == "res"]
     assert [row["name"] for row in rows] == [name for name in names if name != "row-7"]
+
+
+@given(st.integers(min_value=0, max_value=5 * _ROWS_PER_INSERT))
+def test_a_transactions_rows_go_in_through_few_distinct_statements(count: int) -> None:
+    """Every row is inserted once, in order, by statements of a few sizes only: each distinct size is one more
+    prepared statement the connection keeps in its cache (SQLite memory held after a burst)."""
+    sizes = _insert_sizes(count)
+    assert sum(sizes) == count
+    assert all(size in {_ROWS_PER_INSERT >> shift for shift in range(8)} for size in sizes)
+    assert len(sizes) - sizes.count(_ROWS_PER_INSERT) <= 7
+
+
+def test_rows_of_one_transaction_split_over_statements_keep_their_order(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    settled = Settled()
+    names = [f"row-{i}" for i in range(_ROWS_PER_INSERT + 99)]  # 128 + 64 + 32 + 2 + 1
+    with Outbox(path, OutboxSettings(batch_max=len(names))) as store:
+        _, release = hold_writer(store)
+        for name in names:
+            store.enqueue_then("res", body(name=name), source="one-client", then=settled.then(name))
+        release.set()
+        order = settled.wait_for(len(names))
+    assert [name for name, error in order if error is None] == names
+    rows = [json.loads(row[2]) for row in stored_rows(path) if row[1] == "res"]
+    assert [row["name"] for row in rows] == names
 
 
 def test_enqueue_then_on_a_closed_outbox_calls_back_with_the_error(tmp_path: Path) -> None:

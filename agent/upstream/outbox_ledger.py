@@ -150,9 +150,11 @@ class Ledger:
         if not values:
             return [None] * len(rows)
         cursor = self.db.connection().cursor()
-        for start in range(0, len(values), _ROWS_PER_INSERT):
-            chunk = values[start : start + _ROWS_PER_INSERT]
-            cursor.execute(_INSERT + ", ".join([_INSERT_ROW] * len(chunk)), [value for row in chunk for value in row])
+        start = 0
+        for size in _insert_sizes(len(values)):
+            chunk = values[start : start + size]
+            start += size
+            cursor.execute(_INSERT + ", ".join([_INSERT_ROW] * size), [value for row in chunk for value in row])
         next_id = cursor.lastrowid - len(values) + 1
         ids: list[int | None] = []
         for fit in fits:
@@ -354,3 +356,22 @@ class Ledger:
 
 def _placeholders(values: Sequence[Any]) -> str:
     return ", ".join("?" * len(values))
+
+
+def _insert_sizes(count: int) -> list[int]:
+    """Rows per ``INSERT`` for ``count`` rows: full statements of ``_ROWS_PER_INSERT``, the rest in powers of two.
+
+    Every distinct statement text is prepared and kept in the connection's statement cache (128 of them), and
+    a multi-row ``INSERT``'s program grows with its rows: one statement per remainder would keep up to 128
+    of them, megabytes of SQLite memory held after a burst. Powers of two keep at most eight, for at most
+    eight statements (eight GIL releases) per commit.
+    """
+    sizes = [_ROWS_PER_INSERT] * (count // _ROWS_PER_INSERT)
+    rest = count % _ROWS_PER_INSERT
+    size = _ROWS_PER_INSERT
+    while rest:
+        size //= 2
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+    return sizes
