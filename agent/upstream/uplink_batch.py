@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from uuid6 import uuid7
 
 from agent.config import CloudBroker
 from agent.mqtt.topics import upstream_topic
+from agent.upstream.message_ids import new_msg_id
 from agent.upstream.uplink_wire import ENCODING_PROPERTY, ClaimedRecord, batch_topic, encode_batch, encode_envelope
 
 # Fixed header, topic length, packet id and properties: more than any publication here carries.
@@ -174,7 +174,7 @@ class Batcher:
             properties.UserProperty = [("msg-id", held[0].record.msg_id)]
             properties.PayloadFormatIndicator = 1
             return Publication(upstream_topic(self.device_id, cls), held[0].envelope, properties, row_ids, False)
-        batch_id = str(uuid7())
+        batch_id = new_msg_id()
         payload = encode_batch(
             [h.envelope for h in held],
             batch_id=batch_id,

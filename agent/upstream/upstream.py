@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from uuid6 import uuid7
 
 from agent.config import MessageClass, Settings
 from agent.errors import OutboxError, SigningError
 from agent.signing import Signer
 from agent.signing.outgoing import encode_record
 from agent.upstream.outbox import Outbox
+from agent.upstream.message_ids import new_msg_id
 from agent.upstream.uplink import CloudMessage, Uplink
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Upstream:
         A failure (disk full, outbox over its bounds with nothing older to drop, signer down) is counted and
         logged — at most once a minute — and never stops the agent from answering local requests.
         """
-        msg_id = str(uuid7())
+        msg_id = new_msg_id()
         body = {"msg_id": msg_id, "device_id": self.device_id, "class": cls, **record}
         try:
             self.outbox.enqueue(cls, encode_record(body, self.signer), ttl_s=ttl_s, msg_id=msg_id)
