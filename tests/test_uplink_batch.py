@@ -76,7 +76,8 @@ class BatchObserver:
 
     def restart_broker(self, broker: MosquittoProcess) -> None:
         """Restart ``broker`` and return once this observer is subscribed again (it reconnects by itself):
-        what is published before that would miss it when the broker keeps no sessions across restarts."""
+        with an ``acl_file``, mosquitto drops what is published to a session restored from persistence before
+        its client reconnects (see ``CloudObserver.restart_broker`` in tests/test_uplink.py)."""
         self._subscribed.clear()
         broker.restart()
         assert self._subscribed.wait(30), "the observer did not resubscribe after the broker restart"

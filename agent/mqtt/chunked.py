@@ -1,5 +1,6 @@
 """paho reading its socket a chunk at a time (and publishing many messages with one wake-up of its network
-thread): the base of every MQTT client the agent makes."""
+thread, and keeping its received QoS 2 state right across connections): the base of every MQTT client the
+agent makes."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ class ChunkedReadClient(mqtt.Client):
     It also lets a thread publish many messages with one wake-up of the network thread
     (:meth:`publishing_together`, through ``_packet_queue``, paho's one queueing primitive for outgoing
     packets; tests/test_transport.py fails if paho stops calling it or stops reading its socket pair).
+
+    And it mends paho's received QoS 2 state across connections (tests/test_qos2.py, with a real broker):
+    a CONNACK without a session drops the messages awaiting their PUBREL, which paho keeps whenever the
+    client asked for a session; and with ``manual_ack`` a PUBREL for a message paho no longer holds (handed
+    on over an earlier connection, or by an earlier process) is answered with PUBCOMP.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -81,6 +87,35 @@ class ChunkedReadClient(mqtt.Client):
         if sockpair is not None:
             with contextlib.suppress(BlockingIOError, OSError):
                 sockpair.send(mqtt.sockpair_data)
+
+    def _handle_connack(self) -> mqtt.MQTTErrorCode:
+        # The body: acknowledge flags (bit 0: session present), then the reason code.
+        body = self._in_packet["packet"]
+        if len(body) >= 2 and body[1] == 0 and not body[0] & 0x01:
+            # A broker that kept no session (restarted without persistence, or our session expired) reuses
+            # the packet ids of QoS 2 messages left half done; paho would keep those, stale, forever.
+            self._session_absent()
+        return super()._handle_connack()
+
+    def _session_absent(self) -> None:
+        """The broker accepted the connection without a session: nothing received before it is pending."""
+        with self._in_message_mutex:
+            self._in_messages.clear()
+
+    def _handle_pubrel(self) -> mqtt.MQTTErrorCode:
+        if not self._manual_ack:
+            return super()._handle_pubrel()
+        # Body: the packet identifier first. paho hands a held message on and leaves its PUBCOMP to ``ack``;
+        # for one it does not hold it sends nothing, and the broker would keep resending the PUBREL on every
+        # connection, the message counting against our Receive Maximum for good. Its acknowledgement on the
+        # earlier connection was forgotten with that connection (AckSequencer.reset), so complete it now.
+        mid = int.from_bytes(self._in_packet["packet"][:2], "big")
+        with self._in_message_mutex:
+            held = mid in self._in_messages
+        rc = super()._handle_pubrel()
+        if not held and rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return self._send_pubcomp(mid)
+        return rc
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._chunk_socket is not self._sock:  # a new connection: bytes left from the old one are void

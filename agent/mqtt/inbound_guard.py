@@ -37,7 +37,8 @@ class InboundGuard:
     """The framing state of one byte stream from the peer, and the QoS 2 messages it left unreleased.
 
     The unreleased packet identifiers outlive a connection, as paho's copies of those messages do in a
-    persistent session: a broker cannot reset the count by reconnecting.
+    persistent session: a broker cannot reset the count by reconnecting. Only a CONNACK without a session
+    clears them, together with paho's copies (:meth:`GuardedClient._session_absent`).
     """
 
     def __init__(self, limits: InboundLimits) -> None:
@@ -132,6 +133,12 @@ class GuardedClient(ChunkedReadClient):
         self.inbound.connection_started()
         self.inbound.violation = None
         return super().reconnect()
+
+    def _session_absent(self) -> None:
+        # The broker will reuse those ids for new messages; counting them still would refuse a broker that
+        # restarted without persistence, once Receive Maximum of them were left.
+        super()._session_absent()
+        self.inbound.awaiting_release.clear()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         # paho's one read (paho-mqtt 2.x; tests/test_inbound_guard.py pins it), served from the chunk read from

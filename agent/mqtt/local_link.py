@@ -265,7 +265,7 @@ class LocalLink:
         with HEARTBEATS.busy("mqtt-network"):
             generation = self._acks.generation
             if message.qos > 0:
-                self._acks.received(message.mid)
+                self._acks.received(message.mid, message.qos)
             try:
                 inbound = self._inbound(message, generation)
             except Exception as exc:

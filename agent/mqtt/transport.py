@@ -191,10 +191,14 @@ def publish_properties(
 
 
 class AckSequencer:
-    """Sends PUBACKs for received QoS 1 messages in arrival order, each only once it is marked done.
+    """Acknowledges received messages in arrival order, each only once it is marked done: a PUBACK for
+    QoS 1, a PUBCOMP for QoS 2.
 
     MQTT 5 requires PUBACKs in the order the PUBLISHes arrived; the agent finishes requests out of order
     (several workers), so a finished request's acknowledgement waits for those that arrived before it.
+    With ``manual_ack`` paho answers a QoS 2 PUBLISH with PUBREC itself and hands the message on at its
+    PUBREL; what is left to send is the PUBCOMP, and a PUBACK in its place is a protocol error the broker
+    answers by disconnecting (the QoS 2 message then stays unfinished in the session).
     """
 
     def __init__(self, client: mqtt.Client) -> None:
@@ -202,6 +206,7 @@ class AckSequencer:
         self._lock = threading.Lock()
         self._order: deque[int] = deque()
         self._done: set[int] = set()
+        self._exactly_once: set[int] = set()  # the QoS 2 ones among _order (kept apart: QoS 1 is the hot path)
         self._generation = 0
 
     @property
@@ -209,12 +214,14 @@ class AckSequencer:
         """Changes on every reconnect: message ids of an older connection must not be acknowledged."""
         return self._generation
 
-    def received(self, mid: int) -> None:
+    def received(self, mid: int, qos: int = 1) -> None:
         with self._lock:
             self._order.append(mid)
+            if qos == 2:
+                self._exactly_once.add(mid)
 
     def done(self, mid: int, generation: int) -> None:
-        # Acknowledging under the lock keeps two finishing workers from interleaving their PUBACKs.
+        # Acknowledging under the lock keeps two finishing workers from interleaving their acknowledgements.
         with self._lock:
             if generation != self._generation:
                 return
@@ -222,13 +229,19 @@ class AckSequencer:
             while self._order and self._order[0] in self._done:
                 head = self._order.popleft()
                 self._done.discard(head)
-                self._client.ack(head, 1)
+                if self._exactly_once and head in self._exactly_once:
+                    self._exactly_once.discard(head)
+                    self._client.ack(head, 2)
+                else:
+                    self._client.ack(head, 1)
 
     def reset(self) -> None:
-        """Forget pending acknowledgements; the broker redelivers those messages after reconnecting."""
+        """Forget pending acknowledgements: after reconnecting the broker sends those QoS 1 messages again,
+        and the PUBREL of those QoS 2 ones, which the client completes itself (``ChunkedReadClient``)."""
         with self._lock:
             self._order.clear()
             self._done.clear()
+            self._exactly_once.clear()
             self._generation += 1
 
     def pending(self) -> int:

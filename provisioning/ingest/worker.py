@@ -170,7 +170,7 @@ class IngestWorker:
         incoming = Incoming(message.topic, bytes(message.payload), dict(properties), time.time())
         mid = message.mid if message.qos > 0 else None
         if mid is not None:
-            self._acks.received(mid)
+            self._acks.received(mid, message.qos)
         entry = (incoming, mid, self._acks.generation)
         while not self._abandon.is_set():
             try:
