@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, LocalBroker, TlsSettings
 from agent.mqtt.chunked import ChunkedReadClient
-from agent.mqtt.inbound_guard import GuardedClient, InboundLimits
+from agent.mqtt.inbound_guard import GuardedClient, GuardedLeanClient, InboundLimits
 from agent.mqtt.lean_client import LeanClient
 
 
@@ -44,10 +44,15 @@ def new_client(client_id: str, *, manual_ack: bool = False, lean: bool = False) 
     return client
 
 
-def new_guarded_client(client_id: str, limits: InboundLimits) -> GuardedClient:
+def new_guarded_client(
+    client_id: str, limits: InboundLimits, *, manual_ack: bool = False, lean: bool = False
+) -> GuardedClient:
     """Like :func:`new_client`, for a peer that is input too: a peer that breaks ``limits`` is cut off (see
-    :mod:`agent.mqtt.inbound_guard`)."""
-    client = GuardedClient(mqtt.CallbackAPIVersion.VERSION2, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5)
+    :mod:`agent.mqtt.inbound_guard`; with ``manual_ack`` QoS 1 messages count until acknowledged)."""
+    kind = GuardedLeanClient if lean else GuardedClient
+    client = kind(
+        mqtt.CallbackAPIVersion.VERSION2, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
+    )
     client.on_socket_open = _enable_tcp_nodelay
     return client
 
