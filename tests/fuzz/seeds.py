@@ -148,7 +148,23 @@ def _cloud_stream() -> list[bytes]:
         encode(u16(4096), 4, 7, Raw(flood)), encode(u16(4096), 1, 3, Raw(released)),
         encode(u16(4096), 16, 1, Raw(huge)), encode(u16(60_000), 16, 255, Raw(mixed)),
         encode(u16(4096), 2, 2, Raw(b"\x30\xff\xff\xff\xff\x01")),
+        *_local_stream(),
     ]  # fmt: skip
+
+
+def _local_stream() -> list[bytes]:
+    # The local link's guard (the receive maximum byte's high bit), Receive Maximum 5: QoS 1 requests held until
+    # acknowledged. A burst one past it, an identifier reused, a DUP resend, a QoS 1 on a QoS 2's identifier.
+    def request(mid: int, dup: bool = False) -> bytes:
+        packet = publish_packet("mcp/req/dev1/c", _PING, qos=1, packet_id=mid)
+        return bytes([packet[0] | (0x08 if dup else 0)]) + packet[1:]
+
+    burst = b"".join(request(n) for n in range(1, 7))
+    reused = request(1) + request(2) + request(1)
+    resent = request(1) + request(1, dup=True) + request(2) + b"\xd0\x00"
+    crossed = publish_packet("t", b"", qos=2, packet_id=3) + request(3)
+    return [encode(u16(4096), 128 + 4, size, Raw(stream)) for stream, size in
+            ((burst, 54), (burst, 7), (reused, 54), (resent, 3), (crossed, 255))]  # fmt: skip
 
 
 def _publish(
