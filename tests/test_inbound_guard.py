@@ -11,7 +11,7 @@ from agent.errors import PeerViolation
 from agent.mqtt.inbound_guard import GuardedClient, GuardedLeanClient, InboundGuard, InboundLimits
 from agent.mqtt.lean_client import LeanClient
 from agent.mqtt.transport import new_guarded_client
-from tests.fixtures.hostile_cloud import publish_packet, remaining_length
+from tests.fixtures.hostile_broker import publish_packet, remaining_length
 
 PACKET_IDS = st.integers(1, 40)
 PACKETS = st.one_of(
@@ -124,8 +124,9 @@ HELD = st.one_of(
 )
 
 
-def _counting_guard(receive_maximum: int) -> InboundGuard:
-    return InboundGuard(InboundLimits(max_packet_bytes=1 << 20, receive_maximum=receive_maximum), count_qos1=True)
+def _counting_guard(receive_maximum: int, *, qos1_limited: bool = True) -> InboundGuard:
+    limits = InboundLimits(1 << 20, receive_maximum, qos1_in_receive_maximum=qos1_limited)
+    return InboundGuard(limits, count_qos1=True)
 
 
 def _publish(qos: int, packet_id: int, dup: bool = False) -> bytes:
@@ -133,13 +134,16 @@ def _publish(qos: int, packet_id: int, dup: bool = False) -> bytes:
     return bytes([packet[0] | (0x08 if dup else 0)]) + packet[1:]
 
 
-@given(st.lists(HELD, max_size=80), st.integers(1, 8), st.lists(st.integers(0, 1 << 20), max_size=6))
-def test_with_manual_acknowledgements_qos1_messages_count_until_acknowledged(
-    events: list[tuple], receive_maximum: int, cuts: list[int]  # type: ignore[type-arg]
+@given(
+    st.lists(HELD, max_size=80), st.integers(1, 8), st.lists(st.integers(0, 1 << 20), max_size=6), st.booleans()
+)
+def test_with_manual_acknowledgements_qos1_messages_are_held_until_acknowledged(
+    events: list[tuple], receive_maximum: int, cuts: list[int], qos1_limited: bool  # type: ignore[type-arg]
 ) -> None:
     """A model of the broker's obligations: one QoS 1 or 2 identifier held at a time until our PUBACK (QoS 1)
-    or its PUBREL (QoS 2), a DUP resend of a QoS 1 message allowed, never more held than Receive Maximum."""
-    guard = _counting_guard(receive_maximum)
+    or its PUBREL (QoS 2), a DUP resend of a QoS 1 message allowed, never more held than Receive Maximum (QoS 1
+    messages counted only where ``qos1_in_receive_maximum``)."""
+    guard = _counting_guard(receive_maximum, qos1_limited=qos1_limited)
     acked: set[int] = set()
     released: set[int] = set()
     for event in events:
@@ -160,7 +164,7 @@ def test_with_manual_acknowledgements_qos1_messages_count_until_acknowledged(
                 refused = None if dup else "again before we acknowledged"
             elif packet_id in mine:
                 refused = None  # a QoS 2 resend: still one message awaiting release
-            elif len(acked) + len(released) == receive_maximum:
+            elif (qos == 2 or qos1_limited) and len(released) + (len(acked) if qos1_limited else 0) == receive_maximum:
                 refused = "Receive Maximum"
             else:
                 refused = None
@@ -175,7 +179,7 @@ def test_with_manual_acknowledgements_qos1_messages_count_until_acknowledged(
             guard.violation = None
             acked.clear()
         assert (guard.awaiting_ack, guard.awaiting_release) == (acked, released)
-        assert len(acked) + len(released) <= receive_maximum
+        assert len(released) + (len(acked) if qos1_limited else 0) <= receive_maximum
 
 
 def test_a_legit_broker_reconnecting_redelivers_what_we_had_not_acknowledged() -> None:
@@ -189,6 +193,17 @@ def test_a_legit_broker_reconnecting_redelivers_what_we_had_not_acknowledged() -
     guard.feed(_publish(1, 1))
     with pytest.raises(PeerViolation, match="Receive Maximum"):
         guard.feed(_publish(1, 4))
+
+
+def test_unless_qos1_counts_against_receive_maximum_only_identifiers_are_checked() -> None:
+    # mosquitto 2.0.11 overshoots the window after a burst; what bounds a broker then is the identifier space.
+    guard = _counting_guard(receive_maximum=2, qos1_limited=False)
+    guard.feed(b"".join(_publish(1, n) for n in range(1, 6)) + _publish(2, 9) + _publish(2, 10))
+    assert guard.awaiting_ack == {1, 2, 3, 4, 5} and guard.awaiting_release == {9, 10}
+    with pytest.raises(PeerViolation, match="QoS 2 messages awaiting release"):
+        guard.feed(_publish(2, 11))
+    with pytest.raises(PeerViolation, match="identifier 3 again"):
+        guard.feed(_publish(1, 3))
 
 
 def test_a_qos1_message_the_guard_does_not_count_is_not_refused_for_its_identifier() -> None:

@@ -12,9 +12,12 @@ would leave more than Receive Maximum messages awaiting our acknowledgement.
 
 What awaits it depends on who acknowledges. A QoS 2 PUBLISH awaits its PUBREL (paho keeps it until then). A
 QoS 1 PUBLISH is held only by a client that acknowledges by hand (``manual_ack``: the local link answers a
-request before its PUBACK goes out): its guard counts QoS 1 packet identifiers too, each released the moment
-our PUBACK is queued, and a QoS 1 identifier reused while still unacknowledged is refused unless flagged DUP.
-Without ``manual_ack`` paho acknowledges each QoS 1 publish as it is read and keeps nothing, so none is counted.
+request before its PUBACK goes out): its guard tracks QoS 1 packet identifiers too, each released the moment
+our PUBACK is queued, and refuses one reused while still unacknowledged unless it is flagged DUP (which also
+bounds what a broker can make us hold: 65,535 identifiers). Whether held QoS 1 messages also count against
+Receive Maximum is :attr:`InboundLimits.qos1_in_receive_maximum`: mosquitto 2.0.11 moves every queued message
+into flight on any PUBACK, so a burst larger than the window exceeds it from a broker that means no harm.
+Without ``manual_ack`` paho acknowledges each QoS 1 publish as it is read and keeps nothing, so none is tracked.
 """
 
 from __future__ import annotations
@@ -33,22 +36,28 @@ _PUBLISH, _PUBREL = 3, 6
 
 @dataclass(frozen=True)
 class InboundLimits:
-    """What we announced in CONNECT and hold the peer to."""
+    """What we announced in CONNECT and hold the peer to.
+
+    ``qos1_in_receive_maximum``: unacknowledged QoS 1 messages (tracked with ``manual_ack`` only) count against
+    ``receive_maximum`` beside the unreleased QoS 2 ones, as MQTT 5 says they should.
+    """
 
     max_packet_bytes: int
     receive_maximum: int
+    qos1_in_receive_maximum: bool = False
 
 
 class InboundGuard:
     """The framing state of one byte stream from the peer, and the messages it left awaiting our acknowledgement.
 
-    ``count_qos1``: QoS 1 publishes count against Receive Maximum until :meth:`acknowledged` (a client with
-    ``manual_ack``). The unreleased QoS 2 identifiers outlive a connection, as paho's copies of those messages
-    do in a persistent session: a broker cannot reset that count by reconnecting. Only a CONNACK without a
-    session clears them, together with paho's copies (:meth:`GuardedClient._session_absent`). The
-    unacknowledged QoS 1 identifiers do not: a manual acknowledgement is only valid on the connection its
-    PUBLISH came on (the local link drops older ones, see its ``generation``), and the broker redelivers those
-    messages, flagged DUP, on the next one, where they count afresh.
+    ``count_qos1``: QoS 1 publishes are held until :meth:`acknowledged` (a client with ``manual_ack``). The
+    unreleased QoS 2 identifiers outlive a connection, as paho's copies of those messages do in a persistent
+    session: a broker cannot reset that count by reconnecting. Only a CONNACK without a session clears them,
+    together with paho's copies (:meth:`GuardedClient._session_absent`). The unacknowledged QoS 1 identifiers
+    do not outlive a connection: a manual acknowledgement is only valid on the connection its PUBLISH came on
+    (the local link drops older ones, see its ``generation``), and the broker redelivers those messages,
+    flagged DUP, on the next one, where they are held afresh (a broker that lost them meanwhile must not leave
+    their slots taken for good).
 
     :meth:`feed` runs on the network thread and :meth:`acknowledged` on whichever thread acknowledges; each
     touches the sets with single operations the GIL keeps whole, and a concurrent release can only lower the
@@ -140,14 +149,18 @@ class InboundGuard:
             elif packet_id in self.awaiting_release:
                 self._refuse(f"a QoS 1 message reusing the packet identifier {packet_id} of one awaiting release")
             elif packet_id not in self.awaiting_ack:
-                self._held(self.awaiting_ack, packet_id, "messages awaiting acknowledgement")
+                if self.limits.qos1_in_receive_maximum:
+                    self._held(self.awaiting_ack, packet_id, "messages awaiting acknowledgement")
+                else:
+                    self.awaiting_ack.add(packet_id)
             elif not self._flags & 0x08:  # not DUP: a new message in the slot of one we have not acknowledged
                 self._refuse(f"the packet identifier {packet_id} again before we acknowledged it")
 
     def _held(self, awaiting: set[int], packet_id: int, what: str) -> None:
         """Count ``packet_id`` as held, unless that makes more than Receive Maximum messages held."""
         awaiting.add(packet_id)
-        if len(self.awaiting_release) + len(self.awaiting_ack) > self.limits.receive_maximum:
+        held = len(self.awaiting_release) + (len(self.awaiting_ack) if self.limits.qos1_in_receive_maximum else 0)
+        if held > self.limits.receive_maximum:
             awaiting.discard(packet_id)  # refused before paho ever kept it
             self._refuse(f"more than {self.limits.receive_maximum} {what} (its Receive Maximum)")
 

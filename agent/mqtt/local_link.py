@@ -7,9 +7,11 @@ after the broker acknowledged its reply, in the order the requests arrived
 (:class:`~agent.mqtt.transport.AckSequencer`). What to do with a request is the
 :class:`~agent.exchange.RequestSink`'s business; this module knows nothing of JSON-RPC.
 
-The broker is held to the CONNECT's Receive Maximum (requests sent and not yet acknowledged: counted until
-their PUBACK is queued) and Maximum Packet Size by :class:`~agent.mqtt.inbound_guard.InboundGuard`; one that
-breaks either is cut off, counted (``local_peer_violation``), logged, and reconnected to with paho's backoff.
+The broker is held to the CONNECT's Maximum Packet Size and to the packet identifiers of the requests it sent
+and we have not acknowledged yet (tracked until their PUBACK is queued) by
+:class:`~agent.mqtt.inbound_guard.InboundGuard`, and with ``[local] enforce_receive_maximum`` to its Receive
+Maximum; one that breaks them is cut off, counted (``local_peer_violation``), logged, and reconnected to with
+paho's backoff.
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ class LocalLink:
         self._idle = threading.Condition()
         # The local broker is input too: one that ignores the limits announced in CONNECT is cut off (before
         # paho reads the packet that breaks them) and reconnected to with the usual backoff.
-        self.client = new_guarded_client(
-            f"edge-agent-{device_id}", InboundLimits(max_packet_bytes, receive_maximum), manual_ack=True, lean=True
+        limits = InboundLimits(
+            max_packet_bytes, receive_maximum, qos1_in_receive_maximum=broker.enforce_receive_maximum
         )
+        self.client = new_guarded_client(f"edge-agent-{device_id}", limits, manual_ack=True, lean=True)
         self._acks = AckSequencer(self.client)
         configure_broker_access(self.client, broker)
         self.client.max_inflight_messages_set(_REPLIES_IN_FLIGHT)

@@ -50,9 +50,8 @@ def new_guarded_client(
     """Like :func:`new_client`, for a peer that is input too: a peer that breaks ``limits`` is cut off (see
     :mod:`agent.mqtt.inbound_guard`; with ``manual_ack`` QoS 1 messages count until acknowledged)."""
     kind = GuardedLeanClient if lean else GuardedClient
-    client = kind(
-        mqtt.CallbackAPIVersion.VERSION2, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
-    )
+    version = mqtt.CallbackAPIVersion.VERSION2
+    client = kind(version, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack)
     client.on_socket_open = _enable_tcp_nodelay
     return client
 

@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
-from tests.fixtures.hostile_cloud import publish_packet, remaining_length
+from tests.fixtures.hostile_broker import publish_packet, remaining_length
 from tests.fuzz.fuzzed import Raw, encode, u16
 from tests.fuzz.intake import STATES
 
@@ -153,8 +153,9 @@ def _cloud_stream() -> list[bytes]:
 
 
 def _local_stream() -> list[bytes]:
-    # The local link's guard (the receive maximum byte's high bit), Receive Maximum 5: QoS 1 requests held until
-    # acknowledged. A burst one past it, an identifier reused, a DUP resend, a QoS 1 on a QoS 2's identifier.
+    # The local link's guard (the receive maximum byte's high bit; the next: QoS 1 held to Receive Maximum too),
+    # Receive Maximum 5: QoS 1 requests held until acknowledged. A burst one past it, an identifier reused, a DUP
+    # resend, a QoS 1 on a QoS 2's identifier.
     def request(mid: int, dup: bool = False) -> bytes:
         packet = publish_packet("mcp/req/dev1/c", _PING, qos=1, packet_id=mid)
         return bytes([packet[0] | (0x08 if dup else 0)]) + packet[1:]
@@ -163,8 +164,8 @@ def _local_stream() -> list[bytes]:
     reused = request(1) + request(2) + request(1)
     resent = request(1) + request(1, dup=True) + request(2) + b"\xd0\x00"
     crossed = publish_packet("t", b"", qos=2, packet_id=3) + request(3)
-    return [encode(u16(4096), 128 + 4, size, Raw(stream)) for stream, size in
-            ((burst, 54), (burst, 7), (reused, 54), (resent, 3), (crossed, 255))]  # fmt: skip
+    cases = [(burst, 54, 64), (burst, 7, 64), (burst, 54, 0), (reused, 54, 0), (resent, 3, 64), (crossed, 255, 0)]
+    return [encode(u16(4096), 128 + limited + 4, size, Raw(stream)) for stream, size, limited in cases]
 
 
 def _publish(

@@ -238,10 +238,11 @@ def target_cloud_stream(data_bytes: bytes) -> None:
     data = FuzzedInput(data_bytes)
     max_packet_bytes = 2 + data.uint(2)
     receive_byte = data.byte()
-    # The high bit of the Receive Maximum's byte picks the local link's guard, so the corpus of the cloud's
-    # guard (found before QoS 1 was counted) keeps its meaning when that bit is clear.
-    limits = InboundLimits(max_packet_bytes=max_packet_bytes, receive_maximum=1 + receive_byte % 16)
+    # The high bit of the Receive Maximum's byte picks the local link's guard, the next one whether it holds QoS 1
+    # messages to Receive Maximum too, so the corpus of the cloud's guard (found before QoS 1 was counted) keeps
+    # its meaning when the high bit is clear.
     count_qos1 = receive_byte >= 128
+    limits = InboundLimits(max_packet_bytes, 1 + receive_byte % 16, qos1_in_receive_maximum=bool(receive_byte & 64))
     piece = 1 + data.byte()
     stream = data.rest()
     outcomes = []
@@ -255,7 +256,7 @@ def target_cloud_stream(data_bytes: bytes) -> None:
                     guard.acknowledged(min(guard.awaiting_ack))
         except PeerViolation as exc:
             refused = str(exc)
-        held = len(guard.awaiting_release) + len(guard.awaiting_ack)
+        held = len(guard.awaiting_release) + (len(guard.awaiting_ack) if limits.qos1_in_receive_maximum else 0)
         assert held <= limits.receive_maximum, (guard.awaiting_release, guard.awaiting_ack)
         assert count_qos1 or not guard.awaiting_ack, guard.awaiting_ack
         outcomes.append((refused, guard.awaiting_release, guard.awaiting_ack))
