@@ -7,8 +7,9 @@ them is cut off here, before paho allocates anything for the packet that breaks 
 
 :class:`InboundGuard` follows the packet framing of the stream (fixed header, remaining length, and of the
 packets that matter the packet identifier) and raises :class:`~agent.errors.PeerViolation` — an ``OSError``,
-which paho treats as a lost connection — as soon as a packet is announced larger than the limit, or a PUBLISH
-would leave more than Receive Maximum messages awaiting our acknowledgement.
+which paho treats as a lost connection — as soon as a packet is announced larger than the limit, a PUBLISH
+would leave more than Receive Maximum messages awaiting our acknowledgement, or one reuses a packet identifier
+still awaiting it.
 
 What awaits it depends on who acknowledges. A QoS 2 PUBLISH awaits its PUBREL (paho keeps it until then). A
 QoS 1 PUBLISH is held only by a client that acknowledges by hand (``manual_ack``: the local link answers a
@@ -50,6 +51,8 @@ class InboundLimits:
 class InboundGuard:
     """The framing state of one byte stream from the peer, and the messages it left awaiting our acknowledgement.
 
+    ``count_qos1``: QoS 1 publishes are held until :meth:`acknowledged` (a client with ``manual_ack``). The
+    unreleased QoS 2 identifiers outlive a connection, as paho's copies of those messages do in a persistent
     ``count_qos1``: QoS 1 publishes are held until :meth:`acknowledged` (a client with ``manual_ack``). The
     unreleased QoS 2 identifiers outlive a connection, as paho's copies of those messages do in a persistent
     session: a broker cannot reset that count by reconnecting. Only a CONNACK without a session clears them,
@@ -122,6 +125,8 @@ class InboundGuard:
             self._packet_done()
 
     def _consume_body(self, view: memoryview, position: int) -> int:
+        if self._head_need and not self._head and len(view) - position >= self._left:
+            return self._consume_whole_body(view, position)
         take = min(self._left, len(view) - position)
         missing = self._head_need - len(self._head)
         if missing > 0:
@@ -134,6 +139,17 @@ class InboundGuard:
         if self._left == 0:
             self._packet_done()
         return position + take
+
+    def _consume_whole_body(self, view: memoryview, position: int) -> int:
+        """A body whose head matters, all in ``view`` (how paho reads a body: with one call): the head at once."""
+        end = position + self._left
+        if self._type == _PUBLISH and self._left >= 2:
+            # Topic length, topic, then the packet identifier.
+            self._head_need = 4 + int.from_bytes(view[position : position + 2], "big")
+        self._head += view[position : min(end, position + self._head_need)]
+        self._left = 0
+        self._packet_done()
+        return end
 
     def _packet_done(self) -> None:
         self._stage = "type"
@@ -172,7 +188,7 @@ class InboundGuard:
 class GuardedClient(ChunkedReadClient):
     """A chunk-reading paho client whose every read passes through an :class:`InboundGuard` before paho sees it.
 
-    With ``manual_ack`` its guard counts QoS 1 publishes until their PUBACK. The overrides here are the whole
+    With ``manual_ack`` its guard holds QoS 1 publishes until their PUBACK. The overrides here are the whole
     of the guarding; :class:`GuardedLeanClient` puts them in front of the lean client's.
     """
 
