@@ -177,7 +177,8 @@ def _publish(
 
 
 def _local_packets() -> list[bytes]:
-    # QoS 1 messages in flight before the stream, flags (1: reply inline, 2: on_log), piece size (0: whole), stream
+    # QoS 1 messages in flight before the stream, flags (1: reply inline, 2: on_log, 4: guarded, 8: QoS 1 held to
+    # the guard's Receive Maximum, which is 1 + the high four bits), piece size (0: whole), stream
     request = b"mcp/req/dev1/alice"
     response = Properties(PacketTypes.PUBLISH)
     response.ResponseTopic, response.CorrelationData = "mcp/res/dev1/alice", b"c1"
@@ -204,10 +205,20 @@ def _local_packets() -> list[bytes]:
         b"\xd0\x00" + b"\xe0\x00" + _publish(request, b"after", qos=0),  # PINGRESP, then DISCONNECT
         _publish(request, b"p" * 1000, qos=1, mid=11) * 3,
     ]
+    guarded = [  # Receive Maximum 2: QoS 1 requests acknowledged as they arrive, QoS 2 ones left unreleased
+        streams[0], streams[2], streams[-1],
+        _publish(request, _PING, qos=2, mid=3) + _publish(request, _PING, qos=1, mid=3),  # an identifier reused
+        b"".join(_publish(request, b"x", qos=2, mid=mid) for mid in (1, 2, 3)),  # one past Receive Maximum
+        _publish(request, _PING, qos=1, mid=4) + _publish(request, _PING, qos=1, mid=4, flags=0x08),  # DUP resend
+    ]
     return [
         encode(prepublished, flags, piece, Raw(stream))
         for stream in streams
         for prepublished, flags, piece in ((3, 1, 0), (0, 2, 1), (8, 3, 7))
+    ] + [
+        encode(prepublished, flags, piece, Raw(stream))
+        for stream in guarded
+        for prepublished, flags, piece in ((2, 1 | 4 | 8 | 16, 0), (0, 4 | 16, 1), (1, 1 | 4 | 8 | 16, 5))
     ]
 
 
