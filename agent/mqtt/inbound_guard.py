@@ -53,8 +53,6 @@ class InboundGuard:
 
     ``count_qos1``: QoS 1 publishes are held until :meth:`acknowledged` (a client with ``manual_ack``). The
     unreleased QoS 2 identifiers outlive a connection, as paho's copies of those messages do in a persistent
-    ``count_qos1``: QoS 1 publishes are held until :meth:`acknowledged` (a client with ``manual_ack``). The
-    unreleased QoS 2 identifiers outlive a connection, as paho's copies of those messages do in a persistent
     session: a broker cannot reset that count by reconnecting. Only a CONNACK without a session clears them,
     together with paho's copies (:meth:`GuardedClient._session_absent`). The unacknowledged QoS 1 identifiers
     do not outlive a connection: a manual acknowledgement is only valid on the connection its PUBLISH came on
