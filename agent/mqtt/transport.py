@@ -35,8 +35,8 @@ def new_client(client_id: str, *, manual_ack: bool = False, lean: bool = False) 
     """An MQTT 5 paho client with version-2 callbacks, chunked reads and TCP_NODELAY on its socket.
 
     ``lean``: the common PUBLISH and PUBACK decoded without paho's per-packet tables
-    (:mod:`agent.mqtt.lean_client`); the agent's request link uses it, the benchmark's reference responders
-    keep paho's own decoding, as a hand-written responder would.
+    (:mod:`agent.mqtt.lean_client`); the agent's request link uses it guarded (:func:`new_guarded_client`), the
+    benchmark's reference responders keep paho's own decoding, as a hand-written responder would.
     """
     kind = LeanClient if lean else ChunkedReadClient
     client = kind(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack)
