@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given
@@ -108,12 +110,23 @@ def test_unreleased_messages_outlive_a_reconnect_as_paho_keeps_them() -> None:
 
 
 def test_the_guarded_client_reads_through_pahos_one_receive_call() -> None:
-    # GuardedClient overrides paho's private _sock_recv (paho-mqtt 2.x): a paho without it would silently
-    # bypass the guard.
-    client = new_guarded_client("guarded", InboundLimits(max_packet_bytes=4096, receive_maximum=16))
+    # GuardedClient sees each chunk ChunkedReadClient reads with paho's private _sock_recv (paho-mqtt 2.x): a
+    # paho reading some other way would silently bypass the guard.
+    client = new_guarded_client("guarded", InboundLimits(max_packet_bytes=4096, receive_maximum=1))
     assert isinstance(client, GuardedClient) and client.on_socket_open is not None
     assert "_sock_recv" in vars(mqtt.Client)
     assert not client.inbound.count_qos1  # paho acknowledges each QoS 1 publish as it reads it
+    broker, ours = socket.socketpair()
+    ours.setblocking(False)
+    client._sock, client._state = ours, mqtt._ConnectionState.MQTT_CS_CONNECTED
+    try:
+        broker.sendall(publish_packet("t", b"", qos=2, packet_id=1) + publish_packet("t", b"", qos=2, packet_id=2))
+        assert client.loop_read() == mqtt.MQTT_ERR_CONN_LOST
+        assert client.inbound.violation is not None and "Receive Maximum" in client.inbound.violation
+        assert not client._in_messages  # the chunk was refused before paho read the first of its packets
+    finally:
+        broker.close()
+        ours.close()
 
 
 # A QoS 1 request (no DUP, or DUP), an acknowledgement we send, or a QoS 2 message and its release.

@@ -206,10 +206,12 @@ class GuardedClient(ChunkedReadClient):
         super()._session_absent()
         self.inbound.awaiting_release.clear()
 
-    def _sock_recv(self, bufsize: int) -> bytes:
-        # paho's one read (paho-mqtt 2.x; tests/test_inbound_guard.py pins it), served from the chunk read from
-        # the socket: plain TCP and TLS alike. An OSError raised here is handled by paho as a lost connection.
-        data = super()._sock_recv(bufsize)
+    def _socket_read(self, size: int) -> bytes:
+        # Each chunk as read from the socket (paho's one read, paho-mqtt 2.x; tests/test_inbound_guard.py pins
+        # it), plain TCP and TLS alike: once per chunk, not per paho read (three or more per packet). The guard is
+        # then ahead of paho, never behind it: a packet it refuses never reaches paho, nor do the ones after it
+        # in the chunk. An OSError raised here is handled by paho as a lost connection.
+        data = super()._socket_read(size)
         self.inbound.feed(data)
         return data
 
