@@ -56,6 +56,12 @@ class LocalBroker(Section):
     session_expiry: int = Field(86400, ge=1, description="seconds the broker keeps our session offline")
     reconnect_min_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(10.0, gt=0)
+    enforce_receive_maximum: bool = Field(
+        False, description="cut off a broker that has more requests awaiting our acknowledgement than "
+        "[limits] receive_maximum; off by default because mosquitto 2.0.11 moves every queued message into flight "
+        "on any PUBACK, overshooting the window after a burst. A packet over [limits] max_packet_bytes, and a "
+        "packet identifier reused before we acknowledged it, are refused either way"
+    )
 
 
 class CloudBroker(Section):

@@ -4,7 +4,7 @@ pytest_plugins = [
     "tests.fixtures.brokers",
     "tests.fixtures.swtpm",
     "tests.fixtures.agents",
-    "tests.fixtures.hostile_cloud",
+    "tests.fixtures.hostile_broker",
     "tests.fixtures.disks",
     "tests.fixtures.ingest",
 ]

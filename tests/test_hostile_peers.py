@@ -23,7 +23,7 @@ from agent.mqtt import topics
 from agent.mqtt.localbroker import MosquittoProcess, free_port
 from agent.tools.client import DeviceClient
 from tests.fixtures.agents import AgentProcess, agent_overrides, write_config
-from tests.fixtures.hostile_cloud import Behaviour, Connection, HostileCloud, publish_packet, remaining_length
+from tests.fixtures.hostile_broker import Behaviour, Connection, HostileBroker, publish_packet, remaining_length
 
 EXAMPLE = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 # The agent's whole-process ceiling in these tests; it serves the bundled models well below it.
@@ -166,7 +166,7 @@ def test_requests_for_an_unreachable_cloud_hold_bounded_memory(
         agent.stop()
 
 
-def _hostile_cloud_config(tmp_path: Path, local: MosquittoProcess, cloud: HostileCloud) -> Path:
+def _hostile_cloud_config(tmp_path: Path, local: MosquittoProcess, cloud: HostileBroker) -> Path:
     values = {
         "host": cloud.host, "port": cloud.port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
         "fallback_models": ["big-vision-model"],  # the agent subscribes to the cloud's answers
@@ -176,7 +176,7 @@ def _hostile_cloud_config(tmp_path: Path, local: MosquittoProcess, cloud: Hostil
 
 @contextmanager
 def _agent_on(
-    tmp_path: Path, local: MosquittoProcess, cloud: HostileCloud, client_factory: Callable[..., DeviceClient]
+    tmp_path: Path, local: MosquittoProcess, cloud: HostileBroker, client_factory: Callable[..., DeviceClient]
 ) -> Iterator[tuple[AgentProcess, DeviceClient]]:
     """The real agent with ``cloud`` as its [cloud] broker, and a local client; the agent is stopped after."""
     agent = AgentProcess(_hostile_cloud_config(tmp_path, local, cloud), local).start()
@@ -195,7 +195,7 @@ def _answer_flood(qos: int, count: int = 65_000) -> bytes:
 
 def test_a_cloud_broker_flooding_qos2_messages_it_never_releases_is_cut_off(
     tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient],
-    hostile_cloud: Callable[[Behaviour], HostileCloud],
+    hostile_broker: Callable[[Behaviour], HostileBroker],
 ) -> None:  # fmt: skip
     # 65,000 QoS 2 publishes and never a PUBREL: paho keeps every one until its release (724 MB measured).
     flood = _answer_flood(qos=2)
@@ -204,7 +204,7 @@ def test_a_cloud_broker_flooding_qos2_messages_it_never_releases_is_cut_off(
         if connection.index < 2:  # then it behaves, so the test can see the agent came back
             connection.send(flood)
 
-    cloud = hostile_cloud(behaviour)
+    cloud = hostile_broker(behaviour)
     with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
         assert cloud.wait_for_connections(3)
         first = cloud.connections[0]
@@ -219,7 +219,7 @@ def test_a_cloud_broker_flooding_qos2_messages_it_never_releases_is_cut_off(
 
 def test_a_cloud_answer_far_over_the_maximum_packet_size_is_never_read(
     tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient],
-    hostile_cloud: Callable[[Behaviour], HostileCloud],
+    hostile_broker: Callable[[Behaviour], HostileBroker],
 ) -> None:  # fmt: skip
     # Three 200 MB answers on the fallback topic took the agent to 1.5 GB: paho reads a packet whole first.
     size = 200 * 1024 * 1024
@@ -234,7 +234,7 @@ def test_a_cloud_answer_far_over_the_maximum_packet_size_is_never_read(
             if not connection.send(chunk):
                 return
 
-    cloud = hostile_cloud(behaviour)
+    cloud = hostile_broker(behaviour)
     with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
         assert cloud.wait_for_connections(4, timeout=60)
         announced = cloud.connections[0].connect_properties
@@ -249,7 +249,7 @@ def test_a_cloud_answer_far_over_the_maximum_packet_size_is_never_read(
 
 def test_a_cloud_broker_flooding_qos1_answers_is_acknowledged_without_holding_them(
     tmp_path: Path, local_broker: MosquittoProcess, client_factory: Callable[..., DeviceClient],
-    hostile_cloud: Callable[[Behaviour], HostileCloud],
+    hostile_broker: Callable[[Behaviour], HostileBroker],
 ) -> None:  # fmt: skip
     # QoS 1 needs no limit of its own: paho acknowledges each publish as it reads it and keeps nothing.
     flood = _answer_flood(qos=1)
@@ -259,7 +259,7 @@ def test_a_cloud_broker_flooding_qos1_answers_is_acknowledged_without_holding_th
         if connection.subscribed.wait(10) and connection.send(flood):
             delivered.set()
 
-    cloud = hostile_cloud(behaviour)
+    cloud = hostile_broker(behaviour)
     with _agent_on(tmp_path, local_broker, cloud, client_factory) as (agent, client):
         assert delivered.wait(60)  # the agent's socket took the whole flood
         assert _rss_mb(agent) < HOSTILE_CLOUD_RSS_MB

@@ -21,7 +21,7 @@ from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import AckSequencer, connect_properties, new_client
 from agent.upstream.outbox import Outbox
 from agent.upstream.uplink import CloudMessage, Uplink
-from tests.fixtures.hostile_cloud import Behaviour, Connection, HostileCloud, publish_packet
+from tests.fixtures.hostile_broker import Behaviour, Connection, HostileBroker, publish_packet
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -208,7 +208,7 @@ def _release(packet_id: int) -> bytes:
 
 
 def test_a_broker_that_kept_no_session_is_not_held_to_the_old_sessions_unreleased_messages(
-    tmp_path: Path, hostile_cloud: Callable[[Behaviour], HostileCloud]
+    tmp_path: Path, hostile_broker: Callable[[Behaviour], HostileBroker]
 ) -> None:
     # The cloud broker left four QoS 2 messages unreleased (its Receive Maximum), then restarted without
     # persistence: its CONNACK says no session, and it numbers its packets afresh. Counting the old four
@@ -229,7 +229,7 @@ def test_a_broker_that_kept_no_session_is_not_held_to_the_old_sessions_unrelease
             for n in range(1, 5):  # the old session's ids, now new messages
                 connection.send(publish_packet(topic, b"reused-%d" % n, qos=2, packet_id=n) + _release(n))
 
-    cloud = hostile_cloud(behaviour)
+    cloud = hostile_broker(behaviour)
     settings = CloudBroker(
         host=cloud.host, port=cloud.port, reconnect_min_s=0.05, reconnect_max_s=0.3, batch=False, receive_maximum=4
     )

@@ -124,7 +124,7 @@ class ChunkedReadClient(mqtt.Client):
             self._chunk_is_tls = hasattr(self._sock, "pending")
         if self._chunk_at >= len(self._chunk):
             wanted = max(bufsize, _READ_CHUNK_BYTES)
-            data = super()._sock_recv(wanted)
+            data = self._socket_read(wanted)
             # A TCP read shorter than asked for took everything the kernel held: no system call needed to know.
             self._kernel_unread_at_read = 0 if len(data) < wanted else (self._kernel_unread() or 0)
             if len(data) <= bufsize:
@@ -134,6 +134,11 @@ class ChunkedReadClient(mqtt.Client):
         start = self._chunk_at
         self._chunk_at = min(len(self._chunk), start + bufsize)
         return self._chunk[start : self._chunk_at]
+
+    def _socket_read(self, size: int) -> bytes:
+        """One read from the socket (paho's own ``_sock_recv``): every byte the peer sends passes here once, in
+        order, a chunk at a time (the place to look at them all: :class:`~agent.mqtt.inbound_guard.GuardedClient`)."""
+        return super()._sock_recv(size)
 
     def buffered_bytes(self) -> int:
         """Bytes read from the socket that paho has not taken yet."""

@@ -6,6 +6,12 @@ that a message is a request at all, publishing, and the acknowledgements: a requ
 after the broker acknowledged its reply, in the order the requests arrived
 (:class:`~agent.mqtt.transport.AckSequencer`). What to do with a request is the
 :class:`~agent.exchange.RequestSink`'s business; this module knows nothing of JSON-RPC.
+
+The broker is held to the CONNECT's Maximum Packet Size and to the packet identifiers of the requests it sent
+and we have not acknowledged yet (tracked until their PUBACK is queued) by
+:class:`~agent.mqtt.inbound_guard.InboundGuard`, and with ``[local] enforce_receive_maximum`` to its Receive
+Maximum; one that breaks them is cut off, counted (``local_peer_violation``), logged, and reconnected to with
+paho's backoff.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from agent.errors import AgentError
 from agent.exchange import InboundRequest, OutgoingReply, RequestSink
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.mqtt import topics
+from agent.mqtt.inbound_guard import InboundLimits
 from agent.mqtt.transport import (
     AckSequencer,
     configure_broker_access,
     connect_properties,
-    new_client,
+    new_guarded_client,
     publish_properties,
 )
 
@@ -81,7 +88,12 @@ class LocalLink:
         self._awaiting_puback: dict[int, _PendingAck | None] = {}
         self._early_pubacks: set[int] = set()
         self._idle = threading.Condition()
-        self.client = new_client(f"edge-agent-{device_id}", manual_ack=True, lean=True)
+        # The local broker is input too: one that ignores the limits announced in CONNECT is cut off (before
+        # paho reads the packet that breaks them) and reconnected to with the usual backoff.
+        limits = InboundLimits(
+            max_packet_bytes, receive_maximum, qos1_in_receive_maximum=broker.enforce_receive_maximum
+        )
+        self.client = new_guarded_client(f"edge-agent-{device_id}", limits, manual_ack=True, lean=True)
         self._acks = AckSequencer(self.client)
         configure_broker_access(self.client, broker)
         self.client.max_inflight_messages_set(_REPLIES_IN_FLIGHT)
@@ -238,7 +250,11 @@ class LocalLink:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._acks.reset()
-        if not self._closing.is_set():
+        violation = self.client.inbound.violation  # cleared when paho reconnects, after this callback
+        if violation is not None:
+            self._count("local_peer_violation")
+            log.error("cut off the local broker: %s; reconnecting", violation)
+        elif not self._closing.is_set():
             log.warning("disconnected from local broker (%s); reconnecting", reason)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:

@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import CloudBroker, LocalBroker, TlsSettings
 from agent.mqtt.chunked import ChunkedReadClient
-from agent.mqtt.inbound_guard import GuardedClient, InboundLimits
+from agent.mqtt.inbound_guard import GuardedClient, GuardedLeanClient, InboundLimits
 from agent.mqtt.lean_client import LeanClient
 
 
@@ -35,8 +35,8 @@ def new_client(client_id: str, *, manual_ack: bool = False, lean: bool = False) 
     """An MQTT 5 paho client with version-2 callbacks, chunked reads and TCP_NODELAY on its socket.
 
     ``lean``: the common PUBLISH and PUBACK decoded without paho's per-packet tables
-    (:mod:`agent.mqtt.lean_client`); the agent's request link uses it, the benchmark's reference responders
-    keep paho's own decoding, as a hand-written responder would.
+    (:mod:`agent.mqtt.lean_client`); the agent's request link uses it guarded (:func:`new_guarded_client`), the
+    benchmark's reference responders keep paho's own decoding, as a hand-written responder would.
     """
     kind = LeanClient if lean else ChunkedReadClient
     client = kind(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack)
@@ -44,10 +44,14 @@ def new_client(client_id: str, *, manual_ack: bool = False, lean: bool = False) 
     return client
 
 
-def new_guarded_client(client_id: str, limits: InboundLimits) -> GuardedClient:
+def new_guarded_client(
+    client_id: str, limits: InboundLimits, *, manual_ack: bool = False, lean: bool = False
+) -> GuardedClient:
     """Like :func:`new_client`, for a peer that is input too: a peer that breaks ``limits`` is cut off (see
-    :mod:`agent.mqtt.inbound_guard`)."""
-    client = GuardedClient(mqtt.CallbackAPIVersion.VERSION2, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5)
+    :mod:`agent.mqtt.inbound_guard`; with ``manual_ack`` QoS 1 messages count until acknowledged)."""
+    kind = GuardedLeanClient if lean else GuardedClient
+    version = mqtt.CallbackAPIVersion.VERSION2
+    client = kind(version, limits=limits, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack)
     client.on_socket_open = _enable_tcp_nodelay
     return client
 

@@ -10,6 +10,12 @@ topic, payload, QoS, retain, mid, dup and properties; acknowledgements' reason a
 connection for a malformed packet), the same bytes written back, the same exception if one escapes paho, and
 the same state left (messages in flight both ways, the packet half read). What the lean client has not
 written after its writing round, and bytes it read but has not handed to paho, must be nothing.
+
+With the input's guard flag both read through an inbound guard, as the local link does: the lean client as
+:class:`~agent.mqtt.inbound_guard.GuardedLeanClient`, paho's decoding as a
+:class:`~agent.mqtt.inbound_guard.GuardedClient`, with the same limits (a Receive Maximum from the input, QoS 1
+requests held to it or not). The harness acknowledges every message through paho's ``ack``, so QoS 1 packet
+identifiers are held and released as on the link, and both guards must end in the same state.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.mqtt.chunked import ChunkedReadClient
+from agent.mqtt.inbound_guard import GuardedClient, GuardedLeanClient, InboundLimits
 from agent.mqtt.lean_client import LeanClient
 from tests.fuzz.fuzzed import FuzzedInput
 
@@ -113,7 +121,7 @@ class _Run:
         return (
             bytes(self.written) + pending, sorted(client._in_messages), sorted(client._out_messages),
             client._inflight_messages, client._sock is None, in_packet["command"], in_packet["remaining_length"],
-            in_packet["to_process"], bytes(in_packet["packet"]),
+            in_packet["to_process"], bytes(in_packet["packet"]), _guard_state(client),
         )  # fmt: skip
 
     def close(self) -> None:
@@ -122,14 +130,22 @@ class _Run:
             self.client._sock.close()
 
 
+def _guard_state(client: mqtt.Client) -> Any:
+    """What a guarded client's guard holds (and what it refused), or None without one."""
+    if not isinstance(client, GuardedClient):
+        return None
+    guard = client.inbound
+    return sorted(guard.awaiting_ack), sorted(guard.awaiting_release), guard.violation
+
+
 def _waiting(client: mqtt.Client) -> int:
-    """Bytes the client has not read: in the kernel, and (the lean client) in the chunk it read ahead."""
+    """Bytes the client has not read: in the kernel, and (a chunk-reading client) in the chunk it read ahead."""
     sock = client._sock
     if sock is None:
         return 0
     waiting = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting, True)
-    return waiting[0] + (client.buffered_bytes() if isinstance(client, LeanClient) else 0)
+    return waiting[0] + (client.buffered_bytes() if isinstance(client, ChunkedReadClient) else 0)
 
 
 def _outcome(run: _Run, stream: bytes, piece: int, prepublished: int) -> Any:
@@ -156,10 +172,19 @@ def target_local_packets(data_bytes: bytes) -> None:
     stream = data.rest()
     piece = piece or len(stream) or 1  # 0: the whole stream at once
     options = {"reply_inline": bool(flags & 1), "log": bool(flags & 2)}
-    lean = _Run(LeanClient(mqtt.CallbackAPIVersion.VERSION2, client_id="lean", protocol=mqtt.MQTTv5,
-                           manual_ack=True), **options)  # fmt: skip
-    paho = _Run(mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho", protocol=mqtt.MQTTv5,
-                            manual_ack=True), **options)  # fmt: skip
+    version = mqtt.CallbackAPIVersion.VERSION2
+    if flags & 4:  # guarded: Receive Maximum 1-16 from the high bits, QoS 1 held to it with bit 3
+        limits = InboundLimits(1 << 20, 1 + (flags >> 4), qos1_in_receive_maximum=bool(flags & 8))
+        lean_client: mqtt.Client = GuardedLeanClient(
+            version, limits=limits, client_id="lean", protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        paho_client: mqtt.Client = GuardedClient(
+            version, limits=limits, client_id="paho", protocol=mqtt.MQTTv5, manual_ack=True
+        )
+    else:
+        lean_client = LeanClient(version, client_id="lean", protocol=mqtt.MQTTv5, manual_ack=True)
+        paho_client = mqtt.Client(version, client_id="paho", protocol=mqtt.MQTTv5, manual_ack=True)
+    lean, paho = _Run(lean_client, **options), _Run(paho_client, **options)
     try:
         expected = _outcome(paho, stream, piece, prepublished)
         got = _outcome(lean, stream, piece, prepublished)

@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
-from tests.fixtures.hostile_cloud import publish_packet, remaining_length
+from tests.fixtures.hostile_broker import publish_packet, remaining_length
 from tests.fuzz.fuzzed import Raw, encode, u16
 from tests.fuzz.intake import STATES
 
@@ -148,7 +148,24 @@ def _cloud_stream() -> list[bytes]:
         encode(u16(4096), 4, 7, Raw(flood)), encode(u16(4096), 1, 3, Raw(released)),
         encode(u16(4096), 16, 1, Raw(huge)), encode(u16(60_000), 16, 255, Raw(mixed)),
         encode(u16(4096), 2, 2, Raw(b"\x30\xff\xff\xff\xff\x01")),
+        *_local_stream(),
     ]  # fmt: skip
+
+
+def _local_stream() -> list[bytes]:
+    # The local link's guard (the receive maximum byte's high bit; the next: QoS 1 held to Receive Maximum too),
+    # Receive Maximum 5: QoS 1 requests held until acknowledged. A burst one past it, an identifier reused, a DUP
+    # resend, a QoS 1 on a QoS 2's identifier.
+    def request(mid: int, dup: bool = False) -> bytes:
+        packet = publish_packet("mcp/req/dev1/c", _PING, qos=1, packet_id=mid)
+        return bytes([packet[0] | (0x08 if dup else 0)]) + packet[1:]
+
+    burst = b"".join(request(n) for n in range(1, 7))
+    reused = request(1) + request(2) + request(1)
+    resent = request(1) + request(1, dup=True) + request(2) + b"\xd0\x00"
+    crossed = publish_packet("t", b"", qos=2, packet_id=3) + request(3)
+    cases = [(burst, 54, 64), (burst, 7, 64), (burst, 54, 0), (reused, 54, 0), (resent, 3, 64), (crossed, 255, 0)]
+    return [encode(u16(4096), 128 + limited + 4, size, Raw(stream)) for stream, size, limited in cases]
 
 
 def _publish(
@@ -160,7 +177,8 @@ def _publish(
 
 
 def _local_packets() -> list[bytes]:
-    # QoS 1 messages in flight before the stream, flags (1: reply inline, 2: on_log), piece size (0: whole), stream
+    # QoS 1 messages in flight before the stream, flags (1: reply inline, 2: on_log, 4: guarded, 8: QoS 1 held to
+    # the guard's Receive Maximum, which is 1 + the high four bits), piece size (0: whole), stream
     request = b"mcp/req/dev1/alice"
     response = Properties(PacketTypes.PUBLISH)
     response.ResponseTopic, response.CorrelationData = "mcp/res/dev1/alice", b"c1"
@@ -187,10 +205,20 @@ def _local_packets() -> list[bytes]:
         b"\xd0\x00" + b"\xe0\x00" + _publish(request, b"after", qos=0),  # PINGRESP, then DISCONNECT
         _publish(request, b"p" * 1000, qos=1, mid=11) * 3,
     ]
+    guarded = [  # Receive Maximum 2: QoS 1 requests acknowledged as they arrive, QoS 2 ones left unreleased
+        streams[0], streams[2], streams[-1],
+        _publish(request, _PING, qos=2, mid=3) + _publish(request, _PING, qos=1, mid=3),  # an identifier reused
+        b"".join(_publish(request, b"x", qos=2, mid=mid) for mid in (1, 2, 3)),  # one past Receive Maximum
+        _publish(request, _PING, qos=1, mid=4) + _publish(request, _PING, qos=1, mid=4, flags=0x08),  # DUP resend
+    ]
     return [
         encode(prepublished, flags, piece, Raw(stream))
         for stream in streams
         for prepublished, flags, piece in ((3, 1, 0), (0, 2, 1), (8, 3, 7))
+    ] + [
+        encode(prepublished, flags, piece, Raw(stream))
+        for stream in guarded
+        for prepublished, flags, piece in ((2, 1 | 4 | 8 | 16, 0), (0, 4 | 16, 1), (1, 1 | 4 | 8 | 16, 5))
     ]
 
 

@@ -230,24 +230,36 @@ def _uplink() -> tuple[Outbox, Uplink]:
 
 
 def target_cloud_stream(data_bytes: bytes) -> None:
-    """The bytes a cloud broker sends, as the uplink reads them from its socket in pieces of any size: the inbound
-    guard lets them through or refuses them with PeerViolation, the same whatever the pieces, and never leaves
-    more QoS 2 messages unreleased than the Receive Maximum it announced."""
+    """The bytes a broker sends, as the uplink (or, counting QoS 1 messages until acknowledged, the local link)
+    reads them from its socket in pieces of any size: the inbound guard lets them through or refuses them with
+    PeerViolation, the same whatever the pieces, and never leaves more messages held than the Receive Maximum
+    it announced, also when the local link acknowledges between reads (a third run: after every piece whose
+    first byte is odd, the lowest identifier held)."""
     data = FuzzedInput(data_bytes)
-    limits = InboundLimits(max_packet_bytes=2 + data.uint(2), receive_maximum=1 + data.byte() % 16)
+    max_packet_bytes = 2 + data.uint(2)
+    receive_byte = data.byte()
+    # The high bit of the Receive Maximum's byte picks the local link's guard, the next one whether it holds QoS 1
+    # messages to Receive Maximum too, so the corpus of the cloud's guard (found before QoS 1 was counted) keeps
+    # its meaning when the high bit is clear.
+    count_qos1 = receive_byte >= 128
+    limits = InboundLimits(max_packet_bytes, 1 + receive_byte % 16, qos1_in_receive_maximum=bool(receive_byte & 64))
     piece = 1 + data.byte()
     stream = data.rest()
     outcomes = []
-    for size in (piece, len(stream) or 1):
-        guard = InboundGuard(limits)
+    for size, acknowledging in ((piece, False), (len(stream) or 1, False), (piece, count_qos1)):
+        guard = InboundGuard(limits, count_qos1=count_qos1)
         refused = None
         try:
             for start in range(0, len(stream), size):
                 guard.feed(stream[start : start + size])
+                if acknowledging and stream[start] & 1 and guard.awaiting_ack:
+                    guard.acknowledged(min(guard.awaiting_ack))
         except PeerViolation as exc:
             refused = str(exc)
-        assert len(guard.awaiting_release) <= limits.receive_maximum, guard.awaiting_release
-        outcomes.append((refused, guard.awaiting_release))
+        held = len(guard.awaiting_release) + (len(guard.awaiting_ack) if limits.qos1_in_receive_maximum else 0)
+        assert held <= limits.receive_maximum, (guard.awaiting_release, guard.awaiting_ack)
+        assert count_qos1 or not guard.awaiting_ack, guard.awaiting_ack
+        outcomes.append((refused, guard.awaiting_release, guard.awaiting_ack))
     assert outcomes[0] == outcomes[1], outcomes
 
 
