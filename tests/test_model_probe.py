@@ -62,6 +62,26 @@ def test_a_verdict_is_reached_once_per_content(tmp_path: Path) -> None:
     assert probes_spawned() == before + 2
 
 
+def test_a_start_with_only_the_bundled_models_starts_no_probe(tmp_path: Path) -> None:
+    before = probes_spawned()
+    manager = ModelManager(BUNDLED_MODELS_DIR, state_dir=tmp_path)
+    assert manager.verify_all() == {}
+    for model_id in manager.servable_ids:
+        with manager.lease(model_id):
+            pass
+    assert probes_spawned() == before and not (tmp_path / PROBE_FILE).exists()
+
+
+def test_a_probe_that_runs_out_of_time_refuses_the_file_this_time_only() -> None:
+    good = _unique_classifier()
+    # No Python starts, let alone imports the runtime, within a millisecond.
+    with pytest.raises(ModelError, match=r"good.tflite did not load within 0.001 s in a probe \(still constructing"):
+        ModelProbe(load_runtime(), timeout_s=0.001).check(good, "good.tflite")
+    before = probes_spawned()
+    ModelProbe(load_runtime()).check(good, "good.tflite")
+    assert probes_spawned() == before + 1
+
+
 def test_verdicts_kept_in_the_state_dir_spare_a_restarted_process_the_probes(tmp_path: Path) -> None:
     crashing, good = fresh_copy(CRASHING_MODELS["constructing the interpreter"]), _unique_classifier()
     (tmp_path / "crashing.tflite").write_bytes(crashing)

@@ -1,7 +1,8 @@
 """A model file as the runtime reads it, and a manifest entry checked against it.
 
 :func:`describe_model` asks the runtime for the tensors (signature names, shapes, dtypes, quantization)
-without allocating them, and reads the file's own declarations (:mod:`agent.models.tflite_file`: TFLite
+without allocating them, once the model probe (:mod:`agent.models.probe`) has opened the file in a child
+process without crashing, and reads the file's own declarations (:mod:`agent.models.tflite_file`: TFLite
 Metadata, resource variables). :func:`complete_entry` compares a manifest entry with that description:
 a declared tensor count, shape, dtype or quantization that differs refuses the model, naming both; what
 the entry leaves out is filled from the file, with the signature's names, so ``models/list`` and MCP
