@@ -46,8 +46,11 @@ PROBE_ALLOWANCE_BYTES = 512 * 1024 * 1024
 # Verdicts kept in the state file, the oldest forgotten first (a device holds tens of models, not thousands).
 MAX_SAVED_VERDICTS = 1024
 
-# (runtime, sha256) -> None (passed) or why the file is refused; shared by every ModelProbe in the process.
+# (runtime, sha256) -> None (passed) or what the file did, e.g. "crashed the interpreter in a probe (...)"; shared
+# by every ModelProbe in the process.
 _verdicts: dict[tuple[str, str], str | None] = {}
+# Held only to look a verdict up or record one: a load whose file is known never waits for another file's probe.
+_verdicts_lock = threading.Lock()
 # One probe at a time: a probe is a whole Python with the runtime, too much to run several of on a small board.
 _probe_lock = threading.Lock()
 _spawned = 0
@@ -96,20 +99,23 @@ class ModelProbe:
         digest = sha256 or hashlib.sha256(content).hexdigest()
         if digest in bundled_sha256():
             return
-        with _probe_lock:
-            verdict = self._known(digest)
-            if verdict is False:
-                verdict = self._probe(content, name, digest)
+        verdict = self._known(digest)
+        if verdict is False:
+            with _probe_lock:
+                verdict = self._known(digest)  # another thread may have probed the same content meanwhile
+                if verdict is False:
+                    verdict = self._probe(content, name, digest)
         if verdict is not None:
-            raise ModelError(verdict)
+            raise ModelError(f"model file {name} {verdict}; not loaded")
 
     def _known(self, digest: str) -> str | None | bool:
-        """The verdict on ``digest`` from memory or the state file; False if there is none (under the lock)."""
-        if not self._state_read:
-            self._state_read = True
-            for saved, verdict in self._read_state().items():
-                _verdicts.setdefault((self._key, saved), verdict)
-        return _verdicts.get((self._key, digest), False)
+        """The verdict on ``digest`` from memory or the state file; False if there is none."""
+        with _verdicts_lock:
+            if not self._state_read:
+                self._state_read = True
+                for saved, verdict in self._read_state().items():
+                    _verdicts.setdefault((self._key, saved), verdict)
+            return _verdicts.get((self._key, digest), False)
 
     def _probe(self, content: bytes, name: str, digest: str) -> str | None:
         """Run the child on ``content``: the verdict (None: passed), remembered unless it may not hold next time."""
@@ -127,30 +133,31 @@ class ModelProbe:
         except subprocess.TimeoutExpired as exc:
             stage = _stage_reached((exc.stdout or b"").decode("utf-8", "replace"))
             # Not remembered: a loaded machine may be what made it slow.
-            return f"model file {name} did not load within {self.timeout_s:g} s in a probe (still {stage}); not loaded"
+            return f"did not load within {self.timeout_s:g} s in a probe (still {stage})"
         except OSError as exc:
-            return f"model file {name} could not be probed ({exc}); not loaded"
+            return f"could not be probed ({exc})"
         elapsed_ms = (time.monotonic() - started) * 1000
         output = child.stdout.decode("utf-8", "replace")
         remembered = True
         if child.returncode < 0:
             verdict: str | None = (
-                f"model file {name} crashed the interpreter in a probe ({_signal_name(-child.returncode)}, while "
-                f"{_stage_reached(output)}); not loaded"
+                f"crashed the interpreter in a probe ({_signal_name(-child.returncode)}, while {_stage_reached(output)})"
             )
         elif child.returncode > 0:
             # The child itself failed (no runtime, no memory to start): nothing is known about the file.
             remembered = False
             problem = child.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
-            verdict = f"model file {name} could not be probed (exit status {child.returncode}: {problem[0]}); not loaded"
+            verdict = f"could not be probed (exit status {child.returncode}: {problem[0]})"
         else:
             verdict = None
         # A refusal is logged by whoever refuses the model, with its id.
         if verdict is None:
             log.info("model file %s passed a probe in %.0f ms: %s", name, elapsed_ms, _outcome(output))
         if remembered:
-            _verdicts[(self._key, digest)] = verdict
-            self._save()
+            with _verdicts_lock:
+                _verdicts[(self._key, digest)] = verdict
+                mine = [(saved, known) for (key, saved), known in _verdicts.items() if key == self._key]
+            self._save(mine)
         return verdict
 
     # ---- the state file ------------------------------------------------------------------------------
@@ -169,11 +176,11 @@ class ModelProbe:
             log.warning("%s unreadable (%s): model files will be probed again", self.state_dir / PROBE_FILE, exc)
             return {}
 
-    def _save(self) -> None:
-        """Write this runtime's verdicts to the state file (best effort: a failure only costs probes later)."""
+    def _save(self, mine: list[tuple[str, str | None]]) -> None:
+        """Write this runtime's verdicts to the state file (under the probe lock; best effort: a failure only
+        costs probes later)."""
         if self.state_dir is None:
             return
-        mine = [(digest, verdict) for (key, digest), verdict in _verdicts.items() if key == self._key]
         document = {"runtime": self._key, "verdicts": dict(mine[-MAX_SAVED_VERDICTS:])}
         path = self.state_dir / PROBE_FILE
         temporary = path.with_name(f".{PROBE_FILE}.tmp")
