@@ -22,7 +22,8 @@ from agent.models.accelerators import load_runtime
 from agent.models.manager import ModelManager
 from agent.models.probe import PROBE_FILE, ModelProbe, probes_spawned
 from agent.models.watcher import ModelWatcher
-from tests.fixtures.agents import REPO_ROOT, AgentProcess, agent_overrides, write_config
+from agent.mqtt import topics
+from tests.fixtures.agents import REPO_ROOT, AgentProcess, Listener, agent_overrides, write_config
 from tests.fixtures.crashing_models import CRASHING_MODELS, fresh_copy
 from tests.fixtures.generated_models import add_model, constant_classifier
 
@@ -44,6 +45,19 @@ def test_models_add_reports_a_file_that_crashes_the_runtime_and_exits_1(tmp_path
     assert added.returncode == 1, added
     assert f"edge-agent: model file {CRASHING_MODELS[stage]} crashed the interpreter in a probe (signal 11, SIGSEGV, while {stage}); not loaded" in added.stderr
     assert not models_dir.exists()  # nothing written
+
+
+def test_models_check_lists_a_crashing_file_as_refused_and_exits_1(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    add_model(models_dir, "bad", fresh_copy(CRASHING_MODELS["allocating tensors"]))
+    checked = subprocess.run(
+        [sys.executable, "-m", "agent", "models", "check", "--models-dir", str(models_dir)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )  # fmt: skip
+    assert checked.returncode == 1, checked
+    assert ("bad 1.0.0 (test, bad.tflite): REFUSED: model file bad.tflite crashed the interpreter in a probe "
+            "(signal 11, SIGSEGV, while allocating tensors); not loaded") in checked.stdout  # fmt: skip
+    assert "vibration-anomaly 1.0.0 (vibration-anomaly, " in checked.stdout and "1 of 3 models refused" in checked.stderr
 
 
 def test_a_verdict_is_reached_once_per_content(tmp_path: Path) -> None:
@@ -142,6 +156,11 @@ def test_an_agent_whose_manifest_names_a_crashing_file_serves_the_other_models(
     config = write_config(tmp_path / "agent.toml", agent_overrides(local_broker, models_dir, tmp_path / "data", models_poll_s=0.2))
     agent = AgentProcess(config, local_broker).start()
     try:
+        status = Listener(local_broker, topics.status_topic("dev1"))
+        assert status.wait_for(lambda messages: bool(messages))
+        served = json.loads(status.messages[-1].payload)["models"]
+        status.close()
+        assert "bad" not in served and {"face-detector", "vibration-anomaly"} <= set(served)
         client = client_factory()
         models = client.call("models/list", {})["result"]["models"]
         assert {"bad", "face-detector", "vibration-anomaly"} <= {model["id"] for model in models}
