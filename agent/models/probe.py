@@ -1,19 +1,22 @@
 """A model file's first opening, in a child process: a file that crashes the runtime is refused, not loaded.
 
-LiteRT and tflite-runtime segfault on some damaged ``.tflite`` files (about one in 2,000 randomly damaged
-copies of a small model, in the Interpreter's constructor or in ``allocate_tensors``), and a segfault cannot
-be caught in-process: one bad file named in a manifest would end the agent and every model it serves. So
-before the agent (or ``edge-agent models add``) first opens a file with the runtime, :class:`ModelProbe` has
-a child (:mod:`agent.models.probe_child`, the same Python) open it the same way (construct, allocate, one
-invoke on zero inputs) under a timeout and an address-space limit. A child killed by a signal, a timeout, or
-a child that could not run at all is a :class:`~agent.errors.ModelError`; the model is refused like any other
-unusable one and everything else goes on being served. An error the runtime raises cleanly passes the probe:
-the agent's own load meets it and reports it as before.
+LiteRT and tflite-runtime segfault on some damaged ``.tflite`` files (in the Interpreter's constructor, or
+only in ``allocate_tensors``: tests/fixtures/crashing_models.py), and a segfault cannot be caught in-process:
+one bad file named in a manifest would end the agent and every model it serves. So before the agent (or
+``edge-agent models add``) first opens a file with the runtime, :class:`ModelProbe` has a child
+(:mod:`agent.models.probe_child`, the same Python) open it the same way (construct, allocate, one invoke on
+zero inputs) under a timeout and an address-space limit. A child killed by a signal, a timeout, an error
+allocating the tensors or running them (the memory limit reached among others), or a child that could not run
+at all is a :class:`~agent.errors.ModelError`; the model is refused like any other unusable one and everything
+else goes on being served. Two clean errors pass: the Interpreter refusing to build (the agent's own reading
+meets the same error and reports it as before) and an op the runtime lacks (an Edge TPU model's custom op,
+which its delegate provides in the agent).
 
-A verdict depends only on the file's content and the runtime, so it is kept by sha256 for the life of the
-process (shared by every probe of the same runtime) and, with a ``state_dir``, in ``model-probes.json``
-there: a file is probed once per content, not once per load, reload or restart. The bundled models (their
-sha256 are in the package's own manifest) are never probed: a default start spawns nothing.
+A verdict depends only on the file's content, the runtime and the memory allowed, so it is kept by sha256 for
+the life of the process (shared by every probe of the same runtime and allowance) and, with a ``state_dir``,
+in ``model-probes.json`` there: a file is probed once per content, not once per load, reload or restart. The
+bundled models (their sha256 are in the package's own manifest) are never probed: a default start spawns
+nothing.
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ log = logging.getLogger(__name__)
 PROBE_FILE = "model-probes.json"
 # A large model on a Pi 3 loads and runs once in a few seconds; a damaged one that loops is stopped here.
 PROBE_TIMEOUT_S = 60.0
-# Address space the child may add to what it uses once the runtime is imported: room for a real model's
-# packed weights and tensor arena; a damaged file that asks for gigabytes fails instead of meeting the OOM killer.
+# Address space the child may add to what it uses once the runtime is imported (plus twice the file's size), when
+# the agent has no process soft limit to give it instead: room for a real model's packed weights and tensor arena;
+# a damaged file that asks for gigabytes fails there instead of meeting the OOM killer here.
 PROBE_ALLOWANCE_BYTES = 512 * 1024 * 1024
+# What a runtime says of a custom op it does not have; a delegate supplies it when the agent loads the model.
+_UNRESOLVED_CUSTOM_OP = "unresolved custom op"
 # Verdicts kept in the state file, the oldest forgotten first (a device holds tens of models, not thousands).
 MAX_SAVED_VERDICTS = 1024
 
@@ -68,11 +74,17 @@ def bundled_sha256() -> frozenset[str]:
     return frozenset(str(entry["sha256"]) for entry in manifest["models"])
 
 
-def runtime_key(runtime: Runtime) -> str:
-    """The runtime a verdict holds for: its Interpreter's module and the version of its package."""
+def allowance_for(process_limit_mb: int | None) -> int:
+    """The address space a probe child may add: the agent's process soft limit, else PROBE_ALLOWANCE_BYTES (a model
+    that cannot allocate within the soft limit could not be served anyway)."""
+    return process_limit_mb * 1024 * 1024 if process_limit_mb is not None else PROBE_ALLOWANCE_BYTES
+
+
+def probe_key(runtime: Runtime, allowance_bytes: int) -> str:
+    """What a verdict holds for: the Interpreter's module, the version of its package and the memory allowed."""
     module = runtime.interpreter.__module__
     package = sys.modules.get(module.partition(".")[0])
-    return f"{module} {getattr(package, '__version__', '?')}"
+    return f"{module} {getattr(package, '__version__', '?')}, {allowance_bytes} bytes"
 
 
 class ModelProbe:
@@ -90,7 +102,7 @@ class ModelProbe:
         self.state_dir = state_dir
         self.timeout_s = timeout_s
         self.allowance_bytes = allowance_bytes
-        self._key = runtime_key(runtime)
+        self._key = probe_key(runtime, allowance_bytes)
         self._state_read = False
 
     def check(self, content: bytes, name: str, sha256: str | None = None) -> None:
@@ -149,7 +161,7 @@ class ModelProbe:
             problem = child.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
             verdict = f"could not be probed (exit status {child.returncode}: {problem[0]})"
         else:
-            verdict = None
+            verdict = self._refusal(output, len(content))
         # A refusal is logged by whoever refuses the model, with its id.
         if verdict is None:
             log.info("model file %s passed a probe in %.0f ms: %s", name, elapsed_ms, _outcome(output))
@@ -160,6 +172,16 @@ class ModelProbe:
             self._save(mine)
         return verdict
 
+    def _refusal(self, output: str, size: int) -> str | None:
+        """Why a child that exited normally refuses the file: an error allocating or running its tensors."""
+        error = _outcome(output)
+        if error.startswith("error constructing") or _UNRESOLVED_CUSTOM_OP in error.lower():
+            return None
+        if error.startswith("error "):
+            limit_mb = (self.allowance_bytes + 2 * size) / (1024 * 1024)
+            return f"failed in a probe ({error.removeprefix('error ')}; allowed {limit_mb:.0f} MB beyond the runtime)"
+        return None
+
     # ---- the state file ------------------------------------------------------------------------------
 
     def _read_state(self) -> dict[str, str | None]:
@@ -168,7 +190,7 @@ class ModelProbe:
         try:
             saved = json.loads((self.state_dir / PROBE_FILE).read_text(encoding="utf-8"))
             if saved.get("runtime") != self._key:
-                return {}  # another runtime (or version) may crash on other files
+                return {}  # another runtime (or version, or memory allowance) may fail on other files
             return {str(digest): None if verdict is None else str(verdict) for digest, verdict in saved["verdicts"].items()}
         except FileNotFoundError:
             return {}
