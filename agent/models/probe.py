@@ -52,8 +52,8 @@ _UNRESOLVED_CUSTOM_OP = "unresolved custom op"
 # Verdicts kept in the state file, the oldest forgotten first (a device holds tens of models, not thousands).
 MAX_SAVED_VERDICTS = 1024
 
-# (runtime, sha256) -> None (passed) or what the file did, e.g. "crashed the interpreter in a probe (...)"; shared
-# by every ModelProbe in the process.
+# (probe_key, sha256) -> None (passed) or what the file did, e.g. "crashed the interpreter in a probe (...)";
+# shared by every ModelProbe in the process.
 _verdicts: dict[tuple[str, str], str | None] = {}
 # Held only to look a verdict up or record one: a load whose file is known never waits for another file's probe.
 _verdicts_lock = threading.Lock()
