@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.config import BUNDLED_MODELS_DIR
@@ -26,7 +27,7 @@ from agent.models.watcher import ModelWatcher
 from agent.mqtt import topics
 from tests.fixtures.agents import REPO_ROOT, AgentProcess, Listener, agent_overrides, write_config
 from tests.fixtures.crashing_models import CRASHING_MODELS, fresh_copy
-from tests.fixtures.generated_models import add_model, constant_classifier
+from tests.fixtures.generated_models import add_model, constant_classifier, detection_postprocess_model
 
 VIBRATION = json.loads((BUNDLED_MODELS_DIR / "manifest.json").read_text())["models"][0]["examples"][0]["inputs"]
 
@@ -103,6 +104,14 @@ def test_a_model_that_cannot_allocate_within_the_memory_allowed_is_refused() -> 
                                          r".*; allowed 1 MB beyond the runtime\); not loaded"):
         ModelProbe(load_runtime(), allowance_bytes=1_000_000).check(face, "face.tflite")
     ModelProbe(load_runtime()).check(face, "face.tflite")  # a verdict holds for the memory it was reached with
+
+
+def test_a_custom_op_the_runtime_lacks_passes_for_its_delegate_to_provide() -> None:
+    # As an Edge TPU model: the CPU child cannot allocate it, the agent loads it on the delegate that has the op.
+    model = detection_postprocess_model(np.full((4, 4), 0.5), 2, 3, custom_code=f"edgetpu-custom-op-{uuid.uuid4()}")
+    before = probes_spawned()
+    ModelProbe(load_runtime()).check(model, "tpu.tflite")
+    assert probes_spawned() == before + 1
 
 
 def test_verdicts_kept_in_the_state_dir_spare_a_restarted_process_the_probes(tmp_path: Path) -> None:
