@@ -46,6 +46,9 @@ def _zero_inputs(interpreter: Any) -> None:
 
 def probe(module_name: str, allowance_bytes: int, content: bytes) -> None:
     """Run the stages on ``content``, reporting each on stdout; a clean runtime error ends the run early."""
+    # A crash here is the expected outcome for a damaged file: no core dump (an SD card's writes, a crash
+    # reporter's time) for it.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     interpreter_class = importlib.import_module(module_name).Interpreter
     _limit_address_space(allowance_bytes)
     stage = "constructing"
