@@ -63,7 +63,9 @@ class Agent:
         self.device_id = settings.device_id
         self.counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
-        self.models = ModelManager.for_limits(settings.models_dir, settings.limits, settings.inference)
+        self.models = ModelManager.for_limits(
+            settings.models_dir, settings.limits, settings.inference, state_dir=settings.data_dir
+        )
         self.models.on_event = self._on_model_event
         self.memory_watchdog = MemoryWatchdog(settings.limits.process_soft_limit_mb, relieve=self.models.unload_idle)
         self.model_watcher = ModelWatcher(self.models, settings.models_poll_s) if settings.models_poll_s > 0 else None

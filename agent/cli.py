@@ -67,9 +67,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from agent.models.authoring import add_model_file, read_labels
     from agent.models.catalog import MANIFEST_NAME
     from agent.models.manager import ModelManager
+    from agent.models.probe import ModelProbe, allowance_for
 
     settings = load_settings(args.config)
     models_dir = args.models_dir or settings.models_dir
+    # The agent's probe verdicts are shared where its data_dir exists; the command never creates that folder.
+    state_dir = settings.data_dir if settings.data_dir.is_dir() else None
     if args.action == "add":
         if models_dir is None:
             raise AgentError("models add needs --models-dir, or models_dir in --config: the bundled models are read-only")
@@ -80,12 +83,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
             version=args.version,
             task=args.task or args.file.stem.replace("_", "-"),
             labels=read_labels(args.labels) if args.labels else [],
-            runtime=load_runtime(settings.inference.runtime),
+            probe=ModelProbe(
+                load_runtime(settings.inference.runtime),
+                state_dir=state_dir,
+                allowance_bytes=allowance_for(settings.limits.process_soft_limit_mb),
+            ),
         )
         print(f"added {entry.id} {entry.version} to {models_dir / MANIFEST_NAME}", file=sys.stderr)
         print(format_entry(entry, None))
         return 0
-    manager = ModelManager.for_limits(models_dir, settings.limits, settings.inference)
+    manager = ModelManager.for_limits(models_dir, settings.limits, settings.inference, state_dir=state_dir)
     refused = manager.verify_all()
     catalog = manager.catalog
     for entry in catalog.models.values():

@@ -1,6 +1,7 @@
 """Where a model runs: the TFLite runtime (LiteRT or tflite-runtime) and the hardware under it.
 
-With :mod:`agent.models.inference`, the only modules that import LiteRT. The runtime is chosen once per agent
+With :mod:`agent.models.inference` (and the probe's child, :mod:`agent.models.probe_child`, which imports the
+Interpreter by the module name it is given), the only modules that import LiteRT. The runtime is chosen once per agent
 (:func:`load_runtime`, ``[inference] runtime``); the hardware per model (:func:`accelerator_for`): ``cpu``
 (XNNPACK), ``gpu`` (LiteRT's GPU accelerator through ``CompiledModel``: WebGPU over Vulkan on Linux) or an
 external delegate (``load_delegate``: a Coral Edge TPU's ``libedgetpu.so.1``, a vendor's library).

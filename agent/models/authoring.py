@@ -19,13 +19,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.errors import ModelError
-from agent.models.accelerators import Runtime
 from agent.models.catalog import MANIFEST_NAME, Manifest, ModelEntry, load_manifest
 from agent.models.modelfile import complete_entry, describe_model
+from agent.models.probe import ModelProbe
 
 
 def entry_for_file(
-    content: bytes, file: str, *, model_id: str, version: str, task: str, labels: list[str], runtime: Runtime
+    content: bytes, file: str, *, model_id: str, version: str, task: str, labels: list[str], probe: ModelProbe
 ) -> ModelEntry:
     """The complete manifest entry for a model file's ``content``; ``labels`` (if any) replace the metadata's."""
     try:
@@ -35,7 +35,7 @@ def entry_for_file(
     except ValidationError as exc:
         raise ModelError(f"invalid entry: {exc}") from None
     try:
-        description = describe_model(runtime, content)
+        description = describe_model(probe, content, file, minimal.sha256)
     except ModelError as exc:
         raise ModelError(f"{file}: {exc}") from None
     return complete_entry(minimal, description)
@@ -49,19 +49,21 @@ def add_model_file(
     version: str,
     task: str,
     labels: list[str],
-    runtime: Runtime,
+    probe: ModelProbe,
 ) -> ModelEntry:
     """Copy ``source`` into ``models_dir`` as ``<id>-<version>.tflite`` and add (or replace) its manifest entry.
 
     A new version gets a new file name, so the version being served stays intact until the manifest names
-    the new one. Returns the entry written.
+    the new one. A file that crashes the runtime in ``probe`` is a :class:`ModelError` naming ``source``, and
+    nothing is written. Returns the entry written.
     """
     try:
         content = source.read_bytes()
     except OSError as exc:
         raise ModelError(f"cannot read {source}: {exc.strerror}") from None
+    probe.check(content, str(source))
     file = f"{model_id}-{version}{source.suffix or '.tflite'}"
-    entry = entry_for_file(content, file, model_id=model_id, version=version, task=task, labels=labels, runtime=runtime)
+    entry = entry_for_file(content, file, model_id=model_id, version=version, task=task, labels=labels, probe=probe)
     models_dir.mkdir(parents=True, exist_ok=True)
     new_manifest = manifest_with_entry(models_dir, model_id, entry)
     write_atomically(models_dir / file, content)

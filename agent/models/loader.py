@@ -1,5 +1,6 @@
-"""Turning a verified manifest entry into a loaded model: its file read and checked, its accelerator chosen,
-and how each version fared on its accelerator remembered (for ``models/list`` and the next load)."""
+"""Turning a verified manifest entry into a loaded model: its file read and checked (its sha256, then the probe:
+:mod:`agent.models.probe`), its accelerator chosen, and how each version fared on its accelerator remembered
+(for ``models/list`` and the next load)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import AcceleratorChoice
-from agent.models.accelerators import CPU, AcceleratorHistory, Runtime, accelerator_for
+from agent.models.accelerators import CPU, AcceleratorHistory, accelerator_for
 from agent.models.catalog import ModelEntry, verified_model_bytes
 from agent.models.gate import FairGate
 from agent.models.inference import LoadedModel
+from agent.models.probe import ModelProbe
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ class ModelLoader:
     def __init__(
         self,
         models_dir: Path,
-        runtime: Runtime,
+        probe: ModelProbe,
         *,
         num_threads: int,
         gate: FairGate,
@@ -31,7 +33,7 @@ class ModelLoader:
         accelerator_required: bool,
     ) -> None:
         self.models_dir = models_dir
-        self.runtime = runtime
+        self.probe = probe
         self.num_threads = num_threads
         self.default_accelerator: AcceleratorChoice = default_accelerator
         self.accelerator_required = accelerator_required
@@ -41,15 +43,17 @@ class ModelLoader:
 
     def load(self, entry: ModelEntry, admit_growth: Callable[[int], bool]) -> LoadedModel:
         """The model of ``entry`` loaded on its accelerator (or CPU, saying why); raises
-        :class:`~agent.errors.ModelError` if its file fails verification and
+        :class:`~agent.errors.ModelError` if its file fails verification or the probe and
         :class:`~agent.errors.ModelUnavailable` if the runtime cannot load it."""
         content = verified_model_bytes(self.models_dir, entry)
+        # Completing the entry probed this content already (the verdict is cached): this guards any other way in.
+        self.probe.check(content, entry.file, entry.sha256)
         accelerator, known_problem = self._history.choose(entry, self.default_accelerator)
         loaded = LoadedModel(
             entry,
             content,
             self.num_threads,
-            runtime=self.runtime,
+            runtime=self.probe.runtime,
             max_interpreters=self._max_interpreters,
             admit_growth=admit_growth,
             gate=self._gate,

@@ -33,6 +33,7 @@ from agent.models.gate import FairGate
 from agent.models.inference import LoadedModel
 from agent.models.loader import ModelLoader
 from agent.models.modelfile import complete_from_file
+from agent.models.probe import ModelProbe, allowance_for
 from agent.models.stats import Measurements, ModelStats
 from agent.observe.memory import MB, return_freed_memory
 
@@ -57,14 +58,17 @@ class ModelManager:
         runtime: RuntimeChoice = "auto",
         accelerator: AcceleratorChoice = "cpu",
         accelerator_required: bool = False,
+        state_dir: Path | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.defaults_dir = defaults_dir
         self.runtime = load_runtime(runtime)
+        # Every file's first opening with the runtime is done in a child first; verdicts kept in state_dir.
+        self.probe = ModelProbe(self.runtime, state_dir=state_dir, allowance_bytes=allowance_for(process_limit_mb))
         self.max_concurrent_inferences = max_concurrent_inferences
         self.load_wait_s = load_wait_s
         # Verifying an entry also checks it against its file and fills in what it leaves out.
-        self._complete_from_file = partial(complete_from_file, models_dir, self.runtime)
+        self._complete_from_file = partial(complete_from_file, models_dir, self.probe)
         self._warmed_from: dict[str, ModelEntry] = {}  # model id -> the declared entry of the version warmed
         manifest = read_manifest(self.models_dir, self.defaults_dir)
         self._catalog = Catalog(
@@ -72,7 +76,7 @@ class ModelManager:
         )
         self._loader = ModelLoader(
             models_dir,
-            self.runtime,
+            self.probe,
             num_threads=num_threads,
             gate=FairGate(max_concurrent_inferences),
             max_interpreters=max_concurrent_inferences,
@@ -114,10 +118,16 @@ class ModelManager:
 
     @classmethod
     def for_limits(
-        cls, models_dir: Path | None, limits: Limits, inference: InferenceSettings | None = None
+        cls,
+        models_dir: Path | None,
+        limits: Limits,
+        inference: InferenceSettings | None = None,
+        *,
+        state_dir: Path | None = None,
     ) -> ModelManager:
         """The bundled models overlaid by ``models_dir``'s (if set), with the threads, concurrency, model memory
-        budget and process soft limit of ``limits`` and the runtime and accelerators of ``inference``."""
+        budget and process soft limit of ``limits`` and the runtime and accelerators of ``inference``; model
+        probe verdicts are kept in ``state_dir`` (if set)."""
         inference = inference or InferenceSettings()
         return cls(
             models_dir or BUNDLED_MODELS_DIR,
@@ -129,6 +139,7 @@ class ModelManager:
             max_concurrent_inferences=limits.max_concurrent_inferences,
             memory_budget_mb=limits.model_memory_mb,
             process_limit_mb=limits.process_soft_limit_mb,
+            state_dir=state_dir,
         )
 
     # ---- the catalogue ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A model file as the runtime reads it, and a manifest entry checked against it.
 
 :func:`describe_model` asks the runtime for the tensors (signature names, shapes, dtypes, quantization)
-without allocating them, and reads the file's own declarations (:mod:`agent.models.tflite_file`: TFLite
+without allocating them, once the model probe (:mod:`agent.models.probe`) has opened the file in a child
+process without crashing, and reads the file's own declarations (:mod:`agent.models.tflite_file`: TFLite
 Metadata, resource variables). :func:`complete_entry` compares a manifest entry with that description:
 a declared tensor count, shape, dtype or quantization that differs refuses the model, naming both; what
 the entry leaves out is filled from the file, with the signature's names, so ``models/list`` and MCP
@@ -18,10 +19,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from agent.errors import ModelError
-from agent.models.accelerators import Runtime
 from agent.models.catalog import ModelEntry, Normalization, Quantization, TensorSpec, verified_model_bytes
 from agent.models.heads import head_problem
 from agent.models.images import image_shape
+from agent.models.probe import ModelProbe
 from agent.models.taskspec import ClassificationHead, DetectionHead
 from agent.models.tflite_file import FileFacts, TensorMetadata, read_file_facts
 
@@ -46,12 +47,14 @@ class ModelDescription:
     facts: FileFacts
 
 
-def describe_model(runtime: Runtime, content: bytes) -> ModelDescription:
-    """Read a model's tensors with the runtime; :class:`ModelError` if the runtime cannot read it."""
+def describe_model(probe: ModelProbe, content: bytes, name: str, sha256: str | None = None) -> ModelDescription:
+    """Read a model's tensors with the probe's runtime once the probe has found ``content`` (the file ``name``) safe
+    to open; :class:`ModelError` if the probe refuses it or the runtime cannot read it."""
     facts = read_file_facts(content)
+    probe.check(content, name, sha256)
     try:
         # Tensors are not allocated: the shapes, types and signatures are in the file.
-        interpreter = runtime.interpreter(model_content=content)
+        interpreter = probe.runtime.interpreter(model_content=content)
         input_details, output_details = interpreter.get_input_details(), interpreter.get_output_details()
         input_names, output_names = _signature_names(interpreter, input_details, output_details)
     except (ValueError, RuntimeError) as exc:
@@ -186,11 +189,12 @@ def _show(tensor: FileTensor) -> str:
     return f"{tensor.name} {tensor.shape} {tensor.dtype}"
 
 
-def complete_from_file(models_dir: Path, runtime: Runtime, entry: ModelEntry) -> ModelEntry:
+def complete_from_file(models_dir: Path, probe: ModelProbe, entry: ModelEntry) -> ModelEntry:
     """Read an entry's verified file and complete the entry from it (:func:`complete_entry`)."""
     content = verified_model_bytes(models_dir, entry)
+    probe.check(content, entry.file, entry.sha256)  # its refusal names the file and says it is not loaded
     try:
-        description = describe_model(runtime, content)
+        description = describe_model(probe, content, entry.file, entry.sha256)
     except ModelError as exc:
         raise ModelError(f"model {entry.id!r}: {exc}; refused") from None
     return complete_entry(entry, description)

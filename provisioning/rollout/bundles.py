@@ -28,6 +28,7 @@ from agent.deploy.trust import sign_document
 from agent.errors import ModelError, ProvisioningError, RequestError
 from agent.models.accelerators import Runtime
 from agent.models.authoring import entry_for_file, write_atomically
+from agent.models.probe import ModelProbe
 from agent.models.catalog import ModelEntry
 from agent.models.inference import LoadedModel, decode_output, prepare_input
 from provisioning.records import load_document
@@ -102,8 +103,9 @@ def bundle_model_file(
         raise ProvisioningError(f"cannot read {source}: {exc.strerror}") from None
     file = f"{model_id}-{version}{source.suffix or '.tflite'}"
     try:
+        # Probed in a child first: a damaged file that crashes the runtime fails the command instead of ending it.
         entry = entry_for_file(content, file, model_id=model_id, version=version, task=task, labels=labels,
-                               runtime=runtime)  # fmt: skip
+                               probe=ModelProbe(runtime))  # fmt: skip
     except ModelError as exc:
         raise ProvisioningError(str(exc)) from None
     cases = [case.model_dump(mode="json") for case in measure_references(entry, content, runtime, references or [])]

@@ -22,6 +22,7 @@ from agent.errors import ModelError
 from agent.models.accelerators import load_runtime
 from agent.models.catalog import ModelEntry, load_manifest, verified_model_bytes
 from agent.models.modelfile import ModelDescription, complete_entry, describe_model
+from agent.models.probe import ModelProbe
 from agent.models.tflite_file import MAX_LABEL_BYTES, FileFacts, ModelMetadata, read_file_facts
 
 
@@ -33,7 +34,8 @@ def _bundled() -> list[tuple[ModelEntry, ModelDescription]]:
     models_dir = _models_dir()
     pairs = []
     for entry in load_manifest(models_dir).models:
-        description = describe_model(load_runtime(), verified_model_bytes(models_dir, entry))
+        # Bundled files: the probe knows them and spawns nothing.
+        description = describe_model(ModelProbe(load_runtime()), verified_model_bytes(models_dir, entry), entry.file)
         bare = entry.model_copy(update={"labels": [], "description": "", "stateful": None})
         pairs.append((bare, description))
     return pairs
