@@ -170,3 +170,75 @@ def test_paho_hands_a_live_connection_s_publishes_and_pubacks_to_the_lean_client
         client.disconnect()
         client.loop_stop()
     assert "_handle_publish" in calls and "_handle_pubackcomp" in calls
+
+
+class _CountingWakeups:
+    """The client's end of paho's wake-up socket pair, counting the bytes sent to wake its network thread."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self.sock.send(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_another_thread_sends_its_publishes_itself_and_wakes_the_network_thread_only_while_it_writes(
+    local_broker: MosquittoProcess,
+) -> None:
+    # The outbox writer publishes replies after each commit: they leave with its own send, even while the
+    # network thread is busy (here: held in a callback, as by a long read under a flood); if the network
+    # thread is writing at that moment (its write lock taken), it is woken and sends them itself.
+    expected = 300
+    received: list[bytes] = []
+    all_received, subscribed, connected = threading.Event(), threading.Event(), threading.Event()
+    busy, release = threading.Event(), threading.Event()
+    subscriber = new_client("lean-direct-subscriber")
+    subscriber.on_connect = lambda c, u, f, r, p: c.subscribe("direct/#", qos=1)
+    subscriber.on_subscribe = lambda *args: subscribed.set()
+
+    def on_message(c: mqtt.Client, u: Any, message: mqtt.MQTTMessage) -> None:
+        received.append(message.payload)
+        if len(received) == expected:
+            all_received.set()
+
+    subscriber.on_message = on_message
+    subscriber.connect(local_broker.host, local_broker.port)
+    subscriber.loop_start()
+    client = new_client("lean-direct", lean=True)
+    client.on_connect = lambda c, u, f, r, p: c.subscribe("hold", qos=1)
+    client.on_subscribe = lambda *args: connected.set()
+    client.on_message = lambda *args: (busy.set(), release.wait(30))
+    client.max_inflight_messages_set(0)  # no limit: paho never holds a publish back for the network thread
+    client.connect(local_broker.host, local_broker.port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10) and connected.wait(10)
+        wakeups = _CountingWakeups(client._sockpairW)
+        client._sockpairW = wakeups  # type: ignore[assignment]
+        subscriber.publish("hold", b"", qos=1)
+        assert busy.wait(10)  # the network thread is inside a callback: it neither reads nor writes
+        messages = [f"reply {index:04d}".encode() for index in range(expected)]
+        for message in messages[:100]:  # one by one
+            client.publish("direct/one", message, qos=1)
+        with client.publishing_together():  # after a commit: many at once
+            for message in messages[100:200]:
+                client.publish("direct/together", message, qos=1)
+        assert wakeups.sends == 0
+        assert len(client._out_packet) == 0  # all sent by this thread
+        release.set()
+        with client._write_lock, client.publishing_together():  # as while the network thread writes
+            for message in messages[200:]:
+                client.publish("direct/while-writing", message, qos=1)
+        assert wakeups.sends == 1
+        assert all_received.wait(30), f"{len(received)} of {expected} delivered"
+        assert sorted(received) == sorted(messages)
+    finally:
+        release.set()
+        for each in (client, subscriber):
+            each.disconnect()
+            each.loop_stop()
