@@ -42,7 +42,6 @@ from agent.observe.memory import MemoryWatchdog, memory_cgroup_report
 from agent.observe.metrics import AgentMetrics, MetricsServer, Rejection
 from agent.serving.admission import Admission
 from agent.serving.dispatcher import Dispatcher
-from agent.serving.fallback import CloudFallback
 from agent.serving.pipeline import RequestPipeline
 from agent.serving.replay import ReplayCache
 from agent.serving.service import RequestService
@@ -53,6 +52,7 @@ from agent.upstream.upstream import Upstream, open_outbox
 
 if TYPE_CHECKING:
     from agent.deploy.service import Deployments
+    from agent.serving.fallback import CloudFallback
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,8 @@ class Agent:
             lambda event: self.audit.record("outbox_corrupt", **event.model_dump(mode="json"))
         )
         if cloud.fallback_models:
+            from agent.serving.fallback import CloudFallback  # only with fallback models: not on every start
+
             self.fallback = CloudFallback(
                 cloud.fallback_models,
                 enqueue=lambda body, ttl_s: upstream.enqueue("fallback", body, ttl_s=ttl_s),
