@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -41,16 +42,17 @@ from agent.observe.memory import MemoryWatchdog, memory_cgroup_report
 from agent.observe.metrics import AgentMetrics, MetricsServer, Rejection
 from agent.serving.admission import Admission
 from agent.serving.dispatcher import Dispatcher
-from agent.serving.fallback import CloudFallback
 from agent.serving.pipeline import RequestPipeline
 from agent.serving.replay import ReplayCache
 from agent.serving.service import RequestService
 from agent.signing import DelegatedSigner, Signer, create_signer
 from agent.status import RetainedStatus, delegation_certificate_event
-from agent.upstream.upstream import Upstream
+from agent.upstream.outbox import Outbox
+from agent.upstream.upstream import Upstream, open_outbox
 
 if TYPE_CHECKING:
     from agent.deploy.service import Deployments
+    from agent.serving.fallback import CloudFallback
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +109,28 @@ class Agent:
         An unusable signing key raises :class:`SigningError` before anything connects: the agent never
         comes online with unsigned answers.
         """
-        self.signer = self._open_signer()
+        # The key opens on its own thread while the model files are hashed, pinned models load and the outbox
+        # opens: the TPM's round trips (milliseconds on swtpm, far more on a chip) overlap them and SQLite's
+        # fsyncs. A key error is raised first, as if the key had opened first.
+        opening: Future[Signer | None] = Future()
+        threading.Thread(target=self._open_signer, args=(opening,), name="signer-open", daemon=True).start()
+        outbox: Outbox | None = None
         try:
-            refused = self.models.verify_all()
-            for model_id, reason in refused.items():
-                log.error("model %s will answer with errors: %s", model_id, reason)
-            self.models.load_pinned()
-            if self.settings.inference.required:
-                self.models.load_accelerated()
+            try:
+                refused = self.models.verify_all()
+                for model_id, reason in refused.items():
+                    log.error("model %s will answer with errors: %s", model_id, reason)
+                self.models.load_pinned()
+                if self.settings.inference.required:
+                    self.models.load_accelerated()
+                # Nothing is stored in it before the key is open.
+                outbox = open_outbox(self.settings) if self.settings.cloud is not None else None
+            finally:
+                self.signer = opening.result()
             self.status.sign_first(self.signer)
         except BaseException:
+            if outbox is not None:
+                outbox.close()
             if self.signer is not None:
                 self.signer.close()
             raise
@@ -126,7 +140,7 @@ class Agent:
         if self.model_watcher is not None:
             self.model_watcher.start()
         self.service.router.streams.start()
-        self._start_upstream()
+        self._start_upstream(outbox)
         dispatcher = self.dispatcher = self._build_dispatcher()
         dispatcher.start()
         self._start_observability(dispatcher)
@@ -209,12 +223,12 @@ class Agent:
             self.signer.close()
         log.info("stopped; counters: %s", dict(self.counters))
 
-    def _start_upstream(self) -> None:
+    def _start_upstream(self, outbox: Outbox | None) -> None:
         cloud = self.settings.cloud
-        if cloud is None:
+        if cloud is None or outbox is None:  # the outbox is open exactly when there is a [cloud]
             log.warning("no [cloud] section: running local-only, nothing is recorded or sent upstream")
             return
-        upstream = self.upstream = Upstream(self.settings, self.signer, self.count)
+        upstream = self.upstream = Upstream(self.settings, self.signer, self.count, outbox)
         # Replies whose upstream copies one commit made durable are published together from its callbacks.
         upstream.outbox.run_callbacks_within(self.link.publishing_together)
         # Its corruption events reach the audit trail, those found while opening too (replayed now).
@@ -222,6 +236,8 @@ class Agent:
             lambda event: self.audit.record("outbox_corrupt", **event.model_dump(mode="json"))
         )
         if cloud.fallback_models:
+            from agent.serving.fallback import CloudFallback  # only with fallback models: not on every start
+
             self.fallback = CloudFallback(
                 cloud.fallback_models,
                 enqueue=lambda body, ttl_s: upstream.enqueue("fallback", body, ttl_s=ttl_s),
@@ -394,18 +410,24 @@ class Agent:
 
     # ---- signing ------------------------------------------------------------------------------
 
-    def _open_signer(self) -> Signer | None:
+    def _open_signer(self, opening: Future[Signer | None]) -> None:
         signing = self.settings.signing
         by_reference = signing.mode == "delegated" and signing.certificate_header == "x5t#S256"
         try:
-            return create_signer(
+            signer = create_signer(
                 signing,
                 self.device_id,
                 self.settings.data_dir,
                 on_rotate=self._on_certificate_rotated if by_reference else self._audit_rotation,
             )
         except SigningError as exc:
-            raise SigningError(f"signing backend {signing.backend!r} is unusable, not starting: {exc}") from None
+            opening.set_exception(
+                SigningError(f"signing backend {signing.backend!r} is unusable, not starting: {exc}")
+            )
+        except BaseException as exc:
+            opening.set_exception(exc)
+        else:
+            opening.set_result(signer)
 
     def _on_certificate_rotated(self, certificate: x509.Certificate) -> None:
         """A new delegated key whose messages name their certificate by thumbprint: audit it, retain it,

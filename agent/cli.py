@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.compat import UTC
-from agent.config import MESSAGE_CLASSES, LocalBroker, Settings
-from agent.config_loader import describe_effective_config, load_settings, load_settings_with_sources
 from agent.errors import AgentError, ConfigError, SignatureInvalid
-from agent.models.catalog import ModelEntry
-from agent.observe.logs import LogFormat, configure_logging
+
+# The settings (pydantic) and everything else are imported by the commands that need them: for `run` only
+# once main() has switched the cyclic collector off (see _cmd_run).
+if TYPE_CHECKING:
+    from agent.config import LocalBroker
+    from agent.models.catalog import ModelEntry
+    from agent.observe.logs import LogFormat
 
 log = logging.getLogger("agent")
 
 
 def _setup_logging(level: str, log_format: LogFormat = "text") -> None:
+    from agent.observe.logs import configure_logging
+
     configure_logging(level, log_format, sys.stderr)
 
 
@@ -29,23 +35,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # OpenSSL and Kerberos and 8 ms in a process whose databases are all SQLite. None in sys.modules makes that
     # import fail as if the package were absent.
     sys.modules.setdefault("psycopg2", None)
-    from agent.app import Agent
+    from agent.config_loader import load_settings
 
-    settings = load_settings(args.config)
-    _setup_logging(settings.log_level, settings.log_format)
-    agent = Agent(settings)
-    agent.start()
+    # main() switched the cyclic collector off: it comes back once the agent serves, with what exists by then
+    # frozen (left out of every later collection, which also keeps those short).
+    try:
+        from agent.app import Agent
+
+        settings = load_settings(args.config)
+        _setup_logging(settings.log_level, settings.log_format)
+        agent = Agent(settings)
+        agent.start()
+        gc.freeze()
+    finally:
+        gc.enable()
     agent.run_until_signalled()
     return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config_loader import describe_effective_config, load_settings_with_sources
+
     print(describe_effective_config(load_settings_with_sources(args.config)))
     print(f"{args.config or 'built-in defaults'}: valid", file=sys.stderr)
     return 0
 
 
 def _cmd_identity(args: argparse.Namespace) -> int:
+    from agent.config_loader import load_settings
     from agent.signing import init_identity, show_identity
 
     settings = load_settings(args.config)
@@ -63,6 +80,7 @@ def _cmd_identity(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from agent.config_loader import load_settings
     from agent.models.accelerators import load_runtime
     from agent.models.authoring import add_model_file, read_labels
     from agent.models.catalog import MANIFEST_NAME
@@ -176,6 +194,9 @@ def _parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def _broker_and_device(args: argparse.Namespace) -> tuple[LocalBroker, str]:
+    from agent.config import LocalBroker, Settings
+    from agent.config_loader import load_settings
+
     settings = load_settings(args.config) if args.config else None
     broker = settings.local if settings else LocalBroker()
     overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
@@ -238,6 +259,7 @@ def _cmd_mcp_stdio(args: argparse.Namespace) -> int:
 
 
 def _cmd_outbox(args: argparse.Namespace) -> int:
+    from agent.config_loader import load_settings
     from agent.upstream.outbox import Outbox
     from agent.upstream.upstream import OUTBOX_FILE
 
@@ -255,6 +277,7 @@ def _cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    from agent.config_loader import load_settings
     from agent.deploy.journal import JOURNAL_FILE, Journal
 
     settings = load_settings(args.config)
@@ -274,6 +297,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.config import MESSAGE_CLASSES
+
     parser = argparse.ArgumentParser(prog="edge-agent", description="TFLite inference over MQTT")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -356,8 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Importing and starting the agent creates tens of thousands of objects that live as long as the process
+    # (modules, classes, pydantic schemas) and almost no cyclic garbage, yet the cyclic collector would walk
+    # them again and again on the way (30-40 ms of CPU on x86, a tenth of the time to online), and all of them
+    # once more at its first collection after. So `run` imports and starts with it off (_cmd_run turns it back
+    # on); every other command gets it back as soon as its arguments are parsed.
+    gc.disable()
     try:
+        args = build_parser().parse_args(argv)
+        if args.handler is not _cmd_run:
+            gc.enable()
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
@@ -365,3 +398,5 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 1
+    finally:
+        gc.enable()  # also after --help, an error, or in a process that called main() and goes on

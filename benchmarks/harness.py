@@ -95,13 +95,17 @@ class AgentUnderTest:
 
     def __init__(
         self, broker: MosquittoProcess, device_id: str, settings: dict[str, str], log_path: Path,
-        placement: Placement | None = None,
+        placement: Placement | None = None, tree: Path = REPO_ROOT,
     ) -> None:
         self.broker = broker
         self.placement = placement
         self.device_id = device_id
+        # ``tree``: the checkout whose agent runs (another commit's worktree, for side-by-side comparisons).
+        self.tree = tree
+        tree_path = {} if tree == REPO_ROOT else {"PYTHONPATH": str(tree)}
         self.env = _clean_environment(
             {
+                **tree_path,
                 f"{ENV_PREFIX}DEVICE_ID": device_id,
                 f"{ENV_PREFIX}LOCAL__HOST": broker.host,
                 f"{ENV_PREFIX}LOCAL__PORT": str(broker.port),
@@ -121,7 +125,7 @@ class AgentUnderTest:
                 command = [sys.executable, "-m", "agent", "run"]
                 if self.placement is not None:
                     command = self.placement.command(command)
-                self.proc = subprocess.Popen(command, stdout=log, stderr=log, cwd=REPO_ROOT, env=self.env)
+                self.proc = subprocess.Popen(command, stdout=log, stderr=log, cwd=self.tree, env=self.env)
             deadline = spawned + timeout
             while not watcher.wait_online(0.05):
                 if self.proc.poll() is not None or time.perf_counter() > deadline:

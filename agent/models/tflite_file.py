@@ -25,13 +25,16 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import flatbuffers
 from flatbuffers import number_types
 from flatbuffers.table import Table
 
 from agent.errors import ModelError
-from agent.models import metadata_schema as schema
+
+if TYPE_CHECKING:
+    from agent.models import metadata_schema as schema
 
 METADATA_NAME = "TFLITE_METADATA"
 # schema.fbs BuiltinOperator: a graph holding resource variables keeps state between invocations.
@@ -198,6 +201,10 @@ def _model_metadata(content: bytes, model: _Reader, budget: _Budget) -> ModelMet
         if not data:
             start = buffers[index].scalar(1, number_types.Uint64Flags)
             data = content[start:start + buffers[index].scalar(2, number_types.Uint64Flags)]
+        # Imported only for a file that has metadata (most have none): flatc's generated classes are the
+        # largest module the agent would otherwise import before it comes online.
+        from agent.models import metadata_schema as schema
+
         if not schema.ModelMetadata.ModelMetadataBufferHasIdentifier(data, 0):
             raise ModelError(f"{METADATA_NAME} is not a metadata flatbuffer (identifier {data[4:8]!r})")
         root = schema.ModelMetadata.GetRootAs(data, 0)
@@ -238,6 +245,8 @@ def _tensors(
 
 
 def _tensor_metadata(tensor: schema.TensorMetadata, files: _PackedFiles, budget: _Budget) -> TensorMetadata:
+    from agent.models import metadata_schema as schema  # loaded already: _model_metadata found metadata
+
     mean = std = None
     for k in range(tensor.ProcessUnitsLength()):
         budget.charge(1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from agent.errors import OutboxError
 from agent.observe.memory import peak_rss_bytes, rss_bytes
@@ -67,14 +67,22 @@ class Probes:
             return None
 
 
+# First needed at the first health report (health_interval_s after start), not on the way to online.
+_BUILT_ON_FIRST_USE = ConfigDict(defer_build=True)
+
+
 class ProcessMemory(BaseModel):
     """Resident memory now and at its lifetime peak (VmHWM, kept across the resets probation makes)."""
+
+    model_config = _BUILT_ON_FIRST_USE
 
     rss_bytes: int
     peak_rss_bytes: int
 
 
 class OutboxHealth(BaseModel):
+    model_config = _BUILT_ON_FIRST_USE
+
     messages: int
     bytes: int
     oldest_age_s: float | None
@@ -84,6 +92,8 @@ class OutboxHealth(BaseModel):
 
 class Health(BaseModel):
     """The periodic health part of the retained status document."""
+
+    model_config = _BUILT_ON_FIRST_USE
 
     uptime_s: float
     load_average: tuple[float, float, float]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import Limits
 from agent.errors import (
@@ -27,7 +27,6 @@ from agent.errors import (
 from agent.exchange import InboundRequest, OutgoingReply
 from agent.mqtt import topics
 from agent.observe.audit import AuditTrail
-from agent.serving.fallback import CloudFallback
 from agent.serving.protocol import (
     InferParams,
     Request,
@@ -43,6 +42,9 @@ from agent.serving.service import RequestService, Timing
 from agent.signing import Signer
 from agent.signing.outgoing import encode_reply
 from agent.upstream.upstream import Upstream
+
+if TYPE_CHECKING:
+    from agent.serving.fallback import CloudFallback  # built by the app only for [cloud] fallback_models
 
 log = logging.getLogger(__name__)
 _CacheKey = tuple[str, RequestId, bytes]

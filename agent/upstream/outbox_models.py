@@ -8,11 +8,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.config import MessageClass
 
 T = TypeVar("T")
+# Operators' figures and corruption reports are first needed long after start (a health report, a scrape,
+# `edge-agent outbox status`): their validators are built then, not on the way to online.
+_BUILT_ON_FIRST_USE = ConfigDict(defer_build=True)
 
 
 class OutboxRecord(BaseModel):
@@ -31,6 +34,8 @@ class OutboxRecord(BaseModel):
 class OutboxEntry(BaseModel):
     """A row as ``peek`` shows it to an operator."""
 
+    model_config = _BUILT_ON_FIRST_USE
+
     id: int
     msg_id: str
     cls: MessageClass
@@ -46,6 +51,8 @@ class OutboxEntry(BaseModel):
 
 
 class ClassStats(BaseModel):
+    model_config = _BUILT_ON_FIRST_USE
+
     queued: int = 0
     claimed: int = 0
     dead: int = 0
@@ -54,6 +61,8 @@ class ClassStats(BaseModel):
 
 
 class CorruptionEvent(BaseModel):
+    model_config = _BUILT_ON_FIRST_USE
+
     at: datetime
     moved_to: str
     rows_salvaged: int
@@ -61,6 +70,8 @@ class CorruptionEvent(BaseModel):
 
 
 class OutboxStats(BaseModel):
+    model_config = _BUILT_ON_FIRST_USE
+
     path: str
     schema_version: int
     messages: int

@@ -24,7 +24,7 @@ from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
-from agent.upstream import outbox_reports, outbox_salvage, outbox_space, outbox_wal
+from agent.upstream import outbox_reports, outbox_space, outbox_wal
 from agent.upstream.outbox_commands import APPEND, Command, Settle, fair_transaction
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_models import CorruptionEvent, Listeners
@@ -394,6 +394,8 @@ class OutboxWriter:
         )
 
     def _recover(self, cause: str) -> None:
+        from agent.upstream import outbox_salvage  # only for a damaged file: not imported on the way to online
+
         self._close_ledger()
         try:
             moved = outbox_salvage.move_aside(self.path, self._clock.wall())

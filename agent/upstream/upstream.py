@@ -28,16 +28,24 @@ OUTBOX_FILE = "outbox.db"
 _RECORDED_METHODS = frozenset({"infer", "tools/call"})
 
 
+def open_outbox(settings: Settings) -> Outbox:
+    """The device's outbox, ``data_dir/outbox.db`` (created, with its folder, if missing)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Outbox(settings.data_dir / OUTBOX_FILE, settings.outbox)
+
+
 class Upstream:
     """The outbox and its uplink, and the one place that turns upstream records into signed outbox rows."""
 
-    def __init__(self, settings: Settings, signer: Signer | None, count: Callable[[str], None]) -> None:
+    def __init__(
+        self, settings: Settings, signer: Signer | None, count: Callable[[str], None], outbox: Outbox | None = None
+    ) -> None:
+        """``outbox``: the one :func:`open_outbox` opened already (the agent opens it while its key opens)."""
         assert settings.cloud is not None
         self.device_id = settings.device_id
         self.signer = signer
         self._count = count
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(settings.data_dir / OUTBOX_FILE, settings.outbox)
+        self.outbox = outbox if outbox is not None else open_outbox(settings)
         self.uplink = Uplink(
             self.outbox, settings.cloud, self.device_id, client_id=f"edge-agent-{self.device_id}", count=count
         )
