@@ -151,16 +151,19 @@ class Drain:
             try:
                 with HEARTBEATS.busy("uplink-drain"):
                     self._release_lost(finishing)
-                    if not finishing:
+                    if finishing:
+                        self._record_acks()
+                    else:
                         # Deletions and the claim are handed to the outbox together, so they share one
                         # transaction (neither needs an fsync) and one round trip to its writer thread.
+                        # Acknowledgements arriving meanwhile wait for the next round (they woke it).
                         deleting = self._submit_deliveries()
                         try:
                             self._claim_more()
                             self._hand_over_ready()
                         finally:
                             self._confirm_deliveries(deleting)
-                    self._record_acks()
+                        self._record_refusals()
             except OutboxError as exc:
                 self._has_work = True
                 log.error("uplink cannot update the outbox, will retry: %s", exc)
@@ -233,6 +236,10 @@ class Drain:
 
     def _record_acks(self) -> None:
         self._confirm_deliveries(self._submit_deliveries())
+        self._record_refusals()
+
+    def _record_refusals(self) -> None:
+        self._take_acks()  # refusals only: rows acknowledged by now are deleted in the next round
         if self._unsettled_refused:
             self._outbox.mark_failed_many(self._unsettled_refused)
             self.counts["refused"] += len(self._unsettled_refused)
