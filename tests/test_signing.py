@@ -57,7 +57,7 @@ from agent.signing import (
 )
 from agent.signing.canonical import canonical_bytes
 from agent.signing.delegation import Delegation, issue_delegation
-from agent.signing.jws import sign_detached
+from agent.signing.jws import header_hash, protected_header, sign_detached, sign_detached_after
 from agent.signing.roots import SoftwareRootKey
 from agent.signing.verify import CheckedCertificates
 from agent.signing.signer import DelegatedSigner, Signer
@@ -773,3 +773,12 @@ def test_a_reply_that_holds_the_placeholder_is_still_signed_correctly(
         assert verified.message["result"]["text"] == "f" * 32
     finally:
         signer.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(header=st.dictionaries(st.text(max_size=8), st.text(max_size=40), max_size=4), payload=st.binary(max_size=300))
+def test_a_hashed_header_signs_the_same_input_as_the_header_itself(header: dict[str, str], payload: bytes) -> None:
+    # The digest handed to the key stands in for the signature, so the tokens differ if the inputs do.
+    encoded = protected_header(header)
+    token = sign_detached_after(encoded, header_hash(encoded), payload, lambda digest: digest + digest)
+    assert token == sign_detached(encoded, payload, lambda digest: digest + digest)

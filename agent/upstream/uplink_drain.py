@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from typing import Protocol
 
 from agent.config import CloudBroker
@@ -32,6 +33,7 @@ class OutboxPort(Protocol):
 
     def claim_batch(self, limit: int) -> Sequence[ClaimedRecord]: ...
     def mark_delivered(self, ids: Iterable[int]) -> int: ...
+    def mark_delivered_async(self, ids: Iterable[int]) -> Future[int]: ...
     def mark_failed_many(self, failures: Sequence[tuple[int, int]]) -> None: ...
     def release_claims(self, ids: Iterable[int] | None = None) -> int: ...
     def add_queued_listener(self, callback: Callable[[], None]) -> None: ...
@@ -149,12 +151,19 @@ class Drain:
             try:
                 with HEARTBEATS.busy("uplink-drain"):
                     self._release_lost(finishing)
-                    if not finishing:
-                        # Refill the window before recording acknowledgements: a claim needs no fsync, so the
-                        # network is busy while the acknowledgements wait for theirs.
-                        self._claim_more()
-                        self._hand_over_ready()
-                    self._record_acks()
+                    if finishing:
+                        self._record_acks()
+                    else:
+                        # Deletions and the claim are handed to the outbox together, so they share one
+                        # transaction (neither needs an fsync) and one round trip to its writer thread.
+                        # Acknowledgements arriving meanwhile wait for the next round (they woke it).
+                        deleting = self._submit_deliveries()
+                        try:
+                            self._claim_more()
+                            self._hand_over_ready()
+                        finally:
+                            self._confirm_deliveries(deleting)
+                        self._record_refusals()
             except OutboxError as exc:
                 self._has_work = True
                 log.error("uplink cannot update the outbox, will retry: %s", exc)
@@ -196,7 +205,7 @@ class Drain:
             self._unreleased = []
             self._has_work = True
 
-    def _record_acks(self) -> None:
+    def _take_acks(self) -> None:
         acks = self._window.acks
         while acks:
             row_ids, reason = acks.popleft()
@@ -204,10 +213,33 @@ class Drain:
                 self._unsettled_ok.extend(row_ids)
             else:
                 self._unsettled_refused.extend((row_id, reason) for row_id in row_ids)
-        if self._unsettled_ok:
-            self._outbox.mark_delivered(self._unsettled_ok)
-            self.counts["delivered"] += len(self._unsettled_ok)
-            self._unsettled_ok = []
+
+    def _submit_deliveries(self) -> tuple[list[int], Future[int]] | None:
+        """Hand the acknowledged rows' deletion to the outbox without waiting; see :meth:`_confirm_deliveries`."""
+        self._take_acks()
+        if not self._unsettled_ok:
+            return None
+        ids, self._unsettled_ok = self._unsettled_ok, []
+        return ids, self._outbox.mark_delivered_async(ids)
+
+    def _confirm_deliveries(self, deleting: tuple[list[int], Future[int]] | None) -> None:
+        """Wait for a deletion :meth:`_submit_deliveries` handed over; if it failed, keep its rows for the next try."""
+        if deleting is None:
+            return
+        ids, future = deleting
+        try:
+            future.result()
+        except BaseException:
+            self._unsettled_ok = ids + self._unsettled_ok
+            raise
+        self.counts["delivered"] += len(ids)
+
+    def _record_acks(self) -> None:
+        self._confirm_deliveries(self._submit_deliveries())
+        self._record_refusals()
+
+    def _record_refusals(self) -> None:
+        self._take_acks()  # refusals only: rows acknowledged by now are deleted in the next round
         if self._unsettled_refused:
             self._outbox.mark_failed_many(self._unsettled_refused)
             self.counts["refused"] += len(self._unsettled_refused)
