@@ -35,6 +35,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # OpenSSL and Kerberos and 8 ms in a process whose databases are all SQLite. None in sys.modules makes that
     # import fail as if the package were absent.
     sys.modules.setdefault("psycopg2", None)
+    from agent.observe.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the first thread: importing agent.app starts numpy's OpenBLAS thread
     from agent.config_loader import load_settings
 
     # main() switched the cyclic collector off: it comes back once the agent serves, with what exists by then

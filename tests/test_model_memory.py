@@ -4,6 +4,9 @@ pinning, models too large, memory really returned; the RSS watchdog and the memo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +19,9 @@ from agent.models.manager import ModelManager
 from agent.observe.memory import (
     MB,
     MemoryWatchdog,
+    _is_glibc,
     anon_rss_bytes,
+    limit_malloc_arenas,
     measured_growth,
     memory_cgroup_report,
     peak_rss_bytes,
@@ -273,3 +278,49 @@ def test_without_a_writable_clear_refs_there_is_no_peak_since_the_last_reading(t
     (tmp_path / "clear_refs").mkdir()  # one that cannot be written
     assert take_peak_anon_rss(tmp_path) is None
     assert peak_rss_bytes(tmp_path) == 262144 * 1024
+
+
+# Four threads allocate at once, each holding its first block until all have one; malloc_stats() then lists
+# one "Arena N:" per arena on stderr. glibc gives each new thread an arena of its own while under its cap.
+_ARENAS_PROGRAM = """
+import ctypes, sys, threading
+from agent.observe.memory import limit_malloc_arenas
+applied = limit_malloc_arenas(1) if sys.argv[1] == "cap" else None
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+barrier = threading.Barrier(4)
+def allocate():
+    block = libc.malloc(4096)
+    barrier.wait()
+    libc.free(ctypes.c_void_p(block))
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(applied)
+libc.malloc_stats()
+"""
+
+
+def _arenas(mode: str, **env: str) -> tuple[str, int]:
+    environment = {name: value for name, value in os.environ.items() if name != "MALLOC_ARENA_MAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", _ARENAS_PROGRAM, mode], capture_output=True, text=True, check=True,
+        env={**environment, **env},
+    )
+    return done.stdout.strip(), done.stderr.count("Arena ")
+
+
+@pytest.mark.skipif(not _is_glibc(), reason="malloc arenas are glibc's")
+def test_the_malloc_arena_cap_keeps_threads_in_the_arenas_allowed() -> None:
+    assert _arenas("none") == ("None", 5)  # the main thread's and one per thread
+    assert _arenas("cap") == ("True", 1)
+    # An operator's MALLOC_ARENA_MAX (the systemd unit sets one) is left as it is.
+    assert _arenas("cap", MALLOC_ARENA_MAX="3") == ("False", 3)
+
+
+def test_the_malloc_arena_cap_is_not_tried_on_other_c_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setattr(os, "confstr", lambda name: None)  # what musl answers: no glibc version
+    assert limit_malloc_arenas() is False

