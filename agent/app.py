@@ -6,7 +6,8 @@ Components and the threads each owns:
   running each request through the :class:`~agent.serving.pipeline.RequestPipeline`;
 - :class:`~agent.upstream.upstream.Upstream`: the outbox writer and the cloud uplink;
   :class:`~agent.serving.fallback.CloudFallback` its expiry thread;
-- the model manager's watcher, the memory watchdog, the audit trail and the metrics server.
+- the model manager's watcher, the memory watchdog and the audit trail;
+- :class:`~agent.monitoring.Monitoring`: health readings, the metrics server and systemd's watchdog.
 This module knows the concrete classes; they know each other only through what is passed to them here.
 
 Every message is signed when ``[signing]`` names a backend (docs/signing.md): replies as they are
@@ -25,21 +26,19 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from sdnotify import SystemdNotifier
 
 from agent import __version__
 from agent.config import Settings
-from agent.errors import AgentError, DeployError, SigningError
+from agent.errors import DeployError, SigningError
 from agent.exchange import InboundRequest
-from agent.faults import HEARTBEATS, stall_limit_s
 from agent.models.manager import ModelManager
 from agent.models.watcher import ModelWatcher
+from agent.monitoring import Monitoring
 from agent.mqtt import topics
 from agent.mqtt.local_link import LocalLink
 from agent.observe.audit import AuditEvent, AuditTrail
-from agent.observe.health import Probes, collect_health
 from agent.observe.memory import MemoryWatchdog, memory_cgroup_report
-from agent.observe.metrics import AgentMetrics, MetricsServer, Rejection
+from agent.observe.metrics import AgentMetrics
 from agent.serving.admission import Admission
 from agent.serving.dispatcher import Dispatcher
 from agent.serving.pipeline import RequestPipeline
@@ -88,10 +87,7 @@ class Agent:
         self.fallback: CloudFallback | None = None
         self.deployments: Deployments | None = None
         self.dispatcher: Dispatcher | None = None
-        self.probes: Probes | None = None
-        self.metrics: AgentMetrics | None = None
-        self._metrics_server: MetricsServer | None = None
-        self._started_clock = time.monotonic()
+        self.monitoring = Monitoring(settings, self.models, self.service)
         self.started_at = time.time()
         self._stopped = threading.Event()
         self.status = RetainedStatus(self.device_id, self.link, self.status_document)
@@ -143,7 +139,9 @@ class Agent:
         self._start_upstream(outbox)
         dispatcher = self.dispatcher = self._build_dispatcher()
         dispatcher.start()
-        self._start_observability(dispatcher)
+        self.monitoring.build(dispatcher, self.upstream, self.signer, self.deployments)
+        self.status.refresh()  # now with health figures; not yet connected, so only signed
+        self.monitoring.serve()
         try:
             self.link.start(dispatcher, ready_timeout)
         except BaseException:
@@ -168,7 +166,7 @@ class Agent:
             fallback=self.fallback,
             audit=self.audit,
             count=self.count,
-            observe=self._observe_request,
+            observe=self.monitoring.observe_request,
         )
         admission = Admission(
             settings.limits,
@@ -176,7 +174,7 @@ class Agent:
             self.memory_watchdog,
             self.audit,
             count=self.count,
-            count_rejection=self._count_rejection,
+            count_rejection=self.monitoring.count_rejection,
         )
         signing = settings.signing
         return Dispatcher(
@@ -189,7 +187,7 @@ class Agent:
             # Strict TPM signing costs a TPM operation per reply: too slow for the network thread.
             inline_allowed=not (signing.backend == "tpm" and signing.mode == "strict"),
             count=self.count,
-            count_rejection=self._count_rejection,
+            count_rejection=self.monitoring.count_rejection,
             arrivals=self.service.router.streams.order,
         )
 
@@ -216,8 +214,7 @@ class Agent:
         self.audit.close()  # its queued events reach the outbox before it closes
         if self.upstream is not None:
             self.upstream.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
+        self.monitoring.stop()
         self.link.close(self.status.offline_message())
         if self.signer is not None:
             self.signer.close()
@@ -272,62 +269,15 @@ class Agent:
         except DeployError as exc:  # a bad key must not keep the device from serving what it has
             log.error("deployments are off: %s", exc)
 
-    def _start_observability(self, dispatcher: Dispatcher) -> None:
-        """Health readings, the metrics registry and its HTTP server; then re-sign the status with health."""
-        upstream = self.upstream
-        self.probes = Probes(
-            started=self._started_clock,
-            intake_depth=dispatcher.queue_depth,
-            intake_bytes=dispatcher.queued_bytes,
-            expected_wait_s=dispatcher.expected_wait_s,
-            outbox_stats=upstream.outbox.stats if upstream is not None else None,
-            cloud_state=(lambda: upstream.uplink.state) if upstream is not None else None,
-            model_accelerators=self.models.accelerators_in_use,
-        )
-        self.metrics = AgentMetrics(
-            self.probes,
-            methods=self.service.methods,
-            models=lambda: self.models.servable_ids,
-            signing_backend=self.settings.signing.backend,
-            signing_mode=self.signer.mode if self.signer is not None else "none",
-            version=__version__,
-            runtime=self.models.runtime.name,
-            profile=self.settings.profile,
-        )
-        if self.deployments is not None:
-            self.metrics.registry.register(self.deployments.collector())
-        self.status.refresh()  # now with health figures; not yet connected, so only signed
-        config = self.settings.metrics
-        if config.enabled:
-            server = MetricsServer(
-                self.metrics.registry, config.host, config.port,
-                max_connections=config.max_connections, timeout_s=config.connection_timeout_s,
-            )  # fmt: skip
-            try:
-                server.start()
-            except AgentError as exc:
-                # Metrics are for watching the agent; failing to serve them must not stop it serving requests.
-                log.error("%s; running without /metrics", exc)
-            else:
-                self._metrics_server = server
-
-    def _observe_request(
-        self, *, method: str | None, model: str | None, outcome: str, queue_s: float, inference_s: float | None,
-        total_s: float,
-    ) -> None:  # fmt: skip
-        if self.metrics is not None:
-            self.metrics.observe_request(
-                method=method, model=model, outcome=outcome, queue_s=queue_s, inference_s=inference_s, total_s=total_s
-            )
-
-    def _count_rejection(self, reason: Rejection) -> None:
-        if self.metrics is not None:
-            self.metrics.count_rejection(reason)
+    @property
+    def metrics(self) -> AgentMetrics | None:
+        """The metrics registry's owner, once started."""
+        return self.monitoring.metrics
 
     @property
     def metrics_port(self) -> int | None:
         """The port /metrics is served on, None when it is not served."""
-        return self._metrics_server.port if self._metrics_server is not None else None
+        return self.monitoring.port
 
     def _send_audit_upstream(self, event: AuditEvent) -> None:
         if self.upstream is not None:
@@ -362,29 +312,7 @@ class Agent:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        systemd = SystemdNotifier()
-        systemd.notify(f"READY=1\nSTATUS=serving {len(self.models.servable_ids)} models")
-        health_due = time.monotonic() + self.settings.metrics.health_interval_s
-        stall_s = stall_limit_s()
-        reported: list[str] = []
-        while not stop_requested.wait(1.0):
-            # The watchdog is fed only while every thread that serves requests is alive and no loop is
-            # stuck in one round, so systemd restarts an agent that went deaf instead of leaving it so.
-            stalled = HEARTBEATS.stalled(stall_s)
-            if stalled != reported:
-                reported = stalled
-                if stalled:
-                    log.error("stalled for over %.0f s: %s; no longer feeding the watchdog", stall_s, ", ".join(stalled))
-                    systemd.notify(f"STATUS=stalled: {', '.join(stalled)}")
-                else:
-                    log.info("no loop is stalled any more; feeding the watchdog again")
-                    systemd.notify("STATUS=serving")
-            if not stalled and self.threads_alive():
-                systemd.notify("WATCHDOG=1")
-            if time.monotonic() >= health_due:
-                health_due = time.monotonic() + self.settings.metrics.health_interval_s
-                self.refresh_status()
-        systemd.notify("STOPPING=1")
+        self.monitoring.watch_until(stop_requested, self.threads_alive, self.refresh_status)
         self.stop()
 
     def threads_alive(self) -> bool:
@@ -402,8 +330,9 @@ class Agent:
             "accelerators": self.models.accelerators_in_use(),
             "started_at": round(self.started_at, 3),
         }
-        if self.probes is not None:
-            document["health"] = collect_health(self.probes).model_dump(mode="json")
+        health = self.monitoring.health()
+        if health is not None:
+            document["health"] = health
         if self.deployments is not None:
             document["deployments"] = self.deployments.status()
         return document

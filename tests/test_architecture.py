@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"agent.signing", "agent.mqtt", "agent.observe"},
     {"agent.models", "agent.upstream"},
     {"agent.serving", "agent.deploy", "agent.status"},
+    {"agent.monitoring"},
     {"agent.app"},
     {"agent.tools"},
     {"agent.cli"},

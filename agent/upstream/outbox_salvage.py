@@ -1,6 +1,6 @@
 """Salvage of a corrupt outbox file: move it aside as found, then read back every row SQLite still can.
 
-Used only by the outbox writer's recovery (:mod:`agent.upstream.outbox_writer`); the file format itself is
+Used only by the outbox writer's recovery (:mod:`agent.upstream.outbox_handle`); the file format itself is
 :mod:`agent.upstream.outbox_file`.
 """
 

@@ -2,15 +2,15 @@
 
 Callers hand commands to :class:`OutboxWriter` through a queue and wait on a future or get a callback; the
 thread folds every command waiting at that moment into one transaction (appends fairly, at most
-``batch_max`` rows: :mod:`agent.upstream.outbox_commands`), and owns opening, the lock file, and recovery of a
-corrupt file. The guarantees it keeps are documented in :mod:`agent.upstream.outbox`.
+``batch_max`` rows: :mod:`agent.upstream.outbox_commands`), and decides when the file is opened, retried on
+a full disk or recovered (how: :mod:`agent.upstream.outbox_handle`). The guarantees it keeps are documented
+in :mod:`agent.upstream.outbox`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -24,8 +24,9 @@ from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
-from agent.upstream import outbox_reports, outbox_space, outbox_wal
+from agent.upstream import outbox_reports, outbox_space
 from agent.upstream.outbox_commands import APPEND, Command, Settle, fair_transaction
+from agent.upstream.outbox_handle import OutboxHandle
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_models import CorruptionEvent, Listeners
 from agent.upstream.outbox_space import DiskSpace
@@ -61,11 +62,12 @@ class OutboxWriter:
         self._queued: Listeners[None] = Listeners()
         self.callback_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
         self.corruptions: Listeners[CorruptionEvent] = Listeners(replay=True)
-        self._lock_fd: int | None = None
-        self._ledger: Ledger | None = None
         self._transactions = self._write_errors = 0
         self._failing = False
         self._space = DiskSpace(path, 0 if read_only else settings.reserve_bytes)
+        self._file = OutboxHandle(
+            path, settings, read_only=read_only, clock=clock, space=self._space, corruptions=self.corruptions
+        )
         self._next_space_retry = 0.0
         self._unavailable: str | None = None  # why the file could not be opened (a full disk); retried
         ready: Future[None] = Future()
@@ -111,10 +113,10 @@ class OutboxWriter:
 
     def _run(self, ready: Future[None]) -> None:
         try:
-            self._open()
+            self._file.open()
         except Exception as exc:
             if self.read_only or not self._space.explains(exc):
-                self._release_lock()
+                self._file.release_lock()
                 ready.set_exception(exc if isinstance(exc, OutboxError) else OutboxError(f"outbox {self.path}: {exc}"))
                 return
             # Local answers must go on: the outbox opens by itself once there is room (see _retry_space).
@@ -130,7 +132,7 @@ class OutboxWriter:
                     with INTERNAL_ERRORS.guard("outbox_writer"):
                         self._retry_space()
                     continue
-                if self.read_only or self._ledger is None or not self._ledger.count:
+                if self.read_only or self._file.ledger is None or not self._file.ledger.count:
                     continue
                 first = Command("maintain", ())
             batch = [] if first is None or first is _STOP else [first]
@@ -144,18 +146,7 @@ class OutboxWriter:
                 INTERNAL_ERRORS.record("outbox_writer", exc)
                 for command in batch:
                     command.fail(OutboxError(f"outbox {self.path}: {exc}"))
-        if self._ledger is not None:
-            if not self.read_only:
-                self._mark_clean_shutdown(self._ledger)
-            self._ledger.db.close()
-        self._release_lock()
-
-    def _mark_clean_shutdown(self, ledger: Ledger) -> None:
-        try:
-            with store.write_transaction(ledger.db):
-                store.write_meta(ledger.tables, **{store.CLEAN_SHUTDOWN: "1"})
-        except Exception as exc:  # the next open then runs the full integrity check: slower, still right
-            log.warning("outbox %s: cannot record the clean shutdown: %s", self.path, exc)
+        self._file.close()
 
     def _next_command(self) -> Command | None:
         """The next queued command; None at once if none is queued but appends wait (raises queue.Empty
@@ -189,7 +180,7 @@ class OutboxWriter:
     def _idle_timeout(self) -> float:
         if self._unavailable is not None or self._space.short is not None:
             return _SPACE_RETRY_S
-        due = self._ledger.next_retry if self._ledger is not None else None
+        due = self._file.ledger.next_retry if self._file.ledger is not None else None
         if due is None or self.read_only or self._failing:  # a failing disk is not retried in a tight loop
             return _MAINTENANCE_S
         try:
@@ -214,7 +205,7 @@ class OutboxWriter:
             return outbox_reports.unavailable(
                 self.path, self.settings, self._unavailable, write_errors=self._write_errors
             )
-        ledger = self._ensure_open()
+        ledger = self._file.ensure_open()
         if command.op == "stats":
             return outbox_reports.stats(
                 ledger, transactions=self._transactions, write_errors=self._write_errors, problem=self._space.short
@@ -232,7 +223,7 @@ class OutboxWriter:
             if not writes:
                 return
         try:
-            ledger = self._ensure_open()
+            ledger = self._file.ensure_open()
             ledger.begin()
             durable = any(c.op not in _UNSYNCED_OPS for c in writes)
             with store.write_transaction(ledger.db, durable=durable):
@@ -266,11 +257,11 @@ class OutboxWriter:
         try:
             if self._space.explains(exc):
                 self._space.exhausted(str(exc))
-                store.checkpoint(self._ledger.db if self._ledger is not None else None)
+                store.checkpoint(self._file.ledger.db if self._file.ledger is not None else None)
             if store.is_corruption(exc):
-                self._recover(f"while writing: {exc}")
-            if self._ledger is not None:
-                self._ledger.load_accounting()
+                self._file.recover(f"while writing: {exc}")
+            if self._file.ledger is not None:
+                self._file.ledger.load_accounting()
         except Exception as second:
             log.error("outbox %s: cannot recover after a failed write: %s", self.path, second)
 
@@ -289,7 +280,7 @@ class OutboxWriter:
         if self._unavailable is None:
             if not self._space.recovered() and now >= self._next_space_retry:
                 self._next_space_retry = now + _SPACE_RETRY_S
-                db = self._ledger.db if self._ledger is not None else None
+                db = self._file.ledger.db if self._file.ledger is not None else None
                 store.checkpoint(db)
                 store.compact(db, self._space.free_bytes(), min_gain_bytes=self._space.reserve_bytes)
                 self._space.recovered()
@@ -298,122 +289,13 @@ class OutboxWriter:
             return
         self._next_space_retry = now + _SPACE_RETRY_S
         try:
-            self._open()
+            self._file.open()
         except Exception as exc:
             self._unavailable = f"disk full: {exc}"
             return
         self._unavailable = None
         log.warning("outbox %s: opened now that the disk has room", self.path)
         self._queued.notify(None)  # the rows stored before are queued for the uplink
-
-    # -- opening, recovery --------------------------------------------------------------------------
-
-    def _open(self) -> None:
-        if not self.read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self._lock_fd is None:  # held already when opening is retried after a full disk
-                self._lock_fd = store.lock_exclusive(self.path)
-        elif not self.path.exists():
-            raise OutboxError(f"no outbox at {self.path}")
-        try:
-            self._connect_and_prepare()
-        except Exception as exc:
-            # Damage can also surface after the integrity check was skipped (clean shutdown) or passed:
-            # the first full read of the rows is part of opening.
-            if self.read_only or not store.is_corruption(exc):
-                if isinstance(exc, OutboxError):
-                    raise
-                raise OutboxError(f"outbox {self.path} cannot be opened: {exc}") from exc
-            self._recover(f"at open: {exc}")
-            self._prepare()
-        if not self.read_only and not self._space.take_reserve():
-            self._space.exhausted(f"less than {2 * self._space.reserve_bytes} bytes free at open")
-
-    def _connect_and_prepare(self) -> None:
-        """Open the file; on a full disk give back the reserve and try once more (opening writes a little)."""
-        created = not self.path.exists()
-        try:
-            self._connect()
-            self._prepare()
-        except Exception as exc:
-            self._close_ledger()
-            if created and self.path.exists() and self.path.stat().st_size == 0:
-                self.path.unlink()  # ours, from this attempt: left behind it would look like a destroyed outbox
-            if self.read_only or not self._space.explains(exc) or not self._space.release_reserve():
-                raise
-            log.error("outbox %s: disk full at open, reserve released: %s", self.path, exc)
-            self._connect()
-            self._prepare()
-
-    def _prepare(self) -> None:
-        ledger = self._ensure_open()
-        if not self.read_only:
-            with store.write_transaction(ledger.db):
-                ledger.release_all_claims_at_open()
-                ledger.tables.meta.delete().where(ledger.tables.meta.key == store.CLEAN_SHUTDOWN).execute()
-        ledger.load_accounting()
-
-    def _ensure_open(self) -> Ledger:
-        """The open ledger; reopens after a recovery that failed half-way (e.g. no space for a fresh file)."""
-        if self._ledger is None:
-            try:
-                self._connect()
-            except Exception as exc:
-                if self.read_only or not store.is_corruption(exc):
-                    raise
-                self._recover(f"at reopen: {exc}")
-            assert self._ledger is not None
-            self._ledger.load_accounting()
-        return self._ledger
-
-    def _close_ledger(self) -> None:
-        if self._ledger is not None:
-            self._ledger.db.close()
-            self._ledger = None
-
-    def _connect(self) -> None:
-        self._close_ledger()
-        # A reader would see the writer's WAL mid-append; only the writer acts on what it finds.
-        damage = None if self.read_only else outbox_wal.damage_at_rest(self.path)
-        if damage is not None:
-            raise store.CorruptFile(damage)
-        store.verify(self.path)
-        db = store.connect(
-            self.path,
-            read_only=self.read_only,
-            max_file_bytes=self.settings.max_file_bytes,
-            wal_limit_bytes=self._space.wal_limit_bytes,
-        )
-        try:
-            version = store.check_and_migrate(db, self.path, read_only=self.read_only)
-        except Exception:
-            db.close()
-            raise
-        self._ledger = Ledger(
-            db, self.settings, self._clock, path=self.path, schema_version=version, read_only=self.read_only
-        )
-
-    def _recover(self, cause: str) -> None:
-        from agent.upstream import outbox_salvage  # only for a damaged file: not imported on the way to online
-
-        self._close_ledger()
-        try:
-            moved = outbox_salvage.move_aside(self.path, self._clock.wall())
-        except OSError as exc:
-            raise OutboxError(f"outbox {self.path} is corrupt and cannot be moved aside: {exc}") from exc
-        salvaged = outbox_salvage.salvage(moved)
-        self._connect()
-        assert self._ledger is not None
-        with store.write_transaction(self._ledger.db):
-            event = outbox_salvage.restore(
-                self._ledger.tables, salvaged, path=self.path, cause=cause, wall=self._clock.wall()
-            )
-        self.corruptions.notify(event)
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
 
 def _transactions(writes: list[Command]) -> list[list[Command]]:
