@@ -172,7 +172,8 @@ class ChildOutcome:
 def run_child(module: str, allowance_bytes: int, timeout_s: float, content: bytes | IO[bytes]) -> ChildOutcome:
     """Probe ``content`` (bytes, or a file opened for reading, handed to the child as its stdin) with ``module``."""
     global _spawned
-    _spawned += 1
+    with _verdicts_lock:  # counted from the early thread and on demand at once
+        _spawned += 1
     command = [sys.executable, "-m", "agent.models.probe_child", module, str(allowance_bytes)]
     # One numpy/OpenBLAS thread: its pool would reserve address space that counts against the limit.
     environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}

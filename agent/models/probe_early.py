@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -80,12 +81,29 @@ class EarlyProbes:
 
 
 def probe_early(settings: Settings) -> EarlyProbes | None:
-    """Start probing the files of ``settings``' models folder whose verdicts are unknown (None: nothing to probe)."""
+    """Start probing the files of ``settings``' models folder whose verdicts are unknown (None: nothing to probe,
+    or no second CPU to probe on: then each file is probed when the agent reaches it)."""
     module = interpreter_module(settings.inference.runtime)
-    if settings.models_dir is None or module is None:
+    if settings.models_dir is None or module is None or not spare_cpu():
         return None
     early = EarlyProbes(module, allowance_for(settings.limits.process_soft_limit_mb), settings.data_dir)
     return early if early.start(settings.models_dir) else None
+
+
+def spare_cpu(cgroup_root: Path = Path("/sys/fs/cgroup")) -> bool:
+    """Whether this process may run on more than one CPU at once: its affinity and its cgroup's ``cpu.max`` quota.
+
+    On one CPU an early child only takes turns with the start it was meant to run beside, and the two together
+    came online later than one after the other (measured with the agent pinned to one core of two)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return False
+    try:
+        lines = Path("/proc/self/cgroup").read_text(encoding="ascii").splitlines()
+        group = next(line for line in lines if line.startswith("0::")).removeprefix("0::")
+        quota, period = (cgroup_root / group.lstrip("/") / "cpu.max").read_text(encoding="ascii").split()[:2]
+    except (OSError, ValueError, StopIteration):
+        return True  # no cgroup v2 quota to read: the affinity says it all
+    return quota == "max" or int(quota) >= 2 * int(period)
 
 
 def _manifest_files(models_dir: Path) -> list[tuple[str, str, str]]:
