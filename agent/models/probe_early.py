@@ -52,7 +52,6 @@ class EarlyProbes:
         self.timeout_s = timeout_s
         self.key = module_key(module, allowance_bytes)
         self._queue: list[tuple[Path, str, str, EarlyProbe]] = []
-        self._thread: threading.Thread | None = None
 
     def start(self, models_dir: Path) -> int:
         """Queue a probe of each file named in ``models_dir``'s manifest whose verdict is unknown and start them;
@@ -62,22 +61,22 @@ class EarlyProbes:
             if pending is not None:
                 self._queue.append((models_dir, file, model_id, pending))
         if self._queue:
-            self._thread = threading.Thread(target=self._run, name="model-probes", daemon=True)
-            self._thread.start()
+            threading.Thread(target=self._run, name="model-probes", daemon=True).start()
         return len(self._queue)
 
     def _run(self) -> None:
         for models_dir, file, model_id, pending in self._queue:
-            started = time.monotonic()
+            started, outcome = time.monotonic(), None
             try:
                 with open_model_path(models_dir, file, model_id) as handle:
                     outcome = run_child(self.module, self.allowance_bytes, self.timeout_s, handle)
             except ModelError:
-                outcome = None  # the agent's own reading refuses the file and says why
+                pass  # the agent's own reading refuses the file and says why
+            finally:  # whatever happened, a check waiting for this probe goes on (probing itself if need be)
+                finish_early(self.key, self.state_dir, pending, outcome)
             if outcome is not None and outcome.verdict is None:
                 elapsed_ms = (time.monotonic() - started) * 1000
                 log.info("model file %s passed an early probe in %.0f ms: %s", file, elapsed_ms, outcome.passed)
-            finish_early(self.key, self.state_dir, pending, outcome)
 
 
 def probe_early(settings: Settings) -> EarlyProbes | None:
@@ -86,7 +85,10 @@ def probe_early(settings: Settings) -> EarlyProbes | None:
     module = interpreter_module(settings.inference.runtime)
     if settings.models_dir is None or module is None or not spare_cpu():
         return None
-    early = EarlyProbes(module, allowance_for(settings.limits.process_soft_limit_mb), settings.data_dir)
+    try:
+        early = EarlyProbes(module, allowance_for(settings.limits.process_soft_limit_mb), settings.data_dir)
+    except ImportError:
+        return None  # a broken runtime package: the agent's own import of it reports the problem
     return early if early.start(settings.models_dir) else None
 
 
