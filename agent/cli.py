@@ -39,14 +39,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     limit_malloc_arenas()  # before the first thread: importing agent.app starts numpy's OpenBLAS thread
     from agent.config_loader import load_settings
+    from agent.models.probe_early import probe_early
 
     # main() switched the cyclic collector off: it comes back once the agent serves, with what exists by then
     # frozen (left out of every later collection, which also keeps those short).
     try:
-        from agent.app import Agent
-
         settings = load_settings(args.config)
         _setup_logging(settings.log_level, settings.log_format)
+        # The probes of operator-supplied model files run beside the imports and the start, not before the models.
+        probe_early(settings)
+        from agent.app import Agent
+
         agent = Agent(settings)
         agent.start()
         gc.freeze()

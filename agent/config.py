@@ -290,6 +290,8 @@ class OutboxSettings(Section):
 
 
 RuntimeChoice = Literal["auto", "litert", "tflite-runtime"]
+# The module holding each runtime's Interpreter and load_delegate; "auto" tries them in this order.
+INTERPRETER_MODULES = {"litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
 AcceleratorChoice = Literal["cpu", "gpu"]
 
 

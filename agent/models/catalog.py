@@ -282,17 +282,22 @@ def open_model_file(models_dir: Path, entry: ModelEntry) -> BinaryIO:
     check is made on the opened descriptor (non-blocking, so opening a FIFO returns at once), so swapping
     the file between a check and the read changes nothing.
     """
-    name = PurePosixPath(entry.file)
+    return open_model_path(models_dir, entry.file, entry.id)
+
+
+def open_model_path(models_dir: Path, file: str, model_id: str) -> BinaryIO:
+    """:func:`open_model_file` for a manifest entry's ``file`` and ``id`` not yet read into a :class:`ModelEntry`."""
+    name = PurePosixPath(file)
     if ".." in name.parts or (name.is_absolute() and not _is_bundled(name)):
-        raise ModelError(f"model {entry.id!r}: file {entry.file!r} is not inside the models folder; refused")
+        raise ModelError(f"model {model_id!r}: file {file!r} is not inside the models folder; refused")
     path = models_dir / name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ModelError(f"model {entry.id!r}: cannot read {path}: {exc.strerror}") from None
+        raise ModelError(f"model {model_id!r}: cannot read {path}: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ModelError(f"model {entry.id!r}: {path} is not a regular file; refused")
+        raise ModelError(f"model {model_id!r}: {path} is not a regular file; refused")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 

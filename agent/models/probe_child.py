@@ -1,19 +1,21 @@
 """The child process of a model probe (:mod:`agent.models.probe`): ``python -m agent.models.probe_child MODULE
-ALLOWANCE``, the model file's bytes on stdin.
+ALLOWANCE``, the model file's bytes on stdin (a pipe, or the file itself).
 
 It opens the model with the runtime's Interpreter (``MODULE``, e.g. ``ai_edge_litert.interpreter``) as the
 agent would: construct, allocate the tensors, then one invoke on zero inputs. Each stage reached is written
-to stdout as one line before the next begins, so a parent that sees the child die of a signal knows in which
+to stdout as one line before the next begins (after ``sha256 <hex>`` and ``size <bytes>`` of what it read: a parent that handed
+over the file itself learns what content the verdict is for), so a parent that sees the child die of a signal knows in which
 stage the runtime crashed. An error the runtime raises cleanly is written as ``error <stage>: <message>`` and
 the child exits 0: the agent's own load meets the same error and reports it without crashing.
 
 Only the standard library, numpy and the runtime are imported: every probe pays for this module's imports.
 Memory is limited once those imports are done (``ALLOWANCE`` bytes of address space beyond what the child
-uses by then), so a damaged file that asks for an absurd tensor arena fails here, not in the agent.
+uses by then, plus twice the file's size), so a damaged file that asks for an absurd tensor arena fails here, not in the agent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import resource
 import sys
@@ -49,8 +51,10 @@ def probe(module_name: str, allowance_bytes: int, content: bytes) -> None:
     # A crash here is the expected outcome for a damaged file: no core dump (an SD card's writes, a crash
     # reporter's time) for it.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _report(f"sha256 {hashlib.sha256(content).hexdigest()}")
+    _report(f"size {len(content)}")
     interpreter_class = importlib.import_module(module_name).Interpreter
-    _limit_address_space(allowance_bytes)
+    _limit_address_space(allowance_bytes + 2 * len(content))
     stage = "constructing"
     try:
         interpreter = interpreter_class(model_content=content, num_threads=1)
