@@ -117,7 +117,7 @@ class ChunkedReadClient(mqtt.Client):
             held = mid in self._in_messages
         rc = super()._handle_pubrel()
         if (
-            not held and rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._state == mqtt._ConnectionState.MQTT_CS_CONNECTED
+            not held and rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self.is_connected()
             and _valid_pubrel(self._in_packet["command"], self._in_packet["packet"], self._protocol)
         ):  # fmt: skip
             return self._send_pubcomp(mid)

@@ -52,7 +52,7 @@ class _PahoReference(mqtt.Client):
         mid = int.from_bytes(body[:2], "big")
         held = mid in self._in_messages
         rc = super()._handle_pubrel()  # raises for a body paho cannot decode
-        if held or rc != mqtt.MQTT_ERR_SUCCESS or self._state != mqtt._ConnectionState.MQTT_CS_CONNECTED:
+        if held or rc != mqtt.MQTT_ERR_SUCCESS or not self.is_connected():
             return rc
         if command & 0x0F != 0x02 or mid == 0:  # the flags MQTT fixes for a PUBREL; an identifier never in use
             return rc
