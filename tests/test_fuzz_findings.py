@@ -276,3 +276,35 @@ def test_a_pubrel_on_a_connection_no_longer_connected_is_not_answered() -> None:
     client._in_packet = {**client._in_packet, "command": 0x62, "packet": bytearray(b"\x00\x07")}
     assert client._handle_pubrel() == mqtt.MQTT_ERR_SUCCESS
     assert not client._out_packet
+
+
+def _held_after_connack(command: int, body: bytes, *, connected: bool) -> list[int]:
+    """The QoS 2 messages a manual-ack client still holds (awaiting PUBREL) after reading this CONNACK."""
+    client = new_client("c", manual_ack=True, lean=True)
+    client._thread = threading.current_thread()
+    client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED if connected else mqtt._ConnectionState.MQTT_CS_CONNECTING
+    client._in_messages[7] = mqtt.MQTTMessage(mid=7, topic=b"mcp/req/dev1/c")
+    client._in_packet = {**client._in_packet, "command": command, "packet": bytearray(body)}
+    client._handle_connack()
+    return sorted(client._in_messages)
+
+
+@pytest.mark.parametrize(
+    ("command", "body", "connected"),
+    [
+        (0x22, b"\x00\x00\x00", True),  # the fuzzer's input: fixed-header flags 0010, on a connection already accepted
+        (0x20, b"\x00\x00\x00", True),  # a second CONNACK
+        (0x22, b"\x00\x00\x00", False),  # fixed-header flags 0010
+        (0x20, b"\x6c\x00\x00", False),  # reserved acknowledge flags set
+    ],
+    ids=["flags-second", "second", "flags", "reserved"],
+)
+def test_a_connack_mqtt_does_not_allow_leaves_held_qos2_messages_alone(command: int, body: bytes, connected: bool) -> None:
+    # Found by the local_packets harness: ChunkedReadClient forgot the QoS 2 messages awaiting release on any
+    # CONNACK without a session, paho's reading of which ignores the flags and a CONNACK on a live connection.
+    assert _held_after_connack(command, body, connected=connected) == [7]
+
+
+def test_the_connections_connack_without_a_session_clears_held_qos2_messages() -> None:
+    # The other side of the test above (tests/test_qos2.py has it with a real broker).
+    assert _held_after_connack(0x20, b"\x00\x00\x00", connected=False) == []

@@ -91,7 +91,11 @@ class ChunkedReadClient(mqtt.Client):
     def _handle_connack(self) -> mqtt.MQTTErrorCode:
         # The body: acknowledge flags (bit 0: session present), then the reason code.
         body = self._in_packet["packet"]
-        if len(body) >= 2 and body[1] == 0 and not body[0] & 0x01:
+        # Only the connection's CONNACK counts, and only one MQTT allows (fixed-header flags and the reserved
+        # acknowledge flags 0): paho takes another (a protocol error) as it takes the first, and a broker
+        # sending one must not make us forget QoS 2 messages we hold.
+        first_and_well_formed = self._in_packet["command"] & 0x0F == 0 and not self.is_connected()
+        if first_and_well_formed and len(body) >= 2 and body[1] == 0 and body[0] == 0:
             # A broker that kept no session (restarted without persistence, or our session expired) reuses
             # the packet ids of QoS 2 messages left half done; paho would keep those, stale, forever.
             self._session_absent()
