@@ -232,3 +232,79 @@ def test_metadata_whose_offsets_all_point_at_one_tensor_is_refused() -> None:
     content = with_metadata(constant_classifier([0.25, 0.75]), bytes(builder.Output()))
     with pytest.raises(ModelError, match="read more than the file holds"):
         read_file_facts(content)
+
+
+def _pubrel_answer(command: int, body: bytes, *, lean: bool) -> bytes:
+    """What a connected manual-ack client queues on reading a PUBREL for a message it does not hold."""
+    client = new_client("c", manual_ack=True, lean=lean)
+    client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    client._thread = threading.current_thread()  # the network thread: what it sends waits in the queue
+    client._in_packet = {**client._in_packet, "command": command, "packet": bytearray(body)}
+    assert client._handle_pubrel() == mqtt.MQTT_ERR_SUCCESS  # paho takes each of them without complaint
+    return b"".join(bytes(packet["packet"]) for packet in client._out_packet)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["paho", "lean"])
+@pytest.mark.parametrize(
+    ("command", "body"),
+    [
+        (0x64, b"\x00\x00\x00"),  # the fuzzer's input: fixed-header flags 0100, packet identifier 0
+        (0x62, b"\x00\x00"),  # packet identifier 0
+        (0x60, b"\x00\x07"),  # fixed-header flags 0000
+        (0x62, b"\x00\x07\x00\x00\xff"),  # bytes past the properties
+        (0x62, b"\x00\x07\x00\x80\x00"),  # a property length of 0 in two bytes
+    ],
+    ids=["flags-and-id-0", "id-0", "flags", "trailing", "property-length"],
+)
+def test_a_pubrel_mqtt_does_not_allow_is_not_answered(command: int, body: bytes, lean: bool) -> None:
+    # Found by the local_packets harness: the PUBCOMP with which a PUBREL for a message no longer held is
+    # completed (ChunkedReadClient) also answered a malformed one and one for packet id 0, which paho ignores.
+    assert _pubrel_answer(command, body, lean=lean) == b""
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["paho", "lean"])
+@pytest.mark.parametrize("body", [b"\x00\x07", b"\x00\x07\x92", b"\x00\x07\x00\x00", b"\x00\x07\x00\x03\x1f\x00\x00"])
+def test_a_pubrel_mqtt_allows_for_a_message_not_held_is_completed(body: bytes, lean: bool) -> None:
+    # The other side of the test above: a well-formed one (reason, properties or not) still gets its PUBCOMP.
+    assert _pubrel_answer(0x62, body, lean=lean) == b"\x70\x02\x00\x07"
+
+
+def test_a_pubrel_on_a_connection_no_longer_connected_is_not_answered() -> None:
+    client = new_client("c", manual_ack=True, lean=True)
+    client._state = mqtt._ConnectionState.MQTT_CS_DISCONNECTING
+    client._thread = threading.current_thread()
+    client._in_packet = {**client._in_packet, "command": 0x62, "packet": bytearray(b"\x00\x07")}
+    assert client._handle_pubrel() == mqtt.MQTT_ERR_SUCCESS
+    assert not client._out_packet
+
+
+def _held_after_connack(command: int, body: bytes, *, connected: bool) -> list[int]:
+    """The QoS 2 messages a manual-ack client still holds (awaiting PUBREL) after reading this CONNACK."""
+    client = new_client("c", manual_ack=True, lean=True)
+    client._thread = threading.current_thread()
+    client._state = mqtt._ConnectionState.MQTT_CS_CONNECTED if connected else mqtt._ConnectionState.MQTT_CS_CONNECTING
+    client._in_messages[7] = mqtt.MQTTMessage(mid=7, topic=b"mcp/req/dev1/c")
+    client._in_packet = {**client._in_packet, "command": command, "packet": bytearray(body)}
+    client._handle_connack()
+    return sorted(client._in_messages)
+
+
+@pytest.mark.parametrize(
+    ("command", "body", "connected"),
+    [
+        (0x22, b"\x00\x00\x00", True),  # the fuzzer's input: fixed-header flags 0010, on a connection already accepted
+        (0x20, b"\x00\x00\x00", True),  # a second CONNACK
+        (0x22, b"\x00\x00\x00", False),  # fixed-header flags 0010
+        (0x20, b"\x6c\x00\x00", False),  # reserved acknowledge flags set
+    ],
+    ids=["flags-second", "second", "flags", "reserved"],
+)
+def test_a_connack_mqtt_does_not_allow_leaves_held_qos2_messages_alone(command: int, body: bytes, connected: bool) -> None:
+    # Found by the local_packets harness: ChunkedReadClient forgot the QoS 2 messages awaiting release on any
+    # CONNACK without a session, paho's reading of which ignores the flags and a CONNACK on a live connection.
+    assert _held_after_connack(command, body, connected=connected) == [7]
+
+
+def test_the_connections_connack_without_a_session_clears_held_qos2_messages() -> None:
+    # The other side of the test above (tests/test_qos2.py has it with a real broker).
+    assert _held_after_connack(0x20, b"\x00\x00\x00", connected=False) == []

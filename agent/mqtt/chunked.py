@@ -91,7 +91,11 @@ class ChunkedReadClient(mqtt.Client):
     def _handle_connack(self) -> mqtt.MQTTErrorCode:
         # The body: acknowledge flags (bit 0: session present), then the reason code.
         body = self._in_packet["packet"]
-        if len(body) >= 2 and body[1] == 0 and not body[0] & 0x01:
+        # Only the connection's CONNACK counts, and only one MQTT allows (fixed-header flags and the reserved
+        # acknowledge flags 0): paho takes another (a protocol error) as it takes the first, and a broker
+        # sending one must not make us forget QoS 2 messages we hold.
+        first_and_well_formed = self._in_packet["command"] & 0x0F == 0 and not self.is_connected()
+        if first_and_well_formed and len(body) >= 2 and body[1] == 0 and body[0] == 0:
             # A broker that kept no session (restarted without persistence, or our session expired) reuses
             # the packet ids of QoS 2 messages left half done; paho would keep those, stale, forever.
             self._session_absent()
@@ -109,11 +113,17 @@ class ChunkedReadClient(mqtt.Client):
         # for one it does not hold it sends nothing, and the broker would keep resending the PUBREL on every
         # connection, the message counting against our Receive Maximum for good. Its acknowledgement on the
         # earlier connection was forgotten with that connection (AckSequencer.reset), so complete it now.
+        # Only a PUBREL MQTT allows is answered: paho takes a malformed one, or one for packet id 0 (a protocol
+        # error, which the broker would answer by disconnecting), as it takes any other, and so do we; and
+        # nothing is sent on a connection paho no longer counts as connected.
         mid = int.from_bytes(self._in_packet["packet"][:2], "big")
         with self._in_message_mutex:
             held = mid in self._in_messages
         rc = super()._handle_pubrel()
-        if not held and rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if (
+            not held and rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self.is_connected()
+            and _valid_pubrel(self._in_packet["command"], self._in_packet["packet"], self._protocol)
+        ):  # fmt: skip
             return self._send_pubcomp(mid)
         return rc
 
@@ -186,3 +196,25 @@ class ChunkedReadClient(mqtt.Client):
         except (OSError, ValueError):
             return None
         return waiting[0]
+
+
+def _valid_pubrel(command: int, body: bytes | bytearray, protocol: int) -> bool:
+    """Whether a PUBREL that paho decoded is one MQTT allows: the fixed header's flags 0010, a packet identifier
+    other than 0, and (MQTT 5) a property length, if any, in the fewest bytes and spanning the rest of the body
+    exactly. paho checks none of these; its decoding already refused reason codes and properties a PUBREL
+    cannot have."""
+    if command & 0x0F != 0x02 or len(body) < 2 or body[0] == body[1] == 0:
+        return False
+    if len(body) == 2:
+        return True
+    if protocol != mqtt.MQTTv5:
+        return False
+    if len(body) == 3:  # a reason code alone
+        return True
+    length = shift = 0
+    for at in range(3, min(len(body), 7)):  # the property length: a variable byte integer of 1 to 4 bytes
+        length += (body[at] & 0x7F) << shift
+        shift += 7
+        if not body[at] & 0x80:  # the last byte; one of 0 after others is a longer encoding than needed
+            return at + 1 + length == len(body) and (at == 3 or body[at] != 0)
+    return False

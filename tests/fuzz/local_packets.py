@@ -2,7 +2,8 @@
 
 :class:`~agent.mqtt.lean_client.LeanClient` decodes a property-less PUBLISH and a two-byte PUBACK itself and
 writes queued packets together; paho does both for every other packet. The harness gives a lean client and a
-plain paho client (its own decoder, its own reads and writes) the same stream, cut into the same pieces, over
+plain paho client (its own decoder, its own reads and writes; answering a PUBREL for a message it does not
+hold as every agent client does) the same stream, cut into the same pieces, over
 a real socket pair, and drives each as paho's network thread does (``loop_read`` until the socket is drained,
 then ``loop_write``), with the callbacks the local link uses: manual acknowledgements and replies published
 from the network thread. Both must see the same thing: every callback with the same arguments (messages'
@@ -28,7 +29,7 @@ import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.mqtt.chunked import ChunkedReadClient
@@ -38,6 +39,28 @@ from tests.fuzz.fuzzed import FuzzedInput
 
 _MAX_PREPUBLISHED = 8  # QoS 1 messages in flight before the stream starts: its PUBACKs have something to settle
 _DRAIN_BYTES = 1 << 20
+
+
+class _PahoReference(mqtt.Client):
+    """paho's own client (its reads, its decoding, its writes) with the one change every agent client makes to
+    what it sends: with ``manual_ack`` a PUBREL MQTT allows, for a message paho does not hold, is completed
+    with a PUBCOMP (:class:`~agent.mqtt.chunked.ChunkedReadClient`; tests/test_qos2.py has why). Whether MQTT
+    allows it is worked out here with paho's own decoding, not the agent's check."""
+
+    def _handle_pubrel(self) -> mqtt.MQTTErrorCode:
+        command, body = self._in_packet["command"], bytes(self._in_packet["packet"])
+        mid = int.from_bytes(body[:2], "big")
+        held = mid in self._in_messages
+        rc = super()._handle_pubrel()  # raises for a body paho cannot decode
+        if held or rc != mqtt.MQTT_ERR_SUCCESS or not self.is_connected():
+            return rc
+        if command & 0x0F != 0x02 or mid == 0:  # the flags MQTT fixes for a PUBREL; an identifier never in use
+            return rc
+        if len(body) > 3:  # properties: their length, minimally encoded, spans the rest of the body
+            length, length_bytes = VariableByteIntegers.decode(body[3:])
+            if len(VariableByteIntegers.encode(length)) != length_bytes or 3 + length_bytes + length != len(body):
+                return rc
+        return self._send_pubcomp(mid)
 
 
 class _Run:
@@ -183,7 +206,7 @@ def target_local_packets(data_bytes: bytes) -> None:
         )
     else:
         lean_client = LeanClient(version, client_id="lean", protocol=mqtt.MQTTv5, manual_ack=True)
-        paho_client = mqtt.Client(version, client_id="paho", protocol=mqtt.MQTTv5, manual_ack=True)
+        paho_client = _PahoReference(version, client_id="paho", protocol=mqtt.MQTTv5, manual_ack=True)
     lean, paho = _Run(lean_client, **options), _Run(paho_client, **options)
     try:
         expected = _outcome(paho, stream, piece, prepublished)
