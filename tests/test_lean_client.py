@@ -20,6 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.mqtt.lean_client import LeanClient, _coalesce_head
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client
+from tests.fixtures.wakeups import CountingWakeups
 
 
 def _publish_packet(topic: bytes, qos: int, mid: int, properties: Properties | None, payload: bytes) -> bytearray:
@@ -172,21 +173,6 @@ def test_paho_hands_a_live_connection_s_publishes_and_pubacks_to_the_lean_client
     assert "_handle_publish" in calls and "_handle_pubackcomp" in calls
 
 
-class _CountingWakeups:
-    """The client's end of paho's wake-up socket pair, counting the bytes sent to wake its network thread."""
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self.sends = 0
-
-    def send(self, data: bytes) -> int:
-        self.sends += 1
-        return self.sock.send(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_another_thread_sends_its_publishes_itself_and_wakes_the_network_thread_only_while_it_writes(
     local_broker: MosquittoProcess,
 ) -> None:
@@ -218,7 +204,7 @@ def test_another_thread_sends_its_publishes_itself_and_wakes_the_network_thread_
     client.loop_start()
     try:
         assert subscribed.wait(10) and connected.wait(10)
-        wakeups = _CountingWakeups(client._sockpairW)
+        wakeups = CountingWakeups(client._sockpairW)
         client._sockpairW = wakeups  # type: ignore[assignment]
         subscriber.publish("hold", b"", qos=1)
         assert busy.wait(10)  # the network thread is inside a callback: it neither reads nor writes

@@ -14,6 +14,7 @@ from agent.mqtt.chunked import ChunkedReadClient
 from agent.mqtt.inbound_guard import InboundLimits
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client, new_guarded_client
+from tests.fixtures.wakeups import CountingWakeups
 
 MESSAGES = 2000
 # The responders (plain), the local link (lean: its own decoding of PUBLISH and PUBACK), and the uplink
@@ -94,21 +95,6 @@ def test_unread_bytes_is_zero_without_a_connection() -> None:
     assert new_client("never-connected").unread_bytes() == 0
 
 
-class _CountingSocketPair:
-    """Stands in for paho's wake-up socket and counts the wake-ups sent through it."""
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self.sends = 0
-
-    def send(self, data: bytes) -> int:
-        self.sends += 1
-        return self.sock.send(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_publishing_together_wakes_the_network_thread_once_and_delivers_everything(
     local_broker: MosquittoProcess,
 ) -> None:
@@ -122,7 +108,7 @@ def test_publishing_together_wakes_the_network_thread_once_and_delivers_everythi
     publisher.connect(local_broker.host, local_broker.port)
     publisher.loop_start()
     assert connected.wait(10)
-    wakeups = _CountingSocketPair(publisher._sockpairW)
+    wakeups = CountingWakeups(publisher._sockpairW)
     publisher._sockpairW = wakeups  # type: ignore[assignment]
     messages = [f"message {index:05d}".encode() for index in range(MESSAGES)]
     sent = threading.Event()
