@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +176,7 @@ class Ledger:
             if self.queued[cls] > 0:
                 found += self.db.execute_sql(_CLAIM_SELECT, (cls, limit - len(found))).fetchall()
         ids = [r[0] for r in found]
-        for start in range(0, len(ids), _SQL_CHUNK):
-            chunk = _padded(ids[start : start + _SQL_CHUNK])
+        for chunk in _padded_chunks(ids):
             self.db.execute_sql(
                 f"UPDATE outbox SET state = 'claimed', attempts = attempts + 1 WHERE id IN ({_placeholders(chunk)})",
                 chunk,
@@ -316,14 +315,13 @@ class Ledger:
 
     def _set_state(self, ids: Sequence[int], state: str, **extra: Any) -> None:
         row = self.tables.row
-        for start in range(0, len(ids), _SQL_CHUNK):
-            row.update(state=state, **extra).where(row.id.in_(_padded(ids[start : start + _SQL_CHUNK]))).execute()
+        for chunk in _padded_chunks(ids):
+            row.update(state=state, **extra).where(row.id.in_(chunk)).execute()
         self._dirty = self._dirty or bool(ids)
 
     def _delete(self, rows: Sequence[Row]) -> set[int]:
         ids = [r[0] for r in rows]
-        for start in range(0, len(ids), _SQL_CHUNK):
-            chunk = _padded(ids[start : start + _SQL_CHUNK])
+        for chunk in _padded_chunks(ids):
             self.db.execute_sql(f"DELETE FROM outbox WHERE id IN ({_placeholders(chunk)})", chunk)
         for _, cls, size, state in rows:
             self.count -= 1
@@ -343,8 +341,7 @@ class Ledger:
 
     def _by_ids(self, ids: Sequence[int], *conditions: Any) -> list[Row]:
         found: list[Row] = []
-        for start in range(0, len(ids), _SQL_CHUNK):
-            chunk = _padded(ids[start : start + _SQL_CHUNK])
+        for chunk in _padded_chunks(ids):
             if conditions:
                 found += self._select_rows(self.tables.row.id.in_(chunk), *conditions)
             else:
@@ -356,6 +353,12 @@ class Ledger:
 
 def _placeholders(values: Sequence[Any]) -> str:
     return ", ".join("?" * len(values))
+
+
+def _padded_chunks(ids: Sequence[int]) -> Iterator[list[int]]:
+    """``ids`` in lists of at most ``_SQL_CHUNK`` for one ``IN`` each, every list :func:`_padded`."""
+    for start in range(0, len(ids), _SQL_CHUNK):
+        yield _padded(ids[start : start + _SQL_CHUNK])
 
 
 def _padded(ids: Sequence[int]) -> list[int]:
