@@ -116,6 +116,16 @@ def test_a_custom_op_the_runtime_lacks_passes_for_its_delegate_to_provide() -> N
     assert probes_spawned() == before + 1
 
 
+@pytest.mark.parametrize(
+    "saved", [b"", b"\xff\xfe garbage", b"[" * 100_000, b'{"runtime": 1, "verdicts": []}', b'{"verdicts": 5}']
+)
+def test_a_damaged_state_file_only_costs_probes_again(tmp_path: Path, saved: bytes) -> None:
+    (tmp_path / PROBE_FILE).write_bytes(saved)
+    before = probes_spawned()
+    ModelProbe(load_runtime(), state_dir=tmp_path).check(_unique_classifier(), "good.tflite")
+    assert probes_spawned() == before + 1
+
+
 def test_verdicts_kept_in_the_state_dir_spare_a_restarted_process_the_probes(tmp_path: Path) -> None:
     crashing, good = fresh_copy(CRASHING_MODELS["constructing the interpreter"]), _unique_classifier()
     (tmp_path / "crashing.tflite").write_bytes(crashing)

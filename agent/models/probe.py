@@ -238,7 +238,7 @@ def _adopt_saved(key: str, state_dir: Path | None) -> None:
             _verdicts.setdefault((key, str(digest)), None if verdict is None else str(verdict))
     except FileNotFoundError:
         return
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         log.warning("%s unreadable (%s): model files will be probed again", state_dir / PROBE_FILE, exc)
 
 
