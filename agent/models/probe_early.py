@@ -92,20 +92,44 @@ def probe_early(settings: Settings) -> EarlyProbes | None:
     return early if early.start(settings.models_dir) else None
 
 
-def spare_cpu(cgroup_root: Path = Path("/sys/fs/cgroup")) -> bool:
-    """Whether this process may run on more than one CPU at once: its affinity and its cgroup's ``cpu.max`` quota.
+def spare_cpu(cgroup_root: Path = Path("/sys/fs/cgroup"), own_groups: Path = Path("/proc/self/cgroup")) -> bool:
+    """Whether this process may run on more than one CPU at once: its affinity and its cgroup's CPU quota
+    (:func:`cpu_quota`; ``own_groups`` lists the process's groups, as ``/proc/self/cgroup`` does).
 
     On one CPU an early child only takes turns with the start it was meant to run beside, and the two together
     came online later than one after the other (measured with the agent pinned to one core of two)."""
     if len(os.sched_getaffinity(0)) < 2:
         return False
+    quota = cpu_quota(cgroup_root, own_groups)
+    return quota is None or quota >= 2
+
+
+def cpu_quota(cgroup_root: Path, own_groups: Path) -> float | None:
+    """The CPUs' worth of time this process's cgroup may use (None: unlimited, or no quota readable).
+
+    cgroup v2 keeps it in the group's ``cpu.max`` ("max" or "QUOTA PERIOD"); cgroup v1 (Raspberry Pi OS
+    bullseye, hybrid hosts, where v2's unified tree has no cpu controller) in ``cpu.cfs_quota_us`` (-1:
+    unlimited) and ``cpu.cfs_period_us`` under the cpu controller's mount, named after its controllers
+    (``cpu,cpuacct``). The first quota that reads is the one: a host mounts the cpu controller in one tree only."""
     try:
-        lines = Path("/proc/self/cgroup").read_text(encoding="ascii").splitlines()
-        group = next(line for line in lines if line.startswith("0::")).removeprefix("0::")
-        quota, period = (cgroup_root / group.lstrip("/") / "cpu.max").read_text(encoding="ascii").split()[:2]
-    except (OSError, ValueError, StopIteration):
-        return True  # no cgroup v2 quota to read: the affinity says it all
-    return quota == "max" or int(quota) >= 2 * int(period)
+        lines = own_groups.read_text(encoding="ascii").splitlines()
+    except (OSError, ValueError):
+        return None
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, group = rest.partition(":")
+        try:
+            if hierarchy == "0" and not controllers:
+                quota, period = (cgroup_root / group.lstrip("/") / "cpu.max").read_text(encoding="ascii").split()[:2]
+                return None if quota == "max" else int(quota) / int(period)
+            if "cpu" in controllers.split(","):
+                folder = cgroup_root / controllers / group.lstrip("/")
+                quota_us = int((folder / "cpu.cfs_quota_us").read_text(encoding="ascii"))
+                period_us = int((folder / "cpu.cfs_period_us").read_text(encoding="ascii"))
+                return None if quota_us < 0 else quota_us / period_us
+        except (OSError, ValueError, ZeroDivisionError):
+            continue  # not mounted here, or not readable: another tree may hold it
+    return None
 
 
 def _manifest_files(models_dir: Path) -> list[tuple[str, str, str]]:
