@@ -125,6 +125,21 @@ def test_a_packet_identifier_reused_before_its_acknowledgement_is_refused(
     _cut_off_then_serving(agent, broker, caplog, "packet identifier 5 again before we acknowledged it")
 
 
+def test_a_qos2_request_with_the_packet_identifier_0_is_refused_not_acknowledged(
+    agent_on: Callable[[Behaviour], tuple[Agent, HostileBroker]], caplog: pytest.LogCaptureFixture
+) -> None:
+    payload = json.dumps({"jsonrpc": "2.0", "id": "zero", "method": "ping"}).encode()
+
+    def zero(connection: Connection) -> None:
+        connection.subscribed.wait(10)
+        connection.send(publish_packet(_REQUESTS, payload, qos=2, packet_id=0))  # MQTT forbids 0 for QoS > 0
+
+    caplog.set_level(logging.INFO)
+    agent, broker = agent_on(zero)
+    _cut_off_then_serving(agent, broker, caplog, "a QoS 2 PUBLISH with the packet identifier 0")
+    assert not any(b'"zero"' in sent for connection in broker.connections for _, sent in connection.published)
+
+
 class HoldingSink:
     """Takes requests from the link and keeps each until the test answers it (a slow service, to the last moment)."""
 

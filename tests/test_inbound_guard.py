@@ -94,6 +94,14 @@ def test_a_packet_of_exactly_the_maximum_size_passes() -> None:
         InboundGuard(InboundLimits(max_packet_bytes=len(packet) - 1, receive_maximum=1)).feed(packet)
 
 
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_held_publish_with_the_packet_identifier_0_is_refused(qos: int) -> None:
+    guard = InboundGuard(InboundLimits(max_packet_bytes=4096, receive_maximum=16), count_qos1=True)
+    with pytest.raises(PeerViolation, match=f"QoS {qos} PUBLISH with the packet identifier 0"):
+        guard.feed(publish_packet("t", b"x", qos=qos, packet_id=0))
+    assert not guard.awaiting_release and not guard.awaiting_ack
+
+
 def test_a_remaining_length_of_five_bytes_is_refused() -> None:
     with pytest.raises(PeerViolation, match="four bytes"):
         InboundGuard(InboundLimits(max_packet_bytes=1 << 30, receive_maximum=1)).feed(b"\x30\xff\xff\xff\xff\x01")

@@ -9,7 +9,7 @@ them is cut off here, before paho allocates anything for the packet that breaks 
 packets that matter the packet identifier) and raises :class:`~agent.errors.PeerViolation` — an ``OSError``,
 which paho treats as a lost connection — as soon as a packet is announced larger than the limit, a PUBLISH
 would leave more than Receive Maximum messages awaiting our acknowledgement, or one reuses a packet identifier
-still awaiting it.
+still awaiting it or has the identifier 0.
 
 What awaits it depends on who acknowledges. A QoS 2 PUBLISH awaits its PUBREL (paho keeps it until then). A
 QoS 1 PUBLISH is held only by a client that acknowledges by hand (``manual_ack``: the local link answers a
@@ -155,6 +155,8 @@ class InboundGuard:
             self.awaiting_release.discard(int.from_bytes(self._head[:2], "big"))
         elif self._type == _PUBLISH and self._head_need >= 4 and len(self._head) == self._head_need:
             packet_id = int.from_bytes(self._head[self._head_need - 2 : self._head_need], "big")
+            if packet_id == 0:  # MQTT forbids it for QoS > 0: it could not be acknowledged (paho would PUBREC 0)
+                self._refuse(f"a QoS {(self._flags >> 1) & 0x03} PUBLISH with the packet identifier 0")
             # The identifiers of QoS 1 and QoS 2 messages are one space: one held for either is not free for the other.
             if (self._flags >> 1) & 0x03 == 2:
                 if packet_id in self.awaiting_ack:
