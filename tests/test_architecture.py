@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "agent"
 LAYERS: list[set[str]] = [
     {"agent", "agent.compat", "agent.errors", "agent.faults"},
     {"agent.periodic"},
-    {"agent.profiles"},
+    {"agent.profiles", "agent.config_resources"},
     {"agent.config"},
     {"agent.config_loader"},
     {"agent.exchange"},
