@@ -282,10 +282,26 @@ def _model_file() -> list[bytes]:
     return [*bundled, packed, *cuts, bundled[0][:16], b"", b"\0\0\0\0TFL3"]
 
 
+def _probe_state() -> list[bytes]:
+    from agent.models.probe import bundled_sha256
+
+    bundled = sorted(bundled_sha256())[0]
+    crashed = "crashed the interpreter in a probe (signal 11, SIGSEGV, while allocating tensors)"
+    ours = {"a" * 64: None, "b" * 64: crashed, bundled: crashed}
+    many = {f"{number:064x}": None for number in range(1100)}
+    documents = [
+        {"runtime": "@KEY@", "verdicts": ours}, {"runtime": "another runtime 0.1, 1 bytes", "verdicts": ours},
+        {"runtime": "@KEY@", "verdicts": many}, {"runtime": "@KEY@", "verdicts": []}, {"verdicts": 5}, [],
+        {"runtime": "@KEY@", "verdicts": {"c" * 64: 7, "d" * 64: {"x": [1]}, "e" * 64: False, "": "", "5" * 64: "x"}},
+    ]
+    texts = [json.dumps(document, indent=1).encode() for document in documents]
+    return [*texts, b"", b"\xff\xfe garbage", _DEEP, b'{"runtime":"@KEY@","verdicts":{"\\ud800":NaN}}', texts[0][:40]]
+
+
 SEEDS = {
     "intake": _intake, "protocol": _protocol, "tensor": _tensor, "image": _image, "tools_call": _tools_call,
     "cloud_answer": _cloud_answer, "cloud_stream": _cloud_stream, "local_packets": _local_packets, "puback": _puback, "deploy_document": _deploy_document, "manifest": _manifest, "config": _config,
-    "outbox_rows": _outbox_rows, "model_file": _model_file,
+    "outbox_rows": _outbox_rows, "model_file": _model_file, "probe_state": _probe_state,
 }  # fmt: skip
 
 

@@ -55,6 +55,7 @@ from tests.fuzz.fuzzed import FuzzedInput
 from tests.fuzz.intake import target_intake
 from tests.fuzz.local_packets import target_local_packets
 from tests.fuzz.model_file import target_model_file
+from tests.fuzz.probe_state import target_probe_state
 
 
 # The outboxes here live in memory (/dev/shm), up to 256 of them: a disk reserve each would hold 1 GiB.
@@ -432,6 +433,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "deploy_document": target_deploy_document,
     "manifest": target_manifest,
     "model_file": target_model_file,
+    "probe_state": target_probe_state,
     "config": target_config,
     "outbox_rows": target_outbox_rows,
 }
