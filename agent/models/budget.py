@@ -16,8 +16,8 @@ that moment (:func:`~agent.observe.memory.anon_rss_bytes`: RSS without the file-
 no unload can shrink), under the process soft limit: whatever else the process holds, a load never takes
 it over. Making room unloads the least recently used unpinned models that no request holds.
 
-Nothing here takes a lock: the model manager owns the one lock that guards the :class:`SlotTable` and calls
-every :class:`MemoryBudget` method with it held.
+Nothing here takes a lock: the loaded models (:class:`agent.models.residency.LoadedModels`) own the one lock that
+guards the :class:`SlotTable` and call every :class:`MemoryBudget` method with it held.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class SlotTable:
 
 
 class MemoryBudget:
-    """The model memory budget and process soft limit over a :class:`SlotTable`; call with the manager's lock held."""
+    """The model memory budget and process soft limit over a :class:`SlotTable`; call with its owner's lock held."""
 
     def __init__(
         self,
