@@ -283,18 +283,18 @@ def _model_file() -> list[bytes]:
 
 
 def _probe_state() -> list[bytes]:
-    from agent.models.probe import bundled_sha256
+    from agent.models.probe import MAX_SAVED_VERDICTS, bundled_sha256
 
     bundled = sorted(bundled_sha256())[0]
     crashed = "crashed the interpreter in a probe (signal 11, SIGSEGV, while allocating tensors)"
     ours = {"a" * 64: None, "b" * 64: crashed, bundled: crashed}
-    many = {f"{number:064x}": None for number in range(1100)}
+    many = {f"{number:064x}": None for number in range(MAX_SAVED_VERDICTS + 6)}
     documents = [
         {"runtime": "@KEY@", "verdicts": ours}, {"runtime": "another runtime 0.1, 1 bytes", "verdicts": ours},
         {"runtime": "@KEY@", "verdicts": many}, {"runtime": "@KEY@", "verdicts": []}, {"verdicts": 5}, [],
         {"runtime": "@KEY@", "verdicts": {"c" * 64: 7, "d" * 64: {"x": [1]}, "e" * 64: False, "": "", "5" * 64: "x"}},
     ]
-    texts = [json.dumps(document, indent=1).encode() for document in documents]
+    texts = [json.dumps(document, separators=(",", ":")).encode() for document in documents]
     return [*texts, b"", b"\xff\xfe garbage", _DEEP, b'{"runtime":"@KEY@","verdicts":{"\\ud800":NaN}}', texts[0][:40]]
 
 
