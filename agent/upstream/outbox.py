@@ -228,8 +228,9 @@ class Outbox:
         """The ``n`` oldest rows, optionally of one class and/or state (queued, claimed, dead)."""
         return self._writer.submit("peek", n, cls, state)
 
-    def add_queued_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` (on the writer thread; it must not block) whenever rows become queued."""
+    def add_queued_listener(self, callback: Callable[[frozenset[str]], None]) -> None:
+        """Call ``callback(classes)`` (on the writer thread; it must not block) whenever rows of ``classes``
+        become queued."""
         self._writer.add_queued_listener(callback)
 
     def run_callbacks_within(self, scope: Callable[[], AbstractContextManager[None]]) -> None:

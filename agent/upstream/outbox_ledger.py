@@ -16,6 +16,7 @@ import peewee
 
 from agent.config import MessageClass, OutboxSettings
 from agent.upstream import outbox_file as store
+from agent.upstream.outbox_fresh import Claimable, FreshRows
 from agent.upstream.outbox_models import OutboxRecord
 
 log = logging.getLogger("agent.upstream.outbox")
@@ -68,7 +69,8 @@ class Ledger:
         # No unclaimed row expires before this boot-clock time (-inf: unknown, scan at the next chance),
         # so a claim runs the expiry scan only when something may really have expired.
         self.next_expiry = float("-inf")
-        self.queued_grew = False
+        self.queued_classes: set[str] = set()  # classes whose queued rows grew in this transaction
+        self._fresh = FreshRows()  # what a claim takes without reading it back (see outbox_fresh)
         self._pending: Counter[str] = Counter()
         self._dirty = False
         self._last_heartbeat = float("-inf")
@@ -78,7 +80,8 @@ class Ledger:
 
     def begin(self) -> None:
         self._pending.clear()
-        self._dirty = self.queued_grew = False
+        self._dirty = False
+        self.queued_classes = set()
 
     def finish(self, *, force_heartbeat: bool) -> set[int]:
         """Enforce the bounds and persist counters; returns the ids evicted in this transaction."""
@@ -93,6 +96,7 @@ class Ledger:
 
     def load_accounting(self) -> None:
         """Recompute the running totals from the file (at open and after a failed transaction)."""
+        self._fresh.forget()  # first: rows remembered in a transaction that failed were never stored
         row = self.tables.row
         self.count = self.bytes = self.in_flight = self.in_flight_bytes = 0
         self.queued = Counter()
@@ -146,7 +150,8 @@ class Ledger:
             self.count += 1
             self.bytes += size
             self.queued[cls] += 1
-        self._dirty = self.queued_grew = True
+        self._dirty = True
+        self.queued_classes.update(row[1] for row in values)
         if not values:
             return [None] * len(rows)
         cursor = self.db.connection().cursor()
@@ -155,26 +160,36 @@ class Ledger:
             chunk = values[start : start + size]
             start += size
             cursor.execute(_INSERT + ", ".join([_INSERT_ROW] * size), [value for row in chunk for value in row])
-        next_id = cursor.lastrowid - len(values) + 1
+        first_id = next_id = cursor.lastrowid - len(values) + 1
         ids: list[int | None] = []
         for fit in fits:
             ids.append(next_id if fit else None)
             next_id += fit
+        self._fresh.remember(values, first_id)
         return ids
 
     def claim(self, limit: int) -> list[OutboxRecord]:
         now = self.clock.now()
         self._promote_due(now)
         if not any(self.queued.values()):
+            self._fresh.empty(SEND_ORDER)
             return []
         if now >= self.next_expiry:
             self._expire(now)
-        found: list[tuple[Any, ...]] = []
+        found: list[Claimable] = []
         for cls in SEND_ORDER:
             if len(found) >= limit:
                 break
-            if self.queued[cls] > 0:
-                found += self.db.execute_sql(_CLAIM_SELECT, (cls, limit - len(found))).fetchall()
+            if self.queued[cls] <= 0:
+                self._fresh.empty((cls,))
+                continue
+            wanted = limit - len(found)
+            rows = self._fresh.take(cls, wanted, self.queued[cls])
+            if rows is None:
+                rows = self.db.execute_sql(_CLAIM_SELECT, (cls, wanted)).fetchall()
+                if len(rows) < wanted:
+                    self._fresh.empty((cls,))
+            found += rows
         ids = [r[0] for r in found]
         for chunk in _padded_chunks(ids):
             self.db.execute_sql(
@@ -302,6 +317,7 @@ class Ledger:
         return row.select(peewee.fn.MIN(row.retry_clock)).where(row.state == store.DEAD).scalar()
 
     def _requeue(self, rows: list[Row], **extra: Any) -> int:
+        self._fresh.forget(r[1] for r in rows)  # requeued rows are older than the fresh ones
         self._set_state([r[0] for r in rows], store.QUEUED, **extra)
         if rows:
             self.next_expiry = float("-inf")  # requeued rows may expire before any other unclaimed row
@@ -310,7 +326,7 @@ class Ledger:
             if state == store.CLAIMED:
                 self.in_flight -= 1
                 self.in_flight_bytes -= size
-        self.queued_grew = self.queued_grew or bool(rows)
+        self.queued_classes.update(r[1] for r in rows)
         return len(rows)
 
     def _set_state(self, ids: Sequence[int], state: str, **extra: Any) -> None:
@@ -320,6 +336,7 @@ class Ledger:
         self._dirty = self._dirty or bool(ids)
 
     def _delete(self, rows: Sequence[Row]) -> set[int]:
+        self._fresh.forget(r[1] for r in rows if r[3] == store.QUEUED)
         ids = [r[0] for r in rows]
         for chunk in _padded_chunks(ids):
             self.db.execute_sql(f"DELETE FROM outbox WHERE id IN ({_placeholders(chunk)})", chunk)
