@@ -278,6 +278,19 @@ def test_rows_claimed_right_after_their_commit_are_the_rows_stored(tmp_path: Pat
         kept = store.enqueue("res", body(short=False))
         time.sleep(0.1)
         assert [r.msg_id for r in store.claim_batch(10)] == [kept]
+    with Outbox(tmp_path / "refused.db") as store:
+        assert store.claim_batch(10) == []
+        ids = [store.enqueue("res", body(i=i)) for i in range(3)]
+        held = store.claim_batch(10)
+        assert store.stats().classes["res"].claimed == 3
+        assert [e.msg_id for e in store.peek(state="claimed")] == ids
+        assert store.peek(state="queued") == []
+        store.mark_failed(held[1].id, 0x87)
+        assert store.mark_delivered([held[0].id]) == 1
+        assert store.release_claims() == 1
+        (dead,) = store.peek(state="dead")
+        assert (dead.msg_id, dead.attempts) == (ids[1], 1)
+        assert [(r.msg_id, r.attempts) for r in store.claim_batch(10)] == [(ids[2], 2)]
     with Outbox(tmp_path / "bounded.db", OutboxSettings(max_messages=3)) as store:
         assert store.claim_batch(10) == []
         ids = [store.enqueue("telemetry", body(i=i)) for i in range(5)]

@@ -75,3 +75,50 @@ class FreshRows:
             rows = self._rows.pop(cls, None)
             if rows:
                 self._bytes -= sum(len(row[3]) for row in rows)
+
+
+class HeldClaims:
+    """Rows claimed from :class:`FreshRows` without marking them in the file: ``rows`` maps id -> (cls, size).
+
+    Marking a claim rewrites the row's pages (a reply copy's body shares them) into the WAL once more, only
+    for the mark to be deleted with the row on its PUBACK or undone at the next open: about a quarter of the
+    writer's work per row under load. The file keeps such a row ``queued``; the ledger treats it as claimed
+    (every read of states goes through :meth:`mark`). A failed transaction restores what it changed
+    (:meth:`rollback`). Writer thread only.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple[str, int]] = {}
+        self._before: dict[int, tuple[str, int]] | None = None
+
+    def begin(self) -> None:
+        """A transaction starts: what it changes can be rolled back."""
+        self._before = None
+
+    def rollback(self) -> None:
+        """Undo the changes of the transaction that failed."""
+        if self._before is not None:
+            self.rows, self._before = self._before, None
+
+    def add(self, row_id: int, cls: str, size: int) -> None:
+        self._keep_before()
+        self.rows[row_id] = (cls, size)
+
+    def discard(self, ids: Iterable[int]) -> None:
+        for row_id in ids:
+            if row_id in self.rows:
+                self._keep_before()
+                del self.rows[row_id]
+
+    def of_class(self, cls: str) -> int:
+        return sum(1 for held_cls, _ in self.rows.values() if held_cls == cls)
+
+    def mark(self, rows: list[tuple[int, str, int, str]], claimed: str) -> list[tuple[int, str, int, str]]:
+        """``rows`` (id, cls, size, state) with the state of held rows set to ``claimed``."""
+        if not self.rows:
+            return rows
+        return [(i, cls, size, claimed if i in self.rows else state) for i, cls, size, state in rows]
+
+    def _keep_before(self) -> None:
+        if self._before is None:
+            self._before = dict(self.rows)

@@ -89,7 +89,9 @@ class Drain:
         self._unreleased: list[int] = []
         self._cond = threading.Condition()
         self._woken = False
-        self._urgent = False  # rows of a class that is never held (fallback) are queued: no lingering
+        # Ends a linger early: rows of a class never held (fallback) were queued, or the uplink stops. Not the
+        # condition above, which every commit notifies: waking a lingering drain per commit is what lingering saves.
+        self._urgent = threading.Event()
         self._settled = False  # nothing held, handed over or awaiting a PUBACK
         self._has_work = True
         self._linger_s = cloud.drain_linger_ms / 1000
@@ -110,17 +112,20 @@ class Drain:
     def reset(self) -> None:
         """Accept rows again (before the thread starts)."""
         self._accepting, self._done = True, False
+        self._urgent.clear()
 
     def settle(self, timeout: float) -> None:
         """Stop claiming, flush held batches, and wait up to ``timeout`` s for the window to empty."""
         with self._cond:
             self._accepting, self._settled, self._woken = False, False, True
+            self._urgent.set()
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._settled, timeout=timeout)
 
     def finish(self) -> None:
         """Let the thread release every unacknowledged row and end; call once the connection thread ended."""
         self._done = True
+        self._urgent.set()
         self.wake()
 
     def wake(self) -> None:
@@ -131,10 +136,9 @@ class Drain:
 
     def _on_rows_queued(self, classes: frozenset[str]) -> None:
         self._has_work = True
-        with self._cond:
-            self._woken = True
-            self._urgent = self._urgent or not classes.isdisjoint(UNBATCHED_CLASSES)
-            self._cond.notify_all()
+        if not classes.isdisjoint(UNBATCHED_CLASSES):
+            self._urgent.set()
+        self.wake()
 
     def run(self) -> None:
         """The ``uplink-drain`` thread's body: runs until :meth:`finish`."""
@@ -147,10 +151,9 @@ class Drain:
                 # two outbox transactions and four thread hand-offs per record. A backlog is not held back:
                 # there the window, not the wake-ups, sets the pace; nor is a cloud-fallback request, which
                 # waits for its answer; nor is stopping.
-                with self._cond:
-                    self._cond.wait_for(lambda: self._urgent or not self._accepting or self._done, self._linger_s)
-            with self._cond:
-                self._urgent = False
+                self._urgent.wait(self._linger_s)
+            if self._accepting and not self._done:
+                self._urgent.clear()
             # Read first: _done is set only after the connection thread has moved every
             # unacknowledged row to the window's lost rows, so a finishing pass releases them all.
             finishing = self._done
