@@ -202,13 +202,12 @@ class Ledger:
                     self._fresh.empty((cls,))
                 marked += [r[0] for r in rows]
             found += rows
-        ids = marked
-        for chunk in padded_chunks(ids):
+        for chunk in padded_chunks(marked):
             self.db.execute_sql(
                 f"UPDATE outbox SET state = 'claimed', attempts = attempts + 1 WHERE id IN ({placeholders(chunk)})",
                 chunk,
             )
-        self._dirty = self._dirty or bool(ids)
+        self._dirty = self._dirty or bool(marked)
         claimed: list[OutboxRecord] = []
         for row_id, msg_id, cls, body, enqueued_wall, enqueued_clock, expires_clock, attempts in found:
             self.queued[cls] -= 1
