@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import CloudBroker
 from agent.config_loader import load_settings
 from agent.errors import ConfigError
 
@@ -58,3 +59,12 @@ def test_invalid_values_are_refused_clearly(tmp_path: Path, body: str, needle: s
 
 def test_a_device_signs_with_its_tpm_by_default() -> None:
     assert load_settings(None).signing.backend == "tpm"
+
+
+def test_drain_rounds_follow_batching_unless_set() -> None:
+    # Batched records wait for their batch: the drain claims them less often, never longer than they wait.
+    assert CloudBroker(host="127.0.0.1").drain_linger_ms == 100
+    assert CloudBroker(host="127.0.0.1", batch_linger_ms=40).drain_linger_ms == 40
+    assert CloudBroker(host="127.0.0.1", batch_linger_ms=0).drain_linger_ms == 10
+    assert CloudBroker(host="127.0.0.1", batch=False).drain_linger_ms == 10
+    assert CloudBroker(host="127.0.0.1", drain_linger_ms=5).drain_linger_ms == 5

@@ -16,7 +16,8 @@ from agent.config import OutboxSettings
 from agent.errors import OutboxError
 from agent.upstream.outbox import Outbox
 from agent.upstream.outbox_commands import APPEND, Command, fair_transaction
-from agent.upstream.outbox_ledger import _ROWS_PER_INSERT, _SQL_CHUNK, _insert_sizes, _padded
+from agent.upstream import outbox_sql
+from agent.upstream.outbox_sql import ROWS_PER_INSERT, SQL_CHUNK, insert_sizes
 from agent.upstream.outbox_writer import _transactions
 
 TIMEOUT_S = 30.0
@@ -101,23 +102,23 @@ def test_appends_committed_together_keep_their_own_ids_and_refusals(tmp_path: Pa
     assert [row["name"] for row in rows] == [name for name in names if name != "row-7"]
 
 
-@given(st.integers(min_value=0, max_value=5 * _ROWS_PER_INSERT))
+@given(st.integers(min_value=0, max_value=5 * ROWS_PER_INSERT))
 def test_a_transactions_rows_go_in_through_few_distinct_statements(count: int) -> None:
     """Every row is inserted once, in order, by statements of a few sizes only: each distinct size is one more
     prepared statement the connection keeps in its cache (SQLite memory held after a burst)."""
-    sizes = _insert_sizes(count)
+    sizes = insert_sizes(count)
     assert sum(sizes) == count
-    assert all(size in {_ROWS_PER_INSERT >> shift for shift in range(8)} for size in sizes)
-    assert len(sizes) - sizes.count(_ROWS_PER_INSERT) <= 7
+    assert all(size in {ROWS_PER_INSERT >> shift for shift in range(8)} for size in sizes)
+    assert len(sizes) - sizes.count(ROWS_PER_INSERT) <= 7
 
 
-@given(st.lists(st.integers(min_value=1), min_size=0, max_size=_SQL_CHUNK, unique=True))
+@given(st.lists(st.integers(min_value=1), min_size=0, max_size=SQL_CHUNK, unique=True))
 def test_id_lists_are_padded_to_a_few_lengths_with_the_same_ids(ids: list[int]) -> None:
     """Claims and deliveries pass their ids in ``IN`` lists padded to powers of two: as with the inserts, each
     distinct length is one more prepared statement kept in the connection's cache."""
-    padded = _padded(ids)
+    padded = outbox_sql.padded(ids)
     assert padded[: len(ids)] == ids and set(padded) == set(ids)
-    assert len(padded) in {0} | {1 << shift for shift in range(_SQL_CHUNK.bit_length())}
+    assert len(padded) in {0} | {1 << shift for shift in range(SQL_CHUNK.bit_length())}
     assert len(padded) < 2 * len(ids) or len(ids) <= 1
 
 
@@ -138,7 +139,7 @@ def test_padded_claims_and_deliveries_act_on_each_row_once(tmp_path: Path) -> No
 def test_rows_of_one_transaction_split_over_statements_keep_their_order(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     settled = Settled()
-    names = [f"row-{i}" for i in range(_ROWS_PER_INSERT + 99)]  # 128 + 64 + 32 + 2 + 1
+    names = [f"row-{i}" for i in range(ROWS_PER_INSERT + 99)]  # 128 + 64 + 32 + 2 + 1
     with Outbox(path, OutboxSettings(batch_max=len(names))) as store:
         _, release = hold_writer(store)
         for name in names:

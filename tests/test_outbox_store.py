@@ -250,6 +250,54 @@ def test_ttl_expires_unclaimed_rows_and_counts_them(tmp_path: Path) -> None:
         assert store.stats().drops == {"expired": {"telemetry": 1, "res": 1}}
 
 
+def test_rows_claimed_right_after_their_commit_are_the_rows_stored(tmp_path: Path) -> None:
+    # Once a class's queue is empty its new rows are claimed from memory, not read back: what a claim hands
+    # out must still be exactly what the file holds, and evictions and expiry must still apply to it.
+    path = tmp_path / "outbox.db"
+    with Outbox(path, OutboxSettings(ttl_s={"telemetry": 3600})) as store:
+        assert store.claim_batch(10) == []
+        ids = [store.enqueue(cls, body(i=i)) for i, cls in enumerate(["res", "telemetry", "res"])]
+        first = store.claim_batch(2)
+        assert [r.msg_id for r in first] == [ids[0], ids[2]]
+        rest = store.claim_batch(10)
+        assert [r.msg_id for r in rest] == [ids[1]]
+        fresh = first + rest
+        store.release_claims()
+    with Outbox(path) as store:
+        again = {r.id: r for r in store.claim_batch(10)}
+        for record in fresh:
+            stored = again[record.id]
+            assert (record.msg_id, record.cls, record.body, record.enqueued_wall) == (
+                stored.msg_id, stored.cls, stored.body, stored.enqueued_wall
+            )
+            assert (record.attempts, stored.attempts) == (1, 2)
+        assert 3500 < fresh[-1].remaining_ttl_s <= 3600
+        store.mark_delivered(again)
+        assert store.claim_batch(10) == []
+        store.enqueue("res", body(short=True), ttl_s=0.05)
+        kept = store.enqueue("res", body(short=False))
+        time.sleep(0.1)
+        assert [r.msg_id for r in store.claim_batch(10)] == [kept]
+    with Outbox(tmp_path / "refused.db") as store:
+        assert store.claim_batch(10) == []
+        ids = [store.enqueue("res", body(i=i)) for i in range(3)]
+        held = store.claim_batch(10)
+        assert store.stats().classes["res"].claimed == 3
+        assert [e.msg_id for e in store.peek(state="claimed")] == ids
+        assert store.peek(state="queued") == []
+        store.mark_failed(held[1].id, 0x87)
+        assert store.mark_delivered([held[0].id]) == 1
+        assert store.release_claims() == 1
+        (dead,) = store.peek(state="dead")
+        assert (dead.msg_id, dead.attempts) == (ids[1], 1)
+        assert [(r.msg_id, r.attempts) for r in store.claim_batch(10)] == [(ids[2], 2)]
+    with Outbox(tmp_path / "bounded.db", OutboxSettings(max_messages=3)) as store:
+        assert store.claim_batch(10) == []
+        ids = [store.enqueue("telemetry", body(i=i)) for i in range(5)]
+        assert [r.msg_id for r in store.claim_batch(10)] == ids[2:]
+        assert store.stats().drops == {"capacity": {"telemetry": 2}}
+
+
 class JumpingWallClock(OutboxClock):
     """The wall clock of a Pi at NTP sync: a year ahead of what it said at boot."""
 
@@ -332,14 +380,15 @@ def test_closed_outbox_refuses_calls(tmp_path: Path) -> None:
         store.enqueue("res", body())
 
 
-def test_listener_hears_of_new_and_released_rows(outbox: Outbox) -> None:
+def test_listener_hears_of_new_and_released_rows_and_their_classes(outbox: Outbox) -> None:
     calls = []
-    outbox.add_queued_listener(lambda: calls.append(1))
+    outbox.add_queued_listener(calls.append)
     outbox.enqueue("res", body())
     outbox.claim_batch(1)
-    assert len(calls) == 1
+    assert calls == [{"res"}]
     outbox.release_claims()
-    assert len(calls) == 2
+    outbox.enqueue_many([OutboxItem(cls="fallback", body=body()), OutboxItem(cls="telemetry", body=body())])
+    assert calls == [{"res"}, {"res"}, {"fallback", "telemetry"}]
 
 
 class OutboxMachine(RuleBasedStateMachine):

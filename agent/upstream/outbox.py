@@ -10,8 +10,11 @@ What callers can rely on:
 * **Never deleted on dequeue.** ``claim_batch`` marks rows *claimed*; only ``mark_delivered`` (a PUBACK
   below 0x80) deletes them. Claims do not survive the process: at open, and on ``release_claims``, claimed
   rows are *queued* again and resent (at-least-once; the stable ``msg_id`` lets the cloud drop repeats).
-  Since a claim is undone at open anyway, a batch holding only claims, releases and deletions of delivered
-  rows commits without its own fsync (``synchronous=NORMAL``, under which WAL checkpoints are still synced):
+  Since a claim is undone at open anyway, a row claimed right after its commit (its class's queue had been
+  emptied, the steady state under load) is claimed in memory only: the file keeps it *queued* (``peek`` from
+  another process shows it so) while ``stats``/``peek`` of this one say *claimed*; its ``attempts`` count is
+  written if it comes back (released, refused), not if the process ends. A batch holding only claims,
+  releases and deletions of delivered rows commits without its own fsync (``synchronous=NORMAL``, under which WAL checkpoints are still synced):
   a deletion lost to a power cut only sends that row once more, with its ``msg_id``; the drain pays no fsync.
 * **Order.** Row ids come from ``AUTOINCREMENT`` (never reused, never from a clock). Within a class,
   ``claim_batch`` hands rows out oldest id first, including rows released back after a disconnect or crash.
@@ -228,8 +231,9 @@ class Outbox:
         """The ``n`` oldest rows, optionally of one class and/or state (queued, claimed, dead)."""
         return self._writer.submit("peek", n, cls, state)
 
-    def add_queued_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` (on the writer thread; it must not block) whenever rows become queued."""
+    def add_queued_listener(self, callback: Callable[[frozenset[str]], None]) -> None:
+        """Call ``callback(classes)`` (on the writer thread; it must not block) whenever rows of ``classes``
+        become queued."""
         self._writer.add_queued_listener(callback)
 
     def run_callbacks_within(self, scope: Callable[[], AbstractContextManager[None]]) -> None:

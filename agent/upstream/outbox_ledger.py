@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +16,16 @@ import peewee
 
 from agent.config import MessageClass, OutboxSettings
 from agent.upstream import outbox_file as store
+from agent.upstream.outbox_fresh import Claimable, FreshRows, HeldClaims
 from agent.upstream.outbox_models import OutboxRecord
+from agent.upstream.outbox_sql import INSERT, INSERT_ROW, insert_sizes, padded_chunks, placeholders
 
 log = logging.getLogger("agent.upstream.outbox")
 
 EVICTION_ORDER: tuple[MessageClass, ...] = ("telemetry", "fallback", "res", "deploy", "audit")
 SEND_ORDER: tuple[MessageClass, ...] = ("fallback", "deploy", "res", "audit", "telemetry")
 _HEARTBEAT_S = 1.0
-_SQL_CHUNK = 512  # ids per IN list: a power of two (see _padded), within SQLite's smallest limit of 999
 _EVICTION_CHUNK = 256
-_INSERT = "INSERT INTO outbox (msg_id, cls, body, size, enqueued_wall, enqueued_clock, expires_clock, state) VALUES "
-_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, 'queued')"
-_ROWS_PER_INSERT = 128  # 7 parameters a row: within SQLite's smallest default limit of 999 per statement
 Row = tuple[int, str, int, str]  # id, cls, size, state
 # The hot statements (claim, deliver) are plain SQL: building them through Peewee's query builder cost
 # more CPU than SQLite spent running them.
@@ -68,7 +66,9 @@ class Ledger:
         # No unclaimed row expires before this boot-clock time (-inf: unknown, scan at the next chance),
         # so a claim runs the expiry scan only when something may really have expired.
         self.next_expiry = float("-inf")
-        self.queued_grew = False
+        self.queued_classes: set[str] = set()  # classes whose queued rows grew in this transaction
+        self._fresh = FreshRows()  # what a claim takes without reading it back (see outbox_fresh)
+        self.held = HeldClaims()  # ... and claims without marking it in the file
         self._pending: Counter[str] = Counter()
         self._dirty = False
         self._last_heartbeat = float("-inf")
@@ -78,7 +78,9 @@ class Ledger:
 
     def begin(self) -> None:
         self._pending.clear()
-        self._dirty = self.queued_grew = False
+        self.held.begin()
+        self._dirty = False
+        self.queued_classes = set()
 
     def finish(self, *, force_heartbeat: bool) -> set[int]:
         """Enforce the bounds and persist counters; returns the ids evicted in this transaction."""
@@ -93,6 +95,8 @@ class Ledger:
 
     def load_accounting(self) -> None:
         """Recompute the running totals from the file (at open and after a failed transaction)."""
+        self._fresh.forget()  # first: rows remembered in a transaction that failed were never stored
+        self.held.rollback()
         row = self.tables.row
         self.count = self.bytes = self.in_flight = self.in_flight_bytes = 0
         self.queued = Counter()
@@ -106,6 +110,10 @@ class Ledger:
             elif state == store.CLAIMED:
                 self.in_flight += count
                 self.in_flight_bytes += size or 0
+        for cls, size in self.held.rows.values():  # queued in the file, claimed in fact
+            self.queued[cls] -= 1
+            self.in_flight += 1
+            self.in_flight_bytes += size
         self.next_retry = self._earliest_retry()
         self.next_expiry = float("-inf")
 
@@ -124,7 +132,7 @@ class Ledger:
     def enqueue(self, rows: list[tuple[str, bytes, float | None, str]]) -> list[int | None]:
         """Insert ``rows`` (class, body, ttl, msg_id); their ids in order, None for a row refused as too large.
 
-        One multi-row ``INSERT`` per ``_ROWS_PER_INSERT`` rows: every step of a statement releases the GIL
+        One multi-row ``INSERT`` per ``ROWS_PER_INSERT`` rows: every step of a statement releases the GIL
         (``executemany`` steps once per row), and under request load taking it back waits up to a switch
         interval behind the request threads, for each step: that wait, not SQLite, was most of a commit's
         time under a flood. Inside this transaction nothing else writes, so AUTOINCREMENT gives the rows
@@ -146,42 +154,60 @@ class Ledger:
             self.count += 1
             self.bytes += size
             self.queued[cls] += 1
-        self._dirty = self.queued_grew = True
+        self._dirty = True
+        self.queued_classes.update(row[1] for row in values)
         if not values:
             return [None] * len(rows)
         cursor = self.db.connection().cursor()
         start = 0
-        for size in _insert_sizes(len(values)):
+        for size in insert_sizes(len(values)):
             chunk = values[start : start + size]
             start += size
-            cursor.execute(_INSERT + ", ".join([_INSERT_ROW] * size), [value for row in chunk for value in row])
-        next_id = cursor.lastrowid - len(values) + 1
+            cursor.execute(INSERT + ", ".join([INSERT_ROW] * size), [value for row in chunk for value in row])
+        first_id = next_id = cursor.lastrowid - len(values) + 1
         ids: list[int | None] = []
         for fit in fits:
             ids.append(next_id if fit else None)
             next_id += fit
+        self._fresh.remember(values, first_id)
         return ids
 
     def claim(self, limit: int) -> list[OutboxRecord]:
         now = self.clock.now()
         self._promote_due(now)
         if not any(self.queued.values()):
+            self._fresh.empty(SEND_ORDER)
             return []
         if now >= self.next_expiry:
             self._expire(now)
-        found: list[tuple[Any, ...]] = []
+        found: list[Claimable] = []
+        marked: list[int] = []  # rows read from the file: marked claimed there (fresh ones are held instead)
         for cls in SEND_ORDER:
             if len(found) >= limit:
                 break
-            if self.queued[cls] > 0:
-                found += self.db.execute_sql(_CLAIM_SELECT, (cls, limit - len(found))).fetchall()
-        ids = [r[0] for r in found]
-        for chunk in _padded_chunks(ids):
+            if self.queued[cls] <= 0:
+                self._fresh.empty((cls,))
+                continue
+            wanted = limit - len(found)
+            rows = self._fresh.take(cls, wanted, self.queued[cls])
+            if rows is not None:
+                for row in rows:
+                    self.held.add(row[0], cls, len(row[3]))
+            else:
+                # Held rows are queued in the file, and the oldest: read past them.
+                held = self.held.of_class(cls)
+                read = self.db.execute_sql(_CLAIM_SELECT, (cls, wanted + held)).fetchall()
+                rows = [r for r in read if r[0] not in self.held.rows][:wanted]
+                if len(read) < wanted + held:
+                    self._fresh.empty((cls,))
+                marked += [r[0] for r in rows]
+            found += rows
+        for chunk in padded_chunks(marked):
             self.db.execute_sql(
-                f"UPDATE outbox SET state = 'claimed', attempts = attempts + 1 WHERE id IN ({_placeholders(chunk)})",
+                f"UPDATE outbox SET state = 'claimed', attempts = attempts + 1 WHERE id IN ({placeholders(chunk)})",
                 chunk,
             )
-        self._dirty = self._dirty or bool(ids)
+        self._dirty = self._dirty or bool(marked)
         claimed: list[OutboxRecord] = []
         for row_id, msg_id, cls, body, enqueued_wall, enqueued_clock, expires_clock, attempts in found:
             self.queued[cls] -= 1
@@ -211,9 +237,11 @@ class Ledger:
     def failed(self, failures: list[tuple[int, int]]) -> None:
         row, settings, now = self.tables.row, self.settings, self.clock.now()
         for row_id, reason in failures:
-            current = row.get_or_none((row.id == row_id) & (row.state == store.CLAIMED))
-            if current is None:
+            current = row.get_or_none(row.id == row_id)
+            held = row_id in self.held.rows
+            if current is None or (current.state != store.CLAIMED and not held):
                 continue
+            self.held.discard((row_id,))
             size = len(current.body)
             refusals = current.failures + 1
             retry_at = None
@@ -221,16 +249,20 @@ class Ledger:
                 delay = min(settings.dead_letter_retry_s * 2 ** (refusals - 1), settings.dead_letter_retry_max_s)
                 retry_at = now + delay
                 self.next_retry = retry_at if self.next_retry is None else min(self.next_retry, retry_at)
-            self._set_state([row_id], store.DEAD, failures=refusals, last_reason=reason, retry_clock=retry_at)
+            attempts = {"attempts": row.attempts + 1} if held else {}  # the claim it was held for
+            self._set_state(
+                [row_id], store.DEAD, failures=refusals, last_reason=reason, retry_clock=retry_at, **attempts
+            )
             self.in_flight -= 1
             self.in_flight_bytes -= size
             self._pending[f"dead_lettered:{current.cls}"] += 1
             log.warning("outbox: cloud refused %s (%s) with reason 0x%02x", current.msg_id, current.cls, reason)
 
     def release(self, ids: list[int] | None) -> int:
-        row = self.tables.row
-        claimed = row.state == store.CLAIMED
-        return self._requeue(self._select_rows(claimed) if ids is None else self._by_ids(ids, claimed))
+        if ids is not None:
+            return self._requeue([r for r in self._by_ids(ids) if r[3] == store.CLAIMED])
+        held = [(i, cls, size, store.CLAIMED) for i, (cls, size) in self.held.rows.items()]
+        return self._requeue(sorted(self._select_rows(self.tables.row.state == store.CLAIMED) + held))
 
     def retry_dead(self, ids: list[int] | None) -> int:
         row = self.tables.row
@@ -262,8 +294,10 @@ class Ledger:
         row = self.tables.row
         for cls in EVICTION_ORDER:
             while self._over_bounds():
+                limit = _EVICTION_CHUNK + len(self.held.rows)
+                queued = self._select_rows(row.state == store.QUEUED, row.cls == cls, limit=limit)
                 candidates = sorted(
-                    self._select_rows(row.state == store.QUEUED, row.cls == cls, limit=_EVICTION_CHUNK)
+                    [r for r in queued if r[3] == store.QUEUED]  # never a held row: it is in flight
                     + self._select_rows(row.state == store.DEAD, row.cls == cls, limit=_EVICTION_CHUNK)
                 )[:_EVICTION_CHUNK]
                 count, size = self.count - self.in_flight, self.bytes - self.in_flight_bytes
@@ -281,7 +315,7 @@ class Ledger:
 
     def _expire(self, now: float) -> set[int]:
         row = self.tables.row
-        expired = self._select_rows(row.expires_clock <= now, row.state != store.CLAIMED)
+        expired = [r for r in self._select_rows(row.expires_clock <= now) if r[3] != store.CLAIMED]
         for cls, count in Counter(r[1] for r in expired).items():
             self._drop("expired", cls, count)
         deleted = self._delete(expired)
@@ -302,7 +336,11 @@ class Ledger:
         return row.select(peewee.fn.MIN(row.retry_clock)).where(row.state == store.DEAD).scalar()
 
     def _requeue(self, rows: list[Row], **extra: Any) -> int:
-        self._set_state([r[0] for r in rows], store.QUEUED, **extra)
+        self._fresh.forget(r[1] for r in rows)  # requeued rows are older than the fresh ones
+        held = [r[0] for r in rows if r[0] in self.held.rows]
+        self._set_state([r[0] for r in rows if r[0] not in self.held.rows], store.QUEUED, **extra)
+        self._set_state(held, store.QUEUED, attempts=self.tables.row.attempts + 1)  # the claim it was held for
+        self.held.discard(held)
         if rows:
             self.next_expiry = float("-inf")  # requeued rows may expire before any other unclaimed row
         self.queued.update(r[1] for r in rows)
@@ -310,19 +348,20 @@ class Ledger:
             if state == store.CLAIMED:
                 self.in_flight -= 1
                 self.in_flight_bytes -= size
-        self.queued_grew = self.queued_grew or bool(rows)
+        self.queued_classes.update(r[1] for r in rows)
         return len(rows)
 
     def _set_state(self, ids: Sequence[int], state: str, **extra: Any) -> None:
         row = self.tables.row
-        for chunk in _padded_chunks(ids):
+        for chunk in padded_chunks(ids):
             row.update(state=state, **extra).where(row.id.in_(chunk)).execute()
         self._dirty = self._dirty or bool(ids)
 
     def _delete(self, rows: Sequence[Row]) -> set[int]:
+        self._fresh.forget(r[1] for r in rows if r[3] == store.QUEUED)
         ids = [r[0] for r in rows]
-        for chunk in _padded_chunks(ids):
-            self.db.execute_sql(f"DELETE FROM outbox WHERE id IN ({_placeholders(chunk)})", chunk)
+        for chunk in padded_chunks(ids):
+            self.db.execute_sql(f"DELETE FROM outbox WHERE id IN ({placeholders(chunk)})", chunk)
         for _, cls, size, state in rows:
             self.count -= 1
             self.bytes -= size
@@ -331,64 +370,26 @@ class Ledger:
             elif state == store.CLAIMED:
                 self.in_flight -= 1
                 self.in_flight_bytes -= size
+        self.held.discard(ids)
         self._dirty = self._dirty or bool(rows)
         return set(ids)
 
     def _select_rows(self, *conditions: Any, limit: int | None = None) -> list[Row]:
         row = self.tables.row
         query = row.select(row.id, row.cls, store.body_size(row), row.state).where(*conditions).order_by(row.id)
-        return list((query.limit(limit) if limit else query).tuples())
+        return self.held.mark(list((query.limit(limit) if limit else query).tuples()), store.CLAIMED)
 
     def _by_ids(self, ids: Sequence[int], *conditions: Any) -> list[Row]:
         found: list[Row] = []
-        for chunk in _padded_chunks(ids):
+        for chunk in padded_chunks(ids):
             if conditions:
                 found += self._select_rows(self.tables.row.id.in_(chunk), *conditions)
             else:
-                found += self.db.execute_sql(
-                    f"SELECT id, cls, length(body), state FROM outbox WHERE id IN ({_placeholders(chunk)}) ORDER BY id", chunk
-                ).fetchall()
+                found += self.held.mark(
+                    self.db.execute_sql(
+                        f"SELECT id, cls, length(body), state FROM outbox WHERE id IN ({placeholders(chunk)}) ORDER BY id",
+                        chunk,
+                    ).fetchall(),
+                    store.CLAIMED,
+                )
         return found
-
-
-def _placeholders(values: Sequence[Any]) -> str:
-    return ", ".join("?" * len(values))
-
-
-def _padded_chunks(ids: Sequence[int]) -> Iterator[list[int]]:
-    """``ids`` in lists of at most ``_SQL_CHUNK`` for one ``IN`` each, every list :func:`_padded`."""
-    for start in range(0, len(ids), _SQL_CHUNK):
-        yield _padded(ids[start : start + _SQL_CHUNK])
-
-
-def _padded(ids: Sequence[int]) -> list[int]:
-    """``ids`` with its last id repeated up to a power-of-two length (``IN`` ignores the repeats).
-
-    Every distinct statement text is prepared and kept in the connection's statement cache (128 of them), and
-    an ``IN`` list's program grows with its length: one text per list length kept up to 128 of them after
-    claims and deliveries of every size, 2 MB of the agent's peak RSS under load (heaptrack). Padded, each
-    statement has at most ten texts, for at most twice the parameters bound.
-    """
-    padded = list(ids)
-    if padded:
-        padded += padded[-1:] * ((1 << (len(padded) - 1).bit_length()) - len(padded))
-    return padded
-
-
-def _insert_sizes(count: int) -> list[int]:
-    """Rows per ``INSERT`` for ``count`` rows: full statements of ``_ROWS_PER_INSERT``, the rest in powers of two.
-
-    Every distinct statement text is prepared and kept in the connection's statement cache (128 of them), and
-    a multi-row ``INSERT``'s program grows with its rows: one statement per remainder would keep up to 128
-    of them, megabytes of SQLite memory held after a burst. Powers of two keep at most eight, for at most
-    eight statements (eight GIL releases) per commit.
-    """
-    sizes = [_ROWS_PER_INSERT] * (count // _ROWS_PER_INSERT)
-    rest = count % _ROWS_PER_INSERT
-    size = _ROWS_PER_INSERT
-    while rest:
-        size //= 2
-        if rest >= size:
-            sizes.append(size)
-            rest -= size
-    return sizes

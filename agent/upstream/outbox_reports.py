@@ -12,7 +12,7 @@ import peewee
 
 from agent.compat import UTC
 from agent.config import MESSAGE_CLASSES, OutboxSettings
-from agent.upstream.outbox_file import body_size
+from agent.upstream.outbox_file import CLAIMED, QUEUED, body_size
 from agent.upstream.outbox_ledger import Ledger
 from agent.upstream.outbox_models import ClassStats, CorruptionEvent, OutboxEntry, OutboxStats
 
@@ -41,6 +41,9 @@ def stats(ledger: Ledger, *, transactions: int, write_errors: int, problem: str 
         entry.bytes += size or 0
         age = max(0.0, now - oldest)
         entry.oldest_age_s = age if entry.oldest_age_s is None else max(entry.oldest_age_s, age)
+    for cls, _ in ledger.held.rows.values():  # claimed, though the file still says queued
+        classes[cls].queued -= 1
+        classes[cls].claimed += 1
     counters = {c.name: c.value for c in tables.counter.select()}
     meta = {m.key: m.value for m in tables.meta.select()}
     drops: dict[str, dict[str, int]] = {}
@@ -104,14 +107,19 @@ def peek(ledger: Ledger, n: int, cls: str | None, state: str | None) -> list[Out
     query = row.select()
     if cls is not None:
         query = query.where(row.cls == cls)
-    if state is not None:
+    held = list(ledger.held.rows)  # claimed, though the file still says queued
+    if state == CLAIMED and held:
+        query = query.where((row.state == state) | row.id.in_(held))
+    elif state == QUEUED and held:
+        query = query.where((row.state == state) & row.id.not_in(held))
+    elif state is not None:
         query = query.where(row.state == state)
     return [
         OutboxEntry(
             id=r.id,
             msg_id=r.msg_id,
             cls=r.cls,
-            state=r.state,
+            state=CLAIMED if r.id in ledger.held.rows else r.state,
             size=len(r.body),
             attempts=r.attempts,
             failures=r.failures,

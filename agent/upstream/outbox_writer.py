@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from agent.config import OutboxSettings
+from agent.config import MESSAGE_CLASSES, OutboxSettings
 from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
 from agent.upstream import outbox_file as store
@@ -59,7 +59,7 @@ class OutboxWriter:
         self._waiting: list[Command] = []  # taken from the queue, left for a later transaction (fair commits)
         self._submit_lock = threading.Lock()
         self._closed = False
-        self._queued: Listeners[None] = Listeners()
+        self._queued: Listeners[frozenset[str]] = Listeners()
         self.callback_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
         self.corruptions: Listeners[CorruptionEvent] = Listeners(replay=True)
         self._transactions = self._write_errors = 0
@@ -98,9 +98,9 @@ class OutboxWriter:
                 raise OutboxError(f"outbox {self.path} is closed")
             self._queue.put(command)
 
-    def add_queued_listener(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` on the writer thread after every commit that queued rows."""
-        self._queued.add(lambda _: callback())
+    def add_queued_listener(self, callback: Callable[[frozenset[str]], None]) -> None:
+        """Call ``callback(classes)`` on the writer thread after every commit that queued rows of ``classes``."""
+        self._queued.add(callback)
 
     def close(self) -> None:
         """Finish every command already submitted, then close the file and end the thread."""
@@ -241,9 +241,9 @@ class OutboxWriter:
             return
         self._transactions += 1
         self._failing = False
-        if ledger.queued_grew:
+        if ledger.queued_classes:
             # Before the callbacks: the uplink starts claiming while the replies are being published.
-            self._queued.notify(None)
+            self._queued.notify(frozenset(ledger.queued_classes))
         with self.callback_scope():
             for command, result in zip(writes, results):
                 if command.op == APPEND and evicted:
@@ -295,7 +295,7 @@ class OutboxWriter:
             return
         self._unavailable = None
         log.warning("outbox %s: opened now that the disk has room", self.path)
-        self._queued.notify(None)  # the rows stored before are queued for the uplink
+        self._queued.notify(frozenset(MESSAGE_CLASSES))  # the rows stored before are queued for the uplink
 
 
 def _transactions(writes: list[Command]) -> list[list[Command]]:

@@ -145,7 +145,6 @@ class Uplink:
             self._window,
             is_connected=lambda: self._state == "connected",
             wake_connection=self._wake_connection,
-            stopping=self._stopping,
         )
         self._counts = collections.Counter[str]()
         self._last_error: str | None = None

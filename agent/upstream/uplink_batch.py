@@ -31,7 +31,7 @@ from agent.upstream.uplink_wire import ENCODING_PROPERTY, ClaimedRecord, batch_t
 
 # Fixed header, topic length, packet id and properties: more than any publication here carries.
 PACKET_OVERHEAD = 256
-_UNBATCHED_CLASSES = frozenset({"fallback"})
+UNBATCHED_CLASSES = frozenset({"fallback"})
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Batcher:
         now = self._clock()
         publications: list[Publication] = []
         too_large: list[int] = []
-        order = sorted(self._buffers, key=lambda cls: cls not in _UNBATCHED_CLASSES)
+        order = sorted(self._buffers, key=lambda cls: cls not in UNBATCHED_CLASSES)
         for cls in order:
             buffer = self._buffers[cls]
             while buffer and len(publications) < slots and (flush or self._ready(cls, buffer, now)):
@@ -139,7 +139,7 @@ class Batcher:
         return ids
 
     def _ready(self, cls: str, buffer: collections.deque[_Held], now: float) -> bool:
-        if not self.batching or cls in _UNBATCHED_CLASSES:
+        if not self.batching or cls in UNBATCHED_CLASSES:
             return True
         return len(buffer) >= self.max_records or self._bytes[cls] >= self.max_bytes or buffer[0].due <= now
 
@@ -147,7 +147,7 @@ class Batcher:
         """The longest prefix within the record and byte limits; at least one record."""
         held = [buffer.popleft()]
         size = len(held[0].envelope) + 1
-        if self.batching and cls not in _UNBATCHED_CLASSES:
+        if self.batching and cls not in UNBATCHED_CLASSES:
             while buffer and len(held) < self.max_records and size + len(buffer[0].envelope) + 1 <= self.max_bytes:
                 held.append(buffer.popleft())
                 size += len(held[-1].envelope) + 1
@@ -170,7 +170,7 @@ class Batcher:
         # A record as large as a whole batch gains nothing from batching and costs the most to compress (an
         # 82 KB tensor reply: about 1 ms of zlib and 0.8 ms more of batch handling per reply): it travels alone.
         alone = len(held) == 1 and len(held[0].envelope) + 1 >= self.max_bytes
-        if not self.batching or cls in _UNBATCHED_CLASSES or alone:
+        if not self.batching or cls in UNBATCHED_CLASSES or alone:
             properties.UserProperty = [("msg-id", held[0].record.msg_id)]
             properties.PayloadFormatIndicator = 1
             return Publication(upstream_topic(self.device_id, cls), held[0].envelope, properties, row_ids, False)

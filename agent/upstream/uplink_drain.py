@@ -17,7 +17,7 @@ from typing import Protocol
 from agent.config import CloudBroker
 from agent.errors import OutboxError
 from agent.faults import HEARTBEATS, INTERNAL_ERRORS
-from agent.upstream.uplink_batch import Batcher, Publication
+from agent.upstream.uplink_batch import UNBATCHED_CLASSES, Batcher, Publication
 from agent.upstream.uplink_wire import ClaimedRecord
 
 # Kept from before the split, so logging configuration and log searches keep matching.
@@ -36,7 +36,7 @@ class OutboxPort(Protocol):
     def mark_delivered_async(self, ids: Iterable[int]) -> Future[int]: ...
     def mark_failed_many(self, failures: Sequence[tuple[int, int]]) -> None: ...
     def release_claims(self, ids: Iterable[int] | None = None) -> int: ...
-    def add_queued_listener(self, callback: Callable[[], None]) -> None: ...
+    def add_queued_listener(self, callback: Callable[[frozenset[str]], None]) -> None: ...
 
 
 class PublishWindow:
@@ -77,13 +77,11 @@ class Drain:
         *,
         is_connected: Callable[[], bool],
         wake_connection: Callable[[], None],
-        stopping: threading.Event,
     ) -> None:
         self._outbox = outbox
         self._window = window
         self._is_connected = is_connected
         self._wake_connection = wake_connection
-        self._stopping = stopping
         self._batcher = Batcher(cloud, device_id)
         self._batcher_gen = 0  # the connection generation the held rows were claimed in
         self._unsettled_ok: list[int] = []
@@ -91,6 +89,9 @@ class Drain:
         self._unreleased: list[int] = []
         self._cond = threading.Condition()
         self._woken = False
+        # Ends a linger early: rows of a class never held (fallback) were queued, or the uplink stops. Not the
+        # condition above, which every commit notifies: waking a lingering drain per commit is what lingering saves.
+        self._urgent = threading.Event()
         self._settled = False  # nothing held, handed over or awaiting a PUBACK
         self._has_work = True
         self._linger_s = cloud.drain_linger_ms / 1000
@@ -111,17 +112,20 @@ class Drain:
     def reset(self) -> None:
         """Accept rows again (before the thread starts)."""
         self._accepting, self._done = True, False
+        self._urgent.clear()
 
     def settle(self, timeout: float) -> None:
         """Stop claiming, flush held batches, and wait up to ``timeout`` s for the window to empty."""
         with self._cond:
             self._accepting, self._settled, self._woken = False, False, True
+            self._urgent.set()
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._settled, timeout=timeout)
 
     def finish(self) -> None:
         """Let the thread release every unacknowledged row and end; call once the connection thread ended."""
         self._done = True
+        self._urgent.set()
         self.wake()
 
     def wake(self) -> None:
@@ -130,8 +134,10 @@ class Drain:
             self._woken = True
             self._cond.notify_all()
 
-    def _on_rows_queued(self) -> None:
+    def _on_rows_queued(self, classes: frozenset[str]) -> None:
         self._has_work = True
+        if not classes.isdisjoint(UNBATCHED_CLASSES):
+            self._urgent.set()
         self.wake()
 
     def run(self) -> None:
@@ -143,8 +149,11 @@ class Drain:
             if self._linger_s and self._accepting and not self._backlog:
                 # Under request load every PUBACK and every commit wakes the drain; acting on each one costs
                 # two outbox transactions and four thread hand-offs per record. A backlog is not held back:
-                # there the window, not the wake-ups, sets the pace.
-                self._stopping.wait(self._linger_s)
+                # there the window, not the wake-ups, sets the pace; nor is a cloud-fallback request, which
+                # waits for its answer; nor is stopping.
+                self._urgent.wait(self._linger_s)
+            if self._accepting and not self._done:
+                self._urgent.clear()
             # Read first: _done is set only after the connection thread has moved every
             # unacknowledged row to the window's lost rows, so a finishing pass releases them all.
             finishing = self._done
