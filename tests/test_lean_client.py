@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.mqtt.lean_client import _COALESCE_MAX_BYTES, LeanClient, _coalesce_head
+from agent.mqtt.lean_client import LeanClient, _coalesce_head
 from agent.mqtt.localbroker import MosquittoProcess
 from agent.mqtt.transport import new_client
 from tests.fixtures.wakeups import CountingWakeups
@@ -133,13 +133,6 @@ def test_packets_paho_keeps_no_books_on_leave_together_and_the_rest_alone() -> N
     partly_sent = deque([_queued(publish_1, 1, b"xy", pos=1), _queued(puback, 0, b"z")])
     _coalesce_head(partly_sent)
     assert len(partly_sent) == 2
-
-
-def test_a_packet_at_the_coalescing_size_leaves_alone_without_being_copied() -> None:
-    large = _queued(mqtt.PUBLISH | 0x02, 1, b"r" * _COALESCE_MAX_BYTES)
-    queue = deque([large, _queued(mqtt.PUBACK, 0, b"b")])
-    _coalesce_head(queue)
-    assert len(queue) == 2 and queue[0] is large and queue[0]["packet"] is large["packet"]
 
 
 def test_paho_hands_a_live_connection_s_publishes_and_pubacks_to_the_lean_client(

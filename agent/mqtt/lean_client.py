@@ -56,9 +56,7 @@ def _coalesce_head(out: deque[Any]) -> None:
 
     Runs on the network thread, the queue's only consumer; other threads only append at its tail.
     """
-    if len(out) < 2 or len(out[0]["packet"]) >= _COALESCE_MAX_BYTES:
-        return  # a packet this large leaves alone: merging would only copy it (an 82 KB reply, per reply)
-    if not _needs_no_bookkeeping(out[0]) or not _needs_no_bookkeeping(out[1]):
+    if len(out) < 2 or not _needs_no_bookkeeping(out[0]) or not _needs_no_bookkeeping(out[1]):
         return
     first = out.popleft()
     merged = bytearray(first["packet"])
