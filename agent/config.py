@@ -276,7 +276,7 @@ class OutboxSettings(Section):
     max_messages: int = Field(100_000, ge=1)
     max_file_bytes: int | None = Field(None, ge=65536, description="hard ceiling on the database file itself")
     reserve_bytes: int = Field(
-        8 * 1024 * 1024, ge=0, description="disk space held in outbox.db.reserve and given back when the disk is "
+        4 * 1024 * 1024, ge=0, description="disk space held in outbox.db.reserve and given back when the disk is "
         "full, so the outbox can still deliver and checkpoint; its WAL stays under half of it (0: no reserve)"
     )
     ttl_s: dict[MessageClass, PositiveFloat] = Field(

@@ -21,9 +21,7 @@ from pydantic import ValidationError
 from agent.config import MESSAGE_CLASSES, OutboxSettings
 from agent.errors import OutboxError
 from agent.upstream.outbox import SEND_ORDER, Outbox, OutboxItem
-from agent.upstream import outbox_file
 from agent.upstream.outbox_file import OutboxClock
-from agent.upstream.outbox_space import DiskSpace
 
 
 def body(**values: object) -> bytes:
@@ -81,24 +79,6 @@ def test_file_is_wal_with_schema_version(tmp_path: Path, outbox: Outbox) -> None
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == outbox.stats().schema_version == 1
     conn.close()
-
-
-def test_with_the_default_reserve_the_writer_checkpoints_and_caches_as_sqlite_would(tmp_path: Path) -> None:
-    """A WAL kept under 2 MiB and a 512 KiB page cache made the writer re-read and checkpoint large reply
-    copies (82 KB each) far more often: its CPU per face-tensor reply went up by 120-280 us."""
-    path = tmp_path / "outbox.db"
-    limit = DiskSpace(path, OutboxSettings().reserve_bytes).wal_limit_bytes
-    db = outbox_file.connect(path, read_only=False, max_file_bytes=None, wal_limit_bytes=limit)
-    try:
-        page_size, checkpoint_pages, kept_bytes, cache = (
-            db.execute_sql(f"PRAGMA {name}").fetchone()[0]
-            for name in ("page_size", "wal_autocheckpoint", "journal_size_limit", "cache_size")
-        )
-    finally:
-        db.close()
-    sqlite_checkpoint_pages, sqlite_cache_kib = 1000, 2000  # SQLite's defaults
-    assert checkpoint_pages >= sqlite_checkpoint_pages and kept_bytes >= checkpoint_pages * page_size
-    assert -cache >= sqlite_cache_kib if cache < 0 else cache * page_size >= sqlite_cache_kib * 1024
 
 
 def test_concurrent_enqueues_share_transactions_and_keep_per_thread_order(tmp_path: Path) -> None:

@@ -39,11 +39,9 @@ SCHEMA_VERSION = 1
 QUEUED, CLAIMED, DEAD = "queued", "claimed", "dead"
 CLEAN_SHUTDOWN = "clean_shutdown"  # meta key present only while the file is closed after a clean shutdown
 SIDE_FILES = ("-wal", "-shm")
-# Page cache of the writer's connection, KiB: SQLite's default. Rows live in the outbox for milliseconds under load,
-# but a reply copy of 82 KB (a face detector's tensors) spans 21 pages, and its claim reads it back and rewrites
-# it: at 512 KiB a few such rows filled the cache and the writer re-read and checkpointed them, 120-280 us more of
-# its CPU per reply (face tensors, full path) for 0.5 MB less peak RSS on small replies.
-_CACHE_KIB = 2000
+# Page cache of the writer's connection, KiB (SQLite's default is 2,000): rows live in the outbox for milliseconds
+# under load, so the pages in use are the few being appended, claimed and deleted; the rest is OS page cache.
+_CACHE_KIB = 512
 _PROCESS_BOOT_ID = uuid.uuid4().hex
 
 
