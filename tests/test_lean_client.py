@@ -242,25 +242,31 @@ def _connected_without_thread(client: mqtt.Client) -> None:
 @given(
     topic=st.text(alphabet=st.characters(blacklist_characters="+#\x00", blacklist_categories=("Cs",)), min_size=1),
     payload=st.binary(min_size=1, max_size=300) | st.binary(min_size=16_380, max_size=16_400),
+    qos=st.sampled_from([0, 1, 2]),
     retain=st.booleans(),
     response_topic=st.none() | st.text(max_size=8),
     correlation=st.none() | st.binary(max_size=8),
     expiry=st.none() | st.integers(0, 2**32 - 1),
 )
-def test_a_qos1_publish_queues_the_packet_and_message_paho_would(
-    topic: str, payload: bytes, retain: bool, response_topic: str | None, correlation: bytes | None, expiry: int | None
-) -> None:
+def test_a_publish_queues_the_packet_and_message_paho_would(
+    topic: str, payload: bytes, qos: int, retain: bool, response_topic: str | None, correlation: bytes | None,
+    expiry: int | None,
+) -> None:  # fmt: skip
+    # QoS 1 is the lean client's own publish; every QoS is its own packing.
     properties = _properties(response_topic, correlation, expiry)
     queued = []
     for client in (new_client("paho"), LeanClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)):
         _connected_without_thread(client)
-        info = client.publish(topic, payload, qos=1, retain=retain, properties=properties)
-        message = client._out_messages[info.mid]
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        message = client._out_messages.get(info.mid)  # none for QoS 0
         sent = client._out_packet.popleft()
         queued.append((
             info.rc, info.mid, bytes(sent["packet"]), sent["command"], sent["qos"], sent["mid"], sent["info"] is info,
-            message._topic, message.payload, message.qos, message.retain, message.dup, message.state,
-            message.properties is properties, client._inflight_messages,
+            client._inflight_messages,
+            None if message is None else (
+                message._topic, message.payload, message.qos, message.retain, message.dup, message.state,
+                message.properties is properties,
+            ),
         ))  # fmt: skip
     assert queued[0] == queued[1]
     assert queued[0][0] == mqtt.MQTT_ERR_SUCCESS
