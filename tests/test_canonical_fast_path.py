@@ -48,3 +48,36 @@ def test_strings_that_look_like_numbers_never_hide_a_number_jcs_writes_different
     # split would let an exponent or integral float outside strings through the C encoder's form.
     normalised = normalise(value)
     assert canonical_bytes(normalised) == rfc8785.dumps(normalised)
+
+
+any_scalar = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()  # NaN, both infinities and -0.0 included
+    | st.floats(width=32)
+    | st.text()
+    | st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))  # lone surrogates
+)
+
+
+def _same(left: object, right: object) -> bool:
+    """Equal, and of the same types all the way down (0 and 0.0 are equal but take different JSON forms)."""
+    if type(left) is not type(right):
+        return False
+    if isinstance(left, list):
+        return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right))  # type: ignore[arg-type]
+    if isinstance(left, dict):
+        same_keys = left.keys() == right.keys()  # type: ignore[attr-defined]
+        return same_keys and all(_same(value, right[key]) for key, value in left.items())  # type: ignore[index]
+    return left == right
+
+
+@settings(max_examples=500)
+@given(st.lists(any_scalar, max_size=6), st.text(max_size=4))
+def test_values_inside_lists_and_objects_normalise_as_they_do_alone(values: list[object], key: str) -> None:
+    # normalise inlines the commonest values of lists and objects (finite non-zero floats, ASCII strings);
+    # each must come out exactly as normalising it alone does.
+    assert _same(normalise(values), [normalise(value) for value in values])
+    for value in values:
+        assert _same(normalise({key: value}), {normalise(key): normalise(value)})

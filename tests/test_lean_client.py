@@ -4,6 +4,7 @@ writes on its next round, consecutive packets together."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 from collections import deque
@@ -228,3 +229,60 @@ def test_another_thread_sends_its_publishes_itself_and_wakes_the_network_thread_
         for each in (client, subscriber):
             each.disconnect()
             each.loop_stop()
+
+
+def _connected_without_thread(client: mqtt.Client) -> None:
+    """A client with a socket (so publishes are packed and queued) that this thread, posing as its network
+    thread, never writes to: what is published stays in the queue."""
+    client._sock = socket.socket()  # closed with the client
+    client._thread = threading.current_thread()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    topic=st.text(alphabet=st.characters(blacklist_characters="+#\x00", blacklist_categories=("Cs",)), min_size=1),
+    payload=st.binary(min_size=1, max_size=300) | st.binary(min_size=16_380, max_size=16_400),
+    qos=st.sampled_from([0, 1, 2]),
+    retain=st.booleans(),
+    response_topic=st.none() | st.text(max_size=8),
+    correlation=st.none() | st.binary(max_size=8),
+    expiry=st.none() | st.integers(0, 2**32 - 1),
+)
+def test_a_publish_queues_the_packet_and_message_paho_would(
+    topic: str, payload: bytes, qos: int, retain: bool, response_topic: str | None, correlation: bytes | None,
+    expiry: int | None,
+) -> None:  # fmt: skip
+    # QoS 1 is the lean client's own publish; every QoS is its own packing.
+    properties = _properties(response_topic, correlation, expiry)
+    queued = []
+    for client in (new_client("paho"), LeanClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)):
+        _connected_without_thread(client)
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        message = client._out_messages.get(info.mid)  # none for QoS 0
+        sent = client._out_packet.popleft()
+        queued.append((
+            info.rc, info.mid, bytes(sent["packet"]), sent["command"], sent["qos"], sent["mid"], sent["info"] is info,
+            client._inflight_messages,
+            None if message is None else (
+                message._topic, message.payload, message.qos, message.retain, message.dup, message.state,
+                message.properties is properties,
+            ),
+        ))  # fmt: skip
+    assert queued[0] == queued[1]
+    assert queued[0][0] == mqtt.MQTT_ERR_SUCCESS
+
+
+def test_waiting_for_a_lean_publish_ends_when_the_broker_acknowledges_it() -> None:
+    client = LeanClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    _connected_without_thread(client)
+    acknowledged_before_waiting = client.publish("t", b"1", qos=1)
+    waited_for = client.publish("t", b"2", qos=1)
+    client._out_messages[acknowledged_before_waiting.mid].info._set_as_published()
+    assert acknowledged_before_waiting.is_published()
+    acknowledged_before_waiting.wait_for_publish(timeout=0.01)
+    assert not waited_for.is_published()
+    waiter = threading.Thread(target=waited_for.wait_for_publish, kwargs={"timeout": 30})
+    waiter.start()
+    client._out_messages[waited_for.mid].info._set_as_published()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and waited_for.is_published()

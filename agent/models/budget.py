@@ -55,6 +55,32 @@ class ModelSlot:
         return self.loaded.memory_bytes if self.loaded is not None else self.reserved_bytes
 
 
+class Lease:
+    """The context manager of ``ModelManager.lease``: the slot's loaded model, held from entry until exit.
+
+    A class, because a generator-based context manager costs ~0.5 us more, once per inference.
+    """
+
+    __slots__ = ("_acquire", "_release", "_model_id", "_slot")
+
+    def __init__(
+        self, acquire: Callable[[str], ModelSlot], release: Callable[[ModelSlot], None], model_id: str
+    ) -> None:
+        self._acquire = acquire
+        self._release = release
+        self._model_id = model_id
+
+    def __enter__(self) -> LoadedModel:
+        slot = self._slot = self._acquire(self._model_id)
+        if slot.loaded is None:  # acquiring returns only loaded slots; never held past a broken promise
+            self._release(slot)
+            raise AssertionError(f"model {self._model_id!r} was leased without being loaded")
+        return slot.loaded
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release(self._slot)
+
+
 @dataclass
 class SlotTable:
     """The model versions in memory: the one serving each model id, retired ones requests still hold, and new

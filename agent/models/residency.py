@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from agent.errors import InvalidParams, ModelError, ModelUnavailable, Overloaded, RequestError
-from agent.models.budget import MemoryBudget, ModelSlot, SlotTable
+from agent.models.budget import Lease, MemoryBudget, ModelSlot, SlotTable
 from agent.models.catalog import Catalog, ModelEntry
 from agent.models.inference import LoadedModel
 from agent.models.loader import ModelLoader
@@ -167,15 +166,9 @@ class LoadedModels:
 
     # ---- leases ----------------------------------------------------------------------------------
 
-    @contextmanager
-    def lease(self, model_id: str) -> Iterator[LoadedModel]:
+    def lease(self, model_id: str) -> Lease:
         """The loaded model (loading it first if needed), kept loaded until the block ends."""
-        slot = self._acquire(model_id)
-        try:
-            assert slot.loaded is not None
-            yield slot.loaded
-        finally:
-            self._release(slot)
+        return Lease(self._acquire, self._release, model_id)
 
     def _acquire(self, model_id: str) -> ModelSlot:
         deadline = time.monotonic() + self.load_wait_s

@@ -73,10 +73,18 @@ def normalise(value: Any) -> JsonValue:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise SigningError(f"object key {key!r} is not a string: no JSON form")
-            out[key if key.isascii() else _safe_str(key)] = normalise(item)
+            # Inline for the commonest values (an ASCII string; a finite, non-zero float, the one case where
+            # "x - x == 0.0" and "x != 0" both hold), whose normal form is themselves: no call per value.
+            item_kind = type(item)
+            if (item_kind is str and item.isascii()) or (item_kind is float and item - item == 0.0 and item != 0.0):
+                out[key if key.isascii() else _safe_str(key)] = item
+            else:
+                out[key if key.isascii() else _safe_str(key)] = normalise(item)
         return out
     if kind is list:
-        return [normalise(item) for item in value]
+        return [
+            item if type(item) is float and item - item == 0.0 and item != 0.0 else normalise(item) for item in value
+        ]
     if value is None or isinstance(value, (bool, str)):
         return _safe_str(value) if isinstance(value, str) else value
     if isinstance(value, numbers.Integral):
