@@ -224,7 +224,8 @@ def test_a_paced_client_beside_a_flood_of_five_times_capacity_gets_every_request
     start_on_shipped: Callable[..., Agent], models_dir: Path, clients: Callable[[str], DeviceClient],
     shipped_broker: MosquittoProcess, qos: int,
 ) -> None:  # fmt: skip
-    agent = _slow_agent(start_on_shipped, models_dir, intake_queue=512)
+    # The flood leaves hundreds of slow requests queued; the stop at teardown need not serve them (10 s).
+    agent = _slow_agent(start_on_shipped, models_dir, intake_queue=512, drain_timeout_s=0.5)
     paced = clients("paced")
     assert "result" in paced.call("infer", {"model": "slow", "inputs": {"x": [[0.5] * 1024]}}, timeout=30)  # loaded
     warm = [paced.send("infer", {"model": "slow", "inputs": {"x": [[0.5] * 1024]}}) for _ in range(20)]

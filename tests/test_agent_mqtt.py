@@ -218,9 +218,11 @@ def test_expired_request_is_refused_or_dropped_unrun(start_agent, client_factory
     agent = start_agent(limits={"workers": 1, "intake_queue": 1000})
     client = client_factory("alice")
     # Images as nested JSON lists (~0.5 MB each): parsing and converting them keeps the one worker busy for
-    # well over the 1 s expiry, however fast the inference itself is.
+    # well over the 1 s expiry, however fast the inference itself is. The blockers' own deadline is far off:
+    # on a loaded machine 40 of them take longer than the default 30 s, and they were refused or expired too.
     image = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32).round(4).tolist()
-    blockers = [client.send("infer", {"model": "face-detector", "inputs": {"image": image}}) for _ in range(40)]
+    blocker = {"model": "face-detector", "inputs": {"image": image}, "timeout_ms": 3_600_000}
+    blockers = [client.send("infer", blocker) for _ in range(40)]
     client.publish_raw(b'{"jsonrpc":"2.0","id":"stale","method":"ping"}', properties=_props(MessageExpiryInterval=1))
     for future in blockers:
         future.result(120)

@@ -147,8 +147,8 @@ def test_fallback_to_the_cloud_answers_timeouts_and_limits(start_agent, client_f
         service.close()
     silent = CloudService(cloud_broker, answer=False)
     try:
-        time.sleep(3)  # refill the client's fallback budget
-        timed_out = client.call("infer", {"model": "big-vision-model", "inputs": {"image": [[1]]}, "timeout_ms": 500})
+        fresh = client_factory("bob")  # alice spent her fallback budget above; bob's is full
+        timed_out = fresh.call("infer", {"model": "big-vision-model", "inputs": {"image": [[1]]}, "timeout_ms": 500})
         assert timed_out["error"]["code"] == -32007
         assert agent.counters["fallback_timed_out"] == 1
     finally:

@@ -44,6 +44,7 @@ def files(cloud_broker: MosquittoProcess) -> Iterator[FileService]:
 @pytest.fixture
 def cloud(cloud_broker: MosquittoProcess) -> Iterator[CloudSide]:
     side = CloudSide(cloud_broker, "deploy-observer")
+    assert side.wait_subscribed()
     yield side
     side.close()
 

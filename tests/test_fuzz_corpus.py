@@ -41,15 +41,23 @@ def test_every_corpus_folder_has_a_target() -> None:
     assert {folder.name for folder in CORPUS.iterdir()} == set(TARGETS)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed for this Python")
-@pytest.mark.parametrize("target", sorted(TARGETS))
-def test_fuzz_new_inputs(target: str, tmp_path: Path) -> None:
-    # A scratch copy: the run adds what it finds to its first corpus folder, and the committed one stays as it is.
-    scratch = tmp_path / "corpus"
-    scratch.mkdir()
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every target's bounded run, each in a child of one process (see tests/fuzz/run.py ``--each``): a
+    folder per target with its exit ``status``, its ``log`` and what it found."""
+    out = tmp_path_factory.mktemp("fuzz")
+    # Scratch copies: a run adds what it finds to its first corpus folder, and the committed one stays as it is.
     result = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.run", target, f"-runs={NEW_INPUTS_PER_TARGET}", "-timeout=60",
-         f"-artifact_prefix={tmp_path}/", str(scratch), str(CORPUS / target)],
+        [sys.executable, "-m", "tests.fuzz.run", "--each", str(out), str(CORPUS), f"-runs={NEW_INPUTS_PER_TARGET}",
+         "-timeout=60"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed for this Python")
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_fuzz_new_inputs(target: str, fuzzed: Path) -> None:
+    status = (fuzzed / target / "status").read_text()
+    assert status == "0", f"exit status {status}:\n" + (fuzzed / target / "log").read_text()[-4000:]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -167,6 +168,22 @@ def _answer(link: LocalLink, held: list[InboundRequest]) -> None:
         link.publish_reply(OutgoingReply(inbound, topics.reply_topic("dev1", inbound.client_id), reply))
 
 
+def _acknowledgements_read(link: LocalLink) -> None:
+    """Wait until the broker has read every PUBACK the link sent. The client has its replies before that, and a
+    PUBACK still on its way when the next burst queues at the broker sets off mosquitto 2.0.11's overshoot (all
+    of it sent at once). The broker reads a connection's packets in order: a QoS 1 publish after them is a barrier."""
+    deadline = time.monotonic() + 30
+    while link.client.inbound.awaiting_ack and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not link.client.inbound.awaiting_ack
+    # Twice: an identifier leaves awaiting_ack just before its PUBACK is queued, on the network thread, which
+    # handles the first barrier's PUBACK only after that; the second is queued after every one of them.
+    for _ in range(2):
+        barrier = link.client.publish("tests/barrier", b"", qos=1)
+        barrier.wait_for_publish(30)
+        assert barrier.is_published()
+
+
 def _serve(link: LocalLink, sink: HoldingSink, count: int, *, window: int | None = None) -> int:
     """Answer ``count`` requests as they arrive, never refused by the guard; ``window``: each round waits for a
     full window of that many (what is left at the end) and finds exactly as many held. The most held at once."""
@@ -240,6 +257,7 @@ def test_a_legit_broker_is_never_cut_off_by_default_even_with_requests_queued_ac
     first = [client.send("ping") for _ in range(3 * RECEIVE_MAXIMUM)]
     _serve(link, sink, len(first))
     assert all(future.result(30)["result"] == {} for future in first)
+    _acknowledgements_read(link)
     # A full window held and the rest queued in the persistent session when the broker restarts.
     second = [client.send("ping") for _ in range(3 * RECEIVE_MAXIMUM)]
     assert len(sink.wait_held(RECEIVE_MAXIMUM)) == RECEIVE_MAXIMUM == len(link.client.inbound.awaiting_ack)
