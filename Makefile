@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The committed fuzz corpora replay through atheris' instrumented targets (tests/test_fuzz_corpus.py); where no
+# wheel installs, those tests skip and the rest still run.
 test: system-deps venv
+	$(PY) -c 'import atheris' 2>/dev/null || $(VENV)/bin/pip install -q atheris \
+		|| echo 'make test: atheris did not install; the fuzz corpus replay is skipped'
 	$(PY) -m pytest -q tests
 
 # The suite on Python 3.10 and 3.13 (pyenv) and the model/MQTT tests on tflite-runtime; see .ci/test-compat.
