@@ -76,10 +76,10 @@ def normalise(value: Any) -> JsonValue:
             # Inline for the commonest values (an ASCII string; a finite, non-zero float, the one case where
             # "x - x == 0.0" and "x != 0" both hold), whose normal form is themselves: no call per value.
             item_kind = type(item)
-            if (item_kind is str and item.isascii()) or (item_kind is float and item - item == 0.0 and item != 0.0):
-                out[key if key.isascii() else _safe_str(key)] = item
-            else:
-                out[key if key.isascii() else _safe_str(key)] = normalise(item)
+            own_form = (item_kind is str and item.isascii()) or (
+                item_kind is float and item - item == 0.0 and item != 0.0
+            )
+            out[key if key.isascii() else _safe_str(key)] = item if own_form else normalise(item)
         return out
     if kind is list:
         return [
